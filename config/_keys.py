@@ -1,0 +1,54 @@
+"""Every Redis key, channel and queue name the project uses, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Builds Redis key names under one prefix, so deployments can share a Redis safely."""
+
+    prefix: str = "sp"
+
+    # -- registry ------------------------------------------------------------------------------
+    def module(self, sha256: str) -> str:
+        """Wasm bytes, content-addressed."""
+        return f"{self.prefix}:module:{sha256}"
+
+    def artifact(self, fingerprint: str, sha256: str) -> str:
+        """A signed AOT artifact of one module for one engine fingerprint."""
+        return f"{self.prefix}:artifact:{fingerprint}:{sha256}"
+
+    def binding(self, ep: str, shop_id: str) -> str:
+        """The current deployment of (EP, shop): one JSON value, so a reader never sees a mix."""
+        return f"{self.prefix}:binding:{ep}:{shop_id}"
+
+    def history(self, ep: str, shop_id: str) -> str:
+        """Earlier deployments of (EP, shop), newest first, for rollback."""
+        return f"{self.prefix}:history:{ep}:{shop_id}"
+
+    def extension_point(self, ep: str) -> str:
+        """An extension point's definition: limit overrides and schemas."""
+        return f"{self.prefix}:ep:{ep}"
+
+    def extension_points(self) -> str:
+        """The set of defined extension point names."""
+        return f"{self.prefix}:eps"
+
+    def provider(self, name: str) -> str:
+        """An installed provider module, by import-module name."""
+        return f"{self.prefix}:provider:{name}"
+
+    def providers(self) -> str:
+        """The set of installed provider names."""
+        return f"{self.prefix}:providers"
+
+    def deploy_lock(self, ep: str, shop_id: str) -> str:
+        """Serialises deploys and rollbacks of one (EP, shop)."""
+        return f"{self.prefix}:lock:{ep}:{shop_id}"
+
+    # -- pool ----------------------------------------------------------------------------------
+    def invalidations(self) -> str:
+        """Pub/sub channel on which deploys and rollbacks announce changed bindings."""
+        return f"{self.prefix}:invalidate"

@@ -1,0 +1,40 @@
+"""Checks for the names and ids that end up inside Redis keys."""
+
+from __future__ import annotations
+
+import re
+
+from config.errors import InvalidArgument
+
+_EP_NAME = re.compile(r"[a-z][a-z0-9_\-]{0,63}")
+_SHOP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.]{0,127}")
+_EXPORT = re.compile(r"[A-Za-z_][A-Za-z0-9_\-.]{0,127}")
+_PROVIDER = re.compile(r"[A-Za-z_][A-Za-z0-9_\-.]{0,127}")
+
+
+def _check(kind: str, value: object, pattern: re.Pattern[str], rule: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise InvalidArgument(f"invalid {kind} {value!r}: {rule}", kind=kind)
+    return value
+
+
+def check_ep(name: object) -> str:
+    """Return ``name`` if it is a valid extension point name."""
+    return _check("extension point", name, _EP_NAME, "lowercase letters, digits, '_' or '-', 1-64 long")
+
+
+def check_shop_id(shop_id: object) -> str:
+    """Return ``shop_id`` as a string if it is a valid shop id (ints are accepted)."""
+    if isinstance(shop_id, int) and not isinstance(shop_id, bool) and shop_id >= 0:
+        shop_id = str(shop_id)
+    return _check("shop id", shop_id, _SHOP_ID, "letters, digits, '_', '-' or '.', 1-128 long")
+
+
+def check_export(name: object) -> str:
+    """Return ``name`` if it is a plausible Wasm export name for an entry point."""
+    return _check("export", name, _EXPORT, "an identifier, 1-128 long")
+
+
+def check_provider(name: object) -> str:
+    """Return ``name`` if it is a valid provider (import module) name."""
+    return _check("provider", name, _PROVIDER, "an identifier, 1-128 long")

@@ -1,0 +1,99 @@
+"""Typed settings, built once at the program's edge from the environment and passed explicitly."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from config._keys import Keys
+from config._limits import Limits
+from config.errors import ConfigurationError
+
+_LIMIT_ENV = {
+    "SCRIPTPOOL_LIMIT_FUEL": "fuel",
+    "SCRIPTPOOL_LIMIT_MEMORY_BYTES": "memory_bytes",
+    "SCRIPTPOOL_LIMIT_STACK_BYTES": "stack_bytes",
+    "SCRIPTPOOL_LIMIT_INPUT_BYTES": "input_bytes",
+    "SCRIPTPOOL_LIMIT_OUTPUT_BYTES": "output_bytes",
+    "SCRIPTPOOL_LIMIT_LOG_BYTES": "log_bytes",
+    "SCRIPTPOOL_LIMIT_MODULE_BYTES": "module_bytes",
+    "SCRIPTPOOL_LIMIT_WALL_MS": "wall_ms",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything configurable about scriptpool. Build with :meth:`from_env` at the edge."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    artifact_key: bytes = b""
+    shards: int = 2
+    key_prefix: str = "sp"
+    default_deadline_ms: int = 50
+    limits: Limits = field(default_factory=Limits)
+    module_cache_bytes: int = 256 * 1024 * 1024
+    provider_max_bytes: int = 16 * 1024 * 1024
+    input_validation_rate: float = 0.05
+    epoch_tick_ms: int = 5
+    binding_cache_ttl_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.shards < 1:
+            raise ConfigurationError(f"shards must be at least 1, got {self.shards}")
+        if not 0.0 <= self.input_validation_rate <= 1.0:
+            raise ConfigurationError("input_validation_rate must lie in [0, 1]")
+        for name in ("default_deadline_ms", "module_cache_bytes", "provider_max_bytes", "epoch_tick_ms"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"{name} must be positive")
+
+    @property
+    def keys(self) -> Keys:
+        """Redis key names under this deployment's prefix."""
+        return Keys(self.key_prefix)
+
+    def require_artifact_key(self) -> bytes:
+        """Return the HMAC key for AOT artifacts, or fail clearly if none is configured."""
+        if len(self.artifact_key) < 16:
+            raise ConfigurationError(
+                "SCRIPTPOOL_ARTIFACT_KEY must be set to at least 16 bytes: it signs compiled artifacts"
+            )
+        return self.artifact_key
+
+    def replace(self, **changes: object) -> Settings:
+        """Return a copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``SCRIPTPOOL_*`` variables (``os.environ`` by default)."""
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        try:
+            limit_overrides = {name: int(env[var]) for var, name in _LIMIT_ENV.items() if var in env}
+            return cls(
+                redis_url=env.get("SCRIPTPOOL_REDIS_URL", defaults.redis_url),
+                artifact_key=env.get("SCRIPTPOOL_ARTIFACT_KEY", "").encode(),
+                shards=int(env.get("SCRIPTPOOL_SHARDS", defaults.shards)),
+                key_prefix=env.get("SCRIPTPOOL_KEY_PREFIX", defaults.key_prefix),
+                default_deadline_ms=int(env.get("SCRIPTPOOL_DEADLINE_MS", defaults.default_deadline_ms)),
+                limits=Limits().with_overrides(limit_overrides),
+                module_cache_bytes=int(
+                    env.get("SCRIPTPOOL_MODULE_CACHE_MB", defaults.module_cache_bytes // 2**20)
+                )
+                * 2**20,
+                provider_max_bytes=int(
+                    env.get("SCRIPTPOOL_PROVIDER_MAX_KB", defaults.provider_max_bytes // 1024)
+                )
+                * 1024,
+                input_validation_rate=float(
+                    env.get("SCRIPTPOOL_INPUT_VALIDATION_RATE", defaults.input_validation_rate)
+                ),
+                epoch_tick_ms=int(env.get("SCRIPTPOOL_EPOCH_TICK_MS", defaults.epoch_tick_ms)),
+                binding_cache_ttl_s=float(
+                    env.get("SCRIPTPOOL_BINDING_CACHE_TTL_S", defaults.binding_cache_ttl_s)
+                ),
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"malformed SCRIPTPOOL_* setting: {exc}") from exc

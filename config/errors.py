@@ -1,0 +1,200 @@
+"""The project's error hierarchy: one base error, a subtree per subsystem.
+
+Every error carries a stable ``code`` that outcomes and logs report. Codes never change once
+published; messages may.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ArtifactRejected",
+    "ConfigurationError",
+    "ExecutionError",
+    "ForbiddenImport",
+    "GuestRuntimeError",
+    "InputTooLarge",
+    "InvalidArgument",
+    "InstructionLimitExceeded",
+    "InvalidInput",
+    "InvalidModule",
+    "InvalidOutput",
+    "MemoryLimitExceeded",
+    "ModuleTooLarge",
+    "NothingToRollBack",
+    "OutputTooLarge",
+    "ProviderNotFound",
+    "RegistryError",
+    "ScriptNotFound",
+    "ScriptpoolError",
+    "StackOverflow",
+    "UnknownExtensionPoint",
+    "WallClockExceeded",
+    "error_class_for",
+]
+
+
+class ScriptpoolError(Exception):
+    """Raised when anything in scriptpool fails; the base of every error the project raises."""
+
+    code = "scriptpool_error"
+
+    def __init__(self, message: str, **detail: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.detail))
+
+
+def _rebuild(cls: type[ScriptpoolError], message: str, detail: dict[str, Any]) -> ScriptpoolError:
+    return cls(message, **detail)
+
+
+class InvalidArgument(ScriptpoolError):
+    """Raised when a caller passes a malformed name, id, timeout or similar argument."""
+
+    code = "invalid_argument"
+
+
+class ConfigurationError(ScriptpoolError):
+    """Raised when settings are missing or malformed."""
+
+    code = "configuration_error"
+
+
+# -- deploy and lookup --------------------------------------------------------------------------
+
+
+class RegistryError(ScriptpoolError):
+    """Raised when a deploy, rollback or lookup in the registry fails."""
+
+    code = "registry_error"
+
+
+class InvalidModule(RegistryError):
+    """Raised when deployed bytes are not a valid WebAssembly module for our ABI."""
+
+    code = "invalid_module"
+
+
+class ModuleTooLarge(InvalidModule):
+    """Raised when a deployed module exceeds the module size limit."""
+
+    code = "module_too_large"
+
+
+class ForbiddenImport(InvalidModule):
+    """Raised when a module imports something outside the allowlist (our WASI subset and providers)."""
+
+    code = "forbidden_import"
+
+
+class ScriptNotFound(RegistryError):
+    """Raised when no script is bound to an (extension point, shop) pair."""
+
+    code = "script_not_found"
+
+
+class UnknownExtensionPoint(RegistryError):
+    """Raised when an extension point has not been defined in the registry."""
+
+    code = "unknown_extension_point"
+
+
+class ProviderNotFound(RegistryError):
+    """Raised when a provider named by a module's imports is not installed."""
+
+    code = "provider_not_found"
+
+
+class NothingToRollBack(RegistryError):
+    """Raised when a rollback is asked for but no earlier version exists."""
+
+    code = "nothing_to_roll_back"
+
+
+class ArtifactRejected(RegistryError):
+    """Raised when a stored AOT artifact fails its signature or fingerprint check."""
+
+    code = "artifact_rejected"
+
+
+# -- execution ----------------------------------------------------------------------------------
+
+
+class ExecutionError(ScriptpoolError):
+    """Raised when running a script fails: a limit, a guest fault or bad input or output."""
+
+    code = "execution_error"
+
+
+class InvalidInput(ExecutionError):
+    """Raised when the input is not JSON-serialisable or fails the extension point's schema."""
+
+    code = "invalid_input"
+
+
+class InputTooLarge(ExecutionError):
+    """Raised when the serialised input exceeds the input limit."""
+
+    code = "input_too_large"
+
+
+class InstructionLimitExceeded(ExecutionError):
+    """Raised when a guest exhausts its instruction (fuel) budget."""
+
+    code = "instruction_limit_exceeded"
+
+
+class MemoryLimitExceeded(ExecutionError):
+    """Raised when a guest needs more linear memory than its limit allows."""
+
+    code = "memory_limit_exceeded"
+
+
+class StackOverflow(ExecutionError):
+    """Raised when a guest exhausts its Wasm stack."""
+
+    code = "stack_overflow"
+
+
+class WallClockExceeded(ExecutionError):
+    """Raised when a guest runs past its wall-clock deadline (epoch interruption)."""
+
+    code = "wall_clock_exceeded"
+
+
+class GuestRuntimeError(ExecutionError):
+    """Raised when a guest traps or exits non-zero; ``detail`` holds ``trap_code`` or ``exit_code``."""
+
+    code = "runtime_error"
+
+
+class InvalidOutput(ExecutionError):
+    """Raised when guest output is not UTF-8, not JSON, or fails the output schema."""
+
+    code = "invalid_output"
+
+
+class OutputTooLarge(ExecutionError):
+    """Raised when a guest writes more to stdout than the output limit."""
+
+    code = "output_too_large"
+
+
+def _all_subclasses(cls: type[ScriptpoolError]) -> list[type[ScriptpoolError]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+def error_class_for(code: str) -> type[ScriptpoolError]:
+    """Return the error class that owns ``code`` (the base class for an unknown code)."""
+    for cls in _all_subclasses(ScriptpoolError):
+        if cls.code == code:
+            return cls
+    return ScriptpoolError

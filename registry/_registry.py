@@ -1,0 +1,285 @@
+"""The deploy stage: validate, store content-addressed, AOT-compile once, sign, bind atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+import structlog
+import wasmtime
+
+from config import Settings, check_ep, check_export, check_provider, check_shop_id
+from config.errors import (
+    ArtifactRejected,
+    ConfigurationError,
+    NothingToRollBack,
+    ProviderNotFound,
+    ScriptNotFound,
+    UnknownExtensionPoint,
+)
+from registry import _artifact
+from registry._extension_points import ExtensionPoint, check_schema
+from registry._validate import check_entry, check_imports, check_size
+from workers.sandbox import WASI_MODULE, Sandbox, engine_fingerprint
+
+log = structlog.get_logger("scriptpool.registry")
+
+HISTORY_DEPTH = 20
+
+# Swap the binding and push the old one to history in one step, so a reader sees the old
+# binding or the new one, never a mix; the version number is derived from the old binding.
+_BIND = """
+local current = redis.call('GET', KEYS[1])
+local new = cjson.decode(ARGV[1])
+new['version'] = 1
+if current then
+  new['version'] = cjson.decode(current)['version'] + 1
+  redis.call('LPUSH', KEYS[2], current)
+  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
+end
+local encoded = cjson.encode(new)
+redis.call('SET', KEYS[1], encoded)
+redis.call('PUBLISH', KEYS[3], ARGV[3])
+return encoded
+"""
+
+_ROLLBACK = """
+local previous = redis.call('LPOP', KEYS[2])
+if not previous then return false end
+redis.call('SET', KEYS[1], previous)
+redis.call('PUBLISH', KEYS[3], ARGV[1])
+return previous
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """What runs for one (extension point, shop): a module version and its entry point."""
+
+    ep: str
+    shop_id: str
+    sha256: str
+    export: str
+    version: int
+    providers: tuple[str, ...]
+    stack_bytes: int
+    deployed_at: float
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Deployment:
+        data = json.loads(raw)
+        data["providers"] = tuple(data.get("providers") or ())
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """An installed provider module (e.g. a JS runtime), linked by its import-module name."""
+
+    name: str
+    sha256: str
+    installed_at: float
+
+
+class Registry:
+    """Deploys modules and answers lookups, backed by Redis. Pass it a client and settings."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, sandbox: Sandbox) -> None:
+        self._redis = client
+        self._settings = settings
+        self._keys = settings.keys
+        self._sandbox = sandbox
+        self._fingerprint = engine_fingerprint()
+        self._bind = client.register_script(_BIND)
+        self._rollback = client.register_script(_ROLLBACK)
+
+    @property
+    def fingerprint(self) -> str:
+        """The engine fingerprint artifacts are compiled for."""
+        return self._fingerprint
+
+    # -- extension points ----------------------------------------------------------------------
+    def define_extension_point(
+        self,
+        name: str,
+        *,
+        limits: dict[str, int] | None = None,
+        input_schema: dict[str, Any] | None = None,
+        output_schema: dict[str, Any] | None = None,
+        input_validation_rate: float | None = None,
+    ) -> ExtensionPoint:
+        """Create or replace an extension point definition."""
+        check_ep(name)
+        self._settings.limits.with_overrides(limits)  # fails early on unknown or bad limits
+        check_schema(input_schema, "input_schema")
+        check_schema(output_schema, "output_schema")
+        if input_validation_rate is not None and not 0.0 <= input_validation_rate <= 1.0:
+            raise ConfigurationError("input_validation_rate must lie in [0, 1]")
+        ep = ExtensionPoint(name, dict(limits or {}), input_schema, output_schema, input_validation_rate)
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._keys.extension_point(name), ep.to_json())
+            pipe.sadd(self._keys.extension_points(), name)
+            pipe.publish(self._keys.invalidations(), json.dumps({"ep": name}))
+            pipe.execute()
+        return ep
+
+    def extension_point(self, name: str) -> ExtensionPoint:
+        """Return the definition of ``name`` or raise :class:`UnknownExtensionPoint`."""
+        check_ep(name)
+        raw = self._redis.get(self._keys.extension_point(name))
+        if raw is None:
+            raise UnknownExtensionPoint(f"extension point {name!r} is not defined", ep=name)
+        return ExtensionPoint.from_json(raw)
+
+    def extension_points(self) -> list[str]:
+        """Names of every defined extension point."""
+        return sorted(n.decode() for n in self._redis.smembers(self._keys.extension_points()))
+
+    # -- providers -----------------------------------------------------------------------------
+    def add_provider(self, name: str, wasm: bytes) -> Provider:
+        """Install a provider module that scripts may import by ``name``."""
+        check_provider(name)
+        check_size(wasm, self._settings.provider_max_bytes, "provider")
+        module = self._sandbox.compile(wasm, self._settings.limits.stack_bytes)
+        check_imports(module, {})  # providers import only our WASI subset
+        sha = self._store_module(wasm, module)
+        provider = Provider(name, sha, time.time())
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._keys.provider(name), json.dumps(asdict(provider)))
+            pipe.sadd(self._keys.providers(), name)
+            pipe.execute()
+        log.info("provider_installed", provider=name, sha256=sha, bytes=len(wasm))
+        return provider
+
+    def provider(self, name: str) -> Provider:
+        """Return the installed provider ``name`` or raise :class:`ProviderNotFound`."""
+        raw = self._redis.get(self._keys.provider(name))
+        if raw is None:
+            raise ProviderNotFound(f"provider {name!r} is not installed", provider=name)
+        return Provider(**json.loads(raw))
+
+    def providers(self) -> list[str]:
+        """Names of every installed provider."""
+        return sorted(n.decode() for n in self._redis.smembers(self._keys.providers()))
+
+    # -- deploy and rollback -------------------------------------------------------------------
+    def deploy(self, ep: str, shop_id: str | int, wasm: bytes, *, export: str = "_start") -> Deployment:
+        """Validate, store, AOT-compile and bind ``wasm`` as the script for (``ep``, ``shop_id``)."""
+        shop = check_shop_id(shop_id)
+        check_export(export)
+        limits = self.extension_point(ep).limits(self._settings.limits)
+        check_size(wasm, limits.module_bytes)
+        module = self._sandbox.compile(wasm, limits.stack_bytes)
+        used = check_imports(module, self._installed_providers(module, limits.stack_bytes))
+        check_entry(module, export)
+        sha = self._store_module(wasm, module)
+        template = {
+            "ep": ep,
+            "shop_id": shop,
+            "sha256": sha,
+            "export": export,
+            "version": 0,
+            "providers": used,
+            "stack_bytes": limits.stack_bytes,
+            "deployed_at": time.time(),
+        }
+        raw = self._bind(
+            keys=[self._keys.binding(ep, shop), self._keys.history(ep, shop), self._keys.invalidations()],
+            args=[json.dumps(template), HISTORY_DEPTH, json.dumps({"ep": ep, "shop_id": shop})],
+        )
+        deployment = Deployment.from_json(raw)
+        log.info("deployed", ep=ep, shop=shop, sha256=sha, version=deployment.version, bytes=len(wasm))
+        return deployment
+
+    def rollback(self, ep: str, shop_id: str | int) -> Deployment:
+        """Rebind (``ep``, ``shop_id``) to the version deployed before the current one."""
+        shop = check_shop_id(shop_id)
+        check_ep(ep)
+        raw = self._rollback(
+            keys=[self._keys.binding(ep, shop), self._keys.history(ep, shop), self._keys.invalidations()],
+            args=[json.dumps({"ep": ep, "shop_id": shop})],
+        )
+        if not raw:
+            raise NothingToRollBack(f"no earlier version of {ep}/{shop} to roll back to", ep=ep, shop=shop)
+        deployment = Deployment.from_json(raw)
+        log.info("rolled_back", ep=ep, shop=shop, sha256=deployment.sha256, version=deployment.version)
+        return deployment
+
+    def history(self, ep: str, shop_id: str | int) -> list[Deployment]:
+        """Earlier deployments of (``ep``, ``shop_id``), newest first."""
+        shop = check_shop_id(shop_id)
+        return [Deployment.from_json(r) for r in self._redis.lrange(self._keys.history(ep, shop), 0, -1)]
+
+    # -- lookups (the worker's side) -----------------------------------------------------------
+    def binding(self, ep: str, shop_id: str) -> Deployment:
+        """The current deployment of (``ep``, ``shop_id``) or :class:`ScriptNotFound`."""
+        raw = self._redis.get(self._keys.binding(ep, shop_id))
+        if raw is None:
+            raise ScriptNotFound(f"no script is deployed for {ep}/{shop_id}", ep=ep, shop=shop_id)
+        return Deployment.from_json(raw)
+
+    def module_bytes(self, sha256: str) -> bytes:
+        """Source bytes of a module, checked against their content address."""
+        raw = self._redis.get(self._keys.module(sha256))
+        if raw is None:
+            raise ScriptNotFound(f"module {sha256} is missing from the registry", sha256=sha256)
+        if hashlib.sha256(raw).hexdigest() != sha256:
+            raise ArtifactRejected(f"stored bytes of module {sha256} do not match their hash", sha256=sha256)
+        return bytes(raw)
+
+    def verified_artifact(self, sha256: str) -> bytes | None:
+        """The AOT artifact of a module for our engine, or None if missing.
+
+        Raises :class:`ArtifactRejected` if it is present but its signature does not verify.
+        """
+        signed = self._redis.get(self._keys.artifact(self._fingerprint, sha256))
+        if signed is None:
+            return None
+        key = self._settings.require_artifact_key()
+        return _artifact.verify(key, self._fingerprint, sha256, signed)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _store_module(self, wasm: bytes, module: wasmtime.Module) -> str:
+        sha = hashlib.sha256(wasm).hexdigest()
+        key = self._settings.require_artifact_key()
+        signed = _artifact.sign(key, self._fingerprint, sha, bytes(module.serialize()))
+        # Bytes and artifact land before any binding names them, so a reader that sees a new
+        # binding always finds both; an interrupted deploy leaves only unreferenced blobs.
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._keys.module(sha), wasm)
+            pipe.set(self._keys.artifact(self._fingerprint, sha), signed)
+            pipe.execute()
+        return sha
+
+    def _installed_providers(self, module: wasmtime.Module, stack_bytes: int) -> dict[str, wasmtime.Module]:
+        found: dict[str, wasmtime.Module] = {}
+        for imp in module.imports:
+            if imp.module == WASI_MODULE or imp.module in found:
+                continue
+            try:
+                provider = self.provider(imp.module)
+            except ProviderNotFound:
+                continue  # check_imports names it as a forbidden import
+            found[imp.module] = self.load_module(provider.sha256, stack_bytes)[0]
+        return found
+
+    def load_module(self, sha256: str, stack_bytes: int) -> tuple[wasmtime.Module, str, int]:
+        """Load a module for running: deserialize its verified artifact, compiling only when the
+        artifact is missing or rejected.
+
+        Returns the module, ``"deserialized"`` or ``"compiled"``, and its artifact size, which
+        approximates the code and metadata the module pins in memory.
+        """
+        try:
+            artifact = self.verified_artifact(sha256)
+        except ArtifactRejected:
+            log.error("security_artifact_rejected", sha256=sha256, fingerprint=self._fingerprint)
+            artifact = None
+        if artifact is not None:
+            return self._sandbox.deserialize(artifact, stack_bytes), "deserialized", len(artifact)
+        module = self._sandbox.compile(self.module_bytes(sha256), stack_bytes)
+        return module, "compiled", len(module.serialize())

@@ -1,0 +1,62 @@
+"""Deploy-time checks of a module: size, validity, import allowlist and entry export."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import wasmtime
+
+from config.errors import ForbiddenImport, InvalidModule, ModuleTooLarge
+from workers.sandbox import WASI_MODULE, provided_signatures
+
+_WASI = provided_signatures()
+
+
+def check_size(wasm: bytes, limit: int, what: str = "module") -> None:
+    """Fail with :class:`ModuleTooLarge` when ``wasm`` exceeds ``limit`` bytes."""
+    if len(wasm) > limit:
+        raise ModuleTooLarge(
+            f"{what} is {len(wasm)} bytes; the limit is {limit}", size=len(wasm), limit=limit
+        )
+    if not wasm.startswith(b"\0asm"):
+        raise InvalidModule(f"{what} is not a WebAssembly binary (bad magic number)")
+
+
+def _signature(ty: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return tuple(str(p) for p in ty.params), tuple(str(r) for r in ty.results)
+
+
+def check_imports(module: wasmtime.Module, providers: Mapping[str, wasmtime.Module]) -> list[str]:
+    """Check every import is ours or an installed provider's; return the providers used."""
+    used: list[str] = []
+    for imp in module.imports:
+        where = f"{imp.module}.{imp.name}"
+        if imp.module == WASI_MODULE:
+            wanted = _WASI.get(imp.name or "")
+            if wanted is None:
+                raise ForbiddenImport(f"import {where} is not provided by the sandbox", name=where)
+            if not isinstance(imp.type, wasmtime.FuncType) or _signature(imp.type) != wanted:
+                raise ForbiddenImport(f"import {where} has the wrong type", name=where)
+            continue
+        provider = providers.get(imp.module)
+        if provider is None:
+            raise ForbiddenImport(
+                f"import {where} names no WASI function and no installed provider", name=where
+            )
+        exported = {e.name for e in provider.exports}
+        if imp.name not in exported:
+            raise ForbiddenImport(f"provider {imp.module!r} does not export {imp.name!r}", name=where)
+        if imp.module not in used:
+            used.append(imp.module)
+    return used
+
+
+def check_entry(module: wasmtime.Module, export: str) -> None:
+    """Fail unless ``export`` is a function taking and returning nothing (like ``_start``)."""
+    for exp in module.exports:
+        if exp.name == export:
+            ty = exp.type
+            if isinstance(ty, wasmtime.FuncType) and not ty.params and not ty.results:
+                return
+            raise InvalidModule(f"export {export!r} is not a function of type () -> ()")
+    raise InvalidModule(f"module has no export {export!r}")

@@ -1,0 +1,65 @@
+"""Fixtures: a real private redis-server per session, flushed per test, and the engine parts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from config import EmbeddedRedis, Settings
+from registry import Registry
+from workers import Executor, Sandbox
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+TEST_ARTIFACT_KEY = b"test-artifact-key-0123456789"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis: ``SCRIPTPOOL_TEST_REDIS_URL`` if set, else a private server for the session."""
+    configured = os.environ.get("SCRIPTPOOL_TEST_REDIS_URL")
+    if configured:
+        yield configured
+        return
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on a Redis flushed before each test."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    """Settings pointing at the test Redis, with a test artifact key."""
+    return Settings(redis_url=redis_url, artifact_key=TEST_ARTIFACT_KEY)
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Sandbox:
+    """One sandbox for the session, as a worker process has."""
+    return Sandbox()
+
+
+@pytest.fixture
+def registry(redis_client: redis.Redis, settings: Settings, sandbox: Sandbox) -> Registry:
+    """A registry with the ``discount`` and ``test`` extension points defined."""
+    reg = Registry(redis_client, settings, sandbox)
+    reg.define_extension_point("discount")
+    reg.define_extension_point("test")
+    return reg
+
+
+@pytest.fixture
+def executor(registry: Registry, sandbox: Sandbox, settings: Settings) -> Executor:
+    """An in-process executor over the test registry."""
+    return Executor(registry, sandbox, settings)
