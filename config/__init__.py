@@ -4,10 +4,16 @@ from config import errors
 from config._embedded_redis import EmbeddedRedis, embedded_or_configured, find_redis_server
 from config._keys import Keys
 from config._limits import Limits
+from config._logging import configure_logging
 from config._names import check_ep, check_export, check_provider, check_shop_id
 from config._settings import Settings
+from config._sharding import jump_hash, shard_for
+from config._wire import TASK_NAME, Job, Reply, encode_input
 
 __all__ = [
+    "TASK_NAME",
+    "Job",
+    "Reply",
     "EmbeddedRedis",
     "Keys",
     "Limits",
@@ -16,7 +22,11 @@ __all__ = [
     "check_export",
     "check_provider",
     "check_shop_id",
+    "configure_logging",
     "embedded_or_configured",
+    "encode_input",
     "errors",
     "find_redis_server",
+    "jump_hash",
+    "shard_for",
 ]

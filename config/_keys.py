@@ -49,6 +49,21 @@ class Keys:
         return f"{self.prefix}:lock:{ep}:{shop_id}"
 
     # -- pool ----------------------------------------------------------------------------------
+    def queue(self, shard: int) -> str:
+        """The Celery queue (a Redis list) that shard ``shard``'s workers consume."""
+        return f"{self.prefix}.shard.{shard}"
+
+    def shard_of_queue(self, queue: str) -> int | None:
+        """The shard number of a queue name, or None if it is not one of ours."""
+        head, _, number = queue.rpartition(".")
+        if head != f"{self.prefix}.shard" or not number.isdigit():
+            return None
+        return int(number)
+
+    def replies(self, client_id: str) -> str:
+        """The list a worker pushes replies onto for one client process; it expires when idle."""
+        return f"{self.prefix}:reply:{client_id}"
+
     def invalidations(self) -> str:
         """Pub/sub channel on which deploys and rollbacks announce changed bindings."""
         return f"{self.prefix}:invalidate"

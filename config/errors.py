@@ -10,6 +10,9 @@ from typing import Any
 
 __all__ = [
     "ArtifactRejected",
+    "BrokerUnavailable",
+    "CircuitOpen",
+    "DeadlineExceeded",
     "ConfigurationError",
     "ExecutionError",
     "ForbiddenImport",
@@ -24,6 +27,7 @@ __all__ = [
     "ModuleTooLarge",
     "NothingToRollBack",
     "OutputTooLarge",
+    "PoolError",
     "ProviderNotFound",
     "RegistryError",
     "ScriptNotFound",
@@ -31,6 +35,7 @@ __all__ = [
     "StackOverflow",
     "UnknownExtensionPoint",
     "WallClockExceeded",
+    "WorkerFailed",
     "error_class_for",
 ]
 
@@ -183,6 +188,39 @@ class OutputTooLarge(ExecutionError):
     """Raised when a guest writes more to stdout than the output limit."""
 
     code = "output_too_large"
+
+
+# -- the pool (enqueue and await) -----------------------------------------------------------------
+
+
+class PoolError(ScriptpoolError):
+    """Raised (only with ``strict=True``) when the pool could not answer: the caller got a fallback."""
+
+    code = "pool_error"
+
+
+class DeadlineExceeded(PoolError):
+    """Raised when no reply arrived before the caller's deadline."""
+
+    code = "timeout"
+
+
+class CircuitOpen(PoolError):
+    """Raised when the (shop, EP) circuit breaker is open, so nothing was enqueued."""
+
+    code = "circuit_open"
+
+
+class BrokerUnavailable(PoolError):
+    """Raised when the job could not be enqueued because Redis is unreachable."""
+
+    code = "broker_unavailable"
+
+
+class WorkerFailed(PoolError):
+    """Raised when a worker failed outside the script, e.g. it lost Redis during the lookup."""
+
+    code = "worker_error"
 
 
 def _all_subclasses(cls: type[ScriptpoolError]) -> list[type[ScriptpoolError]]:

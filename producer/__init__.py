@@ -1,3 +1,7 @@
-"""The host side: the ``Client`` host code uses to run scripts, and the ``scriptpool`` CLI."""
+"""The host side: ``Client`` enqueues jobs onto the shop's shard and awaits an ``Outcome``."""
 
-__all__: list[str] = []
+from producer._breaker import BreakerPolicy
+from producer._client import Client
+from producer._outcome import Outcome, Timings
+
+__all__ = ["BreakerPolicy", "Client", "Outcome", "Timings"]

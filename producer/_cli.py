@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -77,6 +78,41 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def parse_shards(text: str, shards: int) -> list[int]:
+    """Parse ``0,2`` (or ``all``) into shard numbers that exist under the current settings."""
+    if text == "all":
+        return list(range(shards))
+    try:
+        chosen = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise UserMistake(f"--shards takes numbers like 0,1 or 'all', got {text!r}") from None
+    bad = [n for n in chosen if not 0 <= n < shards]
+    if not chosen or bad:
+        raise UserMistake(f"--shards must name shards in 0..{shards - 1} (SCRIPTPOOL_SHARDS={shards})")
+    return chosen
+
+
+def worker_argv(settings: Settings, shards: list[int], *, name: str | None = None,
+                loglevel: str = "WARNING", events: bool = False, pool: str = "solo") -> list[str]:
+    """The plain Celery command line a shard worker runs."""
+    queues = ",".join(settings.keys.queue(n) for n in shards)
+    node = name or f"shard{'-'.join(map(str, shards))}-{os.getpid()}@%h"
+    argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues, "-n", node,
+            "--pool", pool, "--loglevel", loglevel,
+            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    if events:
+        argv.append("--events")
+    return argv
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    settings.require_artifact_key()
+    argv = worker_argv(settings, parse_shards(args.shards, settings.shards), name=args.name,
+                       loglevel=args.loglevel, events=args.events)
+    os.execv(argv[0], argv)
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scriptpool", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("module", metavar="MODULE.wasm")
     add.set_defaults(func=cmd_providers_add)
+
+    worker = sub.add_parser("worker", help="run a Celery worker for some shards")
+    worker.add_argument("--shards", required=True, help="comma-separated shard numbers, or 'all'")
+    worker.add_argument("--name", help="Celery node name (default shard<N>-<pid>@<host>)")
+    worker.add_argument("--loglevel", default="WARNING", help="Celery log level (INFO logs every task)")
+    worker.add_argument("--events", action="store_true", help="send task events (for Flower)")
+    worker.set_defaults(func=cmd_worker)
 
     ep = sub.add_parser("ep", help="manage extension points")
     ep_sub = ep.add_subparsers(dest="ep_command", required=True)

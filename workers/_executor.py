@@ -13,20 +13,14 @@ from typing import TYPE_CHECKING, Any
 import jsonschema
 import wasmtime
 
-from config import Limits, Settings, check_ep, check_shop_id
-from config.errors import (
-    ExecutionError,
-    InputTooLarge,
-    InvalidInput,
-    InvalidOutput,
-    ScriptpoolError,
-)
+from config import Limits, Settings, check_ep, check_shop_id, encode_input
+from config.errors import ExecutionError, InputTooLarge, InvalidInput, InvalidOutput, ScriptpoolError
 from registry._extension_points import compile_validator
 from workers._cache import ByteLRU, CacheStats
 from workers._report import ErrorInfo, Execution, ExecutionReport
 from workers.sandbox import Sandbox
 
-if TYPE_CHECKING:  # registry imports the sandbox, so importing it here at runtime would cycle
+if TYPE_CHECKING:
     from registry import Deployment, ExtensionPoint, Registry
 
 
@@ -47,16 +41,6 @@ class _Loaded:
     module: wasmtime.Module
     providers: dict[str, wasmtime.Module]
     source: str
-
-
-def encode_input(value: Any) -> bytes:
-    """Serialise host input to the JSON bytes a guest reads on stdin."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"input is not JSON-serialisable: {exc}") from None
 
 
 class Executor:

@@ -1,0 +1,106 @@
+"""Circuit breakers per (shop, EP), in the spirit of Semian.
+
+Closed: calls pass; ``error_threshold`` failures within ``error_window_s`` open it.
+Open: calls get the fallback at once, nothing is enqueued; after ``cooldown_s`` it half-opens.
+Half-open: exactly one probe passes; success closes it, failure re-opens it for another cool-down.
+
+Why not pybreaker: it wraps a call, and our call is an enqueue plus a wait that may finish on
+another thread or in an asyncio task; it also has no notion of letting exactly one probe through.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """When a breaker opens and how long it stays open."""
+
+    error_threshold: int = 5
+    error_window_s: float = 10.0
+    cooldown_s: float = 2.0
+
+
+class CircuitBreaker:
+    """One breaker. Thread-safe: ``allow`` before a call, then ``success`` or ``failure``."""
+
+    def __init__(self, policy: BreakerPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        self._policy = policy
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures: deque[float] = deque()
+        self._state = CLOSED
+        self._opened_at = 0.0
+        self._probe_out = False
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            self._maybe_half_open()
+            return self._state
+
+    def allow(self) -> bool:
+        """True if a call may go ahead (in half-open, only for the one probe)."""
+        with self._lock:
+            self._maybe_half_open()
+            if self._state == CLOSED:
+                return True
+            if self._state == HALF_OPEN and not self._probe_out:
+                self._probe_out = True
+                return True
+            return False
+
+    def success(self) -> None:
+        with self._lock:
+            if self._state == HALF_OPEN:
+                self._state = CLOSED
+                self._probe_out = False
+                self._failures.clear()
+
+    def failure(self) -> None:
+        with self._lock:
+            now = self._clock()
+            if self._state == HALF_OPEN:
+                self._open(now)
+                return
+            self._failures.append(now)
+            while self._failures and self._failures[0] < now - self._policy.error_window_s:
+                self._failures.popleft()
+            if self._state == CLOSED and len(self._failures) >= self._policy.error_threshold:
+                self._open(now)
+
+    def _open(self, now: float) -> None:
+        self._state = OPEN
+        self._opened_at = now
+        self._probe_out = False
+        self._failures.clear()
+
+    def _maybe_half_open(self) -> None:
+        if self._state == OPEN and self._clock() - self._opened_at >= self._policy.cooldown_s:
+            self._state = HALF_OPEN
+            self._probe_out = False
+
+
+class BreakerBoard:
+    """The breakers of one client, created on first use per (shop, EP)."""
+
+    def __init__(self, policy: BreakerPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        self._policy = policy
+        self._clock = clock
+        self._breakers: dict[tuple[str, str], CircuitBreaker] = {}
+        self._lock = threading.Lock()
+
+    def get(self, shop_id: str, ep: str) -> CircuitBreaker:
+        key = (shop_id, ep)
+        breaker = self._breakers.get(key)
+        if breaker is None:
+            with self._lock:
+                breaker = self._breakers.setdefault(key, CircuitBreaker(self._policy, self._clock))
+        return breaker

@@ -1,0 +1,88 @@
+"""Real Celery worker subprocesses for tests: start per shard, wait until ready, stop or kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from config import Settings
+from producer._cli import worker_argv
+from tests.conftest import ROOT, TEST_ARTIFACT_KEY
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        SCRIPTPOOL_REDIS_URL=settings.redis_url,
+        SCRIPTPOOL_ARTIFACT_KEY=TEST_ARTIFACT_KEY.decode(),
+        SCRIPTPOOL_SHARDS=str(settings.shards),
+        SCRIPTPOOL_KEY_PREFIX=settings.key_prefix,
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+class WorkerProcess:
+    """One ``celery worker`` process consuming some shards, logging to its own file."""
+
+    def __init__(self, settings: Settings, shards: list[int], name: str) -> None:
+        self.name = name
+        self.shards = shards
+        self.logfile = Path(tempfile.mkdtemp(prefix="scriptpool-worker-")) / f"{name}.log"
+        argv = worker_argv(settings, shards, name=f"{name}@test", loglevel="INFO")
+        argv += ["--logfile", str(self.logfile)]
+        self.process = subprocess.Popen(argv, env=worker_env(settings), cwd=ROOT,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def wait_ready(self, timeout: float = 30.0) -> WorkerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " ready." in self.log():
+                return self
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker {self.name} exited: {self.log()[-3000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"worker {self.name} not ready: {self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+def start_workers(settings: Settings, layout: dict[str, list[int]]) -> list[WorkerProcess]:
+    """Start workers named by ``layout`` (name -> shards) in parallel and wait for all."""
+    workers = [WorkerProcess(settings, shards, name) for name, shards in layout.items()]
+    try:
+        for worker in workers:
+            worker.wait_ready()
+    except BaseException:
+        for worker in workers:
+            worker.kill()
+        raise
+    return workers
+
+
+def python() -> str:
+    return sys.executable

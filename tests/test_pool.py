@@ -1,0 +1,265 @@
+"""The pool end to end: real Redis, real Celery worker processes, the host Client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from config import Settings, shard_for
+from config.errors import InputTooLarge, InvalidArgument, InvalidInput, UnknownExtensionPoint
+from producer import BreakerPolicy, Client
+from registry import Registry
+from tests import guests
+from tests.conftest import EXAMPLES, TEST_ARTIFACT_KEY
+from tests.pool import WorkerProcess, start_workers
+from workers import Sandbox
+
+SHARDS = 3  # shard 0: two workers, shard 1: one worker, shard 2: none (a stopped shard)
+
+
+def shop_on(shard: int, *, skip: int = 0) -> str:
+    """A shop id that maps to ``shard``."""
+    found = (str(n) for n in range(100_000) if shard_for(str(n), SHARDS) == shard)
+    for _ in range(skip):
+        next(found)
+    return next(found)
+
+
+@pytest.fixture(scope="module")
+def pool_settings(redis_url: str) -> Settings:
+    return Settings(redis_url=redis_url, artifact_key=TEST_ARTIFACT_KEY, shards=SHARDS)
+
+
+@pytest.fixture(scope="module")
+def workers(pool_settings: Settings) -> Iterator[dict[str, WorkerProcess]]:
+    started = start_workers(pool_settings, {"w0a": [0], "w0b": [0], "w1": [1]})
+    yield {w.name: w for w in started}
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
+def deployer(redis_client: redis.Redis, pool_settings: Settings, sandbox: Sandbox) -> Registry:
+    reg = Registry(redis_client, pool_settings, sandbox)
+    reg.define_extension_point("discount")
+    reg.define_extension_point("test")
+    return reg
+
+
+@pytest.fixture
+def client(pool_settings: Settings, workers: dict[str, WorkerProcess], deployer: Registry) -> Iterator[Client]:
+    with Client(pool_settings, breaker=BreakerPolicy(error_threshold=3, cooldown_s=0.5)) as c:
+        yield c
+
+
+def test_whole_path_deploy_run_right_shard_hostile_and_stopped_shard(
+    client: Client, deployer: Registry
+) -> None:
+    """Deploy a C discount script, run it from host code on the shop's shard; a hostile script
+    yields its named error; a shard with no worker yields the fallback at its deadline."""
+    payload = json.loads((EXAMPLES / "discount" / "input.json").read_text())
+    expected = json.loads((EXAMPLES / "discount" / "expected_output.json").read_text())
+    wasm = (EXAMPLES / "discount" / "discount.wasm").read_bytes()
+    for shard in (0, 1):
+        shop = shop_on(shard)
+        deployer.deploy("discount", shop, wasm)
+        outcome = client.run("discount", shop, payload, timeout=5)
+        assert outcome.status == "ok", outcome.error
+        assert outcome.output == expected
+        assert outcome.shard == shard
+        assert outcome.worker is not None and outcome.worker.startswith(f"w{shard}")
+        assert outcome.report is not None and outcome.report.instructions > 0
+        assert outcome.timings.total_ms > 0 and outcome.timings.execute_ms > 0
+
+    hostile = shop_on(1, skip=1)
+    deployer.deploy("test", hostile, guests.INFINITE_LOOP)
+    outcome = client.run("test", hostile, {}, timeout=5, fallback={"discounts": []})
+    assert (outcome.status, outcome.error_code) == ("error", "instruction_limit_exceeded")
+    assert outcome.output == {"discounts": []}
+
+    stopped = shop_on(2)
+    deployer.deploy("discount", stopped, wasm)
+    started = time.perf_counter()
+    outcome = client.run("discount", stopped, payload, timeout=0.2, fallback="FALLBACK")
+    elapsed = time.perf_counter() - started
+    assert (outcome.status, outcome.error_code, outcome.output) == ("fallback", "timeout", "FALLBACK")
+    assert 0.2 <= elapsed < 0.2 + 0.005 + 0.02  # deadline + 5 ms, plus scheduling slack
+
+
+def test_deploy_reaches_every_live_worker_within_100ms(client: Client, deployer: Registry) -> None:
+    """After a deploy (and a rollback) every worker on the shard serves the new version."""
+    shop = shop_on(0, skip=2)
+    deployer.deploy("test", shop, guests.writes(b'{"v":1}'))
+
+    def versions_by_worker() -> dict[str, object]:
+        seen: dict[str, object] = {}
+        for _ in range(200):
+            outcome = client.run("test", shop, {}, timeout=2)
+            assert outcome.worker is not None
+            seen[outcome.worker.split(":")[0]] = outcome.output
+            if len(seen) == 2:
+                return seen
+        raise AssertionError(f"only saw {seen}")
+
+    assert list(versions_by_worker().values()) == [{"v": 1}, {"v": 1}]
+    deployer.deploy("test", shop, guests.writes(b'{"v":2}'))
+    time.sleep(0.1)
+    assert list(versions_by_worker().values()) == [{"v": 2}, {"v": 2}]
+    deployer.rollback("test", shop)
+    time.sleep(0.1)
+    assert list(versions_by_worker().values()) == [{"v": 1}, {"v": 1}]
+
+
+def test_stale_job_is_dropped_unexecuted(pool_settings: Settings, client: Client, deployer: Registry,
+                                         redis_client: redis.Redis) -> None:
+    """A job whose caller gave up is dropped by the worker that finally receives it."""
+    shop = shop_on(2, skip=1)
+    deployer.deploy("test", shop, guests.ECHO)
+    outcome = client.run("test", shop, {"late": True}, timeout=0.05)
+    assert outcome.error_code == "timeout"
+    late_worker = WorkerProcess(pool_settings, [2], "w2").wait_ready()
+    try:
+        deadline = time.monotonic() + 10
+        while "stale_job_dropped" not in late_worker.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log = late_worker.log()
+        assert "stale_job_dropped" in log
+        assert outcome.job_id in log
+        assert f"Task scriptpool.execute[{outcome.job_id}] succeeded" not in log
+    finally:
+        late_worker.stop()
+    assert redis_client.llen(pool_settings.keys.replies(client.client_id)) == 0
+
+
+def test_breaker_opens_then_probe_closes_it(client: Client, deployer: Registry) -> None:
+    """Three failures open the (shop, EP) breaker; callers then get the fallback with nothing
+    enqueued; after the cool-down one probe goes through and closes it."""
+    shop = shop_on(1, skip=2)
+    deployer.deploy("test", shop, guests.TRAP)
+    for _ in range(3):
+        assert client.run("test", shop, {}, timeout=2).error_code == "runtime_error"
+    assert client.breaker_state(shop, "test") == "open"
+    blocked = client.run("test", shop, {}, timeout=2, fallback="fb")
+    assert (blocked.status, blocked.error_code, blocked.output) == ("fallback", "circuit_open", "fb")
+    assert blocked.worker is None and blocked.timings.enqueue_ms == 0
+    other = shop_on(1, skip=3)
+    deployer.deploy("test", other, guests.ECHO)
+    assert client.run("test", other, {"a": 1}, timeout=2).ok  # breakers are per (shop, EP)
+
+    deployer.deploy("test", shop, guests.ECHO)
+    time.sleep(0.55)
+    assert client.breaker_state(shop, "test") == "half_open"
+    probe = client.run("test", shop, {"b": 2}, timeout=2)
+    assert probe.ok and probe.output == {"b": 2}
+    assert client.breaker_state(shop, "test") == "closed"
+
+
+def test_100_threads_wait_at_once(client: Client, deployer: Registry) -> None:
+    """100 threads calling run concurrently each get their own correct result."""
+    shops = [shop_on(0, skip=3), shop_on(1, skip=4)]
+    for shop in shops:
+        deployer.deploy("test", shop, guests.ECHO)
+    results: dict[int, object] = {}
+    barrier = threading.Barrier(100)
+
+    def call(i: int) -> None:
+        barrier.wait()
+        results[i] = client.run("test", shops[i % 2], {"i": i}, timeout=10)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results[i].ok and results[i].output == {"i": i} for i in range(100))  # type: ignore[attr-defined]
+
+
+def test_100_asyncio_tasks_wait_at_once(client: Client, deployer: Registry) -> None:
+    """100 asyncio tasks awaiting run_async concurrently each get their own correct result."""
+    shops = [shop_on(0, skip=5), shop_on(1, skip=6)]
+    for shop in shops:
+        deployer.deploy("test", shop, guests.ECHO)
+
+    async def main() -> list[object]:
+        calls = [client.run_async("test", shops[i % 2], {"i": i}, timeout=10) for i in range(100)]
+        return await asyncio.gather(*calls)
+
+    outcomes = asyncio.run(main())
+    assert [o.output for o in outcomes] == [{"i": i} for i in range(100)]  # type: ignore[attr-defined]
+
+
+def test_second_worker_on_a_shard_consumes_and_survives_the_other(
+    pool_settings: Settings, client: Client, deployer: Registry
+) -> None:
+    """Two workers on shard 1 both take jobs; after one is SIGKILLed the shard is still served."""
+    shop = shop_on(1, skip=7)
+    deployer.deploy("test", shop, guests.ECHO)
+    extra = WorkerProcess(pool_settings, [1], "w1b").wait_ready()
+    try:
+        seen = set()
+        for i in range(300):
+            outcome = client.run("test", shop, {"i": i}, timeout=5)
+            assert outcome.ok
+            seen.add(outcome.worker.split("@")[0])  # type: ignore[union-attr]
+            if seen == {"w1", "w1b"}:
+                break
+        assert seen == {"w1", "w1b"}
+        extra.kill()
+        for i in range(20):
+            outcome = client.run("test", shop, {"i": i}, timeout=5)
+            assert outcome.ok and outcome.worker.startswith("w1@")  # type: ignore[union-attr]
+    finally:
+        extra.kill()
+
+
+def test_bad_host_input_fails_before_enqueue(client: Client, deployer: Registry,
+                                             redis_client: redis.Redis, pool_settings: Settings) -> None:
+    """Bad calls raise clear errors and leave nothing in any queue."""
+    shop = shop_on(2, skip=2)  # no worker: anything enqueued would stay visible
+    deployer.deploy("test", shop, guests.ECHO)
+    with pytest.raises(InvalidInput):
+        client.run("test", shop, {"x": {1, 2}})
+    with pytest.raises(InputTooLarge):
+        client.run("test", shop, {"x": "y" * 200_000})
+    with pytest.raises(UnknownExtensionPoint):
+        client.run("nope", shop, {})
+    for bad_shop in ("", "a b", "x" * 1000):
+        with pytest.raises(InvalidArgument):
+            client.run("test", bad_shop, {})
+    for bad_timeout in (0, -1, float("nan")):
+        with pytest.raises(InvalidArgument):
+            client.run("test", shop, {}, timeout=bad_timeout)
+    assert redis_client.llen(pool_settings.keys.queue(2)) == 0
+
+
+def test_strict_raises_named_errors(client: Client, deployer: Registry) -> None:
+    """With strict=True the named error is raised, carrying the outcome."""
+    from config.errors import DeadlineExceeded, GuestRuntimeError
+
+    trap_shop, stopped_shop = shop_on(0, skip=6), shop_on(2, skip=3)
+    deployer.deploy("test", trap_shop, guests.TRAP)
+    deployer.deploy("test", stopped_shop, guests.ECHO)
+    with pytest.raises(GuestRuntimeError) as info:
+        client.run("test", trap_shop, {}, timeout=5, strict=True)
+    assert info.value.detail["trap_code"] == "unreachable"
+    with pytest.raises(DeadlineExceeded):
+        client.run("test", stopped_shop, {}, timeout=0.05, strict=True)
+
+
+def test_unreachable_redis_gives_fallback_within_deadline(pool_settings: Settings) -> None:
+    """With Redis down the caller gets the fallback before its deadline, not after retries."""
+    from config._embedded_redis import free_port
+
+    dead = pool_settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with Client(dead) as c:
+        started = time.perf_counter()
+        outcome = c.run("test", "shop-1", {}, timeout=0.3, fallback="fb")
+        elapsed = time.perf_counter() - started
+    assert (outcome.status, outcome.error_code, outcome.output) == ("fallback", "broker_unavailable", "fb")
+    assert elapsed < 0.3

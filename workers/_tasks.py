@@ -1,0 +1,102 @@
+"""The one Celery task: run a job on this process's engine, or drop it if its caller gave up."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from celery import signals
+from celery.exceptions import Ignore
+
+from config import TASK_NAME, Job, Reply, Settings, configure_logging
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from workers._executor import Executor
+    from workers._invalidation import InvalidationListener
+
+log = structlog.get_logger("scriptpool.worker")
+
+
+@dataclass
+class WorkerCounters:
+    """Per-process counters (exported as metrics by the Product issue)."""
+
+    executed: int = 0
+    dropped_stale: int = 0
+
+
+class WorkerState:
+    """Everything a worker process keeps hot: the engine, its caches, the invalidation listener."""
+
+    def __init__(self, settings: Settings) -> None:
+        import redis
+
+        from registry import Registry
+        from workers._executor import Executor
+        from workers._invalidation import InvalidationListener
+        from workers.sandbox import Sandbox
+
+        self.settings = settings
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=1)
+        sandbox = Sandbox(settings.epoch_tick_ms)
+        self.executor: Executor = Executor(Registry(client, settings, sandbox), sandbox, settings)
+        self.counters = WorkerCounters()
+        self.listener: InvalidationListener = InvalidationListener(
+            settings.redis_url, settings.keys.invalidations(), self.executor.invalidate
+        ).start()
+
+
+_state: WorkerState | None = None
+_state_lock = threading.Lock()
+
+
+def worker_state(settings: Settings) -> WorkerState:
+    """This process's state, created on first use (after any fork)."""
+    global _state
+    if _state is None:
+        with _state_lock:
+            if _state is None:
+                _state = WorkerState(settings)
+    return _state
+
+
+def register(app: Celery) -> None:
+    """Register the execute task and warm the worker state when a worker process starts."""
+
+    @app.task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
+    def execute(self: Any, job_wire: dict[str, Any]) -> dict[str, Any]:
+        received = time.time()
+        job = Job.from_wire(job_wire)
+        state = worker_state(app.settings)
+        queue = (self.request.delivery_info or {}).get("routing_key") or ""
+        shard = app.settings.keys.shard_of_queue(queue)
+        if received > job.deadline:
+            state.counters.dropped_stale += 1
+            log.info("stale_job_dropped", job=job.id, ep=job.ep, shop=job.shop_id, shard=shard,
+                     late_ms=round((received - job.deadline) * 1000, 3))
+            raise Ignore()
+        execution = state.executor.execute(job.ep, job.shop_id, job.input)
+        state.counters.executed += 1
+        return Reply(
+            job_id=job.id,
+            execution=execution.to_dict(),
+            error=None,
+            shard=-1 if shard is None else shard,
+            worker=f"{self.request.hostname}:{os.getpid()}",
+            received_at=received,
+            finished_at=time.time(),
+        ).to_wire()
+
+    def warm(**_: Any) -> None:
+        configure_logging()
+        worker_state(app.settings)
+
+    # Prefork children start here; solo and threads pools run in the main process.
+    signals.worker_process_init.connect(warm, weak=False)
+    signals.worker_ready.connect(warm, weak=False)
