@@ -175,8 +175,8 @@ def test_readers_never_see_a_partial_deploy(registry: Registry, redis_client: re
         t.join()
     assert errors == []
     assert len(seen) > 10
-    versions = [d.version for d in seen]
-    assert max(versions) == 61
+    assert len({d.version for d in seen}) > 5  # the readers really overlapped the deploys
+    assert registry.binding("test", "s").version == 61
 
 
 def test_provider_linked_module_runs(registry: Registry, executor: Executor) -> None:
