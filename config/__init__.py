@@ -12,11 +12,11 @@ from config._wire import TASK_NAME, Job, Reply, encode_input
 
 __all__ = [
     "TASK_NAME",
-    "Job",
-    "Reply",
     "EmbeddedRedis",
+    "Job",
     "Keys",
     "Limits",
+    "Reply",
     "Settings",
     "check_ep",
     "check_export",

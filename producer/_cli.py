@@ -48,8 +48,10 @@ def _registry(settings: Settings) -> Any:
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     deployment = _registry(settings).deploy(args.ep, args.shop, _read_file(args.module), export=args.export)
-    print(f"deployed {args.module} to {deployment.ep}/{deployment.shop_id} "
-          f"as version {deployment.version} (sha256 {deployment.sha256[:12]})")
+    print(
+        f"deployed {args.module} to {deployment.ep}/{deployment.shop_id} "
+        f"as version {deployment.version} (sha256 {deployment.sha256[:12]})"
+    )
     return 0
 
 
@@ -92,14 +94,37 @@ def parse_shards(text: str, shards: int) -> list[int]:
     return chosen
 
 
-def worker_argv(settings: Settings, shards: list[int], *, name: str | None = None,
-                loglevel: str = "WARNING", events: bool = False, pool: str = "solo") -> list[str]:
+def worker_argv(
+    settings: Settings,
+    shards: list[int],
+    *,
+    name: str | None = None,
+    loglevel: str = "WARNING",
+    events: bool = False,
+    pool: str = "solo",
+) -> list[str]:
     """The plain Celery command line a shard worker runs."""
     queues = ",".join(settings.keys.queue(n) for n in shards)
     node = name or f"shard{'-'.join(map(str, shards))}-{os.getpid()}@%h"
-    argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues, "-n", node,
-            "--pool", pool, "--loglevel", loglevel,
-            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers",
+        "worker",
+        "-Q",
+        queues,
+        "-n",
+        node,
+        "--pool",
+        pool,
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
     if events:
         argv.append("--events")
     return argv
@@ -107,8 +132,13 @@ def worker_argv(settings: Settings, shards: list[int], *, name: str | None = Non
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_artifact_key()
-    argv = worker_argv(settings, parse_shards(args.shards, settings.shards), name=args.name,
-                       loglevel=args.loglevel, events=args.events)
+    argv = worker_argv(
+        settings,
+        parse_shards(args.shards, settings.shards),
+        name=args.name,
+        loglevel=args.loglevel,
+        events=args.events,
+    )
     os.execv(argv[0], argv)
     return 0  # not reached
 

@@ -47,15 +47,25 @@ class Client:
         self.client_id = uuid.uuid4().hex
         self._keys = settings.keys
         self._app = create_app(settings)
-        self._redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=0.25, socket_timeout=1.0)
+        self._redis = redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=0.25, socket_timeout=1.0
+        )
         self._replies = ReplyDispatcher(settings.redis_url, self._keys.replies(self.client_id))
         self._breakers = BreakerBoard(breaker or BreakerPolicy())
         self._eps: dict[str, tuple[ExtensionPoint | None, float]] = {}
         self._publisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scriptpool-publish")
 
     # -- public --------------------------------------------------------------------------------
-    def run(self, ep: str, shop_id: str | int, input: Any, *, timeout: float | None = None,
-            fallback: Any = None, strict: bool = False) -> Outcome:
+    def run(
+        self,
+        ep: str,
+        shop_id: str | int,
+        input: Any,
+        *,
+        timeout: float | None = None,
+        fallback: Any = None,
+        strict: bool = False,
+    ) -> Outcome:
         """Run the script of (``ep``, ``shop_id``) on ``input``; wait at most ``timeout`` seconds."""
         call = self._prepare(ep, shop_id, input, timeout, fallback)
         if isinstance(call, Outcome):
@@ -67,8 +77,16 @@ class Client:
         reply = waiter.wait(call.job.deadline - time.time())
         return self._finish(self._conclude(call, reply), strict)
 
-    async def run_async(self, ep: str, shop_id: str | int, input: Any, *, timeout: float | None = None,
-                        fallback: Any = None, strict: bool = False) -> Outcome:
+    async def run_async(
+        self,
+        ep: str,
+        shop_id: str | int,
+        input: Any,
+        *,
+        timeout: float | None = None,
+        fallback: Any = None,
+        strict: bool = False,
+    ) -> Outcome:
         """The asyncio twin of :meth:`run`: the event loop never blocks on Redis."""
         call = self._prepare(ep, shop_id, input, timeout, fallback)
         if isinstance(call, Outcome):
@@ -77,8 +95,9 @@ class Client:
         waiter = self._replies.expect(call.job.id, loop)
         remaining = call.job.deadline - time.time()
         try:
-            failed = await asyncio.wait_for(loop.run_in_executor(self._publisher, self._publish, call),
-                                            max(remaining, 0.0))
+            failed = await asyncio.wait_for(
+                loop.run_in_executor(self._publisher, self._publish, call), max(remaining, 0.0)
+            )
         except TimeoutError:
             failed = call.fallback_outcome("timeout", "enqueue did not finish before the deadline")
             call.breaker.failure()
@@ -106,8 +125,9 @@ class Client:
         self.close()
 
     # -- steps ---------------------------------------------------------------------------------
-    def _prepare(self, ep: str, shop_id: str | int, input: Any, timeout: float | None,
-                 fallback: Any) -> _Call | Outcome:
+    def _prepare(
+        self, ep: str, shop_id: str | int, input: Any, timeout: float | None, fallback: Any
+    ) -> _Call | Outcome:
         started = time.perf_counter()
         ep = check_ep(ep)
         shop = check_shop_id(shop_id)
@@ -126,8 +146,11 @@ class Client:
             breaker.failure()
             return call.fallback_outcome("broker_unavailable", f"cannot reach Redis: {exc}")
         if len(payload) > limits.input_bytes:
-            raise InputTooLarge(f"input is {len(payload)} bytes; the limit is {limits.input_bytes}",
-                                size=len(payload), limit=limits.input_bytes)
+            raise InputTooLarge(
+                f"input is {len(payload)} bytes; the limit is {limits.input_bytes}",
+                size=len(payload),
+                limit=limits.input_bytes,
+            )
         if not breaker.allow():
             return call.fallback_outcome("circuit_open", f"circuit for {shop}/{ep} is open")
         return call
@@ -166,7 +189,12 @@ class Client:
             result_ms=round(max(0.0, total_ms - enqueue_ms - queue_wait_ms - execute_ms), 4),
             total_ms=round(total_ms, 4),
         )
-        common = {"timings": timings, "shard": reply["shard"], "worker": reply["worker"], "job_id": call.job.id}
+        common = {
+            "timings": timings,
+            "shard": reply["shard"],
+            "worker": reply["worker"],
+            "job_id": call.job.id,
+        }
         execution = reply.get("execution")
         if execution is None:
             error = ErrorInfo(**reply["error"])
@@ -216,8 +244,15 @@ class _Call:
         total_ms = round((time.perf_counter() - self.started) * 1000, 4)
         enqueue_ms = round(((self.enqueued or self.started) - self.started) * 1000, 4)
         return Outcome(
-            FALLBACK, self.fallback, code, ErrorInfo(code, message), None,
-            Timings(enqueue_ms=enqueue_ms, total_ms=total_ms), self.shard, None, self.job.id,
+            FALLBACK,
+            self.fallback,
+            code,
+            ErrorInfo(code, message),
+            None,
+            Timings(enqueue_ms=enqueue_ms, total_ms=total_ms),
+            self.shard,
+            None,
+            self.job.id,
         )
 
 

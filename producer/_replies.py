@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import redis
@@ -91,10 +91,10 @@ class ReplyDispatcher:
                     item = client.blpop([self.reply_key], timeout=1)
                     if item is None:
                         continue
-                    batch = [item[1]]
+                    batch: list[bytes] = [cast(bytes, item[1])]
                     more = client.lpop(self.reply_key, 256)
                     if more:
-                        batch.extend(more)
+                        batch.extend(cast("list[bytes]", more))
                     for raw in batch:
                         self._deliver(raw)
                     backoff = 0.01

@@ -65,4 +65,4 @@ def compile_validator(schema: dict[str, Any] | None) -> jsonschema.protocols.Val
     if schema is None:
         return None
     cls = jsonschema.validators.validator_for(schema)
-    return cls(schema)  # type: ignore[no-any-return]
+    return cls(schema)

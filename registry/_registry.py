@@ -6,7 +6,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 import structlog
@@ -137,7 +137,7 @@ class Registry:
 
     def extension_points(self) -> list[str]:
         """Names of every defined extension point."""
-        return sorted(n.decode() for n in self._redis.smembers(self._keys.extension_points()))
+        return sorted(_text(n) for n in self._redis.smembers(self._keys.extension_points()))
 
     # -- providers -----------------------------------------------------------------------------
     def add_provider(self, name: str, wasm: bytes) -> Provider:
@@ -164,7 +164,7 @@ class Registry:
 
     def providers(self) -> list[str]:
         """Names of every installed provider."""
-        return sorted(n.decode() for n in self._redis.smembers(self._keys.providers()))
+        return sorted(_text(n) for n in self._redis.smembers(self._keys.providers()))
 
     # -- deploy and rollback -------------------------------------------------------------------
     def deploy(self, ep: str, shop_id: str | int, wasm: bytes, *, export: str = "_start") -> Deployment:
@@ -224,7 +224,7 @@ class Registry:
 
     def module_bytes(self, sha256: str) -> bytes:
         """Source bytes of a module, checked against their content address."""
-        raw = self._redis.get(self._keys.module(sha256))
+        raw = cast("bytes | None", self._redis.get(self._keys.module(sha256)))
         if raw is None:
             raise ScriptNotFound(f"module {sha256} is missing from the registry", sha256=sha256)
         if hashlib.sha256(raw).hexdigest() != sha256:
@@ -236,7 +236,7 @@ class Registry:
 
         Raises :class:`ArtifactRejected` if it is present but its signature does not verify.
         """
-        signed = self._redis.get(self._keys.artifact(self._fingerprint, sha256))
+        signed = cast("bytes | None", self._redis.get(self._keys.artifact(self._fingerprint, sha256)))
         if signed is None:
             return None
         key = self._settings.require_artifact_key()
@@ -283,3 +283,7 @@ class Registry:
             return self._sandbox.deserialize(artifact, stack_bytes), "deserialized", len(artifact)
         module = self._sandbox.compile(self.module_bytes(sha256), stack_bytes)
         return module, "compiled", len(module.serialize())
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -18,11 +18,12 @@ import wasmtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config import EmbeddedRedis, Settings  # noqa: E402
-from registry import Registry  # noqa: E402
-from workers import Executor, Sandbox  # noqa: E402
+from config import EmbeddedRedis, Settings
+from registry import Registry
+from workers import Executor, Sandbox
 
-TRIVIAL = bytes(wasmtime.wat2wasm("""
+TRIVIAL = bytes(
+    wasmtime.wat2wasm("""
 (module
   (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1)
@@ -30,7 +31,8 @@ TRIVIAL = bytes(wasmtime.wat2wasm("""
   (func (export "_start")
     (i32.store (i32.const 0) (i32.const 64)) (i32.store (i32.const 4) (i32.const 2))
     (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
-"""))
+""")
+)
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -66,7 +68,8 @@ def main() -> None:
                 runs.append(result.report.run_ms * 1000)
                 assert result.ok, result.error
             out[f"hot_{name}_us"] = {
-                "p50": round(pct(totals, 0.5), 1), "p99": round(pct(totals, 0.99), 1),
+                "p50": round(pct(totals, 0.5), 1),
+                "p99": round(pct(totals, 0.99), 1),
                 "guest_run_p50": round(statistics.median(runs), 1),
             }
         stack = settings.limits.stack_bytes
@@ -85,7 +88,8 @@ def main() -> None:
             "deserialize_p50": round(statistics.median(deser), 3),
             "compile_p50": round(statistics.median(comp), 3),
             "ratio": round(statistics.median(comp) / statistics.median(deser), 1),
-            "module_bytes": len(discount), "artifact_bytes": len(artifact),
+            "module_bytes": len(discount),
+            "artifact_bytes": len(artifact),
         }
         print(json.dumps(out, indent=2))
 

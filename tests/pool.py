@@ -36,9 +36,14 @@ class WorkerProcess:
         self.logfile = Path(tempfile.mkdtemp(prefix="scriptpool-worker-")) / f"{name}.log"
         argv = worker_argv(settings, shards, name=f"{name}@test", loglevel="INFO")
         argv += ["--logfile", str(self.logfile)]
-        self.process = subprocess.Popen(argv, env=worker_env(settings), cwd=ROOT,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            argv,
+            env=worker_env(settings),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout: float = 30.0) -> WorkerProcess:
         deadline = time.monotonic() + timeout

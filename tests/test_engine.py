@@ -23,13 +23,16 @@ def run_good_after(executor: Executor, registry: Registry) -> None:
     assert result.output == GOOD_INPUT
 
 
-def deploy_and_run(registry: Registry, executor: Executor, module: bytes, payload: object = None,
-                   *, ep: str = "test") -> Execution:
+def deploy_and_run(
+    registry: Registry, executor: Executor, module: bytes, payload: object = None, *, ep: str = "test"
+) -> Execution:
     registry.deploy(ep, "shop-1", module)
     return executor.execute(ep, "shop-1", {} if payload is None else payload)
 
 
-def test_c_discount_script_runs_with_correct_output_and_report(registry: Registry, executor: Executor) -> None:
+def test_c_discount_script_runs_with_correct_output_and_report(
+    registry: Registry, executor: Executor
+) -> None:
     """A C-built discount script deploys and returns the expected discount with a full report."""
     wasm = (EXAMPLES / "discount" / "discount.wasm").read_bytes()
     payload = json.loads((EXAMPLES / "discount" / "input.json").read_text())

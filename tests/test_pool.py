@@ -53,7 +53,9 @@ def deployer(redis_client: redis.Redis, pool_settings: Settings, sandbox: Sandbo
 
 
 @pytest.fixture
-def client(pool_settings: Settings, workers: dict[str, WorkerProcess], deployer: Registry) -> Iterator[Client]:
+def client(
+    pool_settings: Settings, workers: dict[str, WorkerProcess], deployer: Registry
+) -> Iterator[Client]:
     with Client(pool_settings, breaker=BreakerPolicy(error_threshold=3, cooldown_s=0.5)) as c:
         yield c
 
@@ -116,8 +118,9 @@ def test_deploy_reaches_every_live_worker_within_100ms(client: Client, deployer:
     assert list(versions_by_worker().values()) == [{"v": 1}, {"v": 1}]
 
 
-def test_stale_job_is_dropped_unexecuted(pool_settings: Settings, client: Client, deployer: Registry,
-                                         redis_client: redis.Redis) -> None:
+def test_stale_job_is_dropped_unexecuted(
+    pool_settings: Settings, client: Client, deployer: Registry, redis_client: redis.Redis
+) -> None:
     """A job whose caller gave up is dropped by the worker that finally receives it."""
     shop = shop_on(2, skip=1)
     deployer.deploy("test", shop, guests.ECHO)
@@ -218,8 +221,9 @@ def test_second_worker_on_a_shard_consumes_and_survives_the_other(
         extra.kill()
 
 
-def test_bad_host_input_fails_before_enqueue(client: Client, deployer: Registry,
-                                             redis_client: redis.Redis, pool_settings: Settings) -> None:
+def test_bad_host_input_fails_before_enqueue(
+    client: Client, deployer: Registry, redis_client: redis.Redis, pool_settings: Settings
+) -> None:
     """Bad calls raise clear errors and leave nothing in any queue."""
     shop = shop_on(2, skip=2)  # no worker: anything enqueued would stay visible
     deployer.deploy("test", shop, guests.ECHO)

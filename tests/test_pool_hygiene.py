@@ -20,8 +20,16 @@ from workers import Sandbox
 from workers._app import REPLY_TTL_S
 
 # Every key that may outlive a call, with whether it is permanent (no TTL). Anything else is a leak.
-PERMANENT = [r"sp:module:\w+", r"sp:artifact:\w+:\w+", r"sp:binding:\w+:\w+", r"sp:history:\w+:\w+",
-             r"sp:ep:\w+", r"sp:eps", r"_kombu\.binding(\.|_deadlines|_permanent\.).*", r"unacked(_index|_mutex)?"]
+PERMANENT = [
+    r"sp:module:\w+",
+    r"sp:artifact:\w+:\w+",
+    r"sp:binding:\w+:\w+",
+    r"sp:history:\w+:\w+",
+    r"sp:ep:\w+",
+    r"sp:eps",
+    r"_kombu\.binding(\.|_deadlines|_permanent\.).*",
+    r"unacked(_index|_mutex)?",
+]
 EXPIRING = [r"sp:reply:\w+"]  # reply lists: REPLY_TTL_S after their last push
 
 

@@ -36,16 +36,21 @@ def test_invalid_module_bytes_are_refused(registry: Registry) -> None:
 
 def test_oversized_module_is_refused(registry: Registry) -> None:
     """A module over 256 kB fails with module_too_large (an invalid_module)."""
-    big = guests.wasm(f'(module (memory (export "memory") 5) (data (i32.const 0) "{"a" * 300_000}")'
-                      '(func (export "_start")))')
+    big = guests.wasm(
+        f'(module (memory (export "memory") 5) (data (i32.const 0) "{"a" * 300_000}")'
+        '(func (export "_start")))'
+    )
     with pytest.raises(ModuleTooLarge) as info:
         registry.deploy("test", "s", big)
     assert info.value.code == "module_too_large"
     assert isinstance(info.value, InvalidModule)
 
 
-@pytest.mark.parametrize("module", [guests.FORBIDDEN_ENV_IMPORT, guests.WRONG_SIGNATURE_IMPORT],
-                         ids=["env-import", "wrong-signature"])
+@pytest.mark.parametrize(
+    "module",
+    [guests.FORBIDDEN_ENV_IMPORT, guests.WRONG_SIGNATURE_IMPORT],
+    ids=["env-import", "wrong-signature"],
+)
 def test_forbidden_imports_are_refused(registry: Registry, module: bytes) -> None:
     """Imports outside our WASI subset and installed providers fail with forbidden_import."""
     with pytest.raises(ForbiddenImport) as info:
@@ -96,7 +101,10 @@ def test_rollback_restores_previous_version(registry: Registry, executor: Execut
 
 
 def test_tampered_artifact_is_never_deserialized(
-    registry: Registry, redis_client: redis.Redis, settings: Settings, sandbox: Sandbox,
+    registry: Registry,
+    redis_client: redis.Redis,
+    settings: Settings,
+    sandbox: Sandbox,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A flipped byte in the stored artifact: no deserialize, a recompile, a security event."""
@@ -143,10 +151,13 @@ def test_cold_start_deserializes_and_never_compiles(
     assert result.report.module_source == "deserialized"
 
 
-def test_readers_never_see_a_partial_deploy(registry: Registry, redis_client: redis.Redis,
-                                            settings: Settings) -> None:
+def test_readers_never_see_a_partial_deploy(
+    registry: Registry, redis_client: redis.Redis, settings: Settings
+) -> None:
     """While deploys alternate two modules, every read is a whole binding of one of them."""
-    modules = {hashlib.sha256(m).hexdigest(): m for m in (guests.writes(b'{"v":1}'), guests.writes(b'{"v":2}'))}
+    modules = {
+        hashlib.sha256(m).hexdigest(): m for m in (guests.writes(b'{"v":1}'), guests.writes(b'{"v":2}'))
+    }
     registry.deploy("test", "s", next(iter(modules.values())))
     stop = threading.Event()
     seen: list[Deployment] = []
@@ -161,7 +172,7 @@ def test_readers_never_see_a_partial_deploy(registry: Registry, redis_client: re
                 assert deployment.sha256 in modules
                 assert client.exists(settings.keys.module(deployment.sha256))
                 seen.append(deployment)
-            except BaseException as exc:  # noqa: BLE001 - surfaced below
+            except BaseException as exc:
                 errors.append(exc)
                 return
 

@@ -41,13 +41,15 @@ def test_lru_refuses_an_item_larger_than_the_budget() -> None:
 
 def test_settings_from_env() -> None:
     """SCRIPTPOOL_* variables build typed settings; limits overrides apply."""
-    settings = Settings.from_env({
-        "SCRIPTPOOL_REDIS_URL": "redis://:pw@127.0.0.1:7000/2",
-        "SCRIPTPOOL_SHARDS": "4",
-        "SCRIPTPOOL_ARTIFACT_KEY": "k" * 32,
-        "SCRIPTPOOL_LIMIT_FUEL": "5000",
-        "SCRIPTPOOL_MODULE_CACHE_MB": "64",
-    })
+    settings = Settings.from_env(
+        {
+            "SCRIPTPOOL_REDIS_URL": "redis://:pw@127.0.0.1:7000/2",
+            "SCRIPTPOOL_SHARDS": "4",
+            "SCRIPTPOOL_ARTIFACT_KEY": "k" * 32,
+            "SCRIPTPOOL_LIMIT_FUEL": "5000",
+            "SCRIPTPOOL_MODULE_CACHE_MB": "64",
+        }
+    )
     assert settings.shards == 4
     assert settings.limits.fuel == 5000
     assert settings.limits.memory_bytes == Limits().memory_bytes
@@ -55,8 +57,9 @@ def test_settings_from_env() -> None:
     assert settings.require_artifact_key() == b"k" * 32
 
 
-@pytest.mark.parametrize("env", [{"SCRIPTPOOL_SHARDS": "0"}, {"SCRIPTPOOL_SHARDS": "two"},
-                                 {"SCRIPTPOOL_LIMIT_FUEL": "-1"}])
+@pytest.mark.parametrize(
+    "env", [{"SCRIPTPOOL_SHARDS": "0"}, {"SCRIPTPOOL_SHARDS": "two"}, {"SCRIPTPOOL_LIMIT_FUEL": "-1"}]
+)
 def test_bad_settings_fail_clearly(env: dict[str, str]) -> None:
     """Malformed settings raise ConfigurationError, not a stray ValueError."""
     with pytest.raises(ConfigurationError):

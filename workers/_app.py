@@ -6,7 +6,7 @@ from functools import cached_property
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from config import Settings
 
@@ -17,7 +17,10 @@ REPLY_TTL_S = 60
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from ours: one queue per shard, msgpack only, fail fast."""
     keys = settings.keys
-    queues = [Queue(keys.queue(n), routing_key=keys.queue(n)) for n in range(settings.shards)]
+    queues = [
+        Queue(keys.queue(n), routing_key=keys.queue(n))  # type: ignore[no-untyped-call]
+        for n in range(settings.shards)
+    ]
     return {
         "broker_url": settings.redis_url,
         "result_backend": "workers._backend:ReplyListBackend",

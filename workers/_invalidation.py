@@ -43,7 +43,7 @@ class InvalidationListener:
         while not self._stop.is_set():
             client = redis.Redis.from_url(self._url, socket_connect_timeout=1, socket_timeout=5)
             try:
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
                 pubsub.subscribe(self._channel)
                 self._invalidate(None, None)  # anything published while we were away is lost
                 self._subscribed.set()

@@ -78,8 +78,14 @@ def register(app: Celery) -> None:
         shard = app.settings.keys.shard_of_queue(queue)
         if received > job.deadline:
             state.counters.dropped_stale += 1
-            log.info("stale_job_dropped", job=job.id, ep=job.ep, shop=job.shop_id, shard=shard,
-                     late_ms=round((received - job.deadline) * 1000, 3))
+            log.info(
+                "stale_job_dropped",
+                job=job.id,
+                ep=job.ep,
+                shop=job.shop_id,
+                shard=shard,
+                late_ms=round((received - job.deadline) * 1000, 3),
+            )
             raise Ignore()
         execution = state.executor.execute(job.ep, job.shop_id, job.input)
         state.counters.executed += 1

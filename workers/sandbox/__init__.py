@@ -2,6 +2,14 @@
 
 from workers.sandbox._engine import engine_fingerprint
 from workers.sandbox._run import Sandbox, SandboxRun
-from workers.sandbox._wasi import FIXED_TIME_NS, MODULE as WASI_MODULE, provided_signatures
+from workers.sandbox._wasi import FIXED_TIME_NS, provided_signatures
+from workers.sandbox._wasi import MODULE as WASI_MODULE
 
-__all__ = ["FIXED_TIME_NS", "Sandbox", "SandboxRun", "WASI_MODULE", "engine_fingerprint", "provided_signatures"]
+__all__ = [
+    "FIXED_TIME_NS",
+    "WASI_MODULE",
+    "Sandbox",
+    "SandboxRun",
+    "engine_fingerprint",
+    "provided_signatures",
+]

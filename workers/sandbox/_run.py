@@ -204,6 +204,3 @@ def _memory_bytes(store: wasmtime.Store, instance: wasmtime.Instance | None) -> 
         return 0
     memory = instance.exports(store).get("memory")
     return memory.data_len(store) if isinstance(memory, wasmtime.Memory) else 0
-
-
-

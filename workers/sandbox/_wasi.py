@@ -92,7 +92,7 @@ def _memory(caller: wasmtime.Caller) -> memoryview:
 
 
 def _in_bounds(view: memoryview, ptr: int, length: int) -> bool:
-    return 0 <= ptr and ptr + length <= len(view)
+    return ptr >= 0 and ptr + length <= len(view)
 
 
 def _iovecs(view: memoryview, iovs: int, count: int) -> list[tuple[int, int]] | None:
