@@ -54,6 +54,8 @@ class Client:
         self._breakers = BreakerBoard(breaker or BreakerPolicy())
         self._eps: dict[str, tuple[ExtensionPoint | None, float]] = {}
         self._publisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scriptpool-publish")
+        # kombu connects lazily; connecting on the first run would spend that caller's deadline.
+        self._publisher.submit(self._warm_publisher)
 
     # -- public --------------------------------------------------------------------------------
     def run(
@@ -106,6 +108,13 @@ class Client:
             return self._finish(failed, strict)
         reply = await waiter.wait_async(call.job.deadline - time.time())
         return self._finish(self._conclude(call, reply), strict)
+
+    def _warm_publisher(self) -> None:
+        try:
+            with self._app.producer_or_acquire() as producer:
+                producer.connection.default_channel  # noqa: B018 - connecting is the point
+        except _TRANSPORT_ERRORS as exc:
+            log.warning("publisher_warmup_failed", error=str(exc))
 
     def breaker_state(self, shop_id: str | int, ep: str) -> str:
         """The breaker state of (shop, EP): ``closed``, ``open`` or ``half_open``."""
