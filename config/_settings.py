@@ -38,6 +38,7 @@ class Settings:
     input_validation_rate: float = 0.05
     epoch_tick_ms: int = 5
     binding_cache_ttl_s: float = 5.0
+    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         if self.shards < 1:
@@ -94,6 +95,7 @@ class Settings:
                 binding_cache_ttl_s=float(
                     env.get("SCRIPTPOOL_BINDING_CACHE_TTL_S", defaults.binding_cache_ttl_s)
                 ),
+                metrics_port=int(env.get("SCRIPTPOOL_METRICS_PORT", defaults.metrics_port)),
             )
         except ValueError as exc:
             raise ConfigurationError(f"malformed SCRIPTPOOL_* setting: {exc}") from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -12,7 +13,7 @@ from typing import Any
 
 import redis
 
-from config import Settings
+from config import Settings, configure_logging
 from config.errors import ScriptpoolError
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
@@ -27,6 +28,20 @@ def _read_file(path: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as exc:
         raise UserMistake(f"cannot read {path}: {exc.strerror}") from None
+
+
+def read_module(path: str) -> bytes:
+    """Module bytes from a .wasm file, or assembled from a .wat text file."""
+    data = _read_file(path)
+    if path.endswith(".wat"):
+        import wasmtime
+
+        try:
+            return bytes(wasmtime.wat2wasm(data.decode("utf-8", errors="replace")))
+        except wasmtime.WasmtimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "syntax error"
+            raise UserMistake(f"{path} is not valid WAT: {first}") from None
+    return data
 
 
 def _read_json(path: str | None) -> Any:
@@ -47,7 +62,7 @@ def _registry(settings: Settings) -> Any:
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
-    deployment = _registry(settings).deploy(args.ep, args.shop, _read_file(args.module), export=args.export)
+    deployment = _registry(settings).deploy(args.ep, args.shop, read_module(args.module), export=args.export)
     print(
         f"deployed {args.module} to {deployment.ep}/{deployment.shop_id} "
         f"as version {deployment.version} (sha256 {deployment.sha256[:12]})"
@@ -62,7 +77,7 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_providers_add(args: argparse.Namespace, settings: Settings) -> int:
-    provider = _registry(settings).add_provider(args.name, _read_file(args.module))
+    provider = _registry(settings).add_provider(args.name, read_module(args.module))
     print(f"installed provider {provider.name} (sha256 {provider.sha256[:12]})")
     return 0
 
@@ -78,6 +93,82 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
     )
     print(f"defined extension point {args.name}")
     return 0
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from producer._client import Client
+
+    payload = _read_json(args.input) if args.input else {}
+    with Client(settings) as client:
+        outcome = client.run(args.ep, args.shop, payload, timeout=args.timeout_ms / 1000)
+    if args.json:
+        print(json.dumps(outcome.to_dict(), indent=2, default=str))
+    else:
+        _print_outcome(outcome)
+    return 0 if outcome.ok else EXIT_FAILED
+
+
+def _print_outcome(outcome: Any) -> None:
+    where = f"shard {outcome.shard}, worker {outcome.worker}" if outcome.worker else f"shard {outcome.shard}"
+    print(f"status:  {outcome.status}  ({where})")
+    if outcome.ok:
+        print(f"output:  {json.dumps(outcome.output)}")
+    else:
+        message = outcome.error.message if outcome.error else ""
+        print(f"error:   {outcome.error_code}: {message}")
+    report = outcome.report
+    if report is not None:
+        print(
+            f"report:  {report.instructions:,} instructions, {report.peak_memory_bytes:,} B peak memory, "
+            f"{report.input_bytes:,} B in, {report.output_bytes:,} B out, module {report.module_source}"
+        )
+        if report.logs:
+            print("logs:    " + report.logs.rstrip().replace("\n", "\n         "))
+    t = outcome.timings
+    print(
+        f"timings: enqueue {t.enqueue_ms:.2f} ms | queue wait {t.queue_wait_ms:.2f} | "
+        f"execute {t.execute_ms:.2f} | result {t.result_ms:.2f} | total {t.total_ms:.2f} ms"
+    )
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from producer._table import LiveTable
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    keys = settings.keys
+    heartbeats = [json.loads(raw) for raw in client.mget(sorted(client.keys(keys.workers_pattern()))) if raw]
+    where = settings.redis_url.split("@")[-1]
+    print(f"redis {where}  shards {settings.shards}  live workers {len(heartbeats)}")
+    table = LiveTable(
+        [
+            ("shard", 5),
+            ("queue depth", 11),
+            ("worker", 36),
+            ("executed", 9),
+            ("dropped", 7),
+            ("modules", 7),
+            ("cache hit %", 11),
+        ]
+    )
+    for shard in range(settings.shards):
+        depth = client.llen(keys.queue(shard))
+        serving = [h for h in heartbeats if shard in h["shards"]]
+        if not serving:
+            table.row(shard, depth, "NONE: callers get fallbacks", None, None, None, None)
+        for beat in serving:
+            cache = beat["cache"]
+            lookups = cache["hits"] + cache["misses"]
+            ratio = 100.0 * cache["hits"] / lookups if lookups else None
+            table.row(
+                shard, depth, beat["name"], beat["executed"], beat["dropped_stale"], cache["entries"], ratio
+            )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from producer._demo import run_demo
+
+    return run_demo(external=args.external)
 
 
 def parse_shards(text: str, shards: int) -> list[int]:
@@ -132,6 +223,8 @@ def worker_argv(
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_artifact_key()
+    if args.metrics_port is not None:
+        os.environ["SCRIPTPOOL_METRICS_PORT"] = str(args.metrics_port)
     argv = worker_argv(
         settings,
         parse_shards(args.shards, settings.shards),
@@ -166,11 +259,27 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("module", metavar="MODULE.wasm")
     add.set_defaults(func=cmd_providers_add)
 
+    run = sub.add_parser("run", help="run a script through the pool and print its outcome")
+    run.add_argument("ep")
+    run.add_argument("shop")
+    run.add_argument("--input", metavar="FILE|-", help="JSON input (default {})")
+    run.add_argument("--timeout-ms", type=float, default=1000.0)
+    run.add_argument("--json", action="store_true", help="print the whole outcome as one JSON object")
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="shards, live workers, queue depths and cache hit ratios")
+    status.set_defaults(func=cmd_status)
+
+    demo = sub.add_parser("demo", help="start Redis and two workers, deploy and run the examples")
+    demo.add_argument("--external", action="store_true", help="use the running Redis and workers")
+    demo.set_defaults(func=cmd_demo)
+
     worker = sub.add_parser("worker", help="run a Celery worker for some shards")
     worker.add_argument("--shards", required=True, help="comma-separated shard numbers, or 'all'")
     worker.add_argument("--name", help="Celery node name (default shard<N>-<pid>@<host>)")
     worker.add_argument("--loglevel", default="WARNING", help="Celery log level (INFO logs every task)")
     worker.add_argument("--events", action="store_true", help="send task events (for Flower)")
+    worker.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     worker.set_defaults(func=cmd_worker)
 
     ep = sub.add_parser("ep", help="manage extension points")
@@ -187,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The CLI prints its own summaries; only warnings and security events need the logger.
+    configure_logging(json=False, level=logging.WARNING)
     func: Callable[[argparse.Namespace, Settings], int] = args.func
     try:
         return func(args, Settings.from_env())
@@ -194,9 +305,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = getattr(exc, "code", "error")
         print(f"scriptpool: {code}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except redis.ConnectionError as exc:
-        print(f"scriptpool: cannot reach Redis: {exc}", file=sys.stderr)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        print(f"scriptpool: cannot reach Redis at {_safe_url(Settings)}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _safe_url(_: object) -> str:
+    url = os.environ.get("SCRIPTPOOL_REDIS_URL", Settings().redis_url)
+    return url.split("@")[-1]
 
 
 if __name__ == "__main__":

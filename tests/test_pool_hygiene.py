@@ -30,7 +30,7 @@ PERMANENT = [
     r"_kombu\.binding(\.|_deadlines|_permanent\.).*",
     r"unacked(_index|_mutex)?",
 ]
-EXPIRING = [r"sp:reply:\w+"]  # reply lists: REPLY_TTL_S after their last push
+EXPIRING = [r"sp:reply:\w+", r"sp:worker:.+"]  # reply lists (60 s), worker heartbeats (10 s)
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,14 @@ if TYPE_CHECKING:
     from workers._executor import Executor
     from workers._invalidation import InvalidationListener
 
+from workers import _telemetry as telemetry
+
 log = structlog.get_logger("scriptpool.worker")
 
 
 @dataclass
 class WorkerCounters:
-    """Per-process counters (exported as metrics by the Product issue)."""
+    """Per-process counters, reported in the heartbeat (Prometheus has its own)."""
 
     executed: int = 0
     dropped_stale: int = 0
@@ -49,6 +51,20 @@ class WorkerState:
         self.counters = WorkerCounters()
         self.listener: InvalidationListener = InvalidationListener(
             settings.redis_url, settings.keys.invalidations(), self.executor.invalidate
+        ).start()
+        self.heartbeat: telemetry.Heartbeat | None = None
+
+    def announce(self, name: str, shards: list[int]) -> None:
+        """Start the heartbeat and metrics endpoint once the worker knows its name and shards."""
+        if self.heartbeat is not None:
+            return
+        telemetry.start_metrics_server(self.settings.metrics_port)
+        self.heartbeat = telemetry.Heartbeat(
+            self.settings.redis_url,
+            self.settings.keys.worker(name),
+            lambda: telemetry.describe_worker(
+                name, shards, self.executor.cache_stats(), self.counters.executed, self.counters.dropped_stale
+            ),
         ).start()
 
 
@@ -78,6 +94,7 @@ def register(app: Celery) -> None:
         shard = app.settings.keys.shard_of_queue(queue)
         if received > job.deadline:
             state.counters.dropped_stale += 1
+            telemetry.record_dropped()
             log.info(
                 "stale_job_dropped",
                 job=job.id,
@@ -89,12 +106,16 @@ def register(app: Celery) -> None:
             raise Ignore()
         execution = state.executor.execute(job.ep, job.shop_id, job.input)
         state.counters.executed += 1
+        worker = f"{self.request.hostname}:{os.getpid()}"
+        telemetry.record_execution(
+            execution, job=job.id, shop=job.shop_id, ep=job.ep, shard=shard, worker=worker
+        )
         return Reply(
             job_id=job.id,
             execution=execution.to_dict(),
             error=None,
             shard=-1 if shard is None else shard,
-            worker=f"{self.request.hostname}:{os.getpid()}",
+            worker=worker,
             received_at=received,
             finished_at=time.time(),
         ).to_wire()
@@ -103,6 +124,13 @@ def register(app: Celery) -> None:
         configure_logging()
         worker_state(app.settings)
 
+    def ready(sender: Any = None, **_: Any) -> None:
+        warm()
+        keys = app.settings.keys
+        consumed = [keys.shard_of_queue(q) for q in app.amqp.queues.consume_from or app.amqp.queues]
+        shards = sorted(n for n in consumed if n is not None)
+        worker_state(app.settings).announce(getattr(sender, "hostname", None) or f"pid{os.getpid()}", shards)
+
     # Prefork children start here; solo and threads pools run in the main process.
     signals.worker_process_init.connect(warm, weak=False)
-    signals.worker_ready.connect(warm, weak=False)
+    signals.worker_ready.connect(ready, weak=False)

@@ -1,0 +1,177 @@
+"""``scriptpool demo``: Redis, two shard workers, the example scripts, and a table of outcomes."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from config import EmbeddedRedis, Settings, shard_for
+from producer._client import Client
+from producer._table import LiveTable
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One demo execution."""
+
+    title: str
+    ep: str
+    module: str
+    input_file: str | None
+    timeout_s: float = 2.0
+    fallback: Any = None
+    shard: int = 0
+
+
+CASES = [
+    Case("discount (C)", "discount", "discount/discount.wasm", "discount/input.json", shard=0),
+    Case("discount (C)", "discount", "discount/discount.wasm", "discount/input.json", shard=1),
+    Case("cart validation (C)", "cart_validation", "cart_validation/cart_validation.wasm",
+         "cart_validation/input.json", shard=1),
+    Case("hello (WAT)", "demo", "wat/hello.wat", "wat/input.json", shard=0),
+    Case("hostile: infinite loop", "demo", "hostile/infinite_loop.wat", None, fallback={"discounts": []}),
+    Case("slow script, 10 ms deadline", "slow", "slow/slow.wat", None, timeout_s=0.010,
+         fallback={"discounts": []}, shard=1),
+]  # fmt: skip
+
+
+def _step(n: int, total: int, text: str) -> None:
+    print(f"[{n}/{total}] {text}", flush=True)
+
+
+def _shop_on(shard: int, shards: int, taken: set[str]) -> str:
+    for n in range(1000, 100_000):
+        shop = str(n)
+        if shop not in taken and shard_for(shop, shards) == shard:
+            taken.add(shop)
+            return shop
+    raise AssertionError("no shop found")
+
+
+def _summary(outcome: Any) -> str:
+    if outcome.ok:
+        return json.dumps(outcome.output, separators=(",", ":"))[:60]
+    return f"{outcome.error_code} -> fallback {json.dumps(outcome.output)}"
+
+
+def run_demo(*, external: bool = False) -> int:
+    """Run the demo; with ``external`` use the Redis and workers already running."""
+    from registry import Registry
+    from workers import Sandbox
+
+    total = 5
+    server: EmbeddedRedis | None = None
+    workers: list[subprocess.Popen[bytes]] = []
+    env = dict(os.environ)
+    try:
+        if "SCRIPTPOOL_REDIS_URL" not in env and not external:
+            _step(1, total, "starting a private Redis on a free loopback port")
+            server = EmbeddedRedis().start()
+            env["SCRIPTPOOL_REDIS_URL"] = server.url
+        else:
+            _step(1, total, "using the Redis in SCRIPTPOOL_REDIS_URL")
+        env.setdefault("SCRIPTPOOL_ARTIFACT_KEY", secrets.token_hex(16))
+        env.setdefault("SCRIPTPOOL_SHARDS", "2")
+        settings = Settings.from_env(env)
+        client_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+        client_redis.ping()
+
+        if external:
+            _step(2, total, "using the workers already running")
+        else:
+            _step(2, total, f"starting {settings.shards} shard workers")
+            for shard in range(settings.shards):
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "producer._cli",
+                    "worker",
+                    "--shards",
+                    str(shard),
+                    "--name",
+                    f"demo-shard{shard}@%h",
+                ]
+                workers.append(
+                    subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                )
+        deadline = time.monotonic() + 60
+        while len(client_redis.keys(settings.keys.workers_pattern())) < settings.shards:
+            if time.monotonic() > deadline or any(w.poll() is not None for w in workers):
+                print("scriptpool: workers did not start", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+
+        _step(3, total, "defining extension points and deploying the examples")
+        registry = Registry(client_redis, settings, Sandbox(settings.epoch_tick_ms))
+        for ep in ("discount", "cart_validation", "demo"):
+            registry.define_extension_point(ep)
+        registry.define_extension_point("slow", limits={"fuel": 2_000_000_000, "wall_ms": 2000})
+        from producer._cli import read_module
+
+        taken: set[str] = set()
+        planned = []
+        for case in CASES:
+            shop = _shop_on(case.shard, settings.shards, taken)
+            deployment = registry.deploy(case.ep, shop, read_module(str(EXAMPLES / case.module)))
+            print(f"      {case.module} -> {case.ep}/{shop} (v{deployment.version})", flush=True)
+            planned.append((case, shop))
+
+        _step(4, total, "running executions through the pool")
+        table = LiveTable(
+            [
+                ("case", 28),
+                ("shop", 5),
+                ("shard", 5),
+                ("status", 8),
+                ("result", 62),
+                ("enqueue", 7),
+                ("queue", 7),
+                ("execute", 7),
+                ("result", 7),
+                ("total ms", 8),
+            ]
+        )
+        failures = 0
+        with Client(settings) as client:
+            time.sleep(0.3)
+            for case, shop in planned:
+                payload = json.loads((EXAMPLES / case.input_file).read_text()) if case.input_file else {}
+                outcome = client.run(case.ep, shop, payload, timeout=case.timeout_s, fallback=case.fallback)
+                t = outcome.timings
+                table.row(
+                    case.title,
+                    shop,
+                    outcome.shard,
+                    outcome.status,
+                    _summary(outcome),
+                    t.enqueue_ms,
+                    t.queue_wait_ms,
+                    t.execute_ms,
+                    t.result_ms,
+                    t.total_ms,
+                )
+                expected_ok = not case.title.startswith(("hostile", "slow"))
+                failures += outcome.ok != expected_ok
+        _step(5, total, "stopping everything this demo started")
+        return 1 if failures else 0
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            try:
+                worker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        if server is not None:
+            server.cleanup()
