@@ -6,11 +6,12 @@ from config._keys import Keys
 from config._limits import Limits
 from config._logging import configure_logging
 from config._names import check_ep, check_export, check_provider, check_shop_id
-from config._settings import Settings
+from config._settings import ENVIRONMENT, Settings
 from config._sharding import jump_hash, shard_for
 from config._wire import TASK_NAME, Job, Reply, encode_input
 
 __all__ = [
+    "ENVIRONMENT",
     "TASK_NAME",
     "EmbeddedRedis",
     "Job",

@@ -11,6 +11,30 @@ from config._keys import Keys
 from config._limits import Limits
 from config.errors import ConfigurationError
 
+# Every variable Settings.from_env reads, with what it sets. The README table and the compose
+# consistency test are checked against this list.
+ENVIRONMENT: dict[str, str] = {
+    "SCRIPTPOOL_REDIS_URL": "Redis URL (redis://, rediss:// for TLS; password in the URL)",
+    "SCRIPTPOOL_ARTIFACT_KEY": "HMAC key (16+ bytes) that signs AOT artifacts; required to deploy or run",
+    "SCRIPTPOOL_SHARDS": "number of shards (default 2); every process must agree",
+    "SCRIPTPOOL_KEY_PREFIX": "prefix of every Redis key and queue (default sp)",
+    "SCRIPTPOOL_DEADLINE_MS": "default caller deadline in ms (default 50)",
+    "SCRIPTPOOL_MODULE_CACHE_MB": "compiled-module cache per worker process, MiB (default 256)",
+    "SCRIPTPOOL_PROVIDER_MAX_KB": "size cap of provider modules, KiB (default 16384)",
+    "SCRIPTPOOL_INPUT_VALIDATION_RATE": "share of inputs validated against the EP schema (default 0.05)",
+    "SCRIPTPOOL_EPOCH_TICK_MS": "epoch ticker period: wall-clock limit granularity (default 5)",
+    "SCRIPTPOOL_BINDING_CACHE_TTL_S": "backstop expiry of cached bindings besides pub/sub (default 5)",
+    "SCRIPTPOOL_METRICS_PORT": "worker Prometheus /metrics port (default 0: off)",
+    "SCRIPTPOOL_LIMIT_FUEL": "default instruction budget (11,000,000)",
+    "SCRIPTPOOL_LIMIT_MEMORY_BYTES": "default linear memory limit (10,240,000)",
+    "SCRIPTPOOL_LIMIT_STACK_BYTES": "default Wasm stack (524,288)",
+    "SCRIPTPOOL_LIMIT_INPUT_BYTES": "default input limit (131,072)",
+    "SCRIPTPOOL_LIMIT_OUTPUT_BYTES": "default output limit (20,480)",
+    "SCRIPTPOOL_LIMIT_LOG_BYTES": "default log limit before truncation (1,024)",
+    "SCRIPTPOOL_LIMIT_MODULE_BYTES": "default module size cap (262,144)",
+    "SCRIPTPOOL_LIMIT_WALL_MS": "default wall-clock limit per run (100)",
+}
+
 _LIMIT_ENV = {
     "SCRIPTPOOL_LIMIT_FUEL": "fuel",
     "SCRIPTPOOL_LIMIT_MEMORY_BYTES": "memory_bytes",

@@ -101,6 +101,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     payload = _read_json(args.input) if args.input else {}
     with Client(settings) as client:
         outcome = client.run(args.ep, args.shop, payload, timeout=args.timeout_ms / 1000)
+    if outcome.error_code == "broker_unavailable":
+        raise redis.ConnectionError(outcome.error.message if outcome.error else "broker unavailable")
     if args.json:
         print(json.dumps(outcome.to_dict(), indent=2, default=str))
     else:
@@ -298,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The CLI prints its own summaries; only warnings and security events need the logger.
     configure_logging(json=False, level=logging.WARNING)
+    logging.getLogger("scriptpool.client").setLevel(logging.ERROR)  # reconnect chatter
     func: Callable[[argparse.Namespace, Settings], int] = args.func
     try:
         return func(args, Settings.from_env())

@@ -30,7 +30,9 @@ def worker_env(settings: Settings) -> dict[str, str]:
 class WorkerProcess:
     """One ``celery worker`` process consuming some shards, logging to its own file."""
 
-    def __init__(self, settings: Settings, shards: list[int], name: str) -> None:
+    def __init__(
+        self, settings: Settings, shards: list[int], name: str, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.shards = shards
         self.logfile = Path(tempfile.mkdtemp(prefix="scriptpool-worker-")) / f"{name}.log"
@@ -38,7 +40,7 @@ class WorkerProcess:
         argv += ["--logfile", str(self.logfile)]
         self.process = subprocess.Popen(
             argv,
-            env=worker_env(settings),
+            env={**worker_env(settings), **(extra_env or {})},
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,

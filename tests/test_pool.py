@@ -267,3 +267,101 @@ def test_unreachable_redis_gives_fallback_within_deadline(pool_settings: Setting
         elapsed = time.perf_counter() - started
     assert (outcome.status, outcome.error_code, outcome.output) == ("fallback", "broker_unavailable", "fb")
     assert elapsed < 0.3
+
+
+def test_cli_run_json_prints_the_full_outcome_and_status_shows_the_pool(
+    pool_settings: Settings,
+    client: Client,
+    deployer: Registry,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: object,
+) -> None:
+    """`scriptpool run --json` prints one JSON object with the report; `status` lists workers."""
+    from producer._cli import main
+
+    shop = shop_on(1, skip=8)
+    deployer.deploy("discount", shop, (EXAMPLES / "discount" / "discount.wasm").read_bytes())
+    monkeypatch.setenv("SCRIPTPOOL_REDIS_URL", pool_settings.redis_url)
+    monkeypatch.setenv("SCRIPTPOOL_ARTIFACT_KEY", TEST_ARTIFACT_KEY.decode())
+    monkeypatch.setenv("SCRIPTPOOL_SHARDS", str(SHARDS))
+    capsys.readouterr()
+    code = main(
+        [
+            "run",
+            "discount",
+            shop,
+            "--input",
+            str(EXAMPLES / "discount" / "input.json"),
+            "--timeout-ms",
+            "5000",
+            "--json",
+        ]
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert printed["status"] == "ok" and printed["shard"] == 1
+    assert printed["output"]["discounts"][0]["message"] == "10% off 2+ items"
+    report = printed["report"]
+    assert report["instructions"] > 0 and report["peak_memory_bytes"] > 0 and "qualifying" in report["logs"]
+    assert set(printed["timings"]) == {"enqueue_ms", "queue_wait_ms", "execute_ms", "result_ms", "total_ms"}
+
+    assert main(["run", "discount", shop, "--input", str(EXAMPLES / "discount" / "input.json")]) == 0
+    assert "status:  ok" in capsys.readouterr().out
+
+    time.sleep(2.5)  # one heartbeat period
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "live workers 3" in out
+    for name in ("w0a@test", "w0b@test", "w1@test"):
+        assert name in out
+    assert "NONE: callers get fallbacks" in out  # shard 2 has no worker
+
+
+def test_worker_exports_metrics_and_logs_one_event_per_execution(
+    pool_settings: Settings, client: Client, deployer: Registry
+) -> None:
+    """A worker with a metrics port serves Prometheus counters; its log has one JSON event per run."""
+    import urllib.request
+
+    from config._embedded_redis import free_port
+
+    port = free_port()
+    extra = WorkerProcess(pool_settings, [2], "w2m", {"SCRIPTPOOL_METRICS_PORT": str(port)}).wait_ready()
+    try:
+        shop = shop_on(2, skip=4)
+        deployer.deploy("test", shop, guests.ECHO)
+        bad = shop_on(2, skip=5)
+        deployer.deploy("test", bad, guests.TRAP)
+        assert client.run("test", shop, {"m": 1}, timeout=5).ok
+        assert client.run("test", bad, {}, timeout=5).error_code == "runtime_error"
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'scriptpool_executions_total{error_code="",status="ok"} 1.0' in metrics
+        assert 'scriptpool_executions_total{error_code="runtime_error",status="error"} 1.0' in metrics
+        assert 'scriptpool_stage_seconds_count{stage="run"} 2.0' in metrics
+        assert "scriptpool_dropped_stale_jobs_total 0.0" in metrics
+        events = [
+            json.loads(line[line.index("{") :])
+            for line in extra.log().splitlines()
+            if '"event": "execution"' in line
+        ]
+        assert len(events) == 2
+        ok = next(e for e in events if e["status"] == "ok")
+        for field in (
+            "shop",
+            "ep",
+            "version",
+            "shard",
+            "worker",
+            "error_code",
+            "instructions",
+            "peak_memory_bytes",
+            "lookup_ms",
+            "instantiate_ms",
+            "run_ms",
+            "decode_ms",
+        ):
+            assert field in ok
+        assert ok["shop"] == shop and ok["shard"] == 2
+    finally:
+        extra.stop()

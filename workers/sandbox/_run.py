@@ -80,14 +80,14 @@ class Sandbox:
         try:
             return wasmtime.Module(self.engine(stack_bytes), wasm)
         except wasmtime.WasmtimeError as exc:
-            raise InvalidModule(f"module does not compile: {exc}") from None
+            raise InvalidModule(f"module does not compile: {one_line(exc)}") from None
 
     def deserialize(self, artifact: bytes, stack_bytes: int) -> wasmtime.Module:
         """Load an AOT artifact. Only ever call this on bytes whose signature verified."""
         try:
             return wasmtime.Module.deserialize(self.engine(stack_bytes), artifact)
         except wasmtime.WasmtimeError as exc:
-            raise InvalidModule(f"artifact does not load: {exc}") from None
+            raise InvalidModule(f"artifact does not load: {one_line(exc)}") from None
 
     def run(
         self,
@@ -164,6 +164,12 @@ class Sandbox:
         return linker
 
 
+def one_line(exc: Exception) -> str:
+    """wasmtime's messages span lines ("Caused by:" chains); errors we report are one line."""
+    parts = [line.strip() for line in str(exc).splitlines()]
+    return ": ".join(p for p in parts if p and p != "Caused by:")
+
+
 def _translate_trap(trap: wasmtime.Trap) -> ExecutionError:
     code = trap.trap_code
     if code == wasmtime.TrapCode.OUT_OF_FUEL:
@@ -185,7 +191,7 @@ def _translate_instantiation(
             f"module declares {declared} bytes of memory (limit {limits.memory_bytes})",
             limit=limits.memory_bytes,
         )
-    return GuestRuntimeError(f"script failed to start: {exc}", trap_code="instantiation")
+    return GuestRuntimeError(f"script failed to start: {one_line(exc)}", trap_code="instantiation")
 
 
 def _declared_memory_bytes(module: wasmtime.Module) -> int:
