@@ -27,5 +27,6 @@ def configure_logging(*, json: bool | None = None, level: int = logging.INFO) ->
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        cache_logger_on_first_use=True,
+        # Not cached: a cached module-level logger would ignore any later reconfiguration.
+        cache_logger_on_first_use=False,
     )

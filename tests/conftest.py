@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import structlog
 
 from config import EmbeddedRedis, Settings
 from registry import Registry
@@ -16,6 +17,13 @@ from workers import Executor, Sandbox
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 TEST_ARTIFACT_KEY = b"test-artifact-key-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """Tests that run the CLI configure structlog; every test starts from the defaults."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")
