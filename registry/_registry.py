@@ -65,14 +65,14 @@ class Deployment:
     sha256: str
     export: str
     version: int
-    providers: tuple[str, ...]
+    providers: tuple[tuple[str, str], ...]  # (import-module name, provider sha256), pinned at deploy
     stack_bytes: int
     deployed_at: float
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Deployment:
         data = json.loads(raw)
-        data["providers"] = tuple(data.get("providers") or ())
+        data["providers"] = tuple((name, sha) for name, sha in data.get("providers") or ())
         return cls(**data)
 
 
@@ -174,7 +174,11 @@ class Registry:
         limits = self.extension_point(ep).limits(self._settings.limits)
         check_size(wasm, limits.module_bytes)
         module = self._sandbox.compile(wasm, limits.stack_bytes)
-        used = check_imports(module, self._installed_providers(module, limits.stack_bytes))
+        installed = self._installed_providers(module, limits.stack_bytes)
+        used = [
+            (name, installed[name][1])
+            for name in check_imports(module, {n: m for n, (m, _) in installed.items()})
+        ]
         check_entry(module, export)
         sha = self._store_module(wasm, module)
         template = {
@@ -255,8 +259,10 @@ class Registry:
             pipe.execute()
         return sha
 
-    def _installed_providers(self, module: wasmtime.Module, stack_bytes: int) -> dict[str, wasmtime.Module]:
-        found: dict[str, wasmtime.Module] = {}
+    def _installed_providers(
+        self, module: wasmtime.Module, stack_bytes: int
+    ) -> dict[str, tuple[wasmtime.Module, str]]:
+        found: dict[str, tuple[wasmtime.Module, str]] = {}
         for imp in module.imports:
             if imp.module == WASI_MODULE or imp.module in found:
                 continue
@@ -264,7 +270,7 @@ class Registry:
                 provider = self.provider(imp.module)
             except ProviderNotFound:
                 continue  # check_imports names it as a forbidden import
-            found[imp.module] = self.load_module(provider.sha256, stack_bytes)[0]
+            found[imp.module] = (self.load_module(provider.sha256, stack_bytes)[0], provider.sha256)
         return found
 
     def load_module(self, sha256: str, stack_bytes: int) -> tuple[wasmtime.Module, str, int]:

@@ -196,9 +196,20 @@ def test_provider_linked_module_runs(registry: Registry, executor: Executor) -> 
         registry.deploy("test", "s", guests.provider_user("answers_v1", "answer"))
     registry.add_provider("answers_v1", guests.PROVIDER)
     deployment = registry.deploy("test", "s", guests.provider_user("answers_v1", "answer"))
-    assert deployment.providers == ("answers_v1",)
+    assert [name for name, _ in deployment.providers] == ["answers_v1"]
     result = executor.execute("test", "s", {})
     assert result.ok, result.error
+    assert result.output == 42
+
+
+def test_provider_version_is_pinned_at_deploy(
+    registry: Registry, sandbox: Sandbox, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs use the provider hash recorded at deploy: no provider lookup on the execution path."""
+    registry.add_provider("answers_v1", guests.PROVIDER)
+    registry.deploy("test", "s", guests.provider_user("answers_v1", "answer"))
+    monkeypatch.setattr(registry, "provider", lambda name: pytest.fail("provider looked up at run time"))
+    result = Executor(registry, sandbox, settings).execute("test", "s", {})
     assert result.output == 42
 
 
