@@ -167,6 +167,18 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from producer._bench import BenchOptions, run_bench
+
+    if min(args.n, args.concurrency, args.shards, args.serial, args.references) < 1:
+        raise UserMistake("--n, --concurrency, --shards, --serial and --references must be at least 1")
+    return run_bench(
+        BenchOptions(
+            args.n, args.concurrency, args.shards, args.serial, args.references, args.external, args.json
+        )
+    )
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from producer._demo import run_demo
 
@@ -275,6 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="start Redis and two workers, deploy and run the examples")
     demo.add_argument("--external", action="store_true", help="use the running Redis and workers")
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="stage table against the floor, in-process and naive Celery")
+    bench.add_argument("--n", type=int, default=2000, help="executions in the concurrent run")
+    bench.add_argument("--concurrency", type=int, default=4)
+    bench.add_argument("--shards", type=int, default=2, help="shards to start (unless --external)")
+    bench.add_argument("--serial", type=int, default=1000, help="serial executions for latency")
+    bench.add_argument("--references", type=int, default=500, help="calls per reference point")
+    bench.add_argument("--external", action="store_true", help="use the running Redis and workers")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.set_defaults(func=cmd_bench)
 
     worker = sub.add_parser("worker", help="run a Celery worker for some shards")
     worker.add_argument("--shards", required=True, help="comma-separated shard numbers, or 'all'")

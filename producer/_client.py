@@ -144,11 +144,14 @@ class Client:
             timeout = self.settings.default_deadline_ms / 1000
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
             raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
+        validated = time.perf_counter()
         payload = encode_input(input)
+        serialized = time.perf_counter()
         now = time.time()
         job = Job(uuid.uuid4().hex, ep, shop, payload, deadline=now + timeout, enqueued_at=now)
         breaker = self._breakers.get(shop, ep)
         call = _Call(job, shard_for(shop, self.settings.shards), breaker, fallback, started)
+        call.validated, call.serialized = validated, serialized
         try:
             limits = self._limits(ep)
         except _TRANSPORT_ERRORS as exc:
@@ -187,15 +190,18 @@ class Client:
             call.breaker.failure()
             return call.fallback_outcome("timeout", "no reply before the deadline")
         total_ms = (time.perf_counter() - call.started) * 1000
-        enqueue_ms = ((call.enqueued or call.started) - call.started) * 1000
+        validate_ms, serialize_ms, enqueue_ms = call.client_stages_ms()
         # enqueued_at is stamped before the publish, so the publish itself is not queue wait.
         queue_wait_ms = max(0.0, (reply["received_at"] - call.job.enqueued_at) * 1000 - enqueue_ms)
         execute_ms = (reply["finished_at"] - reply["received_at"]) * 1000
+        accounted = validate_ms + serialize_ms + enqueue_ms + queue_wait_ms + execute_ms
         timings = Timings(
+            validate_ms=round(validate_ms, 4),
+            serialize_ms=round(serialize_ms, 4),
             enqueue_ms=round(enqueue_ms, 4),
             queue_wait_ms=round(queue_wait_ms, 4),
             execute_ms=round(execute_ms, 4),
-            result_ms=round(max(0.0, total_ms - enqueue_ms - queue_wait_ms - execute_ms), 4),
+            result_ms=round(max(0.0, total_ms - accounted), 4),
             total_ms=round(total_ms, 4),
         )
         common = {
@@ -239,26 +245,35 @@ class Client:
 class _Call:
     """One call in flight."""
 
-    __slots__ = ("breaker", "enqueued", "fallback", "job", "shard", "started")
+    __slots__ = ("breaker", "enqueued", "fallback", "job", "serialized", "shard", "started", "validated")
 
     def __init__(self, job: Job, shard: int, breaker: CircuitBreaker, fallback: Any, started: float) -> None:
         self.job = job
         self.shard = shard
         self.breaker = breaker
         self.fallback = fallback
-        self.started = started
+        self.started = self.validated = self.serialized = started
         self.enqueued: float | None = None
+
+    def client_stages_ms(self) -> tuple[float, float, float]:
+        """(validate, serialize, enqueue) in ms; enqueue is 0 when nothing was published."""
+        enqueue = (self.enqueued - self.serialized) if self.enqueued is not None else 0.0
+        return (
+            (self.validated - self.started) * 1000,
+            (self.serialized - self.validated) * 1000,
+            enqueue * 1000,
+        )
 
     def fallback_outcome(self, code: str, message: str) -> Outcome:
         total_ms = round((time.perf_counter() - self.started) * 1000, 4)
-        enqueue_ms = round(((self.enqueued or self.started) - self.started) * 1000, 4)
+        validate_ms, serialize_ms, enqueue_ms = (round(v, 4) for v in self.client_stages_ms())
         return Outcome(
             FALLBACK,
             self.fallback,
             code,
             ErrorInfo(code, message),
             None,
-            Timings(enqueue_ms=enqueue_ms, total_ms=total_ms),
+            Timings(validate_ms, serialize_ms, enqueue_ms, total_ms=total_ms),
             self.shard,
             None,
             self.job.id,

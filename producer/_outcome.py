@@ -13,8 +13,10 @@ OK, ERROR, FALLBACK = "ok", "error", "fallback"
 
 @dataclass(frozen=True, slots=True)
 class Timings:
-    """Where one call's time went, in milliseconds."""
+    """Where one call's time went, in milliseconds: the report's stages, caller side and worker side."""
 
+    validate_ms: float = 0.0
+    serialize_ms: float = 0.0
     enqueue_ms: float = 0.0
     queue_wait_ms: float = 0.0
     execute_ms: float = 0.0
