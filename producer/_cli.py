@@ -204,7 +204,7 @@ def worker_argv(
     shards: list[int],
     *,
     name: str | None = None,
-    loglevel: str = "WARNING",
+    loglevel: str = "INFO",
     events: bool = False,
     pool: str = "solo",
 ) -> list[str]:
@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a Celery worker for some shards")
     worker.add_argument("--shards", required=True, help="comma-separated shard numbers, or 'all'")
     worker.add_argument("--name", help="Celery node name (default shard<N>-<pid>@<host>)")
-    worker.add_argument("--loglevel", default="WARNING", help="Celery log level (INFO logs every task)")
+    worker.add_argument("--loglevel", default="INFO", help="INFO logs one JSON event per execution")
     worker.add_argument("--events", action="store_true", help="send task events (for Flower)")
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     worker.set_defaults(func=cmd_worker)

@@ -84,7 +84,7 @@ def main() -> None:
         )
         for pool in args.pools.split(","):
             log = Path(tempfile.mkdtemp()) / "worker.log"
-            argv = worker_argv(settings, [0], name=f"bench-{pool}@%h", loglevel="WARNING", pool=pool)
+            argv = worker_argv(settings, [0], name=f"bench-{pool}@%h", pool=pool)
             if pool != "solo":
                 argv += ["--concurrency", "2"]
             proc = subprocess.Popen([*argv, "--logfile", str(log)], env=env, cwd=ROOT)

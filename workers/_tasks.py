@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -122,6 +123,10 @@ def register(app: Celery) -> None:
 
     def warm(**_: Any) -> None:
         configure_logging()
+        # Our "execution" event is the one line per task; Celery's received/succeeded lines
+        # would format every result again on the hot path.
+        for name in ("celery.app.trace", "celery.worker.strategy"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         worker_state(app.settings)
 
     def ready(sender: Any = None, **_: Any) -> None:
