@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import subprocess
 import sys
 import threading
 import time
@@ -18,8 +16,9 @@ from typing import Any, cast
 
 import redis
 
-from config import EmbeddedRedis, Settings, shard_for
+from config import shard_for
 from producer._client import Client
+from producer._local_pool import local_pool
 from producer._outcome import Outcome
 from producer._table import LiveTable
 
@@ -130,57 +129,16 @@ def run_bench(options: BenchOptions) -> int:
     from registry import Registry
     from workers import Executor, Sandbox
 
-    env = dict(os.environ)
-    server: EmbeddedRedis | None = None
-    processes: list[subprocess.Popen[bytes]] = []
-    try:
-        if "SCRIPTPOOL_REDIS_URL" not in env and not options.external:
-            server = EmbeddedRedis().start()
-            env["SCRIPTPOOL_REDIS_URL"] = server.url
-        env.setdefault("SCRIPTPOOL_ARTIFACT_KEY", secrets.token_hex(16))
-        env["SCRIPTPOOL_SHARDS"] = env.get("SCRIPTPOOL_SHARDS", str(options.shards))
-        settings = Settings.from_env(env)
+    naive_worker = [sys.executable, "-m", "celery", "-A", "workers._naive", "worker", "--loglevel", "WARNING"]
+    with local_pool(
+        "bench", external=options.external, shards=options.shards, extra_commands=(naive_worker,)
+    ) as (settings, _env):
         client_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
         print(
             f"bench: n={options.n} concurrency={options.concurrency} shards={settings.shards} "
             f"redis={settings.redis_url.split('@')[-1]}",
             file=sys.stderr,
         )
-        if not options.external:
-            for shard in range(settings.shards):
-                argv = [
-                    sys.executable,
-                    "-m",
-                    "producer._cli",
-                    "worker",
-                    "--shards",
-                    str(shard),
-                    "--name",
-                    f"bench-shard{shard}@%h",
-                ]
-                processes.append(
-                    subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                )
-            naive = [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "workers._naive",
-                "worker",
-                "--loglevel",
-                "WARNING",
-            ]
-            processes.append(
-                subprocess.Popen(naive, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            )
-        deadline = time.monotonic() + 60
-        while len(client_redis.keys(settings.keys.workers_pattern())) < settings.shards:
-            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
-                print("scriptpool: bench workers did not start", file=sys.stderr)
-                return 1
-            time.sleep(0.1)
-
         import wasmtime
 
         sandbox = Sandbox(settings.epoch_tick_ms)
@@ -247,17 +205,7 @@ def run_bench(options: BenchOptions) -> int:
         if options.json_path:
             Path(options.json_path).write_text(json.dumps(result, indent=2))
             print(f"wrote {options.json_path}", file=sys.stderr)
-        return 1 if result["failures"] else 0
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        if server is not None:
-            server.cleanup()
+    return 1 if result["failures"] else 0
 
 
 def _collect(client: Client, shops: list[str], count: int, concurrency: int, label: str) -> list[Outcome]:

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +10,9 @@ from typing import Any
 
 import redis
 
-from config import EmbeddedRedis, Settings, shard_for
+from config import shard_for
 from producer._client import Client
+from producer._local_pool import local_pool
 from producer._table import LiveTable
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -70,49 +67,13 @@ def run_demo(*, external: bool = False) -> int:
     from registry import Registry
     from workers import Sandbox
 
-    total = 5
-    server: EmbeddedRedis | None = None
-    workers: list[subprocess.Popen[bytes]] = []
-    env = dict(os.environ)
-    try:
-        if "SCRIPTPOOL_REDIS_URL" not in env and not external:
-            _step(1, total, "starting a private Redis on a free loopback port")
-            server = EmbeddedRedis().start()
-            env["SCRIPTPOOL_REDIS_URL"] = server.url
-        else:
-            _step(1, total, "using the Redis in SCRIPTPOOL_REDIS_URL")
-        env.setdefault("SCRIPTPOOL_ARTIFACT_KEY", secrets.token_hex(16))
-        env.setdefault("SCRIPTPOOL_SHARDS", "2")
-        settings = Settings.from_env(env)
+    total = 4
+    with local_pool("demo", external=external, shards=2, say=lambda text: _step(1, total, text)) as (
+        settings,
+        _env,
+    ):
         client_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
-        client_redis.ping()
-
-        if external:
-            _step(2, total, "using the workers already running")
-        else:
-            _step(2, total, f"starting {settings.shards} shard workers")
-            for shard in range(settings.shards):
-                argv = [
-                    sys.executable,
-                    "-m",
-                    "producer._cli",
-                    "worker",
-                    "--shards",
-                    str(shard),
-                    "--name",
-                    f"demo-shard{shard}@%h",
-                ]
-                workers.append(
-                    subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                )
-        deadline = time.monotonic() + 60
-        while len(client_redis.keys(settings.keys.workers_pattern())) < settings.shards:
-            if time.monotonic() > deadline or any(w.poll() is not None for w in workers):
-                print("scriptpool: workers did not start", file=sys.stderr)
-                return 1
-            time.sleep(0.1)
-
-        _step(3, total, "defining extension points and deploying the examples")
+        _step(2, total, "defining extension points and deploying the examples")
         registry = Registry(client_redis, settings, Sandbox(settings.epoch_tick_ms))
         for ep in ("discount", "cart_validation", "demo"):
             registry.define_extension_point(ep)
@@ -127,7 +88,7 @@ def run_demo(*, external: bool = False) -> int:
             print(f"      {case.module} -> {case.ep}/{shop} (v{deployment.version})", flush=True)
             planned.append((case, shop))
 
-        _step(4, total, "running executions through the pool")
+        _step(3, total, "running executions through the pool")
         table = LiveTable(
             [
                 ("case", 28),
@@ -163,15 +124,5 @@ def run_demo(*, external: bool = False) -> int:
                 )
                 expected_ok = not case.title.startswith(("hostile", "slow"))
                 failures += outcome.ok != expected_ok
-        _step(5, total, "stopping everything this demo started")
-        return 1 if failures else 0
-    finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            try:
-                worker.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-        if server is not None:
-            server.cleanup()
+        _step(4, total, "stopping everything this demo started")
+    return 1 if failures else 0

@@ -19,20 +19,11 @@ import wasmtime
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from config import EmbeddedRedis, Settings
+from producer._bench import TRIVIAL_WAT
 from registry import Registry
 from workers import Executor, Sandbox
 
-TRIVIAL = bytes(
-    wasmtime.wat2wasm("""
-(module
-  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 64) "{}")
-  (func (export "_start")
-    (i32.store (i32.const 0) (i32.const 64)) (i32.store (i32.const 4) (i32.const 2))
-    (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
-""")
-)
+TRIVIAL = bytes(wasmtime.wat2wasm(TRIVIAL_WAT))
 
 
 def pct(samples: list[float], q: float) -> float:
