@@ -1,7 +1,7 @@
 """Settings, limits, Redis key names, name checks and errors shared by every subsystem."""
 
 from config import errors
-from config._embedded_redis import EmbeddedRedis, embedded_or_configured, find_redis_server
+from config._embedded_redis import EmbeddedRedis, find_redis_server
 from config._keys import Keys
 from config._limits import Limits
 from config._logging import configure_logging
@@ -24,7 +24,6 @@ __all__ = [
     "check_provider",
     "check_shop_id",
     "configure_logging",
-    "embedded_or_configured",
     "encode_input",
     "errors",
     "find_redis_server",

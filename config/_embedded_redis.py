@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -108,12 +107,3 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
-
-
-def embedded_or_configured() -> tuple[str, EmbeddedRedis | None]:
-    """``SCRIPTPOOL_REDIS_URL`` if set, else a freshly started private Redis (caller stops it)."""
-    url = os.environ.get("SCRIPTPOOL_REDIS_URL")
-    if url:
-        return url, None
-    server = EmbeddedRedis().start()
-    return server.url, server

@@ -331,13 +331,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"scriptpool: {code}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        print(f"scriptpool: cannot reach Redis at {_safe_url(Settings)}: {exc}", file=sys.stderr)
+        print(f"scriptpool: cannot reach Redis at {_redis_address()}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
 
 
-def _safe_url(_: object) -> str:
+def _redis_address() -> str:
     url = os.environ.get("SCRIPTPOOL_REDIS_URL", Settings().redis_url)
     return url.split("@")[-1]
 

@@ -16,7 +16,7 @@ from config import TASK_NAME, Job, Limits, Settings, check_ep, check_shop_id, en
 from config.errors import InputTooLarge, InvalidArgument, UnknownExtensionPoint
 from producer._breaker import BreakerBoard, BreakerPolicy, CircuitBreaker
 from producer._outcome import ERROR, FALLBACK, OK, Outcome, Timings
-from producer._replies import ReplyDispatcher, Waiter
+from producer._replies import ReplyDispatcher
 from registry._extension_points import ExtensionPoint
 from workers._app import create_app
 from workers._report import ErrorInfo, ExecutionReport
@@ -280,4 +280,4 @@ class _Call:
         )
 
 
-__all__ = ["Client", "Waiter"]
+__all__ = ["Client"]

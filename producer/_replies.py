@@ -91,12 +91,11 @@ class ReplyDispatcher:
                     item = client.blpop([self.reply_key], timeout=1)
                     if item is None:
                         continue
-                    batch: list[bytes] = [cast(bytes, item[1])]
-                    more = client.lpop(self.reply_key, 256)
-                    if more:
-                        batch.extend(cast("list[bytes]", more))
-                    for raw in batch:
-                        self._deliver(raw)
+                    # Wake this caller first; draining what queued up behind it costs a round trip.
+                    self._deliver(cast(bytes, item[1]))
+                    while more := client.lpop(self.reply_key, 256):
+                        for raw in cast("list[bytes]", more):
+                            self._deliver(raw)
                     backoff = 0.01
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 log.warning("reply_dispatcher_reconnecting", error=str(exc), backoff_s=backoff)

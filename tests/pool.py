@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -89,7 +88,3 @@ def start_workers(settings: Settings, layout: dict[str, list[int]]) -> list[Work
             worker.kill()
         raise
     return workers
-
-
-def python() -> str:
-    return sys.executable

@@ -136,9 +136,16 @@ def test_stale_job_is_dropped_unexecuted(
         assert outcome.job_id in log
         executed = [line for line in log.splitlines() if '"event": "execution"' in line]
         assert not any(outcome.job_id in line for line in executed)  # dropped, never run
+        # The worker's own counters, from its heartbeat (refreshed every 2 s).
+        beat: dict[str, int] = {}
+        deadline = time.monotonic() + 6
+        while beat.get("dropped_stale") != 1 and time.monotonic() < deadline:
+            raw = redis_client.get(pool_settings.keys.worker("w2@test"))
+            beat = json.loads(raw) if raw else {}
+            time.sleep(0.1)
+        assert (beat.get("dropped_stale"), beat.get("executed")) == (1, 0)
     finally:
         late_worker.stop()
-    assert redis_client.llen(pool_settings.keys.replies(client.client_id)) == 0
 
 
 def test_breaker_opens_then_probe_closes_it(client: Client, deployer: Registry) -> None:
