@@ -12,6 +12,7 @@ import structlog
 
 from config import EmbeddedRedis, Settings
 from registry import Registry
+from tests.faults._record import Reliability
 from workers import Executor, Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,3 +72,32 @@ def registry(redis_client: redis.Redis, settings: Settings, sandbox: Sandbox) ->
 def executor(registry: Registry, sandbox: Sandbox, settings: Settings) -> Executor:
     """An in-process executor over the test registry."""
     return Executor(registry, sandbox, settings)
+
+
+RELIABILITY = pytest.StashKey[Reliability]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reliability-report",
+        metavar="PATH",
+        help="write the fault suite's figures as Markdown (RELIABILITY.md) to PATH",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[RELIABILITY] = Reliability()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = session.config.getoption("--reliability-report")
+    reliability = session.config.stash[RELIABILITY]
+    if path and reliability.records:
+        Path(path).write_text(reliability.markdown())
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    reliability = config.stash[RELIABILITY]
+    if reliability.records:
+        terminalreporter.section("fault suite figures")
+        terminalreporter.write_line(reliability.markdown())
