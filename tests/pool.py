@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from config import Settings
+from config import Settings, shard_for
 from producer._cli import worker_argv
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 
@@ -75,6 +75,20 @@ class WorkerProcess:
     @property
     def alive(self) -> bool:
         return self.process.poll() is None
+
+
+def shops_on(shard: int, shards: int, count: int = 1) -> list[str]:
+    """``count`` shop ids that map to ``shard`` of ``shards``."""
+    found = (str(n) for n in range(1_000_000) if shard_for(str(n), shards) == shard)
+    return [next(found) for _ in range(count)]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process, in MiB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def start_workers(settings: Settings, layout: dict[str, list[int]]) -> list[WorkerProcess]:
