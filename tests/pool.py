@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -71,6 +72,14 @@ class WorkerProcess:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
+
+    def executed_jobs(self) -> list[str]:
+        """Job ids of the executions this worker logged, in order (one JSON event per run)."""
+        jobs = []
+        for line in self.log().splitlines():
+            if '"event": "execution"' in line:
+                jobs.append(json.loads(line[line.index("{") :])["job"])
+        return jobs
 
     @property
     def alive(self) -> bool:
