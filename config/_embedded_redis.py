@@ -42,9 +42,17 @@ def free_port() -> int:
 class EmbeddedRedis:
     """Starts, stops and restarts one private Redis; its data dir lives until :meth:`cleanup`."""
 
-    def __init__(self, *, password: str | None = None, appendonly: bool = False, port: int | None = None):
+    def __init__(
+        self,
+        *,
+        password: str | None = None,
+        appendonly: bool = False,
+        appendfsync: str = "always",
+        port: int | None = None,
+    ):
         self.password = password
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="scriptpool-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
@@ -62,7 +70,7 @@ class EmbeddedRedis:
             "--dir", str(self.dir),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "always",
+            "--appendfsync", self.appendfsync,
             "--daemonize", "no",
             "--logfile", str(self.dir / "redis.log"),
         ]  # fmt: skip

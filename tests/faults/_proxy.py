@@ -16,6 +16,7 @@ from collections.abc import Callable
 from config._embedded_redis import free_port
 
 _CHUNK = 65536
+FORWARD, DROP, FORWARD_THEN_CUT = "forward", "drop", "forward then cut"
 
 
 def split_commands(buffer: bytearray) -> list[bytes]:
@@ -61,11 +62,12 @@ class FaultProxy:
     """Listens on a free loopback port and forwards each connection to ``127.0.0.1:target_port``.
 
     ``before_command(n, name)`` (optional) is called before the n-th client command (counted over
-    all connections) is forwarded; if it returns False, that command and the connection are
-    dropped instead.
+    all connections) is forwarded, and says what to do with it: ``FORWARD`` it, ``DROP`` it and
+    the connection, or ``FORWARD_THEN_CUT``: let Redis run it, then cut the connection so the
+    client never sees the reply.
     """
 
-    def __init__(self, target_port: int, *, before_command: Callable[[int, str], bool] | None = None) -> None:
+    def __init__(self, target_port: int, *, before_command: Callable[[int, str], str] | None = None) -> None:
         self.target_port = target_port
         self.port = free_port()
         self.latency_s = 0.0
@@ -154,9 +156,13 @@ class FaultProxy:
                     with self._lock:
                         self.commands += 1
                         number = self.commands
-                    if not self._before_command(number, command_name(command)):
+                    verdict = self._before_command(number, command_name(command))
+                    if verdict == DROP:
                         return
                     self._forward(command, dst)
+                    if verdict == FORWARD_THEN_CUT:
+                        time.sleep(0.05)  # Redis runs it; its reply is never read
+                        return
         except OSError:
             pass
         finally:
