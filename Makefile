@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test demo lint venv examples clean
+.PHONY: test demo reliability lint venv examples clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)" >&2; exit 1; }
@@ -23,6 +23,10 @@ test: $(VENV)/.installed lint
 # examples, runs them through the pool, prints the outcomes and stops everything it started.
 demo: $(VENV)/.installed
 	$(VENV)/bin/scriptpool demo
+
+# The fault suite alone (it also runs in `make test`), rewriting RELIABILITY.md from its figures.
+reliability: $(VENV)/.installed
+	$(PY) -m pytest tests/faults --reliability-report RELIABILITY.md $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
