@@ -8,10 +8,12 @@ test can kill the client just before its n-th command reaches Redis.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from config._embedded_redis import free_port
 
@@ -67,9 +69,15 @@ class FaultProxy:
     client never sees the reply.
     """
 
-    def __init__(self, target_port: int, *, before_command: Callable[[int, str], str] | None = None) -> None:
+    def __init__(
+        self,
+        target_port: int,
+        *,
+        before_command: Callable[[int, str], str] | None = None,
+        port: int | None = None,
+    ) -> None:
         self.target_port = target_port
-        self.port = free_port()
+        self.port = port or free_port()
         self.latency_s = 0.0
         self.commands = 0
         self._before_command = before_command
@@ -124,8 +132,11 @@ class FaultProxy:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._sockets += [downstream, upstream]
-            threading.Thread(target=self._pump_commands, args=(downstream, upstream), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, downstream), daemon=True).start()
+            replies_cut = threading.Event()
+            threading.Thread(
+                target=self._pump_commands, args=(downstream, upstream, replies_cut), daemon=True
+            ).start()
+            threading.Thread(target=self._pump, args=(upstream, downstream, replies_cut), daemon=True).start()
 
     def _forward(self, data: bytes, dst: socket.socket) -> None:
         self._flowing.wait()
@@ -134,9 +145,9 @@ class FaultProxy:
         self._flowing.wait()
         dst.sendall(data)
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, cut: threading.Event) -> None:
         try:
-            while data := src.recv(_CHUNK):
+            while (data := src.recv(_CHUNK)) and not cut.is_set():
                 self._forward(data, dst)
         except OSError:
             pass
@@ -144,7 +155,7 @@ class FaultProxy:
             _close(src)
             _close(dst)
 
-    def _pump_commands(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump_commands(self, src: socket.socket, dst: socket.socket, replies_cut: threading.Event) -> None:
         buffer = bytearray()
         try:
             while data := src.recv(_CHUNK):
@@ -159,9 +170,11 @@ class FaultProxy:
                     verdict = self._before_command(number, command_name(command))
                     if verdict == DROP:
                         return
+                    if verdict == FORWARD_THEN_CUT:
+                        replies_cut.set()
                     self._forward(command, dst)
                     if verdict == FORWARD_THEN_CUT:
-                        time.sleep(0.05)  # Redis runs it; its reply is never read
+                        time.sleep(0.05)  # Redis reads and runs it before the connection closes
                         return
         except OSError:
             pass
@@ -174,3 +187,57 @@ def _close(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
     sock.close()
+
+
+class ProxyProcess:
+    """A :class:`FaultProxy` in a process of its own, steered from the test.
+
+    Under load the proxy's threads would otherwise compete with the callers for the test
+    process's GIL, and delay them in a way a real network does not.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.port = free_port()
+        self._latency = context.Value("d", 0.0)
+        self._flowing = context.Event()
+        self._flowing.set()
+        self._ready = context.Event()
+        self._process = context.Process(
+            target=_serve,
+            args=(target_port, self.port, self._latency, self._flowing, self._ready),
+            daemon=True,
+        )
+        self._process.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("proxy process did not start")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def add_latency(self, seconds: float) -> None:
+        self._latency.value = seconds
+
+    def black_hole(self) -> None:
+        self._flowing.clear()
+
+    def heal(self) -> None:
+        self._latency.value = 0.0
+        self._flowing.set()
+
+    def close(self) -> None:
+        self._process.kill()
+        self._process.join(10)
+
+
+def _serve(target_port: int, port: int, latency: Any, flowing: Any, ready: Any) -> None:
+    proxy = FaultProxy(target_port, port=port)
+    ready.set()
+    while True:  # mirror the shared controls; the parent kills this process when done
+        proxy.latency_s = latency.value
+        if flowing.is_set():
+            proxy._flowing.set()
+        else:
+            proxy._flowing.clear()
+        time.sleep(0.005)

@@ -13,7 +13,7 @@ from registry import Registry
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.faults._load import Load, Planned, answered_figures, ok_rate, recovery_s, timeline, wrong_results
-from tests.faults._proxy import FaultProxy
+from tests.faults._proxy import ProxyProcess
 from tests.faults.conftest import Recorder
 from tests.pool import shops_on, start_workers
 from workers import Sandbox
@@ -40,7 +40,7 @@ def test_slow_then_black_holed_network_degrades_to_fallback_and_recovers(
     total = int(RATE * sum(PHASE_S.values()) * 2)
     plan = [Planned("test", shops[i % len(shops)], {"i": i}, {"i": i}) for i in range(total)]
 
-    proxy = FaultProxy(private_redis.port)
+    proxy = ProxyProcess(private_redis.port)
     # Only the workers go through the proxy; host clients reach Redis directly.
     worker_settings = Settings(redis_url=proxy.url, artifact_key=TEST_ARTIFACT_KEY, shards=SHARDS)
     workers = start_workers(worker_settings, {f"n{shard}": [shard] for shard in range(SHARDS)})
