@@ -50,3 +50,19 @@ def test_rss_stays_flat_over_10000_hostile_runs(registry: Registry, executor: Ex
             assert executor.execute("test", "good", {"i": i}).output == {"i": i}
     growth = rss_bytes() - baseline
     assert growth < 50 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB"
+
+
+def test_every_outcome_gives_its_pooled_instance_back(registry: Registry, executor: Executor) -> None:
+    """Each kind of run, failing or not, frees its store at once: more runs of each kind than the
+    pool has instance slots, and a good script still starts afterwards."""
+    from workers.sandbox._engine import POOL_LIMITS
+
+    registry.define_extension_point("hostile", limits={"fuel": 200_000})
+    for name, (module, _) in HOSTILE.items():
+        registry.deploy("hostile", name, module)
+    registry.deploy("test", "good", guests.ECHO)
+    for name, (_, code) in HOSTILE.items():
+        for _ in range(POOL_LIMITS["total_core_instances"] + 1):
+            result = executor.execute("hostile", name, {})
+            assert result.error is not None and result.error.code == code, (name, result.error)
+    assert executor.execute("test", "good", {"ok": 1}).output == {"ok": 1}

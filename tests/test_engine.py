@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
 
 import pytest
 
+from config import Limits
 from registry import Registry
 from tests import guests
 from tests.conftest import EXAMPLES
-from workers import Execution, Executor
-from workers.sandbox import FIXED_TIME_NS
+from workers import Execution, Executor, Sandbox
+from workers.sandbox import FIXED_TIME_NS, SandboxRun
+from workers.sandbox._engine import POOL_LIMITS, internals_problems
+from workers.sandbox._wasi import GuestIO
 
 GOOD_INPUT = {"hello": "world", "n": [1, 2, 3]}
 
@@ -224,3 +229,256 @@ def test_input_schema_validation_is_sampled(registry: Registry, sandbox, setting
     assert refused.error is not None and refused.error.code == "invalid_input"
     assert executor.execute("never", "s", {"nocart": 1}).output == {"nocart": 1}
     assert executor.execute("always", "s", {"cart": 1}).output == {"cart": 1}
+
+
+# -- the fast path: wasmtime internals, cached entry calls, raw host calls, pooled instances ---
+
+
+def sandbox_run(
+    sandbox: Sandbox, module: str | bytes, stdin: bytes = b"{}", export: str = "_start"
+) -> SandboxRun:
+    """Compile (WAT or Wasm) and run a module on ``sandbox`` with default limits."""
+    wasm = guests.wasm(module) if isinstance(module, str) else module
+    limits = Limits()
+    return sandbox.run(sandbox.compile(wasm, limits.stack_bytes), stdin, limits, export=export)
+
+
+def test_wasmtime_internals_match_what_the_hot_path_calls() -> None:
+    """Guard: the wasmtime-py internals and C prototypes we call directly are what we expect.
+
+    If this fails after a wasmtime upgrade, update workers/sandbox/_engine.py (and the code that
+    calls it) before anything else: Sandbox() refuses to start until it passes.
+    """
+    assert internals_problems() == []
+
+
+def test_a_changed_internal_is_reported_and_stops_the_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prototype that no longer matches wasmtime-py's bindings is named, and Sandbox() refuses."""
+    from wasmtime import _bindings
+
+    monkeypatch.setattr(
+        _bindings._wasmtime_func_call, "argtypes", _bindings._wasmtime_func_call.argtypes[:-1]
+    )
+    monkeypatch.delattr(_bindings, "_wasmtime_caller_context")
+    problems = internals_problems()
+    assert any(p.startswith("wasmtime_func_call:") for p in problems), problems
+    assert any("_wasmtime_caller_context is missing" in p for p in problems), problems
+    with pytest.raises(RuntimeError, match="wasmtime-py internals changed"):
+        Sandbox()
+
+
+def test_cached_entry_call_translates_traps_every_time(sandbox: Sandbox) -> None:
+    """The entry's type is checked once per module; later calls still name each trap."""
+    limits = Limits(fuel=100_000)
+    trap = sandbox.compile(guests.TRAP, limits.stack_bytes)
+    loop = sandbox.compile(guests.INFINITE_LOOP, limits.stack_bytes)
+    for _ in range(3):
+        error = sandbox.run(trap, b"", limits).error
+        assert error is not None and (error.code, error.detail) == (
+            "runtime_error",
+            {"trap_code": "unreachable"},
+        )
+        error = sandbox.run(loop, b"", limits).error
+        assert error is not None and error.code == "instruction_limit_exceeded"
+
+
+def test_entry_exports_that_cannot_be_called_are_runtime_errors(sandbox: Sandbox) -> None:
+    """A missing entry, one that is not a function, and one that takes parameters are named."""
+    missing = sandbox_run(sandbox, '(module (memory (export "memory") 1) (func (export "run")))')
+    assert missing.error is not None and "no function export '_start'" in missing.error.message
+    not_func = sandbox_run(sandbox, '(module (memory (export "_start") 1))')
+    assert not_func.error is not None and "no function export '_start'" in not_func.error.message
+    params = sandbox_run(sandbox, '(module (func (export "_start") (param i32)))')
+    assert params.error is not None and params.error.code == "runtime_error"
+    assert "too few parameters provided: given 0, expected 1" in params.error.message
+    results = sandbox_run(
+        sandbox, '(module (func (export "_start") (result i32 i64) i32.const 1 i64.const 2))'
+    )
+    assert results.error is None
+    named = sandbox_run(sandbox, '(module (func (export "main")))', export="main")
+    assert named.error is None
+
+
+def test_host_call_exceptions_surface_once_and_in_order(sandbox: Sandbox) -> None:
+    """proc_exit(0) is success, a negative exit code keeps its sign, a host-raised named error
+    wins over the trap it caused, and nothing is left over for the next run."""
+    assert sandbox_run(sandbox, guests.writes(b"{}", exit_code=0)).error is None
+    exit_neg = sandbox_run(sandbox, guests.writes(b"{}", exit_code=-1)).error
+    assert exit_neg is not None and exit_neg.detail == {"exit_code": -1}
+    flood = sandbox_run(sandbox, guests.OUTPUT_FLOOD).error
+    assert flood is not None and flood.code == "output_too_large"
+    after = sandbox_run(sandbox, guests.ECHO, b'{"a": 1}')
+    assert (after.error, after.stdout) == (None, b'{"a": 1}')
+
+
+def test_a_bug_in_a_host_function_propagates_and_the_next_run_is_clean(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception inside a host call is re-raised by run() (never swallowed by the
+    ctypes callback), as wasmtime-py's trampoline did; its store is still freed, and the sandbox
+    stays usable."""
+
+    def broken(self: object, data: bytes) -> None:
+        raise ZeroDivisionError("bug in a host function")
+
+    module = sandbox.compile(guests.ECHO, Limits().stack_bytes)
+    with monkeypatch.context() as patch:
+        patch.setattr(GuestIO, "write_stdout", broken)
+        for _ in range(POOL_LIMITS["total_core_instances"] + 1):  # and the store is freed each time
+            with pytest.raises(ZeroDivisionError, match="bug in a host function"):
+                sandbox.run(module, b"{}", Limits())
+    ok = sandbox.run(module, b"{}", Limits())
+    assert (ok.error, ok.stdout) == (None, b"{}")
+
+
+def test_guest_sees_memory_it_grew_between_host_calls(sandbox: Sandbox) -> None:
+    """The host's view of guest memory is refreshed when the memory grows."""
+    run = sandbox_run(
+        sandbox,
+        f"""(module
+          (import "{guests.WASI}" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (func (export "_start")
+            (i32.store8 (i32.const 100) (i32.const 123))
+            (i32.store (i32.const 0) (i32.const 100)) (i32.store (i32.const 4) (i32.const 1))
+            (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+            (drop (memory.grow (i32.const 3)))
+            (i32.store8 (i32.const 200000) (i32.const 125))
+            (i32.store (i32.const 0) (i32.const 200000))
+            (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))""",
+    )
+    assert (run.error, run.stdout, run.peak_memory_bytes) == (None, b"{}", 4 * 65536)
+
+
+def test_runs_never_see_each_others_memory_or_globals(sandbox: Sandbox) -> None:
+    """Pooled instance slots are reused (and their first MiB zeroed in place, not unmapped), but
+    every run starts from the module's initial state: data image, globals, the rest of memory."""
+    module = sandbox.compile(
+        guests.wasm(f"""(module
+          (import "{guests.WASI}" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (global $g (mut i32) (i32.const 48))
+          (data (i32.const 64) "0")
+          (func (export "_start")
+            (drop (memory.grow (i32.const 1)))
+            (i32.store8 (i32.const 65) (global.get $g))
+            (i32.store8 (i32.const 66) (i32.add (i32.load8_u (i32.const 100)) (i32.const 48)))
+            (i32.store8 (i32.const 67) (i32.add (i32.load8_u (i32.const 70000)) (i32.const 48)))
+            (i32.store (i32.const 0) (i32.const 64)) (i32.store (i32.const 4) (i32.const 4))
+            (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+            (i32.store8 (i32.const 64) (i32.const 57))
+            (global.set $g (i32.const 57))
+            (i32.store8 (i32.const 100) (i32.const 9))
+            (i32.store8 (i32.const 70000) (i32.const 9))))"""),
+        Limits().stack_bytes,
+    )
+    runs = [sandbox.run(module, b"", Limits()) for _ in range(5)]
+    # Never "9": neither the data image, the global, written memory nor a grown page carried over.
+    assert {run.stdout for run in runs} == {b"0000"}
+    assert {run.peak_memory_bytes for run in runs} == {2 * 65536}
+
+
+@pytest.mark.parametrize(
+    "wat",
+    [
+        '(module (table 1 funcref) (table 1 funcref) (memory (export "memory") 1) (func (export "_start")))',
+        '(module (table 100000 funcref) (memory (export "memory") 1) (func (export "_start")))',
+        '(module (memory 1) (memory (export "memory") 1) (func (export "_start")))',
+    ],
+    ids=["two-tables", "big-table", "two-memories"],
+)
+def test_pooled_engine_runs_modules_the_default_pool_would_refuse(sandbox: Sandbox, wat: str) -> None:
+    """wasmtime's default pool limits refuse these; on-demand allocation ran them, and so do we."""
+    assert sandbox_run(sandbox, wat).error is None
+
+
+def test_engine_falls_back_to_on_demand_allocation_without_address_space(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the pool cannot be reserved the engine allocates per instance, and still runs guests."""
+    from workers.sandbox import _engine
+
+    assert _engine._can_reserve(_engine.pool_reservation_bytes())
+    assert not _engine._can_reserve(1 << 62)
+    monkeypatch.setattr(_engine, "_can_reserve", lambda size: False)
+    fallback = Sandbox()
+    run = sandbox_run(fallback, guests.ECHO, b"[1]")
+    assert (run.error, run.stdout) == (None, b"[1]")
+
+
+def test_concurrent_runs_on_threads_keep_their_own_io_and_errors(sandbox: Sandbox) -> None:
+    """Host-call state is per thread: a flood on one thread never lands on another's run."""
+    limits = Limits()
+    echo = sandbox.compile(guests.ECHO, limits.stack_bytes)
+    flood = sandbox.compile(guests.OUTPUT_FLOOD, limits.stack_bytes)
+    failures: list[str] = []
+
+    def work(index: int) -> None:
+        for round_ in range(100):
+            if index % 2:
+                error = sandbox.run(flood, b"", limits).error
+                if error is None or error.code != "output_too_large":
+                    failures.append(f"flood {index}/{round_}: {error}")
+            else:
+                payload = f'{{"t": {index}, "r": {round_}}}'.encode()
+                run = sandbox.run(echo, payload, limits)
+                if run.error is not None or run.stdout != payload:
+                    failures.append(f"echo {index}/{round_}: {run.error} {run.stdout[:40]!r}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
+def test_to_dict_is_asdict_without_the_deep_copy(registry: Registry, executor: Executor) -> None:
+    """The hand-written wire form has exactly dataclasses.asdict's keys and values."""
+    registry.deploy("test", "ok", guests.ECHO)
+    registry.deploy("test", "bad", guests.writes(b"{}", b"logs", exit_code=3))
+    for execution in (
+        executor.execute("test", "ok", {"a": [1, {"b": 2}]}),
+        executor.execute("test", "bad", {}),
+        executor.execute("test", "nobody", {}),
+    ):
+        assert execution.to_dict() == dataclasses.asdict(execution)
+        assert Execution.from_dict(execution.to_dict()) == execution
+
+
+def test_record_execution_counts_and_times_every_stage(registry: Registry, executor: Executor) -> None:
+    """Metrics from the cached label children land on the documented series."""
+    from prometheus_client import REGISTRY
+
+    from workers import _telemetry
+
+    def sample(name: str, labels: dict[str, str]) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    registry.deploy("test", "s", guests.TRAP)
+    execution = executor.execute("test", "s", {})
+    outcome = {"status": "error", "error_code": "runtime_error"}
+    before = sample("scriptpool_executions_total", outcome)
+    stages = {s: sample("scriptpool_stage_seconds_count", {"stage": s}) for s in _telemetry._STAGES}
+    _telemetry.record_execution(execution, job="j", shop="s", ep="test", shard=0, worker="w")
+    _telemetry.record_execution(execution, job="j", shop="s", ep="test", shard=0, worker="w")
+    assert sample("scriptpool_executions_total", outcome) == before + 2
+    for stage, count in stages.items():
+        assert sample("scriptpool_stage_seconds_count", {"stage": stage}) == count + 2
+
+
+def test_a_dropped_sandbox_stops_its_ticker_without_touching_freed_engines() -> None:
+    """Sandboxes come and go (tests, the bench): each one's epoch ticker stops with it, and no
+    tick ever reaches an engine being freed (pytest fails the test on any ticker exception)."""
+    threads = []
+    for _ in range(20):
+        created = Sandbox(epoch_tick_ms=1)
+        run = sandbox_run(created, guests.ECHO, b"[]")
+        assert run.error is None
+        thread = created._ticker._thread
+        assert thread is not None and thread.is_alive()
+        threads.append(thread)
+        del created, run
+    for thread in threads:
+        thread.join(timeout=5)
+        assert not thread.is_alive()

@@ -18,7 +18,7 @@ from config.errors import ExecutionError, InputTooLarge, InvalidInput, InvalidOu
 from registry._extension_points import compile_validator
 from workers._cache import ByteLRU, CacheStats
 from workers._report import ErrorInfo, Execution, ExecutionReport
-from workers.sandbox import Sandbox
+from workers.sandbox import Sandbox, SandboxRun
 
 if TYPE_CHECKING:
     from registry import Deployment, ExtensionPoint, Registry
@@ -71,13 +71,16 @@ class Executor:
     def execute(self, ep: str, shop_id: str | int, payload: Any) -> Execution:
         """Run the script bound to (``ep``, ``shop_id``) on ``payload`` (JSON value or bytes)."""
         started = time.perf_counter()
-        report: dict[str, Any] = {}
+        loaded: _Loaded | None = None
+        lookup_ms: float | None = None
+        input_bytes = 0
+        run: SandboxRun | None = None
+        decode_ms = 0.0
         try:
             loaded = self._lookup(check_ep(ep), check_shop_id(shop_id))
-            report.update(sha256=loaded.deployment.sha256, version=loaded.deployment.version)
-            report.update(module_source=loaded.source, lookup_ms=_ms(time.perf_counter() - started))
+            lookup_ms = _ms(time.perf_counter() - started)
             stdin = self._prepare_input(payload, loaded.ep)
-            report["input_bytes"] = len(stdin)
+            input_bytes = len(stdin)
             run = self._sandbox.run(
                 loaded.module,
                 stdin,
@@ -85,25 +88,19 @@ class Executor:
                 export=loaded.deployment.export,
                 providers=loaded.providers,
             )
-            report.update(
-                instructions=run.instructions,
-                peak_memory_bytes=run.peak_memory_bytes,
-                output_bytes=len(run.stdout),
-                logs=run.logs,
-                instantiate_ms=_ms(run.instantiate_s),
-                run_ms=_ms(run.run_s),
-            )
             if run.error is not None:
                 raise run.error
             decode_started = time.perf_counter()
             try:
                 output = _decode_output(run.stdout, loaded.ep.output_validator)
             finally:
-                report["decode_ms"] = _ms(time.perf_counter() - decode_started)
+                decode_ms = _ms(time.perf_counter() - decode_started)
         except ScriptpoolError as exc:
-            report.setdefault("lookup_ms", _ms(time.perf_counter() - started))
-            return Execution(False, None, ErrorInfo.from_exception(exc), ExecutionReport(**report))
-        return Execution(True, output, None, ExecutionReport(**report))
+            if lookup_ms is None:
+                lookup_ms = _ms(time.perf_counter() - started)
+            report = _report(loaded, lookup_ms, input_bytes, run, decode_ms)
+            return Execution(False, None, ErrorInfo.from_exception(exc), report)
+        return Execution(True, output, None, _report(loaded, lookup_ms, input_bytes, run, decode_ms))
 
     def invalidate(self, ep: str | None = None, shop_id: str | None = None) -> None:
         """Forget cached bindings (of one pair, one EP, or all) and EP definitions."""
@@ -211,3 +208,34 @@ def _validate(validator: Any, value: Any, error: type[ExecutionError], what: str
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 4)
+
+
+def _report(
+    loaded: _Loaded | None, lookup_ms: float, input_bytes: int, run: SandboxRun | None, decode_ms: float
+) -> ExecutionReport:
+    """The report of whatever stages ran; the fields of stages that did not run keep defaults."""
+    if loaded is None:
+        return ExecutionReport(lookup_ms=lookup_ms)
+    deployment = loaded.deployment
+    if run is None:
+        return ExecutionReport(
+            input_bytes=input_bytes,
+            lookup_ms=lookup_ms,
+            module_source=loaded.source,
+            sha256=deployment.sha256,
+            version=deployment.version,
+        )
+    return ExecutionReport(
+        instructions=run.instructions,
+        peak_memory_bytes=run.peak_memory_bytes,
+        input_bytes=input_bytes,
+        output_bytes=len(run.stdout),
+        logs=run.logs,
+        lookup_ms=lookup_ms,
+        instantiate_ms=_ms(run.instantiate_s),
+        run_ms=_ms(run.run_s),
+        decode_ms=decode_ms,
+        module_source=loaded.source,
+        sha256=deployment.sha256,
+        version=deployment.version,
+    )

@@ -34,20 +34,29 @@ DROPPED_STALE = Counter("scriptpool_dropped_stale_jobs", "Jobs dropped because t
 CACHE = Gauge("scriptpool_module_cache", "Compiled-module cache counters", ["counter"])
 
 _STAGES = ("lookup", "instantiate", "run", "decode")
+# Labelled children resolved once: ``labels()`` takes a lock and builds a key on every call.
+_STAGE = {stage: STAGE_SECONDS.labels(stage) for stage in _STAGES}
+_OUTCOMES: dict[tuple[str, str], Any] = {}
 
 
 def record_execution(execution: Execution, **context: Any) -> None:
     """Count one execution in the metrics and log it as one structured event."""
     report = execution.report
     code = execution.error.code if execution.error else ""
-    EXECUTIONS.labels(execution.status, code).inc()
-    for stage in _STAGES:
-        STAGE_SECONDS.labels(stage).observe(getattr(report, f"{stage}_ms") / 1000)
+    status = execution.status
+    counter = _OUTCOMES.get((status, code))
+    if counter is None:  # a handful of (status, code) pairs exist: one child each, kept
+        counter = _OUTCOMES[(status, code)] = EXECUTIONS.labels(status, code)
+    counter.inc()
+    _STAGE["lookup"].observe(report.lookup_ms / 1000)
+    _STAGE["instantiate"].observe(report.instantiate_ms / 1000)
+    _STAGE["run"].observe(report.run_ms / 1000)
+    _STAGE["decode"].observe(report.decode_ms / 1000)
     log.info(
         "execution",
         **context,
         version=report.version,
-        status=execution.status,
+        status=status,
         error_code=code or None,
         instructions=report.instructions,
         peak_memory_bytes=report.peak_memory_bytes,

@@ -1,13 +1,22 @@
-"""Run one module under hard limits; the only place wasmtime's errors are translated."""
+"""Run one module under hard limits; the only place wasmtime's errors are translated.
+
+The hot path per run: a new ``Store`` (one run never sees another's memory or globals), one
+instantiation from an ``InstancePre`` prepared once per module, and one direct call of the entry
+export whose type was checked once per module (``Func.__call__`` would look it up every call).
+"""
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import wasmtime
+from wasmtime import _ffi as ffi
 
 from config import Limits
 from config.errors import (
@@ -19,8 +28,24 @@ from config.errors import (
     StackOverflow,
     WallClockExceeded,
 )
-from workers.sandbox._engine import EpochTicker, new_engine
-from workers.sandbox._wasi import GuestExit, GuestIO, WasiSubset
+from workers.sandbox._engine import (
+    EXTERN_ITEM_OFFSET,
+    EpochTicker,
+    check_internals,
+    context_get_fuel,
+    context_set_epoch_deadline,
+    context_set_fuel,
+    func_call,
+    instance_export_get,
+    instance_pre_instantiate,
+    memory_data_size,
+    new_engine,
+    store_context,
+    store_delete,
+    store_limiter,
+    store_new,
+)
+from workers.sandbox._wasi import IDLE, GuestExit, GuestIO, HostState, WasiSubset
 
 # memory.grow fails silently (returns -1) at the store limit, so a guest that then traps or
 # exits non-zero is reported as out of memory when it stands within this much of its limit.
@@ -41,6 +66,50 @@ class SandboxRun:
     run_s: float
 
 
+_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
+_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
+_TrapPointer = ctypes.POINTER(ffi.wasm_trap_t)
+_ErrorPointer = ctypes.POINTER(ffi.wasmtime_error_t)
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """What running ``export`` of one module needs, worked out once per module and export."""
+
+    pre: wasmtime.InstancePre  # imports resolved; keeps the address below valid
+    pre_address: int
+    name: bytes
+    nparams: int | None  # None: no function export of that name
+    nresults: int
+
+
+class _Scratch(ctypes.Structure):
+    """Out-parameters of the C calls one run makes (one per thread, reused by every run)."""
+
+    _fields_ = (
+        ("instance", ffi.wasmtime_instance_t),
+        ("extern", ffi.wasmtime_extern_t),
+        ("trap", ctypes.c_void_p),
+        ("fuel", ctypes.c_uint64),
+        ("results", ffi.wasmtime_val_t * 4),
+    )
+
+
+class _Thread(HostState):
+    """Per thread: the host-call state, and the scratch space of the run path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scratch = _Scratch()
+        base = ctypes.addressof(self.scratch)  # where each out-parameter lives:
+        self.instance_at = base + _Scratch.instance.offset
+        self.export_at = base + _Scratch.extern.offset
+        self.item_at = self.export_at + EXTERN_ITEM_OFFSET
+        self.trap_at = base + _Scratch.trap.offset
+        self.fuel_at = base + _Scratch.fuel.offset
+        self.results_at = base + _Scratch.results.offset
+
+
 class Sandbox:
     """Compiles, loads and runs guest modules on engines configured for our limits.
 
@@ -49,16 +118,20 @@ class Sandbox:
     """
 
     def __init__(self, epoch_tick_ms: int = 5) -> None:
+        check_internals()
         self._ticker = EpochTicker(epoch_tick_ms)
+        # The ticker holds our engines; when this sandbox goes, its thread stops and lets them go.
+        weakref.finalize(self, self._ticker.stop)
         self._engines: dict[int, wasmtime.Engine] = {}
+        self._engine_addresses: dict[int, int] = {}
         self._linkers: dict[int, wasmtime.Linker] = {}
         self._lock = threading.Lock()
-        self._local = threading.local()
-        self._wasi = WasiSubset(self._current_io)
-
-    def _current_io(self) -> GuestIO:
-        io: GuestIO = self._local.io
-        return io
+        self._thread = _Thread()
+        self._wasi = WasiSubset(self._thread)
+        # Per module (dropped with it when the executor's cache evicts it): export -> _Prepared.
+        self._prepared: weakref.WeakKeyDictionary[wasmtime.Module, dict[str, _Prepared]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def engine(self, stack_bytes: int) -> wasmtime.Engine:
         """The engine for ``stack_bytes``, created (and ticked) on first use."""
@@ -72,6 +145,7 @@ class Sandbox:
                     linker = wasmtime.Linker(engine)
                     self._wasi.define(linker)
                     self._linkers[stack_bytes] = linker
+                    self._engine_addresses[stack_bytes] = _address(engine.ptr())
                     self._engines[stack_bytes] = engine
         return engine
 
@@ -100,68 +174,173 @@ class Sandbox:
     ) -> SandboxRun:
         """Run ``export`` of ``module`` with ``stdin`` as input; never raises for guest faults."""
         engine = self.engine(limits.stack_bytes)
-        store = wasmtime.Store(engine)
-        store.set_fuel(limits.fuel)
-        store.set_limits(memory_size=limits.memory_bytes)
-        store.set_epoch_deadline(self._ticker.ticks_for(limits.wall_ms))
+        t = self._thread
+        # A new store per run: no run ever sees another's memory, globals or tables.
+        owner = wasmtime.Store(engine) if providers else None  # providers need wasmtime-py's API
+        store = (
+            _address(owner.ptr())
+            if owner
+            else store_new(self._engine_addresses[limits.stack_bytes], None, None)
+        )
+        context = store_context(store)
         io = GuestIO(stdin, limits.output_bytes, limits.log_bytes)
-        self._local.io = io
+        try:
+            error, peak, instantiate_s, run_s = self._run_in(
+                t, store, context, io, module, limits, export, owner, providers
+            )
+            context_get_fuel(context, t.fuel_at)
+            instructions = limits.fuel - t.scratch.fuel
+        finally:
+            t.io = IDLE
+            # Free the store (and give its pool slots back) now, on every path, even an
+            # unexpected exception, whatever still refers to it.
+            if owner is not None:
+                owner.close()
+            else:
+                store_delete(store)
+        return SandboxRun(
+            stdout=bytes(io.stdout),
+            logs=io.logs(),
+            error=error,
+            instructions=instructions,
+            peak_memory_bytes=peak,
+            instantiate_s=instantiate_s,
+            run_s=run_s,
+        )
+
+    def _run_in(
+        self,
+        t: _Thread,
+        store: int,
+        context: int,
+        io: GuestIO,
+        module: wasmtime.Module,
+        limits: Limits,
+        export: str,
+        owner: wasmtime.Store | None,
+        providers: Mapping[str, wasmtime.Module] | None,
+    ) -> tuple[ExecutionError | None, int, float, float]:
+        """Set the store's limits, instantiate and call the entry: (error, peak memory bytes,
+        instantiate seconds, run seconds). Guest faults come back as the error."""
         error: ExecutionError | None = None
-        instance: wasmtime.Instance | None = None
+        instantiated_ok = False
         started = time.perf_counter()
         instantiated = started
         try:
-            linker = self._linker_for(store, limits.stack_bytes, providers)
-            instance = linker.instantiate(store, module)
+            failure = context_set_fuel(context, limits.fuel)
+            if failure:
+                raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(failure, _ErrorPointer))
+            store_limiter(store, limits.memory_bytes, -1, -1, -1, -1)
+            context_set_epoch_deadline(context, self._ticker.ticks_for(limits.wall_ms))
+            t.io = io
+            if owner is not None and providers:
+                prepared = self._prepare_linked(owner, module, export, providers, io)
+            else:
+                prepared = self._prepare(module, export, limits.stack_bytes)
+            t.scratch.trap = None
+            failure = instance_pre_instantiate(prepared.pre_address, context, t.instance_at, t.trap_at)
+            _check(io, failure, t.scratch.trap)
+            instantiated_ok = True
             instantiated = time.perf_counter()
-            entry = instance.exports(store).get(export)
-            if not isinstance(entry, wasmtime.Func):
-                raise InvalidModule(f"module has no function export {export!r}")
-            entry(store)
+            _call_entry(t, context, prepared, export, io)
         except GuestExit as exit_:
             if exit_.code != 0:
                 error = GuestRuntimeError(f"script exited with code {exit_.code}", exit_code=exit_.code)
         except (ExecutionError, InvalidModule) as exc:
             error = exc if isinstance(exc, ExecutionError) else GuestRuntimeError(str(exc))
-        except wasmtime.Trap as trap:
-            error = _translate_trap(trap)
+        except wasmtime.Trap as trap_:
+            error = _translate_trap(trap_)
         except wasmtime.WasmtimeError as exc:
             error = _translate_instantiation(exc, module, limits)
         finished = time.perf_counter()
-        if instance is None:
+        if not instantiated_ok:
             instantiated = finished
-        peak = _memory_bytes(store, instance)
+        peak = _memory_bytes(t, context) if instantiated_ok else 0
         if isinstance(error, GuestRuntimeError) and peak + MEMORY_EXHAUSTION_SLACK > limits.memory_bytes:
             error = MemoryLimitExceeded(
                 f"script ran out of memory at {peak} bytes (limit {limits.memory_bytes})",
                 limit=limits.memory_bytes,
                 **error.detail,
             )
-        self._local.io = None
-        return SandboxRun(
-            stdout=bytes(io.stdout),
-            logs=io.logs(),
-            error=error,
-            instructions=limits.fuel - store.get_fuel(),
-            peak_memory_bytes=peak,
-            instantiate_s=instantiated - started,
-            run_s=finished - instantiated,
-        )
+        return error, peak, instantiated - started, finished - instantiated
 
-    def _linker_for(
+    def _prepare(self, module: wasmtime.Module, export: str, stack_bytes: int) -> _Prepared:
+        """The module's ``InstancePre`` and entry type, from the cache or worked out now."""
+        per_module = self._prepared.get(module)
+        prepared = per_module.get(export) if per_module is not None else None
+        if prepared is None:
+            # Raises WasmtimeError (an unknown import, say), translated like a failed instantiation.
+            prepared = _describe(self._linkers[stack_bytes].instantiate_pre(module), module, export)
+            with self._lock:
+                self._prepared.setdefault(module, {})[export] = prepared
+        return prepared
+
+    def _prepare_linked(
         self,
         store: wasmtime.Store,
-        stack_bytes: int,
-        providers: Mapping[str, wasmtime.Module] | None,
-    ) -> wasmtime.Linker:
-        if not providers:
-            return self._linkers[stack_bytes]
+        module: wasmtime.Module,
+        export: str,
+        providers: Mapping[str, wasmtime.Module],
+        io: GuestIO,
+    ) -> _Prepared:
         # Provider instances belong to one store, so a provider-linked run gets its own linker.
         linker = wasmtime.Linker(store.engine)
         self._wasi.define(linker)
-        for name, provider in providers.items():
-            linker.define_instance(store, name, linker.instantiate(store, provider))
-        return linker
+        try:
+            for name, provider in providers.items():
+                linker.define_instance(store, name, linker.instantiate(store, provider))
+        except (wasmtime.Trap, wasmtime.WasmtimeError):
+            # wasmtime-py raised for the trap our host callback returned: the cause goes first.
+            raised = io.take_raised()
+            if raised is not None:
+                raise raised from None
+            raise
+        return _describe(linker.instantiate_pre(module), module, export)
+
+
+def _address(pointer: Any) -> int:
+    return ctypes.cast(pointer, ctypes.c_void_p).value or 0
+
+
+def _describe(pre: wasmtime.InstancePre, module: wasmtime.Module, export: str) -> _Prepared:
+    nparams: int | None = None
+    nresults = 0
+    for item in module.exports:
+        if item.name == export and isinstance(item.type, wasmtime.FuncType):
+            nparams, nresults = len(item.type.params), len(item.type.results)
+    return _Prepared(pre, _address(pre.ptr()), export.encode(), nparams, nresults)
+
+
+def _call_entry(t: _Thread, context: int, prepared: _Prepared, export: str, io: GuestIO) -> None:
+    """Call the entry export as ``Func.__call__`` would, without looking up its type again."""
+    found = instance_export_get(context, t.instance_at, prepared.name, len(prepared.name), t.export_at)
+    if prepared.nparams is None or not found or t.scratch.extern.kind != _FUNC:
+        raise InvalidModule(f"module has no function export {export!r}")
+    if prepared.nparams:
+        # What Func.__call__ raises; translated like a failed start.
+        raise wasmtime.WasmtimeError(f"too few parameters provided: given 0, expected {prepared.nparams}")
+    nresults = prepared.nresults
+    # Results are dropped with the store (no unrooting needed); more than 4 go to a fresh array.
+    results = t.results_at if nresults <= 4 else ctypes.addressof((ffi.wasmtime_val_t * nresults)())
+    t.scratch.trap = None
+    failure = func_call(context, t.item_at, None, 0, results, nresults, t.trap_at)
+    _check(io, failure, t.scratch.trap)
+
+
+def _check(io: GuestIO, failure: int | None, trap: int | None) -> None:
+    """Raise what a failed entry into wasm means, as wasmtime-py's ``enter_wasm`` does: the
+    exception a host function raised first, else the error, else the trap."""
+    if not failure and not trap and io.raised is None:
+        return
+    error = wasmtime.WasmtimeError._from_ptr(ctypes.cast(failure, _ErrorPointer)) if failure else None
+    trapped = wasmtime.Trap._from_ptr(ctypes.cast(trap, _TrapPointer)) if trap else None
+    raised = io.take_raised()
+    if raised is not None:
+        raise raised
+    if error is not None:
+        raise error
+    if trapped is not None:
+        raise trapped
 
 
 def one_line(exc: Exception) -> str:
@@ -205,8 +384,11 @@ def _declared_memory_bytes(module: wasmtime.Module) -> int:
     return pages * 65536
 
 
-def _memory_bytes(store: wasmtime.Store, instance: wasmtime.Instance | None) -> int:
-    if instance is None:
+def _memory_bytes(t: _Thread, context: int) -> int:
+    """Size of the instance's exported memory (what it grew to), 0 without one."""
+    if (
+        not instance_export_get(context, t.instance_at, b"memory", 6, t.export_at)
+        or t.scratch.extern.kind != _MEMORY
+    ):
         return 0
-    memory = instance.exports(store).get("memory")
-    return memory.data_len(store) if isinstance(memory, wasmtime.Memory) else 0
+    return int(memory_data_size(context, t.item_at))
