@@ -133,6 +133,19 @@ def test_c_memory_bomb_is_memory_limit_exceeded(registry: Registry, executor: Ex
     run_good_after(executor, registry)
 
 
+def test_under_a_small_memory_limit_a_trap_is_a_trap_and_a_bomb_is_out_of_memory(
+    registry: Registry, executor: Executor
+) -> None:
+    """With a 1 MiB memory limit, a one-page guest that traps is a runtime error, not out of
+    memory; a guest that grows until refused is still out of memory."""
+    registry.define_extension_point("tiny", limits={"memory_bytes": 2**20})
+    registry.deploy("tiny", "trap", guests.TRAP)
+    registry.deploy("tiny", "bomb", guests.MEMORY_BOMB)
+    trap, bomb = executor.execute("tiny", "trap", {}), executor.execute("tiny", "bomb", {})
+    assert trap.error is not None and trap.error.code == "runtime_error"
+    assert bomb.error is not None and bomb.error.code == "memory_limit_exceeded"
+
+
 def test_wall_clock_deadline_interrupts_a_guest_with_fuel_to_spare(
     registry: Registry, executor: Executor
 ) -> None:

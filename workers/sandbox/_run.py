@@ -49,8 +49,14 @@ from workers.sandbox._wasi import IDLE, GuestExit, GuestIO, HostState, WasiSubse
 
 # memory.grow fails silently (returns -1) at the store limit, so a guest that then traps or
 # exits non-zero is reported as out of memory when it stands within this much of its limit.
-# 1 MiB covers the growth step of common allocators (dlmalloc, AssemblyScript's TLSF).
+# 1 MiB covers the growth step of common allocators (dlmalloc, AssemblyScript's TLSF). Under a
+# small limit the slack is a quarter of it, or every trap under a 1 MiB limit would count.
 MEMORY_EXHAUSTION_SLACK = 1024 * 1024
+
+
+def memory_exhaustion_slack(limit_bytes: int) -> int:
+    """How close to its memory limit a failing guest must be to count as out of memory."""
+    return min(MEMORY_EXHAUSTION_SLACK, limit_bytes // 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +262,8 @@ class Sandbox:
         if not instantiated_ok:
             instantiated = finished
         peak = _memory_bytes(t, context) if instantiated_ok else 0
-        if isinstance(error, GuestRuntimeError) and peak + MEMORY_EXHAUSTION_SLACK > limits.memory_bytes:
+        near_limit = peak + memory_exhaustion_slack(limits.memory_bytes) > limits.memory_bytes
+        if isinstance(error, GuestRuntimeError) and near_limit:
             error = MemoryLimitExceeded(
                 f"script ran out of memory at {peak} bytes (limit {limits.memory_bytes})",
                 limit=limits.memory_bytes,
