@@ -3,13 +3,14 @@ engine and naive Celery, all measured in one run on the same script and input.""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -47,6 +48,8 @@ class BenchOptions:
     references: int = 500
     external: bool = False
     json_path: str | None = None
+    duration: float = 0.0  # > 0: the concurrent run lasts this many seconds instead of n calls
+    use_asyncio: bool = False  # concurrent callers are coroutines (run_async) on one event loop
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -163,19 +166,28 @@ def run_bench(options: BenchOptions) -> int:
         if options.external:
             result["naive_celery"] = None
         else:
-            from workers._naive import app as naive_app
+            from celery import Celery
 
-            naive_app.conf.broker_url = naive_app.conf.result_backend = settings.redis_url
+            from workers._naive import QUEUE
+
+            # The caller side of the naive design: default settings, as workers._naive's own app,
+            # but a fresh app per run, so a second bench in one process does not reuse the first
+            # one's connections (its Redis is gone).
+            naive_app = Celery("naive", broker=settings.redis_url, backend=settings.redis_url)
+            naive_app.conf.task_default_queue = QUEUE
             key = settings.keys.module(deployment.sha256)
             text = json.dumps(PAYLOAD)
-            naive_app.send_task("naive.execute", args=[key, text]).get(timeout=60)  # warm the worker
-            result["naive_celery"] = percentiles(
-                _timed(
-                    "naive celery",
-                    options.references,
-                    lambda: naive_app.send_task("naive.execute", args=[key, text]).get(timeout=10),
+            try:
+                naive_app.send_task("naive.execute", args=[key, text]).get(timeout=60)  # warm the worker
+                result["naive_celery"] = percentiles(
+                    _timed(
+                        "naive celery",
+                        options.references,
+                        lambda: naive_app.send_task("naive.execute", args=[key, text]).get(timeout=10),
+                    )
                 )
-            )
+            finally:
+                naive_app.close()
 
         # -- ours --------------------------------------------------------------------------------
         with Client(settings) as client:
@@ -183,12 +195,32 @@ def run_bench(options: BenchOptions) -> int:
             for shop in shops:
                 for _ in range(50):
                     client.run("bench", shop, PAYLOAD, timeout=5)
-            serial = _collect(client, shops, options.serial, 1, "ours, serial")
+            serial = _serial(client, shops, options.serial)
+            before = client.batching_stats()
             started = time.perf_counter()
-            concurrent = _collect(
-                client, shops, options.n, options.concurrency, f"ours, {options.concurrency} threads"
+            concurrent, per_second = _load(
+                client,
+                shops,
+                options.concurrency,
+                count=options.n,
+                duration=options.duration,
+                use_asyncio=options.use_asyncio,
             )
             elapsed = time.perf_counter() - started
+            after = client.batching_stats()
+        messages = sum(after[s][0] - before[s][0] for s in after)
+        jobs = sum(after[s][1] - before[s][1] for s in after)
+        result["jobs_per_message"] = round(jobs / messages, 2) if messages else None
+        if options.duration > 0:
+            result["sustained"] = {
+                "duration_s": options.duration,
+                "per_second_min": min(per_second, default=0),
+                "per_second_p50": percentiles([float(n) for n in per_second])["p50"],
+            }
+        result["concurrency"] = {
+            "callers": options.concurrency,
+            "kind": "asyncio" if options.use_asyncio else "threads",
+        }
         result["ours_serial"] = _stage_table(serial)
         result["ours_concurrent"] = _stage_table(concurrent)
         result["throughput_per_s"] = round(len(concurrent) / elapsed, 1)
@@ -208,18 +240,73 @@ def run_bench(options: BenchOptions) -> int:
     return 1 if result["failures"] else 0
 
 
-def _collect(client: Client, shops: list[str], count: int, concurrency: int, label: str) -> list[Outcome]:
-    progress = Progress(label, count)
-
-    def one(i: int) -> Outcome:
-        outcome = client.run("bench", shops[i % len(shops)], PAYLOAD, timeout=5)
+def _serial(client: Client, shops: list[str], count: int) -> list[Outcome]:
+    progress = Progress("ours, serial", count)
+    outcomes = []
+    for i in range(count):
+        outcomes.append(client.run("bench", shops[i % len(shops)], PAYLOAD, timeout=5))
         progress.step()
-        return outcome
+    return outcomes
 
-    if concurrency <= 1:
-        return [one(i) for i in range(count)]
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        return list(pool.map(one, range(count)))
+
+def _load(
+    client: Client, shops: list[str], concurrency: int, *, count: int, duration: float, use_asyncio: bool
+) -> tuple[list[Outcome], list[int]]:
+    """``concurrency`` callers back to back, threads or coroutines of one event loop, for
+    ``count`` calls or, if ``duration`` > 0, that many seconds. Also returns how many calls
+    completed in each whole second, so a dip shows even when the average looks fine."""
+    started = time.perf_counter()
+    end = started + duration if duration > 0 else float("inf")
+    kind = "asyncio tasks" if use_asyncio else "threads"
+    progress = Progress(f"ours, {concurrency} {kind}", int(duration) if duration > 0 else count)
+    issued = itertools.count()
+    outcomes: list[Outcome] = []
+    buckets: list[int] = []
+    lock = threading.Lock()
+
+    def take() -> int | None:
+        i = next(issued)
+        if (duration <= 0 and i >= count) or time.perf_counter() >= end:
+            return None
+        return i
+
+    def record(outcome: Outcome) -> None:
+        second = int(time.perf_counter() - started)
+        with lock:
+            outcomes.append(outcome)
+            buckets.extend([0] * (second + 1 - len(buckets)))
+            buckets[second] += 1
+        if duration <= 0:
+            progress.step()
+
+    def caller() -> None:
+        while (i := take()) is not None:
+            record(client.run("bench", shops[i % len(shops)], PAYLOAD, timeout=5))
+
+    async def coroutine() -> None:
+        while (i := take()) is not None:
+            record(await client.run_async("bench", shops[i % len(shops)], PAYLOAD, timeout=5))
+
+    async def all_coroutines() -> None:
+        await asyncio.gather(*(coroutine() for _ in range(concurrency)))
+
+    def ticker() -> None:
+        for second in range(1, int(duration) + 1):
+            time.sleep(max(0.0, started + second - time.perf_counter()))
+            progress.step()
+
+    if duration > 0:
+        threading.Thread(target=ticker, daemon=True).start()
+    if use_asyncio:
+        asyncio.run(all_coroutines())
+    else:
+        threads = [threading.Thread(target=caller) for _ in range(concurrency)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    whole_seconds = int(time.perf_counter() - started)
+    return outcomes, buckets[:whole_seconds]
 
 
 def _stage_table(outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
@@ -238,7 +325,17 @@ def _print(result: dict[str, Any]) -> None:
     for stage in STAGES:
         s, c = result["ours_serial"][stage], result["ours_concurrent"][stage]
         table.row(stage, s["p50"], s["p95"], s["p99"], "|", c["p50"], c["p95"], c["p99"])
-    print(f"\nthroughput (concurrent): {result['throughput_per_s']} executions/s")
+    callers = result["concurrency"]
+    print(
+        f"\nthroughput (concurrent, {callers['callers']} {callers['kind']}): "
+        f"{result['throughput_per_s']} executions/s, {result['jobs_per_message']} jobs per message"
+    )
+    if "sustained" in result:
+        sustained = result["sustained"]
+        print(
+            f"sustained for {sustained['duration_s']} s: slowest second {sustained['per_second_min']}"
+            f" executions, median second {sustained['per_second_p50']}"
+        )
     print("\nreference points (serial, same script and input), ms")
     refs = LiveTable([("design", 22), ("p50", 8), ("p95", 8), ("p99", 8)])
     for name in ("floor", "in_process", "naive_celery"):

@@ -172,9 +172,19 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
     if min(args.n, args.concurrency, args.shards, args.serial, args.references) < 1:
         raise UserMistake("--n, --concurrency, --shards, --serial and --references must be at least 1")
+    if args.duration < 0:
+        raise UserMistake("--duration must not be negative")
     return run_bench(
         BenchOptions(
-            args.n, args.concurrency, args.shards, args.serial, args.references, args.external, args.json
+            n=args.n,
+            concurrency=args.concurrency,
+            shards=args.shards,
+            serial=args.serial,
+            references=args.references,
+            external=args.external,
+            json_path=args.json,
+            duration=args.duration,
+            use_asyncio=args.use_asyncio,
         )
     )
 
@@ -290,6 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="stage table against the floor, in-process and naive Celery")
     bench.add_argument("--n", type=int, default=2000, help="executions in the concurrent run")
+    bench.add_argument(
+        "--duration", type=float, default=0.0, help="run the concurrent phase this many seconds instead"
+    )
+    bench.add_argument(
+        "--asyncio",
+        dest="use_asyncio",
+        action="store_true",
+        help="concurrent callers are asyncio tasks (run_async) instead of threads",
+    )
     bench.add_argument("--concurrency", type=int, default=4)
     bench.add_argument("--shards", type=int, default=2, help="shards to start (unless --external)")
     bench.add_argument("--serial", type=int, default=1000, help="serial executions for latency")

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
-import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
 import structlog
-from kombu.exceptions import KombuError
 
 from config import TASK_NAME, Job, Limits, Settings, check_ep, check_shop_id, encode_input, shard_for
 from config.errors import InputTooLarge, InvalidArgument, UnknownExtensionPoint
+from producer._batching import BatchPolicy, Lane, Message
 from producer._breaker import BreakerBoard, BreakerPolicy, CircuitBreaker
 from producer._outcome import ERROR, FALLBACK, OK, Outcome, Timings
-from producer._replies import ReplyDispatcher
+from producer._publisher import TaskPublisher
+from producer._replies import ReplyDispatcher, Waiter
 from registry._extension_points import ExtensionPoint
-from workers._app import create_app
 from workers._report import ErrorInfo, ExecutionReport
 
 log = structlog.get_logger("scriptpool.client")
@@ -30,8 +32,11 @@ _BREAKER_FAILURES = frozenset({
     "runtime_error", "invalid_output", "output_too_large", "worker_error", "timeout",
     "broker_unavailable",
 })  # fmt: skip
-_TRANSPORT_ERRORS = (redis.RedisError, KombuError, OSError)
+_TRANSPORT_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, OSError)
 _EP_CACHE_S = 5.0
+# Callers wait in checkout paths; anything longer is a mistake (inf would overflow the wait).
+MAX_TIMEOUT_S = 600
+_SHARD_CACHE = 100_000
 
 
 class Client:
@@ -42,19 +47,31 @@ class Client:
     input that is not JSON or too large, a non-positive timeout) raise before anything is enqueued.
     """
 
-    def __init__(self, settings: Settings, *, breaker: BreakerPolicy | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        breaker: BreakerPolicy | None = None,
+        batching: BatchPolicy | None = None,
+    ) -> None:
         self.settings = settings
-        self.client_id = uuid.uuid4().hex
+        self.client_id = os.urandom(16).hex()
         self._keys = settings.keys
-        self._app = create_app(settings)
         self._redis = redis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=0.25, socket_timeout=1.0
         )
+        self._tasks = TaskPublisher(self._redis, TASK_NAME)
         self._replies = ReplyDispatcher(settings.redis_url, self._keys.replies(self.client_id))
         self._breakers = BreakerBoard(breaker or BreakerPolicy())
         self._eps: dict[str, tuple[ExtensionPoint | None, float]] = {}
+        self._shards: dict[str, int] = {}  # shop -> shard, a cache: hashing costs 2 us a call
         self._publisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scriptpool-publish")
-        # kombu connects lazily; connecting on the first run would spend that caller's deadline.
+        self.batching = batching or BatchPolicy()
+        self._lanes = [
+            Lane(self.batching, self._publish, self._publish_failed, self._background, _TRANSPORT_ERRORS)
+            for _ in range(settings.shards)
+        ]
+        # redis-py connects lazily; connecting on the first run would spend that caller's deadline.
         self._publisher.submit(self._warm_publisher)
 
     # -- public --------------------------------------------------------------------------------
@@ -72,11 +89,9 @@ class Client:
         call = self._prepare(ep, shop_id, input, timeout, fallback)
         if isinstance(call, Outcome):
             return self._finish(call, strict)
-        waiter = self._replies.expect(call.job.id)
-        failed = self._publish(call)
-        if failed is not None:
-            return self._finish(failed, strict)
-        reply = waiter.wait(call.job.deadline - time.time())
+        call.waiter = self._replies.expect(call.job.id)
+        self._lanes[call.shard].submit(call)  # publishes now, or joins the shard's next message
+        reply = call.waiter.wait(call.job.deadline - time.time())
         return self._finish(self._conclude(call, reply), strict)
 
     async def run_async(
@@ -93,28 +108,35 @@ class Client:
         call = self._prepare(ep, shop_id, input, timeout, fallback)
         if isinstance(call, Outcome):
             return self._finish(call, strict)
-        loop = asyncio.get_running_loop()
-        waiter = self._replies.expect(call.job.id, loop)
-        remaining = call.job.deadline - time.time()
-        try:
-            failed = await asyncio.wait_for(
-                loop.run_in_executor(self._publisher, self._publish, call), max(remaining, 0.0)
-            )
-        except TimeoutError:
-            failed = call.fallback_outcome("timeout", "enqueue did not finish before the deadline")
-            call.breaker.failure()
-            self._replies.forget(call.job.id)
-        if failed is not None:
-            return self._finish(failed, strict)
-        reply = await waiter.wait_async(call.job.deadline - time.time())
+        call.waiter = self._replies.expect(call.job.id, asyncio.get_running_loop())
+        # Publishing is a Redis round trip: off the event loop. Whatever happens to it reaches
+        # the waiter, and the wait below ends at the deadline regardless. Joining a busy lane's
+        # next message needs no I/O, so it takes no thread either.
+        if not self._lanes[call.shard].try_queue(call):
+            self._publisher.submit(self._submit, call)
+        reply = await call.waiter.wait_async(call.job.deadline - time.time())
         return self._finish(self._conclude(call, reply), strict)
+
+    def _background(self, work: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # closed: nobody waits for what is left in the lanes
+            self._publisher.submit(work)
+
+    def _submit(self, call: _Call) -> None:
+        try:
+            self._lanes[call.shard].submit(call)
+        except Exception as exc:  # a bug, not Redis (the lane reports those): still wake the caller
+            log.exception("submit_failed", job=call.job.id)
+            call.waiter.fail(f"cannot enqueue: {exc!r}")
 
     def _warm_publisher(self) -> None:
         try:
-            with self._app.producer_or_acquire() as producer:
-                producer.connection.default_channel  # noqa: B018 - connecting is the point
+            self._redis.ping()
         except _TRANSPORT_ERRORS as exc:
             log.warning("publisher_warmup_failed", error=str(exc))
+
+    def batching_stats(self) -> dict[int, tuple[int, int]]:
+        """Per shard: (messages published, jobs they carried) since this client started."""
+        return {shard: (lane.messages, lane.jobs) for shard, lane in enumerate(self._lanes)}
 
     def breaker_state(self, shop_id: str | int, ep: str) -> str:
         """The breaker state of (shop, EP): ``closed``, ``open`` or ``half_open``."""
@@ -125,7 +147,6 @@ class Client:
         self._replies.close()
         self._publisher.shutdown(wait=False)
         self._redis.close()
-        self._app.close()
 
     def __enter__(self) -> Client:
         return self
@@ -142,15 +163,21 @@ class Client:
         shop = check_shop_id(shop_id)
         if timeout is None:
             timeout = self.settings.default_deadline_ms / 1000
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-            raise InvalidArgument(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if (
+            not isinstance(timeout, (int, float))
+            or isinstance(timeout, bool)
+            or not 0 < timeout <= MAX_TIMEOUT_S
+        ):
+            raise InvalidArgument(
+                f"timeout must be a number of seconds in (0, {MAX_TIMEOUT_S}], got {timeout!r}"
+            )
         validated = time.perf_counter()
         payload = encode_input(input)
         serialized = time.perf_counter()
         now = time.time()
-        job = Job(uuid.uuid4().hex, ep, shop, payload, deadline=now + timeout, enqueued_at=now)
+        job = Job(os.urandom(16).hex(), ep, shop, payload, deadline=now + timeout, enqueued_at=now)
         breaker = self._breakers.get(shop, ep)
-        call = _Call(job, shard_for(shop, self.settings.shards), breaker, fallback, started)
+        call = _Call(job, self._shard_of(shop), breaker, fallback, started)
         call.validated, call.serialized = validated, serialized
         try:
             limits = self._limits(ep)
@@ -167,32 +194,46 @@ class Client:
             return call.fallback_outcome("circuit_open", f"circuit for {shop}/{ep} is open")
         return call
 
-    def _publish(self, call: _Call) -> Outcome | None:
-        try:
-            self._app.send_task(
-                TASK_NAME,
-                args=[call.job.to_wire()],
-                queue=self._keys.queue(call.shard),
-                task_id=call.job.id,
-                reply_to=self._replies.reply_key,
-                retry=False,
-            )
-        except _TRANSPORT_ERRORS as exc:
-            self._replies.forget(call.job.id)
-            call.breaker.failure()
-            return call.fallback_outcome("broker_unavailable", f"cannot enqueue: {exc}")
-        call.enqueued = time.perf_counter()
-        return None
+    def _publish(self, calls: list[Any], announce: bool) -> None:
+        """One task message carrying ``calls`` (one or more jobs for the same shard); with
+        ``announce`` the worker says when it takes it (``producer._batching``)."""
+        first = calls[0].job
+        argsrepr = f"[job {first.ep}/{first.shop_id}]" if len(calls) == 1 else f"[{len(calls)} jobs]"
+        self._tasks.publish(
+            first.id,
+            [call.job.to_wire() for call in calls],
+            {"announce": True} if announce else {},
+            queue=self._keys.queue(calls[0].shard),
+            reply_to=self._replies.reply_key,
+            argsrepr=argsrepr,
+        )
+        now = time.perf_counter()
+        for call in calls:
+            call.enqueued = now
+
+    def _publish_failed(self, calls: list[Any], exc: Exception) -> None:
+        for call in calls:
+            call.waiter.fail(f"cannot enqueue: {exc}")
 
     def _conclude(self, call: _Call, reply: dict[str, Any] | None) -> Outcome:
         if reply is None:
             self._replies.forget(call.job.id)
             call.breaker.failure()
+            failure = call.waiter.failure
+            if failure is not None:
+                return call.fallback_outcome("broker_unavailable", failure)
+            message = call.waiter.listener
+            if isinstance(message, Message):
+                message.expired()  # may let the shard's next message go
             return call.fallback_outcome("timeout", "no reply before the deadline")
         total_ms = (time.perf_counter() - call.started) * 1000
         validate_ms, serialize_ms, enqueue_ms = call.client_stages_ms()
-        # enqueued_at is stamped before the publish, so the publish itself is not queue wait.
-        queue_wait_ms = max(0.0, (reply["received_at"] - call.job.enqueued_at) * 1000 - enqueue_ms)
+        # enqueued_at is stamped before the publish, so the publish itself is not queue wait. A
+        # batched call's publish can return after the worker already took the message (the
+        # publishing thread was descheduled), so enqueue ends at the worker's receipt at the latest.
+        until_received_ms = max(0.0, (reply["received_at"] - call.job.enqueued_at) * 1000)
+        enqueue_ms = min(enqueue_ms, until_received_ms)
+        queue_wait_ms = until_received_ms - enqueue_ms
         execute_ms = (reply["finished_at"] - reply["received_at"]) * 1000
         accounted = validate_ms + serialize_ms + enqueue_ms + queue_wait_ms + execute_ms
         timings = Timings(
@@ -229,6 +270,14 @@ class Client:
     def _finish(self, outcome: Outcome, strict: bool) -> Outcome:
         return outcome.raise_for_status() if strict else outcome
 
+    def _shard_of(self, shop: str) -> int:
+        shard = self._shards.get(shop)
+        if shard is None:
+            if len(self._shards) >= _SHARD_CACHE:
+                self._shards.clear()
+            shard = self._shards[shop] = shard_for(shop, self.settings.shards)
+        return shard
+
     def _limits(self, ep: str) -> Limits:
         now = time.monotonic()
         cached = self._eps.get(ep)
@@ -245,7 +294,10 @@ class Client:
 class _Call:
     """One call in flight."""
 
-    __slots__ = ("breaker", "enqueued", "fallback", "job", "serialized", "shard", "started", "validated")
+    __slots__ = (
+        "breaker", "enqueued", "fallback", "job", "serialized", "shard", "started", "validated", "waiter",
+    )  # fmt: skip
+    waiter: Waiter
 
     def __init__(self, job: Job, shard: int, breaker: CircuitBreaker, fallback: Any, started: float) -> None:
         self.job = job

@@ -46,3 +46,24 @@ def test_tiny_bench_reports_every_stage_and_reference(
     assert result["throughput_per_s"] > 0
     assert set(result["ratios"]) == {"ours_over_floor_p50", "ours_over_in_process_p50", "ours_over_naive_p50"}
     assert "ratios (p50)" in printed
+
+
+@pytest.mark.slow
+def test_sustained_asyncio_bench_reports_seconds_and_batching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--duration`` runs the concurrent phase for that long and reports each whole second;
+    ``--asyncio`` drives it with coroutines; both report how many jobs a message carried."""
+    monkeypatch.delenv("SCRIPTPOOL_REDIS_URL", raising=False)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--duration", "2", "--asyncio", "--concurrency", "8", "--serial", "10"]
+    assert main([*argv, "--references", "10", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["failures"] == 0
+    assert result["concurrency"] == {"callers": 8, "kind": "asyncio"}
+    sustained = result["sustained"]
+    assert sustained["duration_s"] == 2 and sustained["per_second_min"] > 0
+    assert result["jobs_per_message"] >= 1
+    assert result["throughput_per_s"] > 0
+    assert "sustained for 2.0 s" in printed and "jobs per message" in printed

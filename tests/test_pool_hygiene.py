@@ -28,8 +28,7 @@ PERMANENT = [
     r"sp:ep:\w+",
     r"sp:eps",
     r"_kombu\.binding(\.|_deadlines|_permanent\.).*",
-    r"unacked(_index|_mutex)?",
-]
+]  # and no "unacked" hash: kombu's ack emulation is off (workers._app)
 EXPIRING = [r"sp:reply:\w+", r"sp:worker:.+"]  # reply lists (60 s), worker heartbeats (10 s)
 
 

@@ -9,6 +9,7 @@ from celery import Celery
 from kombu.entity import Queue
 
 from config import Settings
+from config._settings import redis_tls_options
 
 # Replies that nobody collects (the caller died) expire after this long.
 REPLY_TTL_S = 60
@@ -23,6 +24,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     ]
     return {
         "broker_url": settings.redis_url,
+        "broker_use_ssl": redis_tls_options(settings.redis_url),  # rediss://: verify as redis-py does
         "result_backend": "workers._backend:ReplyListBackend",
         # msgpack measured 3x faster than JSON per job (5.6 vs 16.7 us) and carries input bytes
         # as-is. Pickle is never accepted.
@@ -40,7 +42,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_connect_timeout": 0.25,
             "socket_timeout": 1.0,
             "max_retries": 0,
-            "visibility_timeout": 300,
+            # No unacked hash: kombu's ack emulation costs two Redis round trips per message
+            # (record on delivery, delete on ack), measured 0.6 ms of queue wait. What it buys,
+            # redelivery of a message whose worker died holding it, is worth nothing here: the
+            # job's caller has fallen back by then and the worker would drop it as stale.
+            "ack_emulation": False,
         },
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,

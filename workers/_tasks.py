@@ -1,4 +1,5 @@
-"""The one Celery task: run a job on this process's engine, or drop it if its caller gave up."""
+"""The one Celery task: run the jobs of a message on this process's engine, dropping those whose
+callers gave up, and reply to each as soon as it is done."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from celery import signals
-from celery.exceptions import Ignore
 
 from config import TASK_NAME, Job, Reply, Settings, configure_logging
+from config._wire import Taken
+from workers._backend import ReplyPusher, ReplySession, failure_reply
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -54,6 +56,47 @@ class WorkerState:
             settings.redis_url, settings.keys.invalidations(), self.executor.invalidate
         ).start()
         self.heartbeat: telemetry.Heartbeat | None = None
+        self.replies = ReplyPusher(settings)
+
+    def run_job(
+        self, wire: dict[str, Any], replies: ReplySession, request: Any, shard: int, worker: str
+    ) -> None:
+        """Run one job and push its reply; the log event and metrics come after the reply, so
+        the caller does not wait for them."""
+        received = time.time()
+        job = Job.from_wire(wire)
+        if received > job.deadline:
+            self.counters.dropped_stale += 1
+            telemetry.record_dropped()
+            log.info(
+                "stale_job_dropped",
+                job=job.id,
+                ep=job.ep,
+                shop=job.shop_id,
+                shard=shard,
+                late_ms=round((received - job.deadline) * 1000, 3),
+            )
+            return
+        try:
+            execution = self.executor.execute(job.ep, job.shop_id, job.input)
+        except Exception as exc:  # the worker failed (e.g. Redis lost mid-lookup), not the script
+            log.warning("job_failed", job=job.id, ep=job.ep, shop=job.shop_id, error=repr(exc))
+            replies.push(failure_reply(job.id, exc, request, shard))
+            return
+        reply = Reply(
+            job_id=job.id,
+            execution=execution.to_dict(),
+            error=None,
+            shard=shard,
+            worker=worker,
+            received_at=received,
+            finished_at=time.time(),
+        )
+        replies.push(reply.to_wire())
+        self.counters.executed += 1
+        telemetry.record_execution(
+            execution, job=job.id, shop=job.shop_id, ep=job.ep, shard=shard, worker=worker
+        )
 
     def announce(self, name: str, shards: list[int]) -> None:
         """Start the heartbeat and metrics endpoint once the worker knows its name and shards."""
@@ -86,40 +129,34 @@ def worker_state(settings: Settings) -> WorkerState:
 def register(app: Celery) -> None:
     """Register the execute task and warm the worker state when a worker process starts."""
 
-    @app.task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
-    def execute(self: Any, job_wire: dict[str, Any]) -> dict[str, Any]:
-        received = time.time()
-        job = Job.from_wire(job_wire)
+    # ignore_result: the task pushes its replies itself (workers._backend.ReplyPusher) and returns
+    # None, so Celery neither reprs nor stores a result. Errors that escape it still reach the
+    # caller through the backend (store_errors_even_if_ignored).
+    @app.task(  # type: ignore[untyped-decorator]
+        name=TASK_NAME,
+        bind=True,
+        ignore_result=True,
+        store_errors_even_if_ignored=True,
+        Strategy="workers._strategy:guarded",  # refuses malformed messages instead of dying
+    )
+    def execute(self: Any, *jobs: dict[str, Any], announce: bool = False) -> None:
+        """Run each job of the message in order, replying to each as soon as it is done.
+
+        A message carries one job, or several for the same shard that one client coalesced
+        (``producer._batching``); each is dropped on its own if its caller has given up. With
+        ``announce`` the client first hears that the message was taken, so it can publish the
+        calls that piled up meanwhile while this worker is still busy.
+        """
         state = worker_state(app.settings)
-        queue = (self.request.delivery_info or {}).get("routing_key") or ""
+        request = self.request
+        queue = (request.delivery_info or {}).get("routing_key") or ""
         shard = app.settings.keys.shard_of_queue(queue)
-        if received > job.deadline:
-            state.counters.dropped_stale += 1
-            telemetry.record_dropped()
-            log.info(
-                "stale_job_dropped",
-                job=job.id,
-                ep=job.ep,
-                shop=job.shop_id,
-                shard=shard,
-                late_ms=round((received - job.deadline) * 1000, 3),
-            )
-            raise Ignore()
-        execution = state.executor.execute(job.ep, job.shop_id, job.input)
-        state.counters.executed += 1
-        worker = f"{self.request.hostname}:{os.getpid()}"
-        telemetry.record_execution(
-            execution, job=job.id, shop=job.shop_id, ep=job.ep, shard=shard, worker=worker
-        )
-        return Reply(
-            job_id=job.id,
-            execution=execution.to_dict(),
-            error=None,
-            shard=-1 if shard is None else shard,
-            worker=worker,
-            received_at=received,
-            finished_at=time.time(),
-        ).to_wire()
+        worker = f"{request.hostname}:{os.getpid()}"
+        with state.replies.session(request.reply_to) as replies:
+            if announce and jobs:
+                replies.push(Taken(jobs[0]["id"]).to_wire())
+            for wire in jobs:
+                state.run_job(wire, replies, request, -1 if shard is None else shard, worker)
 
     def warm(**_: Any) -> None:
         configure_logging()
