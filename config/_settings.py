@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from config._keys import Keys
 from config._limits import Limits
@@ -123,3 +126,30 @@ class Settings:
             )
         except ValueError as exc:
             raise ConfigurationError(f"malformed SCRIPTPOOL_* setting: {exc}") from exc
+
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+def redis_tls_options(url: str) -> dict[str, Any] | None:
+    """The TLS options of a ``rediss://`` URL for kombu's broker connection; None for ``redis://``.
+
+    redis-py reads ``ssl_cert_reqs`` (default ``required``), ``ssl_ca_certs``, ``ssl_certfile`` and
+    ``ssl_keyfile`` from the URL's query by itself. kombu does too when the query has them, but
+    given a bare ``rediss://host`` it falls back to not verifying the server at all, so the job
+    channel would trust any certificate while everything else checks it. Passing these options as
+    Celery's ``broker_use_ssl`` makes kombu verify exactly as redis-py does.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    query = dict(parse_qsl(parts.query))
+    wanted = query.get("ssl_cert_reqs", "required").lower()
+    if wanted not in _CERT_REQS:
+        raise ConfigurationError(
+            f"ssl_cert_reqs in SCRIPTPOOL_REDIS_URL must be none, optional or required, got {wanted!r}"
+        )
+    options: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[wanted]}
+    options.update({name: query[name] for name in _TLS_FILES if name in query})
+    return options

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import wasmtime
 
+from workers.sandbox import provided_signatures
+
 WASI = "wasi_snapshot_preview1"
 
 
@@ -211,4 +213,89 @@ def provider_user(provider: str, call: str) -> bytes:
       (import "{WASI}" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
       (memory (export "memory") 1)
       (func (export "_start") {body}))
+    """)
+
+
+# Well-formed modules that end badly, one way each.
+NONZERO_EXIT = writes(b"{}", b"giving up", exit_code=3)
+INVALID_JSON = writes(b"this is not json")
+NON_UTF8 = writes(b"\xff\xfe{}")
+
+# Traps in its start function, i.e. while being instantiated, before the entry runs.
+START_TRAP = wasm(
+    '(module (memory (export "memory") 1) (func $s unreachable) (start $s) (func (export "_start")))'
+)
+
+# Loads from far outside its one page of memory.
+OUT_OF_BOUNDS = wasm(
+    '(module (memory (export "memory") 1) (func (export "_start") (drop (i32.load (i32.const 0x7ffffff0)))))'
+)
+
+# Bytes that are refused at deploy: a valid header then garbage, and not Wasm at all.
+TRUNCATED_MODULE = b"\0asm\x01\0\0\0garbage"
+NOT_WASM = b"MZ\x90\0 this is a PE executable, not WebAssembly"
+
+# Exports `run` but no `_start`, so the default entry is missing.
+MISSING_ENTRY = wasm('(module (memory (export "memory") 1) (func (export "run")))')
+
+# Imports a socket-opening function that WASI preview 1 does not have (WasmEdge's extension).
+SOCKET_OPEN_IMPORT = wasm(f"""
+(module (import "{WASI}" "sock_open" (func (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1) (func (export "_start")))
+""")
+
+
+def oversized(size: int) -> bytes:
+    """A valid module of more than ``size`` bytes (a big data segment), otherwise harmless."""
+    pages = size // 65536 + 2
+    return wasm(
+        f'(module (memory (export "memory") {pages}) (data (i32.const 0) "{"a" * (size + 1)}")'
+        '(func (export "_start")))'
+    )
+
+
+def wasi_errnos(calls: list[tuple[str, tuple[int, ...]]]) -> bytes:
+    """A module that makes each WASI call with the given arguments (pointers land in its one page
+    of scratch memory) and prints the errnos they return as a JSON array of numbers."""
+    signatures = provided_signatures()
+    imports, body = [], []
+    for name in dict.fromkeys(name for name, _ in calls if name != "fd_write"):  # fd_write: imported below
+        params, results = signatures[name]
+        imports.append(
+            f'(import "{WASI}" "{name}" (func ${name} (param {" ".join(params)}) (result {results[0]})))'
+        )
+    for index, (name, args) in enumerate(calls):
+        params, _ = signatures[name]
+        consts = " ".join(f"({ty}.const {value})" for ty, value in zip(params, args, strict=True))
+        if index:
+            body.append("(call $byte (i32.const 44))")
+        body.append(f"(call $u32 (call ${name} {consts}))")
+    return wasm(f"""
+    (module
+      {" ".join(imports)}
+      (import "{WASI}" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (global $out (mut i32) (i32.const 4096))
+      (func $byte (param $b i32)
+        (i32.store8 (global.get $out) (local.get $b))
+        (global.set $out (i32.add (global.get $out) (i32.const 1))))
+      (func $u32 (param $v i32) (local $div i32) (local $started i32)
+        (local.set $div (i32.const 1000000000))
+        (loop $l
+          (if (i32.or (local.get $started)
+                      (i32.or (i32.ge_u (local.get $v) (local.get $div))
+                              (i32.eq (local.get $div) (i32.const 1))))
+            (then
+              (call $byte (i32.add (i32.const 48) (i32.div_u (local.get $v) (local.get $div))))
+              (local.set $started (i32.const 1))))
+          (local.set $v (i32.rem_u (local.get $v) (local.get $div)))
+          (local.set $div (i32.div_u (local.get $div) (i32.const 10)))
+          (br_if $l (i32.ne (local.get $div) (i32.const 0)))))
+      (func (export "_start")
+        (call $byte (i32.const 91))
+        {" ".join(body)}
+        (call $byte (i32.const 93))
+        (i32.store (i32.const 64) (i32.const 4096))
+        (i32.store (i32.const 68) (i32.sub (global.get $out) (i32.const 4096)))
+        (drop (call $fd_write (i32.const 1) (i32.const 64) (i32.const 1) (i32.const 72)))))
     """)
