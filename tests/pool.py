@@ -92,6 +92,12 @@ def shops_on(shard: int, shards: int, count: int = 1) -> list[str]:
     return [next(found) for _ in range(count)]
 
 
+def pid_of(worker_field: str | None) -> int:
+    """The process id in an outcome's ``worker`` field (``name@host:pid``)."""
+    assert worker_field is not None
+    return int(worker_field.rsplit(":", 1)[1])
+
+
 def rss_mb(pid: int) -> float:
     """Resident set size of a process, in MiB, from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

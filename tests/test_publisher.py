@@ -108,8 +108,8 @@ def test_template_matches_json_dumps_with_awkward_strings(redis_client: redis.Re
     publisher = TaskPublisher(redis_client, TASK_NAME, origin='gen1@h"ost\\x')
     args = [{"id": "x", "input": b"\x00\xff"}]
     fields = {"queue": 'q"\\ü', "reply_to": "r\n\t", "argsrepr": "[job é/ü \"'\\]"}
-    encoded = publisher.encode("t\"id", args, {"announce": True}, **fields)
-    message = publisher.message("t\"id", args, {"announce": True}, **fields)
+    encoded = publisher.encode('t"id', args, {"announce": True}, **fields)
+    message = publisher.message('t"id', args, {"announce": True}, **fields)
     decoded = json.loads(encoded)
     message["properties"]["delivery_tag"] = decoded["properties"]["delivery_tag"]
     assert decoded == message

@@ -36,7 +36,7 @@ from registry import Registry
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.faults.conftest import Recorder
-from tests.pool import WorkerProcess, start_workers
+from tests.pool import WorkerProcess, pid_of, start_workers
 from workers import Executor, Sandbox
 from workers._app import create_app
 from workers.sandbox import FIXED_TIME_NS, engine_fingerprint
@@ -52,12 +52,6 @@ EBADF, ENOTSUP = 8, 58
 def shop_on(shard: int, prefix: str, shards: int = SHARDS) -> str:
     """A shop id named after ``prefix`` that maps to ``shard``."""
     return next(f"{prefix}.{n}" for n in range(10_000) if shard_for(f"{prefix}.{n}", shards) == shard)
-
-
-def pid_of(worker_field: str | None) -> int:
-    """The process id in an outcome's ``worker`` field (``name@host:pid``)."""
-    assert worker_field is not None
-    return int(worker_field.rsplit(":", 1)[1])
 
 
 def p95(values: list[float]) -> float:
