@@ -65,7 +65,8 @@ def test_slow_then_black_holed_network_degrades_to_fallback_and_recovers(
                     time.sleep(0.05)
             load.stop()
             calls = load.join()
-        assert [w.process.pid for w in workers] == pids and all(w.alive for w in workers)
+        died = sum(not w.alive for w in workers)
+        assert [w.process.pid for w in workers] == pids and died == 0
     finally:
         for worker in workers:
             worker.stop()
@@ -109,6 +110,6 @@ def test_slow_then_black_holed_network_degrades_to_fallback_and_recovers(
             "breaker samples open during black hole": f"{breaker_states['open']} of {breaker_states.total()}",
             "throughput back after healing (s)": round(recovered_s, 2),
             "stale jobs dropped by workers after healing": stale_dropped,
-            "worker restarts": 0,
+            "worker processes died": died,
         },
     )
