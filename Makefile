@@ -30,7 +30,9 @@ reliability: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Rebuilds the example and fixture .wasm files from their C sources (needs clang and wasi-libc).
 examples:

@@ -1,32 +1,67 @@
-"""Settings, limits, Redis key names, name checks and errors shared by every subsystem."""
+"""The shared core: settings, limits, Redis keys and connections, names, errors and wire types.
+
+Everything else imports from here; this package imports nothing of ours.
+"""
 
 from config import errors
-from config._embedded_redis import EmbeddedRedis, find_redis_server
+from config._environment import VARIABLES, Variable, markdown_table
+from config._extension_points import ExtensionPoint, ExtensionPointReader
 from config._keys import Keys
-from config._limits import Limits
-from config._logging import configure_logging
+from config._limits import Limits, check_input_size
+from config._logging import EventLogger, configure_logging, get_logger
 from config._names import check_ep, check_export, check_provider, check_shop_id
-from config._settings import ENVIRONMENT, Settings
+from config._reconnect import Reconnector
+from config._redis import check_redis_url, redis_client, redis_pool, redis_tls_options
+from config._settings import Settings
 from config._sharding import jump_hash, shard_for
-from config._wire import TASK_NAME, Job, Reply, encode_input
+from config._wire import (
+    BODY_ENCODING,
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
+    ErrorInfo,
+    Execution,
+    ExecutionReport,
+    Job,
+    Reply,
+    Taken,
+    encode_input,
+    redis_command,
+)
 
 __all__ = [
-    "ENVIRONMENT",
-    "TASK_NAME",
-    "EmbeddedRedis",
+    "BODY_ENCODING",
+    "CONTENT_ENCODING",
+    "CONTENT_TYPE",
+    "VARIABLES",
+    "ErrorInfo",
+    "EventLogger",
+    "Execution",
+    "ExecutionReport",
+    "ExtensionPoint",
+    "ExtensionPointReader",
     "Job",
     "Keys",
     "Limits",
+    "Reconnector",
     "Reply",
     "Settings",
+    "Taken",
+    "Variable",
     "check_ep",
     "check_export",
+    "check_input_size",
     "check_provider",
+    "check_redis_url",
     "check_shop_id",
     "configure_logging",
     "encode_input",
     "errors",
-    "find_redis_server",
+    "get_logger",
     "jump_hash",
+    "markdown_table",
+    "redis_client",
+    "redis_command",
+    "redis_pool",
+    "redis_tls_options",
     "shard_for",
 ]

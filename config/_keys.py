@@ -1,8 +1,9 @@
-"""Every Redis key, channel and queue name the project uses, in one place."""
+"""Every Redis key, channel and queue name the project uses, and how long each lives, in one place."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(frozen=True, slots=True)
@@ -10,6 +11,16 @@ class Keys:
     """Builds Redis key names under one prefix, so deployments can share a Redis safely."""
 
     prefix: str = "sp"
+
+    # The Celery task every job message names (not prefixed: it is a name inside the message).
+    TASK: ClassVar[str] = "scriptpool.execute"
+    # Replies that nobody collects (the caller died) expire after this long.
+    REPLY_TTL_S: ClassVar[int] = 60
+    # A worker refreshes its heartbeat every HEARTBEAT_S; it expires HEARTBEAT_TTL_S after the last.
+    HEARTBEAT_S: ClassVar[float] = 2.0
+    HEARTBEAT_TTL_S: ClassVar[int] = 10
+    # Earlier deployments kept per (EP, shop) for rollback.
+    HISTORY_DEPTH: ClassVar[int] = 20
 
     # -- registry ------------------------------------------------------------------------------
     def module(self, sha256: str) -> str:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from config.errors import ConfigurationError
+from config.errors import ConfigurationError, InputTooLarge
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,19 +28,36 @@ class Limits:
             value = getattr(self, field.name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigurationError(
-                    f"limit {field.name} must be a positive integer, got {value!r}", field=field.name
+                    f"limit {field.name} must be a positive integer, got {value!r}", limit=field.name
                 )
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> Limits:
         """Return these limits with ``overrides`` applied; unknown names are an error."""
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ConfigurationError(
+                f"limit overrides must be an object of names to integers, got {overrides!r}"
+            )
         if not overrides:
             return self
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ConfigurationError(f"unknown limit(s): {', '.join(unknown)}", unknown=unknown)
+            raise ConfigurationError(
+                f"unknown limit(s): {', '.join(unknown)}; the limits are {', '.join(sorted(known))}",
+                unknown=unknown,
+            )
         return dataclasses.replace(self, **overrides)
 
     def as_dict(self) -> dict[str, int]:
         """Return the limits as a plain dict (for JSON and reports)."""
         return dataclasses.asdict(self)
+
+
+def check_input_size(payload: bytes, limits: Limits) -> None:
+    """Raise :class:`InputTooLarge` when serialised input exceeds ``limits.input_bytes``."""
+    if len(payload) > limits.input_bytes:
+        raise InputTooLarge(
+            f"input is {len(payload)} bytes; the limit is {limits.input_bytes}",
+            size=len(payload),
+            limit=limits.input_bytes,
+        )

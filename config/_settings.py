@@ -4,55 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import ssl
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
+from config import _environment
 from config._keys import Keys
 from config._limits import Limits
+from config._redis import check_redis_url
 from config.errors import ConfigurationError
 
-# Every variable Settings.from_env reads, with what it sets. The README table and the compose
-# consistency test are checked against this list.
-ENVIRONMENT: dict[str, str] = {
-    "SCRIPTPOOL_REDIS_URL": "Redis URL (redis://, rediss:// for TLS; password in the URL)",
-    "SCRIPTPOOL_ARTIFACT_KEY": "HMAC key (16+ bytes) that signs AOT artifacts; required to deploy or run",
-    "SCRIPTPOOL_SHARDS": "number of shards (default 2); every process must agree",
-    "SCRIPTPOOL_KEY_PREFIX": "prefix of every Redis key and queue (default sp)",
-    "SCRIPTPOOL_DEADLINE_MS": "default caller deadline in ms (default 50)",
-    "SCRIPTPOOL_MODULE_CACHE_MB": "compiled-module cache per worker process, MiB (default 256)",
-    "SCRIPTPOOL_PROVIDER_MAX_KB": "size cap of provider modules, KiB (default 16384)",
-    "SCRIPTPOOL_INPUT_VALIDATION_RATE": "share of inputs validated against the EP schema (default 0.05)",
-    "SCRIPTPOOL_EPOCH_TICK_MS": "epoch ticker period: wall-clock limit granularity (default 5)",
-    "SCRIPTPOOL_BINDING_CACHE_TTL_S": "backstop expiry of cached bindings besides pub/sub (default 5)",
-    "SCRIPTPOOL_METRICS_PORT": "worker Prometheus /metrics port (default 0: off)",
-    "SCRIPTPOOL_LIMIT_FUEL": "default instruction budget (11,000,000)",
-    "SCRIPTPOOL_LIMIT_MEMORY_BYTES": "default linear memory limit (10,240,000)",
-    "SCRIPTPOOL_LIMIT_STACK_BYTES": "default Wasm stack (524,288)",
-    "SCRIPTPOOL_LIMIT_INPUT_BYTES": "default input limit (131,072)",
-    "SCRIPTPOOL_LIMIT_OUTPUT_BYTES": "default output limit (20,480)",
-    "SCRIPTPOOL_LIMIT_LOG_BYTES": "default log limit before truncation (1,024)",
-    "SCRIPTPOOL_LIMIT_MODULE_BYTES": "default module size cap (262,144)",
-    "SCRIPTPOOL_LIMIT_WALL_MS": "default wall-clock limit per run (100)",
-}
-
-_LIMIT_ENV = {
-    "SCRIPTPOOL_LIMIT_FUEL": "fuel",
-    "SCRIPTPOOL_LIMIT_MEMORY_BYTES": "memory_bytes",
-    "SCRIPTPOOL_LIMIT_STACK_BYTES": "stack_bytes",
-    "SCRIPTPOOL_LIMIT_INPUT_BYTES": "input_bytes",
-    "SCRIPTPOOL_LIMIT_OUTPUT_BYTES": "output_bytes",
-    "SCRIPTPOOL_LIMIT_LOG_BYTES": "log_bytes",
-    "SCRIPTPOOL_LIMIT_MODULE_BYTES": "module_bytes",
-    "SCRIPTPOOL_LIMIT_WALL_MS": "wall_ms",
-}
+_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.:{}]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything configurable about scriptpool. Build with :meth:`from_env` at the edge."""
+    """Everything configurable about scriptpool. Build with :meth:`from_env` at the edge.
+
+    Each field is filled from one ``SCRIPTPOOL_*`` variable (``config.VARIABLES`` lists them).
+    """
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     artifact_key: bytes = b""
@@ -68,13 +39,20 @@ class Settings:
     metrics_port: int = 0
 
     def __post_init__(self) -> None:
+        check_redis_url(self.redis_url)
+        if not _PREFIX.fullmatch(self.key_prefix):
+            _invalid("key_prefix", f"must be 1-64 letters, digits or _-.:{{}}, got {self.key_prefix!r}")
         if self.shards < 1:
-            raise ConfigurationError(f"shards must be at least 1, got {self.shards}")
+            _invalid("shards", f"must be at least 1, got {self.shards}")
         if not 0.0 <= self.input_validation_rate <= 1.0:
-            raise ConfigurationError("input_validation_rate must lie in [0, 1]")
+            _invalid("input_validation_rate", f"must lie in [0, 1], got {self.input_validation_rate}")
         for name in ("default_deadline_ms", "module_cache_bytes", "provider_max_bytes", "epoch_tick_ms"):
             if getattr(self, name) <= 0:
-                raise ConfigurationError(f"{name} must be positive")
+                _invalid(name, f"must be positive, got {getattr(self, name)}")
+        if not self.binding_cache_ttl_s > 0:
+            _invalid("binding_cache_ttl_s", f"must be positive, got {self.binding_cache_ttl_s}")
+        if not 0 <= self.metrics_port <= 65535:
+            _invalid("metrics_port", f"must be a TCP port in 0..65535, got {self.metrics_port}")
 
     @property
     def keys(self) -> Keys:
@@ -85,7 +63,8 @@ class Settings:
         """Return the HMAC key for AOT artifacts, or fail clearly if none is configured."""
         if len(self.artifact_key) < 16:
             raise ConfigurationError(
-                "SCRIPTPOOL_ARTIFACT_KEY must be set to at least 16 bytes: it signs compiled artifacts"
+                "SCRIPTPOOL_ARTIFACT_KEY must be set to at least 16 bytes: it signs compiled artifacts",
+                variable="SCRIPTPOOL_ARTIFACT_KEY",
             )
         return self.artifact_key
 
@@ -95,61 +74,31 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from ``SCRIPTPOOL_*`` variables (``os.environ`` by default)."""
-        env = os.environ if environ is None else environ
-        defaults = cls()
+        """Build settings from ``SCRIPTPOOL_*`` variables (``os.environ`` by default).
+
+        A malformed or out-of-range value raises :class:`ConfigurationError` naming its variable.
+        """
+        fields, limits = _environment.read(os.environ if environ is None else environ)
         try:
-            limit_overrides = {name: int(env[var]) for var, name in _LIMIT_ENV.items() if var in env}
-            return cls(
-                redis_url=env.get("SCRIPTPOOL_REDIS_URL", defaults.redis_url),
-                artifact_key=env.get("SCRIPTPOOL_ARTIFACT_KEY", "").encode(),
-                shards=int(env.get("SCRIPTPOOL_SHARDS", defaults.shards)),
-                key_prefix=env.get("SCRIPTPOOL_KEY_PREFIX", defaults.key_prefix),
-                default_deadline_ms=int(env.get("SCRIPTPOOL_DEADLINE_MS", defaults.default_deadline_ms)),
-                limits=Limits().with_overrides(limit_overrides),
-                module_cache_bytes=int(
-                    env.get("SCRIPTPOOL_MODULE_CACHE_MB", defaults.module_cache_bytes // 2**20)
-                )
-                * 2**20,
-                provider_max_bytes=int(
-                    env.get("SCRIPTPOOL_PROVIDER_MAX_KB", defaults.provider_max_bytes // 1024)
-                )
-                * 1024,
-                input_validation_rate=float(
-                    env.get("SCRIPTPOOL_INPUT_VALIDATION_RATE", defaults.input_validation_rate)
-                ),
-                epoch_tick_ms=int(env.get("SCRIPTPOOL_EPOCH_TICK_MS", defaults.epoch_tick_ms)),
-                binding_cache_ttl_s=float(
-                    env.get("SCRIPTPOOL_BINDING_CACHE_TTL_S", defaults.binding_cache_ttl_s)
-                ),
-                metrics_port=int(env.get("SCRIPTPOOL_METRICS_PORT", defaults.metrics_port)),
-            )
-        except ValueError as exc:
-            raise ConfigurationError(f"malformed SCRIPTPOOL_* setting: {exc}") from exc
+            return cls(limits=Limits(**limits), **fields)
+        except ConfigurationError as exc:
+            limit, name = exc.detail.get("limit"), exc.detail.get("field")
+            variable = _environment.BY_FIELD.get(f"limits.{limit}" if limit else str(name))
+            if variable is None:
+                raise
+            raise ConfigurationError(f"{variable.name}: {exc.message}", variable=variable.name) from None
+
+    def to_env(self) -> dict[str, str]:
+        """The ``SCRIPTPOOL_*`` variables that rebuild these settings in another process."""
+        values = self.field_values()
+        return {v.name: v.render(values[v.field]) for v in _environment.VARIABLES}
+
+    def field_values(self) -> dict[str, Any]:
+        """Every field by its ``config.VARIABLES`` name (``limits.fuel`` for a limit)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values.update({f"limits.{k}": v for k, v in self.limits.as_dict().items()})
+        return values
 
 
-_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
-_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
-
-
-def redis_tls_options(url: str) -> dict[str, Any] | None:
-    """The TLS options of a ``rediss://`` URL for kombu's broker connection; None for ``redis://``.
-
-    redis-py reads ``ssl_cert_reqs`` (default ``required``), ``ssl_ca_certs``, ``ssl_certfile`` and
-    ``ssl_keyfile`` from the URL's query by itself. kombu does too when the query has them, but
-    given a bare ``rediss://host`` it falls back to not verifying the server at all, so the job
-    channel would trust any certificate while everything else checks it. Passing these options as
-    Celery's ``broker_use_ssl`` makes kombu verify exactly as redis-py does.
-    """
-    parts = urlsplit(url)
-    if parts.scheme != "rediss":
-        return None
-    query = dict(parse_qsl(parts.query))
-    wanted = query.get("ssl_cert_reqs", "required").lower()
-    if wanted not in _CERT_REQS:
-        raise ConfigurationError(
-            f"ssl_cert_reqs in SCRIPTPOOL_REDIS_URL must be none, optional or required, got {wanted!r}"
-        )
-    options: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[wanted]}
-    options.update({name: query[name] for name in _TLS_FILES if name in query})
-    return options
+def _invalid(name: str, problem: str) -> None:
+    raise ConfigurationError(f"{name} {problem}", field=name)

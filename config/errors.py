@@ -1,12 +1,16 @@
 """The project's error hierarchy: one base error, a subtree per subsystem.
 
 Every error carries a stable ``code`` that outcomes and logs report. Codes never change once
-published; messages may.
+published; messages may. Two class attributes say what a code means to a caller:
+``trips_breaker`` (the script or the pool is unhealthy, so the (shop, EP) circuit breaker counts
+it) and ``fallback`` (the pool did not answer: the outcome's status is ``fallback``). No other
+module spells a code: it names the class.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from functools import cache
+from typing import Any, ClassVar
 
 __all__ = [
     "ArtifactRejected",
@@ -43,7 +47,9 @@ __all__ = [
 class ScriptpoolError(Exception):
     """Raised when anything in scriptpool fails; the base of every error the project raises."""
 
-    code = "scriptpool_error"
+    code: ClassVar[str] = "scriptpool_error"
+    trips_breaker: ClassVar[bool] = False
+    fallback: ClassVar[bool] = False
 
     def __init__(self, message: str, **detail: Any) -> None:
         super().__init__(message)
@@ -152,42 +158,49 @@ class InstructionLimitExceeded(ExecutionError):
     """Raised when a guest exhausts its instruction (fuel) budget."""
 
     code = "instruction_limit_exceeded"
+    trips_breaker = True
 
 
 class MemoryLimitExceeded(ExecutionError):
     """Raised when a guest needs more linear memory than its limit allows."""
 
     code = "memory_limit_exceeded"
+    trips_breaker = True
 
 
 class StackOverflow(ExecutionError):
     """Raised when a guest exhausts its Wasm stack."""
 
     code = "stack_overflow"
+    trips_breaker = True
 
 
 class WallClockExceeded(ExecutionError):
     """Raised when a guest runs past its wall-clock deadline (epoch interruption)."""
 
     code = "wall_clock_exceeded"
+    trips_breaker = True
 
 
 class GuestRuntimeError(ExecutionError):
     """Raised when a guest traps or exits non-zero; ``detail`` holds ``trap_code`` or ``exit_code``."""
 
     code = "runtime_error"
+    trips_breaker = True
 
 
 class InvalidOutput(ExecutionError):
     """Raised when guest output is not UTF-8, not JSON, or fails the output schema."""
 
     code = "invalid_output"
+    trips_breaker = True
 
 
 class OutputTooLarge(ExecutionError):
     """Raised when a guest writes more to stdout than the output limit."""
 
     code = "output_too_large"
+    trips_breaker = True
 
 
 # -- the pool (enqueue and await) -----------------------------------------------------------------
@@ -203,24 +216,30 @@ class DeadlineExceeded(PoolError):
     """Raised when no reply arrived before the caller's deadline."""
 
     code = "timeout"
+    trips_breaker = True
+    fallback = True
 
 
 class CircuitOpen(PoolError):
     """Raised when the (shop, EP) circuit breaker is open, so nothing was enqueued."""
 
     code = "circuit_open"
+    fallback = True
 
 
 class BrokerUnavailable(PoolError):
     """Raised when the job could not be enqueued because Redis is unreachable."""
 
     code = "broker_unavailable"
+    trips_breaker = True
+    fallback = True
 
 
 class WorkerFailed(PoolError):
     """Raised when a worker failed outside the script, e.g. it lost Redis during the lookup."""
 
     code = "worker_error"
+    trips_breaker = True
 
 
 def _all_subclasses(cls: type[ScriptpoolError]) -> list[type[ScriptpoolError]]:
@@ -230,6 +249,7 @@ def _all_subclasses(cls: type[ScriptpoolError]) -> list[type[ScriptpoolError]]:
     return found
 
 
+@cache
 def error_class_for(code: str) -> type[ScriptpoolError]:
     """Return the error class that owns ``code`` (the base class for an unknown code)."""
     for cls in _all_subclasses(ScriptpoolError):

@@ -11,27 +11,40 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
-import structlog
 
-from config import TASK_NAME, Job, Limits, Settings, check_ep, check_shop_id, encode_input, shard_for
-from config.errors import InputTooLarge, InvalidArgument, UnknownExtensionPoint
+from config import (
+    ErrorInfo,
+    ExtensionPointReader,
+    Job,
+    Keys,
+    Limits,
+    Reply,
+    Settings,
+    check_ep,
+    check_input_size,
+    check_shop_id,
+    encode_input,
+    get_logger,
+    redis_client,
+    shard_for,
+)
+from config.errors import (
+    BrokerUnavailable,
+    CircuitOpen,
+    DeadlineExceeded,
+    InvalidArgument,
+    ScriptpoolError,
+    WorkerFailed,
+    error_class_for,
+)
 from producer._batching import BatchPolicy, Lane, Message
 from producer._breaker import BreakerBoard, BreakerPolicy, CircuitBreaker
 from producer._outcome import ERROR, FALLBACK, OK, Outcome, Timings
 from producer._publisher import TaskPublisher
 from producer._replies import ReplyDispatcher, Waiter
-from registry._extension_points import ExtensionPoint
-from workers._report import ErrorInfo, ExecutionReport
 
-log = structlog.get_logger("scriptpool.client")
+log = get_logger("client")
 
-# Failures that say the script or the pool is unhealthy, and so count against the breaker.
-# Caller mistakes (bad input, unknown script) do not.
-_BREAKER_FAILURES = frozenset({
-    "instruction_limit_exceeded", "memory_limit_exceeded", "stack_overflow", "wall_clock_exceeded",
-    "runtime_error", "invalid_output", "output_too_large", "worker_error", "timeout",
-    "broker_unavailable",
-})  # fmt: skip
 _TRANSPORT_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, OSError)
 _EP_CACHE_S = 5.0
 # Callers wait in checkout paths; anything longer is a mistake (inf would overflow the wait).
@@ -57,13 +70,13 @@ class Client:
         self.settings = settings
         self.client_id = os.urandom(16).hex()
         self._keys = settings.keys
-        self._redis = redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=0.25, socket_timeout=1.0
-        )
-        self._tasks = TaskPublisher(self._redis, TASK_NAME)
+        self._redis = redis_client(settings.redis_url, timeout=1.0, connect_timeout=0.25)
+        self._tasks = TaskPublisher(self._redis, Keys.TASK)
         self._replies = ReplyDispatcher(settings.redis_url, self._keys.replies(self.client_id))
         self._breakers = BreakerBoard(breaker or BreakerPolicy())
-        self._eps: dict[str, tuple[ExtensionPoint | None, float]] = {}
+        self._limits: ExtensionPointReader[Limits] = ExtensionPointReader(
+            self._redis, self._keys, lambda ep: ep.limits(settings.limits), ttl_s=_EP_CACHE_S
+        )
         self._shards: dict[str, int] = {}  # shop -> shard, a cache: hashing costs 2 us a call
         self._publisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scriptpool-publish")
         self.batching = batching or BatchPolicy()
@@ -143,8 +156,12 @@ class Client:
         return self._breakers.get(check_shop_id(shop_id), ep).state
 
     def close(self) -> None:
-        """Stop the reply dispatcher and release connections."""
-        self._replies.close()
+        """Stop the reply reader, delete this client's reply list and release connections.
+
+        Calls still waiting get their fallback at their deadline. Also called on leaving a
+        ``with Client(...) as client:`` block.
+        """
+        self._replies.close(self._redis)
         self._publisher.shutdown(wait=False)
         self._redis.close()
 
@@ -180,18 +197,13 @@ class Client:
         call = _Call(job, self._shard_of(shop), breaker, fallback, started)
         call.validated, call.serialized = validated, serialized
         try:
-            limits = self._limits(ep)
+            limits = self._limits.get(ep)
         except _TRANSPORT_ERRORS as exc:
             breaker.failure()
-            return call.fallback_outcome("broker_unavailable", f"cannot reach Redis: {exc}")
-        if len(payload) > limits.input_bytes:
-            raise InputTooLarge(
-                f"input is {len(payload)} bytes; the limit is {limits.input_bytes}",
-                size=len(payload),
-                limit=limits.input_bytes,
-            )
+            return call.fallback_outcome(BrokerUnavailable, f"cannot reach Redis: {exc}")
+        check_input_size(payload, limits)
         if not breaker.allow():
-            return call.fallback_outcome("circuit_open", f"circuit for {shop}/{ep} is open")
+            return call.fallback_outcome(CircuitOpen, f"circuit for {shop}/{ep} is open")
         return call
 
     def _publish(self, calls: list[Any], announce: bool) -> None:
@@ -215,26 +227,27 @@ class Client:
         for call in calls:
             call.waiter.fail(f"cannot enqueue: {exc}")
 
-    def _conclude(self, call: _Call, reply: dict[str, Any] | None) -> Outcome:
-        if reply is None:
+    def _conclude(self, call: _Call, raw: dict[str, Any] | None) -> Outcome:
+        if raw is None:
             self._replies.forget(call.job.id)
             call.breaker.failure()
             failure = call.waiter.failure
             if failure is not None:
-                return call.fallback_outcome("broker_unavailable", failure)
+                return call.fallback_outcome(BrokerUnavailable, failure)
             message = call.waiter.listener
             if isinstance(message, Message):
                 message.expired()  # may let the shard's next message go
-            return call.fallback_outcome("timeout", "no reply before the deadline")
+            return call.fallback_outcome(DeadlineExceeded, "no reply before the deadline")
+        reply = Reply.from_wire(raw)
         total_ms = (time.perf_counter() - call.started) * 1000
         validate_ms, serialize_ms, enqueue_ms = call.client_stages_ms()
         # enqueued_at is stamped before the publish, so the publish itself is not queue wait. A
         # batched call's publish can return after the worker already took the message (the
         # publishing thread was descheduled), so enqueue ends at the worker's receipt at the latest.
-        until_received_ms = max(0.0, (reply["received_at"] - call.job.enqueued_at) * 1000)
+        until_received_ms = max(0.0, (reply.received_at - call.job.enqueued_at) * 1000)
         enqueue_ms = min(enqueue_ms, until_received_ms)
         queue_wait_ms = until_received_ms - enqueue_ms
-        execute_ms = (reply["finished_at"] - reply["received_at"]) * 1000
+        execute_ms = (reply.finished_at - reply.received_at) * 1000
         accounted = validate_ms + serialize_ms + enqueue_ms + queue_wait_ms + execute_ms
         timings = Timings(
             validate_ms=round(validate_ms, 4),
@@ -245,27 +258,21 @@ class Client:
             result_ms=round(max(0.0, total_ms - accounted), 4),
             total_ms=round(total_ms, 4),
         )
-        common = {
-            "timings": timings,
-            "shard": reply["shard"],
-            "worker": reply["worker"],
-            "job_id": call.job.id,
-        }
-        execution = reply.get("execution")
+        where = (timings, reply.shard, reply.worker, call.job.id)
+        execution = reply.execution
         if execution is None:
-            error = ErrorInfo(**reply["error"])
+            error = reply.error or ErrorInfo(WorkerFailed.code, "the worker sent neither result nor error")
             call.breaker.failure()
-            return Outcome(ERROR, call.fallback, error.code, error, None, **common)
-        report = ExecutionReport(**execution["report"])
-        if execution["ok"]:
+            return Outcome(ERROR, call.fallback, error.code, error, None, *where)
+        if execution.ok:
             call.breaker.success()
-            return Outcome(OK, execution["output"], None, None, report, **common)
-        error = ErrorInfo(**execution["error"])
-        if error.code in _BREAKER_FAILURES:
+            return Outcome(OK, execution.output, None, None, execution.report, *where)
+        error = execution.error or ErrorInfo(ScriptpoolError.code, "the script failed without an error")
+        if error_class_for(error.code).trips_breaker:
             call.breaker.failure()
         else:
             call.breaker.success()
-        return Outcome(ERROR, call.fallback, error.code, error, report, **common)
+        return Outcome(ERROR, call.fallback, error.code, error, execution.report, *where)
 
     def _finish(self, outcome: Outcome, strict: bool) -> Outcome:
         return outcome.raise_for_status() if strict else outcome
@@ -277,18 +284,6 @@ class Client:
                 self._shards.clear()
             shard = self._shards[shop] = shard_for(shop, self.settings.shards)
         return shard
-
-    def _limits(self, ep: str) -> Limits:
-        now = time.monotonic()
-        cached = self._eps.get(ep)
-        if cached is None or cached[1] <= now:
-            raw = self._redis.get(self._keys.extension_point(ep))
-            definition = ExtensionPoint.from_json(raw) if raw is not None else None
-            # An unknown EP is re-checked after a second, so a newly defined one is seen soon.
-            self._eps[ep] = cached = (definition, now + (_EP_CACHE_S if definition else 1.0))
-        if cached[0] is None:
-            raise UnknownExtensionPoint(f"extension point {ep!r} is not defined", ep=ep)
-        return cached[0].limits(self.settings.limits)
 
 
 class _Call:
@@ -316,20 +311,17 @@ class _Call:
             enqueue * 1000,
         )
 
-    def fallback_outcome(self, code: str, message: str) -> Outcome:
+    def fallback_outcome(self, error: type[ScriptpoolError], message: str) -> Outcome:
         total_ms = round((time.perf_counter() - self.started) * 1000, 4)
         validate_ms, serialize_ms, enqueue_ms = (round(v, 4) for v in self.client_stages_ms())
         return Outcome(
             FALLBACK,
             self.fallback,
-            code,
-            ErrorInfo(code, message),
+            error.code,
+            ErrorInfo(error.code, message),
             None,
             Timings(validate_ms, serialize_ms, enqueue_ms, total_ms=total_ms),
             self.shard,
             None,
             self.job.id,
         )
-
-
-__all__ = ["Client"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from config import ErrorInfo, ExecutionReport
 from config.errors import ScriptpoolError, error_class_for
-from workers._report import ErrorInfo, ExecutionReport
 
 OK, ERROR, FALLBACK = "ok", "error", "fallback"
 
@@ -51,7 +51,7 @@ class Outcome:
         """Raise the named error this outcome carries (``strict=True`` does this for you)."""
         if self.ok:
             return self
-        code = self.error_code or "scriptpool_error"
+        code = self.error_code or ScriptpoolError.code
         message = self.error.message if self.error else code
         detail = dict(self.error.detail) if self.error else {}
         exc: ScriptpoolError = error_class_for(code)(message, **detail)

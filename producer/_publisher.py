@@ -20,19 +20,16 @@ import base64
 import json
 import os
 import re
+import socket
 from json.encoder import encode_basestring_ascii as _quote  # what json.dumps uses
 from typing import Any
 
 import msgpack
 import redis
-from celery.utils.nodenames import anon_nodename
 
-from config._wire import redis_command
+from config import BODY_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, redis_command
 
 # What kombu's Redis transport sets for a publish on the default (anonymous) exchange.
-CONTENT_TYPE = "application/x-msgpack"
-CONTENT_ENCODING = "binary"
-BODY_ENCODING = "base64"
 DELIVERY_MODE = 2  # persistent, kombu's default
 PRIORITY = 0  # the default: kombu pushes priority 0 onto the bare queue name
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -47,7 +44,7 @@ class TaskPublisher:
     def __init__(self, client: redis.Redis, task_name: str, *, origin: str | None = None) -> None:
         self._redis = client
         self.task_name = task_name
-        self.origin = origin or anon_nodename()
+        self.origin = origin or anonymous_nodename()
         self._template = _Template(self)
 
     def message(
@@ -161,6 +158,12 @@ class TaskPublisher:
             raise
         finally:
             pool.release(connection)
+
+
+def anonymous_nodename() -> str:
+    """What Celery's ``anon_nodename()`` names a producer (``gen<pid>@<host>``), without importing
+    Celery into the host."""
+    return f"gen{os.getpid()}@{socket.gethostname()}"
 
 
 def _body(args: list[Any], kwargs: dict[str, Any]) -> str:

@@ -9,15 +9,16 @@ from typing import Any, Protocol
 
 import msgpack
 import redis
-import structlog
 
-from config._wire import redis_command
+from config import Reconnector, Taken, get_logger, redis_command, redis_pool
 
-log = structlog.get_logger("scriptpool.client")
+log = get_logger("client")
 
 # Replies read per round trip once several are queued up.
 _DRAIN = b"256"
 _BLOCK_S = b"1"
+# What close() pushes to wake its own blocked read (not msgpack: a worker never sends it).
+_STOP = b"scriptpool:stop"
 
 
 class ReplyListener(Protocol):
@@ -121,12 +122,14 @@ class ReplyDispatcher:
         self._url = redis_url
         self._waiters: dict[str, Waiter] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._blmpop = redis_command(b"BLMPOP", _BLOCK_S, b"1", reply_key, b"LEFT", b"COUNT", _DRAIN)
         self._blpop = redis_command(b"BLPOP", reply_key, _BLOCK_S)
         self._lpop = redis_command(b"LPOP", reply_key, _DRAIN)
-        self._thread = threading.Thread(target=self._run, name="scriptpool-replies", daemon=True)
-        self._thread.start()
+        self._use_multi_pop = self.multi_pop
+        self._loop = Reconnector(
+            "reply_dispatcher", self._session, initial_backoff_s=0.01, max_backoff_s=1.0, logger=log
+        )
+        self._loop.start()
 
     def expect(self, job_id: str, loop: asyncio.AbstractEventLoop | None = None) -> Waiter:
         waiter = Waiter(loop)
@@ -142,46 +145,43 @@ class ReplyDispatcher:
         with self._lock:
             return len(self._waiters)
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=3)
+    def close(self, client: redis.Redis | None = None) -> None:
+        """Stop reading. With ``client``, wake the blocked read at once (a stop marker pushed onto
+        the list) and delete the list, instead of waiting out the read's block time."""
+        self._loop.stopping.set()
+        if client is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                client.rpush(self.reply_key, _STOP)
+        self._loop.stop(timeout=3)
+        if client is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                client.delete(self.reply_key)
 
-    def _run(self) -> None:
-        backoff = 0.01
-        multi_pop = self.multi_pop
-        while not self._stop.is_set():
-            pool = redis.ConnectionPool.from_url(self._url, socket_connect_timeout=0.5, socket_timeout=2.0)
-            connection: Any = pool.make_connection()  # redis-py types these partly
-            try:
-                while not self._stop.is_set():
-                    if multi_pop:
-                        try:
-                            items = self._pop_many(connection)
-                        except redis.ResponseError as exc:
-                            if "unknown command" not in str(exc).lower():
-                                raise
-                            multi_pop = False  # Redis 6: BLPOP, then LPOP while callers wait
-                            continue
-                    else:
-                        items = self._pop_one(connection)
-                    backoff = 0.01
-                    wakes: dict[Any, list[Any]] = {}
-                    for raw in items:
-                        self._deliver(raw, wakes)
-                    for loop, futures in wakes.items():
-                        with contextlib.suppress(RuntimeError):  # that loop is closed
-                            loop.call_soon_threadsafe(_set_all_done, futures)
-            except (redis.RedisError, OSError) as exc:
-                log.warning("reply_dispatcher_reconnecting", error=str(exc), backoff_s=backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 1.0)
-            except Exception:  # a bug: keep delivering rather than strand every caller
-                log.exception("reply_dispatcher_failed", backoff_s=backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 1.0)
-            finally:
-                connection.disconnect()
-                pool.disconnect()
+    def _session(self, loop: Reconnector) -> None:
+        pool = redis_pool(self._url, timeout=2.0, connect_timeout=0.5)
+        connection: Any = pool.make_connection()  # redis-py types these partly
+        try:
+            while not loop.stopping.is_set():
+                if self._use_multi_pop:
+                    try:
+                        items = self._pop_many(connection)
+                    except redis.ResponseError as exc:
+                        if "unknown command" not in str(exc).lower():
+                            raise
+                        self._use_multi_pop = False  # Redis 6: BLPOP, then LPOP while callers wait
+                        continue
+                else:
+                    items = self._pop_one(connection)
+                loop.healthy()
+                wakes: dict[Any, list[Any]] = {}
+                for raw in items:
+                    self._deliver(raw, wakes)
+                for event_loop, futures in wakes.items():
+                    with contextlib.suppress(RuntimeError):  # that loop is closed
+                        event_loop.call_soon_threadsafe(_set_all_done, futures)
+        finally:
+            connection.disconnect()
+            pool.disconnect()
 
     def _pop_many(self, connection: Any) -> list[bytes]:
         connection.send_packed_command([self._blmpop], check_health=False)
@@ -202,13 +202,15 @@ class ReplyDispatcher:
         return list(connection.read_response() or [])
 
     def _deliver(self, raw: bytes, wakes: dict[Any, list[Any]] | None = None) -> None:
+        if raw == _STOP:
+            return
         try:
             reply = msgpack.unpackb(raw, raw=False)
             job_id = reply["job_id"]
         except (ValueError, KeyError, TypeError, msgpack.UnpackException):
             log.warning("reply_malformed", size=len(raw))
             return
-        taken = reply.get("taken", False)  # a worker took the message whose first job this is
+        taken = Taken.is_taken(reply)  # a worker took the message whose first job this is
         with self._lock:
             waiter = self._waiters.get(job_id) if taken else self._waiters.pop(job_id, None)
         if waiter is None:

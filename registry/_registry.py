@@ -5,14 +5,24 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis
-import structlog
 import wasmtime
 
-from config import Settings, check_ep, check_export, check_provider, check_shop_id
+from config import (
+    ExtensionPoint,
+    ExtensionPointReader,
+    Keys,
+    Settings,
+    check_ep,
+    check_export,
+    check_provider,
+    check_shop_id,
+    get_logger,
+)
 from config.errors import (
     ArtifactRejected,
     ConfigurationError,
@@ -21,14 +31,14 @@ from config.errors import (
     ScriptNotFound,
     UnknownExtensionPoint,
 )
+from engine import WASI_MODULE, Sandbox, engine_fingerprint
 from registry import _artifact
-from registry._extension_points import ExtensionPoint, check_schema
+from registry._schemas import check_schema
 from registry._validate import check_entry, check_imports, check_size
-from workers.sandbox import WASI_MODULE, Sandbox, engine_fingerprint
 
-log = structlog.get_logger("scriptpool.registry")
+log = get_logger("registry")
 
-HISTORY_DEPTH = 20
+T = TypeVar("T")
 
 # Swap the binding and push the old one to history in one step, so a reader sees the old
 # binding or the new one, never a mix; the version number is derived from the old binding.
@@ -135,6 +145,12 @@ class Registry:
             raise UnknownExtensionPoint(f"extension point {name!r} is not defined", ep=name)
         return ExtensionPoint.from_json(raw)
 
+    def extension_point_reader(self, prepare: Callable[[ExtensionPoint], T]) -> ExtensionPointReader[T]:
+        """A cached reader of EP definitions that keeps ``prepare(ep)`` (the executor's view)."""
+        return ExtensionPointReader(
+            self._redis, self._keys, prepare, ttl_s=self._settings.binding_cache_ttl_s
+        )
+
     def extension_points(self) -> list[str]:
         """Names of every defined extension point."""
         return sorted(_text(n) for n in self._redis.smembers(self._keys.extension_points()))
@@ -193,7 +209,7 @@ class Registry:
         }
         raw = self._bind(
             keys=[self._keys.binding(ep, shop), self._keys.history(ep, shop), self._keys.invalidations()],
-            args=[json.dumps(template), HISTORY_DEPTH, json.dumps({"ep": ep, "shop_id": shop})],
+            args=[json.dumps(template), Keys.HISTORY_DEPTH, json.dumps({"ep": ep, "shop_id": shop})],
         )
         deployment = Deployment.from_json(raw)
         log.info("deployed", ep=ep, shop=shop, sha256=sha, version=deployment.version, bytes=len(wasm))

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import wasmtime
 
 from config.errors import ForbiddenImport, InvalidModule, ModuleTooLarge
-from workers.sandbox import WASI_MODULE, provided_signatures
+from engine import WASI_MODULE, provided_signatures
 
 _WASI = provided_signatures()
 

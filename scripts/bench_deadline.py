@@ -19,10 +19,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_engine import TRIVIAL  # noqa: E402
 
-from config import EmbeddedRedis, Settings  # noqa: E402
+from config import Settings  # noqa: E402
+from engine import Sandbox  # noqa: E402
 from producer import Client  # noqa: E402
 from registry import Registry  # noqa: E402
-from workers import Sandbox  # noqa: E402
+from scriptpool import EmbeddedRedis  # noqa: E402
 
 
 def main() -> None:

@@ -39,10 +39,11 @@ import wasmtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config import EmbeddedRedis, Settings, configure_logging
-from producer._bench import TRIVIAL_WAT
+from config import Settings, configure_logging
+from engine import Sandbox
 from registry import Registry
-from workers import Executor, Sandbox
+from scriptpool import TRIVIAL_WAT, EmbeddedRedis
+from workers import Executor
 
 ROOT = Path(__file__).resolve().parent.parent
 TRIVIAL = bytes(wasmtime.wat2wasm(TRIVIAL_WAT))

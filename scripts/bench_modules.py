@@ -28,11 +28,10 @@ import wasmtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine import Sandbox
 from producer import Client
-from producer._local_pool import local_pool
 from registry import Registry
-from tests.pool import rss_mb
-from workers import Sandbox
+from scriptpool import local_pool, rss_mb
 
 
 def distinct_module(i: int, functions: int = 200) -> bytes:

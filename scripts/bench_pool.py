@@ -21,11 +21,12 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from config import EmbeddedRedis, Settings  # noqa: E402
+from config import Settings  # noqa: E402
+from engine import Sandbox  # noqa: E402
 from producer import Client  # noqa: E402
-from producer._cli import worker_argv  # noqa: E402
 from registry import Registry  # noqa: E402
-from workers import Sandbox  # noqa: E402
+from scriptpool import EmbeddedRedis  # noqa: E402
+from scriptpool._cli import worker_argv  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_engine import TRIVIAL  # noqa: E402

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-import structlog
 
-from config import EmbeddedRedis, Settings
+from config import Settings
+from engine import Sandbox
 from registry import Registry
+from scriptpool import EmbeddedRedis
 from tests.faults._record import Reliability
-from workers import Executor, Sandbox
+from workers import Executor
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -22,9 +24,12 @@ TEST_ARTIFACT_KEY = b"test-artifact-key-0123456789"
 
 @pytest.fixture(autouse=True)
 def _reset_logging() -> Iterator[None]:
-    """Tests that run the CLI configure structlog; every test starts from the defaults."""
+    """Tests that run the CLI configure logging; every test starts without that handler."""
     yield
-    structlog.reset_defaults()
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h.get_name() == "scriptpool"]:
+        root.removeHandler(handler)
+        handler.close()
 
 
 @pytest.fixture(scope="session")

@@ -11,20 +11,17 @@ import time
 from pathlib import Path
 
 from config import Settings, shard_for
-from producer._cli import worker_argv
+from scriptpool._cli import worker_argv
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        SCRIPTPOOL_REDIS_URL=settings.redis_url,
-        SCRIPTPOOL_ARTIFACT_KEY=TEST_ARTIFACT_KEY.decode(),
-        SCRIPTPOOL_SHARDS=str(settings.shards),
-        SCRIPTPOOL_KEY_PREFIX=settings.key_prefix,
-        PYTHONPATH=str(ROOT),
-    )
-    return env
+    """The environment of a worker process that runs with ``settings`` (and the test key)."""
+    return {
+        **os.environ,
+        **settings.replace(artifact_key=TEST_ARTIFACT_KEY).to_env(),
+        "PYTHONPATH": str(ROOT),
+    }
 
 
 class WorkerProcess:
@@ -96,14 +93,6 @@ def pid_of(worker_field: str | None) -> int:
     """The process id in an outcome's ``worker`` field (``name@host:pid``)."""
     assert worker_field is not None
     return int(worker_field.rsplit(":", 1)[1])
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size of a process, in MiB, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def start_workers(settings: Settings, layout: dict[str, list[int]]) -> list[WorkerProcess]:

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from config import Settings, shard_for
+from engine import Sandbox
 from producer import BatchPolicy, Client
 from producer._batching import Lane, Message
 from producer._replies import Waiter
@@ -20,7 +21,6 @@ from registry import Registry
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.pool import WorkerProcess, start_workers
-from workers import Sandbox
 
 # -- the lane, with a fake publisher -----------------------------------------------------------
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from producer._bench import STAGES
-from producer._cli import main
+from scriptpool._bench import STAGES
+from scriptpool._cli import main
 
 
 @pytest.mark.slow

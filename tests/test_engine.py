@@ -8,14 +8,15 @@ import threading
 
 import pytest
 
-from config import Limits
+from config import Execution, Limits
+from engine import FIXED_TIME_NS, Sandbox, SandboxRun
+from engine._capi import internals_problems
+from engine._engine import POOL_LIMITS
+from engine._wasi import GuestIO
 from registry import Registry
 from tests import guests
 from tests.conftest import EXAMPLES
-from workers import Execution, Executor, Sandbox
-from workers.sandbox import FIXED_TIME_NS, SandboxRun
-from workers.sandbox._engine import POOL_LIMITS, internals_problems
-from workers.sandbox._wasi import GuestIO
+from workers import Executor
 
 GOOD_INPUT = {"hello": "world", "n": [1, 2, 3]}
 
@@ -259,7 +260,7 @@ def sandbox_run(
 def test_wasmtime_internals_match_what_the_hot_path_calls() -> None:
     """Guard: the wasmtime-py internals and C prototypes we call directly are what we expect.
 
-    If this fails after a wasmtime upgrade, update workers/sandbox/_engine.py (and the code that
+    If this fails after a wasmtime upgrade, update engine/_capi.py (and the code that
     calls it) before anything else: Sandbox() refuses to start until it passes.
     """
     assert internals_problems() == []
@@ -409,7 +410,7 @@ def test_engine_falls_back_to_on_demand_allocation_without_address_space(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Where the pool cannot be reserved the engine allocates per instance, and still runs guests."""
-    from workers.sandbox import _engine
+    from engine import _engine
 
     assert _engine._can_reserve(_engine.pool_reservation_bytes())
     assert not _engine._can_reserve(1 << 62)
@@ -455,8 +456,8 @@ def test_to_dict_is_asdict_without_the_deep_copy(registry: Registry, executor: E
         executor.execute("test", "bad", {}),
         executor.execute("test", "nobody", {}),
     ):
-        assert execution.to_dict() == dataclasses.asdict(execution)
-        assert Execution.from_dict(execution.to_dict()) == execution
+        assert execution.to_wire() == dataclasses.asdict(execution)
+        assert Execution.from_wire(execution.to_wire()) == execution
 
 
 def test_record_execution_counts_and_times_every_stage(registry: Registry, executor: Executor) -> None:

@@ -13,12 +13,12 @@ import redis
 
 from config import Settings, shard_for
 from config.errors import InputTooLarge, InvalidArgument, InvalidInput, UnknownExtensionPoint
+from engine import Sandbox
 from producer import BreakerPolicy, Client
 from registry import Registry
 from tests import guests
 from tests.conftest import EXAMPLES, TEST_ARTIFACT_KEY
 from tests.pool import WorkerProcess, start_workers
-from workers import Sandbox
 
 SHARDS = 3  # shard 0: two workers, shard 1: one worker, shard 2: none (a stopped shard)
 
@@ -266,7 +266,7 @@ def test_strict_raises_named_errors(client: Client, deployer: Registry) -> None:
 
 def test_unreachable_redis_gives_fallback_within_deadline(pool_settings: Settings) -> None:
     """With Redis down the caller gets the fallback before its deadline, not after retries."""
-    from config._embedded_redis import free_port
+    from scriptpool import free_port
 
     dead = pool_settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with Client(dead) as c:
@@ -286,7 +286,7 @@ def test_cli_run_json_prints_the_full_outcome_and_status_shows_the_pool(
     tmp_path: object,
 ) -> None:
     """`scriptpool run --json` prints one JSON object with the report; `status` lists workers."""
-    from producer._cli import main
+    from scriptpool._cli import main
 
     shop = shop_on(1, skip=8)
     deployer.deploy("discount", shop, (EXAMPLES / "discount" / "discount.wasm").read_bytes())
@@ -340,7 +340,7 @@ def test_worker_exports_metrics_and_logs_one_event_per_execution(
     """A worker with a metrics port serves Prometheus counters; its log has one JSON event per run."""
     import urllib.request
 
-    from config._embedded_redis import free_port
+    from scriptpool import free_port
 
     port = free_port()
     extra = WorkerProcess(pool_settings, [2], "w2m", {"SCRIPTPOOL_METRICS_PORT": str(port)}).wait_ready()

@@ -10,14 +10,14 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from config import EmbeddedRedis, Settings, shard_for
+from config import Keys, Settings, shard_for
+from engine import Sandbox
 from producer import Client
 from registry import Registry
+from scriptpool import EmbeddedRedis
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.pool import WorkerProcess, start_workers
-from workers import Sandbox
-from workers._app import REPLY_TTL_S
 
 # Every key that may outlive a call, with whether it is permanent (no TTL). Anything else is a leak.
 PERMANENT = [
@@ -82,7 +82,7 @@ def test_no_keys_or_channels_leak_after_10000_calls(settings: Settings, workers:
         keys = sorted(k.decode() for k in client_redis.keys("*"))
         for key in keys:
             if any(re.fullmatch(p, key) for p in EXPIRING):
-                assert 0 < client_redis.ttl(key) <= REPLY_TTL_S, key
+                assert 0 < client_redis.ttl(key) <= Keys.REPLY_TTL_S, key
             else:
                 assert any(re.fullmatch(p, key) for p in PERMANENT), f"unexpected key {key}"
         assert len(keys) < 30

@@ -16,13 +16,13 @@ import msgpack
 import pytest
 import redis
 
-from config import TASK_NAME, Job, Settings, shard_for
+from config import Job, Keys, Settings, shard_for
+from engine import Sandbox
 from producer._publisher import TaskPublisher
 from registry import Registry
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.pool import WorkerProcess, start_workers
-from workers import Sandbox
 from workers._app import create_app
 
 SHARDS = 2
@@ -67,7 +67,7 @@ def test_envelope_equals_send_task_field_by_field(
     app = create_app(settings)
     try:
         app.send_task(
-            TASK_NAME,
+            Keys.TASK,
             args=jobs,
             kwargs=kwargs,
             queue=queue,
@@ -82,7 +82,7 @@ def test_envelope_equals_send_task_field_by_field(
     # In production argsrepr is a short label instead of saferepr(args) (cheaper, and inputs stay
     # out of logs); here it is Celery's own, so that every field must match.
     argsrepr = theirs["headers"]["argsrepr"]
-    TaskPublisher(redis_client, TASK_NAME).publish(
+    TaskPublisher(redis_client, Keys.TASK).publish(
         "job-1", jobs, kwargs, queue=queue, reply_to=reply_to, argsrepr=argsrepr
     )
     ours_raw, ours = _only_message(redis_client, queue)
@@ -105,7 +105,7 @@ def test_envelope_equals_send_task_field_by_field(
 
 def test_template_matches_json_dumps_with_awkward_strings(redis_client: redis.Redis) -> None:
     """Quotes, backslashes and non-ASCII in the variable fields are escaped as json.dumps does."""
-    publisher = TaskPublisher(redis_client, TASK_NAME, origin='gen1@h"ost\\x')
+    publisher = TaskPublisher(redis_client, Keys.TASK, origin='gen1@h"ost\\x')
     args = [{"id": "x", "input": b"\x00\xff"}]
     fields = {"queue": 'q"\\ü', "reply_to": "r\n\t", "argsrepr": "[job é/ü \"'\\]"}
     encoded = publisher.encode('t"id', args, {"announce": True}, **fields)
@@ -162,7 +162,7 @@ def test_a_real_worker_runs_a_directly_published_batch(
     now = time.time()
     stale = Job("job-stale", "test", shop, b'{"late":1}', deadline=now - 1, enqueued_at=now - 2).to_wire()
     jobs = [_job("job-a", shop, b'{"n":1}'), stale, _job("job-b", shop, b'{"n":2}')]
-    TaskPublisher(redis_client, TASK_NAME).publish(
+    TaskPublisher(redis_client, Keys.TASK).publish(
         "job-a",
         jobs,
         {"announce": True},
@@ -200,7 +200,7 @@ def test_a_foreign_reply_to_is_never_written(
     registry.define_extension_point("test")
     shop = _shop(0, skip=1)
     registry.deploy("test", shop, guests.ECHO)
-    TaskPublisher(redis_client, TASK_NAME).publish(
+    TaskPublisher(redis_client, Keys.TASK).publish(
         "job-foreign",
         [_job("job-foreign", shop)],
         {},
@@ -220,13 +220,14 @@ def test_wire_forms_carry_every_field() -> None:
     forgotten there."""
     import dataclasses
 
-    from config import Reply
-    from config._wire import Taken
+    from config import ErrorInfo, Execution, ExecutionReport, Reply, Taken
 
     job = Job("id", "ep", "shop", b"{}", deadline=2.0, enqueued_at=1.0)
     assert job.to_wire() == dataclasses.asdict(job)
     assert Job.from_wire(job.to_wire()) == job
-    reply = Reply("id", {"ok": True}, None, 1, "w@h:1", received_at=1.0, finished_at=2.0)
-    assert reply.to_wire() == dataclasses.asdict(reply)
-    assert Reply.from_wire(reply.to_wire()) == reply
+    execution = Execution(True, {"x": [1]}, None, ExecutionReport(instructions=7, logs="l", sha256="s"))
+    failed = Reply("id", None, ErrorInfo("worker_error", "lost Redis", {"n": 1}), 1, "w@h:1", 1.0, 2.0)
+    for reply in (Reply("id", execution, None, 1, "w@h:1", received_at=1.0, finished_at=2.0), failed):
+        assert reply.to_wire() == dataclasses.asdict(reply)
+        assert Reply.from_wire(reply.to_wire()) == reply
     assert Taken("id").to_wire() == {"job_id": "id", "taken": True}

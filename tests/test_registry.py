@@ -7,7 +7,6 @@ import threading
 
 import pytest
 import redis
-import structlog
 
 from config import Settings
 from config.errors import (
@@ -18,10 +17,11 @@ from config.errors import (
     NothingToRollBack,
     UnknownExtensionPoint,
 )
+from engine import Sandbox, engine_fingerprint
 from registry import Deployment, Registry
 from tests import guests
-from workers import Executor, Sandbox
-from workers.sandbox import engine_fingerprint
+from tests.logs import captured_events
+from workers import Executor
 
 
 def test_invalid_module_bytes_are_refused(registry: Registry) -> None:
@@ -118,7 +118,7 @@ def test_tampered_artifact_is_never_deserialized(
     real = sandbox.deserialize
     monkeypatch.setattr(sandbox, "deserialize", lambda art, stack: calls.append(art) or real(art, stack))
     executor = Executor(registry, sandbox, settings)
-    with structlog.testing.capture_logs() as logs:
+    with captured_events() as logs:
         result = executor.execute("test", "s", {"x": 1})
     assert result.output == {"x": 1}
     assert result.report.module_source == "compiled"
@@ -133,7 +133,7 @@ def test_artifact_signed_with_a_foreign_key_is_refused(
     foreign = Registry(redis_client, settings.replace(artifact_key=b"another-key-entirely-000"), sandbox)
     foreign.deploy("test", "s", guests.ECHO)
     executor = Executor(registry, sandbox, settings)
-    with structlog.testing.capture_logs() as logs:
+    with captured_events() as logs:
         result = executor.execute("test", "s", {"y": 2})
     assert result.output == {"y": 2}
     assert result.report.module_source == "compiled"

@@ -8,11 +8,7 @@ from typing import Any
 from celery import Celery
 from kombu.entity import Queue
 
-from config import Settings
-from config._settings import redis_tls_options
-
-# Replies that nobody collects (the caller died) expire after this long.
-REPLY_TTL_S = 60
+from config import Settings, redis_tls_options
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

@@ -24,15 +24,13 @@ from typing import Any
 
 import msgpack
 import redis
-import structlog
 from celery import states
 from celery.backends.base import BaseBackend
 
-from config import Reply, Settings
-from config._wire import redis_command
-from workers._app import REPLY_TTL_S
+from config import ErrorInfo, Keys, Reply, Settings, get_logger, redis_command, redis_pool
+from config.errors import WorkerFailed
 
-log = structlog.get_logger("scriptpool.worker")
+log = get_logger("worker")
 
 
 class ReplyPusher:
@@ -40,9 +38,7 @@ class ReplyPusher:
 
     def __init__(self, settings: Settings) -> None:
         self._prefix = settings.keys.replies("")
-        self._pool = redis.ConnectionPool.from_url(
-            settings.redis_url, socket_timeout=2, socket_connect_timeout=1
-        )
+        self._pool = redis_pool(settings.redis_url, timeout=2, connect_timeout=1)
 
     def accepts(self, reply_to: str | None) -> bool:
         """True for one of our reply lists; a foreign ``reply_to`` is never written to."""
@@ -71,7 +67,7 @@ class ReplySession:
     def __init__(self, pool: redis.ConnectionPool, reply_to: str | None) -> None:
         self._pool = pool
         self._key = reply_to.encode() if reply_to else None
-        self._expire = redis_command(b"EXPIRE", self._key, str(REPLY_TTL_S)) if self._key else b""
+        self._expire = redis_command(b"EXPIRE", self._key, str(Keys.REPLY_TTL_S)) if self._key else b""
         self._connection: Any = None  # redis-py types its connections partly
         self._unread = 0
 
@@ -147,7 +143,7 @@ def failure_reply(job_id: str, exc: Any, request: Any, shard: int = -1) -> dict[
     return Reply(
         job_id=job_id,
         execution=None,
-        error={"code": getattr(exc, "code", "worker_error"), "message": f"{type(exc).__name__}: {exc}"},
+        error=ErrorInfo(getattr(exc, "code", WorkerFailed.code), f"{type(exc).__name__}: {exc}"),
         shard=shard,
         worker=f"{getattr(request, 'hostname', None) or socket.gethostname()}:{os.getpid()}",
         received_at=now,

@@ -13,15 +13,25 @@ from typing import TYPE_CHECKING, Any
 import jsonschema
 import wasmtime
 
-from config import Limits, Settings, check_ep, check_shop_id, encode_input
-from config.errors import ExecutionError, InputTooLarge, InvalidInput, InvalidOutput, ScriptpoolError
-from registry._extension_points import compile_validator
+from config import (
+    ErrorInfo,
+    Execution,
+    ExecutionReport,
+    ExtensionPoint,
+    Limits,
+    Settings,
+    check_ep,
+    check_input_size,
+    check_shop_id,
+    encode_input,
+)
+from config.errors import ExecutionError, InvalidInput, InvalidOutput, ScriptpoolError
+from engine import Sandbox, SandboxRun
+from registry import compile_validator
 from workers._cache import ByteLRU, CacheStats
-from workers._report import ErrorInfo, Execution, ExecutionReport
-from workers.sandbox import Sandbox, SandboxRun
 
 if TYPE_CHECKING:
-    from registry import Deployment, ExtensionPoint, Registry
+    from registry import Deployment, Registry
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +74,7 @@ class Executor:
         self._sample = sample
         self._modules: ByteLRU[wasmtime.Module] = ByteLRU(settings.module_cache_bytes)
         self._bindings: dict[tuple[str, str], tuple[Deployment, float]] = {}
-        self._eps: dict[str, tuple[_EpRuntime, float]] = {}
+        self._eps = registry.extension_point_reader(self._prepare_ep)
         self._lock = threading.Lock()
 
     # -- public --------------------------------------------------------------------------------
@@ -107,9 +117,9 @@ class Executor:
         with self._lock:
             if ep is None:
                 self._bindings.clear()
-                self._eps.clear()
+                self._eps.invalidate()
             elif shop_id is None:
-                self._eps.pop(ep, None)
+                self._eps.invalidate(ep)
                 for key in [k for k in self._bindings if k[0] == ep]:
                     del self._bindings[key]
             else:
@@ -122,7 +132,7 @@ class Executor:
     # -- lookup --------------------------------------------------------------------------------
     def _lookup(self, ep_name: str, shop_id: str) -> _Loaded:
         now = time.monotonic()
-        ep = self._extension_point(ep_name, now)
+        ep = self._eps.get(ep_name)
         cached = self._bindings.get((ep_name, shop_id))
         if cached is not None and cached[1] > now:
             deployment = cached[0]
@@ -134,15 +144,6 @@ class Executor:
         # Provider versions are pinned in the deployment, so the hot path never asks Redis.
         providers = {name: self._module(sha, ep.limits.stack_bytes)[0] for name, sha in deployment.providers}
         return _Loaded(deployment, ep, module, providers, source)
-
-    def _extension_point(self, name: str, now: float) -> _EpRuntime:
-        cached = self._eps.get(name)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        runtime = self._prepare_ep(self._registry.extension_point(name))
-        with self._lock:
-            self._eps[name] = (runtime, now + self._settings.binding_cache_ttl_s)
-        return runtime
 
     def _prepare_ep(self, ep: ExtensionPoint) -> _EpRuntime:
         rate = ep.input_validation_rate
@@ -165,12 +166,7 @@ class Executor:
     # -- input and output ----------------------------------------------------------------------
     def _prepare_input(self, payload: Any, ep: _EpRuntime) -> bytes:
         stdin = encode_input(payload)
-        if len(stdin) > ep.limits.input_bytes:
-            raise InputTooLarge(
-                f"input is {len(stdin)} bytes; the limit is {ep.limits.input_bytes}",
-                size=len(stdin),
-                limit=ep.limits.input_bytes,
-            )
+        check_input_size(stdin, ep.limits)
         # Validation only sharpens error messages for script authors, so it is sampled.
         if ep.input_validator is not None and self._sample() < ep.input_validation_rate:
             value = payload if not isinstance(payload, (bytes, bytearray, memoryview)) else _loads(stdin)

@@ -6,61 +6,53 @@ import json
 import threading
 from collections.abc import Callable
 
-import redis
-import structlog
+from config import Reconnector, get_logger, redis_client
 
-log = structlog.get_logger("scriptpool.worker")
+log = get_logger("worker")
 
 
 class InvalidationListener:
     """A daemon thread subscribed to the invalidation channel.
 
     On a message it forgets the named binding (or EP). If the subscription breaks, messages may
-    have been missed, so it forgets everything and resubscribes with backoff.
+    have been missed, so on every (re)subscription it forgets everything first.
     """
 
     def __init__(self, redis_url: str, channel: str, invalidate: Callable[[str | None, str | None], None]):
         self._url = redis_url
         self._channel = channel
         self._invalidate = invalidate
-        self._stop = threading.Event()
         self._subscribed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="invalidation", daemon=True)
+        self._loop = Reconnector("invalidation_listener", self._session, logger=log)
 
     def start(self) -> InvalidationListener:
-        self._thread.start()
+        self._loop.start()
         return self
 
     def wait_subscribed(self, timeout: float) -> bool:
         return self._subscribed.wait(timeout)
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        self._loop.stop()
 
-    def _run(self) -> None:
-        backoff = 0.05
-        while not self._stop.is_set():
-            client = redis.Redis.from_url(self._url, socket_connect_timeout=1, socket_timeout=5)
-            try:
-                pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-                pubsub.subscribe(self._channel)
-                self._invalidate(None, None)  # anything published while we were away is lost
-                self._subscribed.set()
-                backoff = 0.05
-                while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=1.0)
-                    if message is not None:
-                        self._apply(message["data"])
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                self._subscribed.clear()
-                log.warning("invalidation_listener_reconnecting", error=str(exc), backoff_s=backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
-            finally:
-                client.close()
+    def _session(self, loop: Reconnector) -> None:
+        client = redis_client(self._url, timeout=5, connect_timeout=1)
+        try:
+            pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub.subscribe(self._channel)
+            self._invalidate(None, None)  # anything published while we were away is lost
+            self._subscribed.set()
+            loop.healthy()
+            while not loop.stopping.is_set():
+                message = pubsub.get_message(timeout=1.0)
+                if message is not None:
+                    self.apply(message["data"])
+        finally:
+            self._subscribed.clear()
+            client.close()
 
-    def _apply(self, data: bytes) -> None:
+    def apply(self, data: bytes) -> None:
+        """Forget what one invalidation message names; a malformed one is logged and ignored."""
         try:
             event = json.loads(data)
             self._invalidate(event.get("ep"), event.get("shop_id"))

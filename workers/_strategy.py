@@ -14,19 +14,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import structlog
 from celery.exceptions import InvalidTaskError
 from celery.worker.strategy import default
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-log = structlog.get_logger("scriptpool.worker")
+from config import CONTENT_TYPE, get_logger
 
-ACCEPTED_CONTENT_TYPE = "application/x-msgpack"
+log = get_logger("worker")
 
 
 def well_formed_problem(message: Any) -> str | None:
     """Why ``message`` is not a protocol-2 msgpack task message, or None if it is one."""
-    if message.content_type != ACCEPTED_CONTENT_TYPE:
+    if message.content_type != CONTENT_TYPE:
         return f"content type {message.content_type!r}"
     headers = message.headers
     if not isinstance(headers, dict) or not isinstance(headers.get("id"), str):

@@ -1,5 +1,6 @@
 """The one Celery task: run the jobs of a message on this process's engine, dropping those whose
-callers gave up, and reply to each as soon as it is done."""
+callers gave up, and reply to each as soon as it is done. Also the worker's lifecycle: logging,
+its name and metrics port (claimed before it consumes anything) and its heartbeat."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from celery import signals
 
-from config import TASK_NAME, Job, Reply, Settings, configure_logging
-from config._wire import Taken
+from config import Job, Keys, Reply, Settings, Taken, configure_logging, get_logger, redis_client
+from config.errors import ConfigurationError
+from workers import _telemetry as telemetry
 from workers._backend import ReplyPusher, ReplySession, failure_reply
 
 if TYPE_CHECKING:
@@ -23,9 +24,10 @@ if TYPE_CHECKING:
     from workers._executor import Executor
     from workers._invalidation import InvalidationListener
 
-from workers import _telemetry as telemetry
+log = get_logger("worker")
 
-log = structlog.get_logger("scriptpool.worker")
+# What a worker that cannot start as configured exits with (the CLI's "usage mistake" code).
+EXIT_MISCONFIGURED = 2
 
 
 @dataclass
@@ -40,15 +42,14 @@ class WorkerState:
     """Everything a worker process keeps hot: the engine, its caches, the invalidation listener."""
 
     def __init__(self, settings: Settings) -> None:
-        import redis
-
+        from engine import Sandbox
         from registry import Registry
         from workers._executor import Executor
         from workers._invalidation import InvalidationListener
-        from workers.sandbox import Sandbox
 
         self.settings = settings
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=1)
+        self.pid = os.getpid()
+        client = redis_client(settings.redis_url, timeout=2, connect_timeout=1)
         sandbox = Sandbox(settings.epoch_tick_ms)
         self.executor: Executor = Executor(Registry(client, settings, sandbox), sandbox, settings)
         self.counters = WorkerCounters()
@@ -83,15 +84,7 @@ class WorkerState:
             log.warning("job_failed", job=job.id, ep=job.ep, shop=job.shop_id, error=repr(exc))
             replies.push(failure_reply(job.id, exc, request, shard))
             return
-        reply = Reply(
-            job_id=job.id,
-            execution=execution.to_dict(),
-            error=None,
-            shard=shard,
-            worker=worker,
-            received_at=received,
-            finished_at=time.time(),
-        )
+        reply = Reply(job.id, execution, None, shard, worker, received, time.time())
         replies.push(reply.to_wire())
         self.counters.executed += 1
         telemetry.record_execution(
@@ -99,17 +92,36 @@ class WorkerState:
         )
 
     def announce(self, name: str, shards: list[int]) -> None:
-        """Start the heartbeat and metrics endpoint once the worker knows its name and shards."""
+        """Claim the worker's name and open its metrics port, or raise ConfigurationError; then
+        start the heartbeat. Runs before the worker consumes anything."""
         if self.heartbeat is not None:
             return
-        telemetry.start_metrics_server(self.settings.metrics_port)
-        self.heartbeat = telemetry.Heartbeat(
+        heartbeat = telemetry.Heartbeat(
             self.settings.redis_url,
             self.settings.keys.worker(name),
             lambda: telemetry.describe_worker(
-                name, shards, self.executor.cache_stats(), self.counters.executed, self.counters.dropped_stale
+                name,
+                shards,
+                self.settings.shards,
+                self.executor.cache_stats(),
+                self.counters.executed,
+                self.counters.dropped_stale,
             ),
-        ).start()
+        )
+        heartbeat.claim()
+        try:
+            telemetry.start_metrics_server(self.settings.metrics_port)
+        except ConfigurationError:
+            heartbeat.stop()
+            raise
+        self.heartbeat = heartbeat.start()
+
+    def shutdown(self) -> None:
+        """A clean stop: the heartbeat goes at once, so nobody counts this worker as live."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
+        self.listener.stop()
 
 
 _state: WorkerState | None = None
@@ -127,13 +139,13 @@ def worker_state(settings: Settings) -> WorkerState:
 
 
 def register(app: Celery) -> None:
-    """Register the execute task and warm the worker state when a worker process starts."""
+    """Register the execute task and the worker lifecycle handlers."""
 
     # ignore_result: the task pushes its replies itself (workers._backend.ReplyPusher) and returns
     # None, so Celery neither reprs nor stores a result. Errors that escape it still reach the
     # caller through the backend (store_errors_even_if_ignored).
     @app.task(  # type: ignore[untyped-decorator]
-        name=TASK_NAME,
+        name=Keys.TASK,
         bind=True,
         ignore_result=True,
         store_errors_even_if_ignored=True,
@@ -158,21 +170,42 @@ def register(app: Celery) -> None:
             for wire in jobs:
                 state.run_job(wire, replies, request, -1 if shard is None else shard, worker)
 
-    def warm(**_: Any) -> None:
-        configure_logging()
+    def setup_logging(loglevel: Any = None, logfile: str | None = None, **_: Any) -> None:
+        # Celery then leaves logging alone: every line, Celery's own too, is one JSON object
+        # (readable on a terminal), not JSON inside Celery's "[time: LEVEL/Process]" prefix.
+        level = loglevel if isinstance(loglevel, int) else logging.getLevelName(loglevel or "INFO")
+        configure_logging(level=level if isinstance(level, int) else logging.INFO, filename=logfile)
         # Our "execution" event is the one line per task; Celery's received/succeeded lines
         # would format every result again on the hot path.
         for name in ("celery.app.trace", "celery.worker.strategy"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        worker_state(app.settings)
 
-    def ready(sender: Any = None, **_: Any) -> None:
-        warm()
+    def init(sender: Any = None, **_: Any) -> None:
+        """Before consuming: claim the name and metrics port; refuse to start if either fails."""
         keys = app.settings.keys
         consumed = [keys.shard_of_queue(q) for q in app.amqp.queues.consume_from or app.amqp.queues]
         shards = sorted(n for n in consumed if n is not None)
-        worker_state(app.settings).announce(getattr(sender, "hostname", None) or f"pid{os.getpid()}", shards)
+        name = getattr(sender, "hostname", None) or f"pid{os.getpid()}"
+        try:
+            worker_state(app.settings).announce(name, shards)
+        except ConfigurationError as exc:
+            log.error("worker_refused_to_start", reason=exc.message, worker=name)
+            raise SystemExit(EXIT_MISCONFIGURED) from None
 
+    def fresh_state_after_fork(**_: Any) -> None:
+        # A prefork child inherits the parent's state without its threads (ticker, listener);
+        # the solo pool sends this signal too, in the process that made the state.
+        global _state
+        if _state is not None and _state.pid != os.getpid():
+            _state = None
+        worker_state(app.settings)
+
+    def shutdown(**_: Any) -> None:
+        if _state is not None:
+            _state.shutdown()
+
+    signals.setup_logging.connect(setup_logging, weak=False)
+    signals.worker_init.connect(init, weak=False)
     # Prefork children start here; solo and threads pools run in the main process.
-    signals.worker_process_init.connect(warm, weak=False)
-    signals.worker_ready.connect(ready, weak=False)
+    signals.worker_process_init.connect(fresh_state_after_fork, weak=False)
+    signals.worker_shutdown.connect(shutdown, weak=False)

@@ -1,27 +1,23 @@
 """What a worker tells the outside: Prometheus metrics, one log event per execution, and a
-heartbeat key that ``scriptpool status`` reads."""
+heartbeat key that ``scriptpool status`` and clients read."""
 
 from __future__ import annotations
 
 import json
 import os
-import threading
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import redis
-import structlog
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from config import Execution, Keys, Reconnector, get_logger, redis_client
+from config.errors import ConfigurationError
 from workers._cache import CacheStats
-from workers._report import Execution
 
-log = structlog.get_logger("scriptpool.worker")
-
-# Heartbeats expire this long after a worker stops refreshing them (every HEARTBEAT_S).
-HEARTBEAT_S = 2.0
-HEARTBEAT_TTL_S = 10
+log = get_logger("worker")
 
 EXECUTIONS = Counter("scriptpool_executions", "Executions by status and error code", ["status", "error_code"])
 STAGE_SECONDS = Histogram(
@@ -73,49 +69,125 @@ def record_dropped() -> None:
 
 
 def start_metrics_server(port: int) -> None:
-    """Serve /metrics on ``port`` (0 disables it)."""
-    if port:
+    """Serve /metrics on ``port`` (0 disables it); a port that cannot be opened is an error."""
+    if not port:
+        return
+    try:
         start_http_server(port)
-        log.info("metrics_serving", port=port)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve metrics on port {port}: {exc.strerror or exc}", variable="SCRIPTPOOL_METRICS_PORT"
+        ) from None
+    log.info("metrics_serving", port=port)
+
+
+# Claim or refresh a heartbeat unless another live worker holds the name: returns the holder's
+# heartbeat when it is someone else's (ARGV[2] is our token), else sets ours and returns false.
+_REFRESH = """
+local current = redis.call('GET', KEYS[1])
+if current and ARGV[3] == '0' and cjson.decode(current)['token'] ~= ARGV[2] then return current end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
+return false
+"""
+_RELEASE = """
+local current = redis.call('GET', KEYS[1])
+if current and cjson.decode(current)['token'] == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class NameTaken(ConfigurationError):
+    """Raised when a live worker already runs under the name this one was started with."""
 
 
 class Heartbeat:
-    """Refreshes ``sp:worker:<name>`` (a JSON blob with a TTL) while the worker lives."""
+    """Keeps ``<prefix>:worker:<name>`` (JSON with a TTL) fresh while the worker lives.
+
+    The name is the worker's: :meth:`claim` refuses it while another live worker holds it, and a
+    clean stop deletes the key at once, so ``status`` does not show a stopped worker as live.
+    """
 
     def __init__(self, redis_url: str, key: str, describe: Callable[[], dict[str, Any]]) -> None:
-        self._redis = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+        self._redis = redis_client(redis_url, timeout=1, connect_timeout=1)
         self._key = key
         self._describe = describe
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(6).hex()}"
+        self._refresh = self._redis.register_script(_REFRESH)
+        self._release = self._redis.register_script(_RELEASE)
+        self._loop = Reconnector("heartbeat", self._session, logger=log)
+
+    def claim(self) -> None:
+        """Take the name, or raise :class:`NameTaken` if a live worker elsewhere holds it.
+
+        A heartbeat left by a dead process of this host (a restart after a crash), or by this
+        very process id (a restarted container), is stale and taken over.
+        """
+        holder = self._write(force=False)
+        if holder is None:
+            return
+        if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0))):
+            self._write(force=True)
+            return
+        raise NameTaken(
+            f"a worker named {holder.get('name')!r} is already live (pid {holder.get('pid')} on "
+            f"{holder.get('host')}); start this one with another --name",
+            worker=holder.get("name"),
+        )
 
     def start(self) -> Heartbeat:
-        self._thread.start()
+        self._loop.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
+        """Stop refreshing and delete the heartbeat if it is still ours."""
+        self._loop.stop(timeout=2)
+        try:
+            self._release(keys=[self._key], args=[self.token])
+        except redis.RedisError as exc:
+            log.warning("heartbeat_release_failed", error=str(exc))
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                state = self._describe()
-                self._redis.set(self._key, json.dumps(state), ex=HEARTBEAT_TTL_S)
-                for name, value in state["cache"].items():
-                    CACHE.labels(name).set(value)
-            except (redis.RedisError, OSError) as exc:
-                log.debug("heartbeat_failed", error=str(exc))
-            self._stop.wait(HEARTBEAT_S)
+    def _write(self, *, force: bool) -> dict[str, Any] | None:
+        state = {**self._describe(), "token": self.token}
+        held = self._refresh(
+            keys=[self._key],
+            args=[json.dumps(state), self.token, "1" if force else "0", Keys.HEARTBEAT_TTL_S],
+        )
+        for name, value in state["cache"].items():
+            CACHE.labels(name).set(value)
+        return json.loads(held) if held else None
+
+    def _session(self, loop: Reconnector) -> None:
+        while not loop.stopping.is_set():
+            holder = self._write(force=False)
+            loop.healthy()
+            if holder is not None:
+                log.error("worker_name_taken", worker=holder.get("name"), pid=holder.get("pid"))
+            loop.stopping.wait(Keys.HEARTBEAT_S)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own pid in an old heartbeat: this process restarted in place
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
 
 
 def describe_worker(
-    name: str, shards: list[int], stats: CacheStats, executed: int, dropped: int
+    name: str, shards: list[int], shard_count: int, stats: CacheStats, executed: int, dropped: int
 ) -> dict[str, Any]:
-    """The heartbeat payload."""
+    """The heartbeat payload. ``shard_count`` is the worker's ``SCRIPTPOOL_SHARDS``: clients and
+    ``status`` compare it with their own."""
     return {
         "name": name,
+        "host": socket.gethostname(),
         "pid": os.getpid(),
         "shards": shards,
+        "shard_count": shard_count,
         "executed": executed,
         "dropped_stale": dropped,
         "cache": {

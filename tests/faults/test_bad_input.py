@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from config import EmbeddedRedis, Limits, Settings, shard_for
+from config import Limits, Settings, shard_for
 from config.errors import (
     InputTooLarge,
     InvalidArgument,
@@ -22,13 +22,14 @@ from config.errors import (
     ScriptpoolError,
     UnknownExtensionPoint,
 )
+from engine import Sandbox
 from producer import Client
 from registry import Registry
+from scriptpool import EmbeddedRedis
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.faults.conftest import Recorder
 from tests.pool import WorkerProcess, start_workers
-from workers import Sandbox
 
 SHARDS = 3  # workers on shards 0 and 1; shard 2 has none, so a job enqueued there would stay put
 TITLE = "Bad input from host code"

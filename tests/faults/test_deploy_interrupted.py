@@ -15,15 +15,16 @@ from pathlib import Path
 
 import redis
 
-from config import EmbeddedRedis, Settings
+from config import Settings
+from engine import Sandbox
 from producer import Client
 from registry import Registry
+from scriptpool import EmbeddedRedis
 from tests import guests
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 from tests.faults._proxy import DROP, FORWARD, FORWARD_THEN_CUT, FaultProxy
 from tests.faults.conftest import Recorder
 from tests.pool import shops_on, start_workers, worker_env
-from workers import Sandbox
 
 SHARDS = 1
 OLD, NEW = {"v": "old"}, {"v": "new"}
@@ -49,7 +50,7 @@ def deploy_through(
 
     proxy = FaultProxy(proxy_port, before_command=before_command)
     env = {**worker_env(settings), "SCRIPTPOOL_REDIS_URL": proxy.url}
-    argv = [sys.executable, "-m", "producer._cli", "deploy", "test", shop, str(module)]
+    argv = [sys.executable, "-m", "scriptpool", "deploy", "test", shop, str(module)]
     try:
         process.append(
             subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

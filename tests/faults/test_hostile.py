@@ -11,18 +11,18 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from config import EmbeddedRedis, Limits, Settings, shard_for
+from config import Limits, Settings, shard_for
 from config.errors import InputTooLarge, ScriptNotFound, ScriptpoolError
+from engine import FIXED_TIME_NS, Sandbox
+from engine._wasi import TRUNCATION_MARKER, GuestIO
 from producer import BreakerPolicy, Client
 from registry import Registry
+from scriptpool import EmbeddedRedis, rss_mb
 from tests import guests
 from tests.conftest import EXAMPLES, TEST_ARTIFACT_KEY
 from tests.faults._load import Load, Planned, wrong_results
 from tests.faults.conftest import Recorder
-from tests.pool import WorkerProcess, pid_of, rss_mb, start_workers
-from workers import Sandbox
-from workers.sandbox import FIXED_TIME_NS
-from workers.sandbox._wasi import TRUNCATION_MARKER, GuestIO
+from tests.pool import WorkerProcess, pid_of, start_workers
 
 SHARDS = 2
 TITLE = "Hostile scripts under concurrent load"

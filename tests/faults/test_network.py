@@ -7,16 +7,17 @@ from collections import Counter
 
 import redis
 
-from config import EmbeddedRedis, Settings
+from config import Settings
+from engine import Sandbox
 from producer import BreakerPolicy, Client
 from registry import Registry
+from scriptpool import EmbeddedRedis
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.faults._load import Load, Planned, answered_figures, ok_rate, recovery_s, timeline, wrong_results
 from tests.faults._proxy import ProxyProcess
 from tests.faults.conftest import Recorder
 from tests.pool import shops_on, start_workers
-from workers import Sandbox
 
 SHARDS = 2
 RATE = 200

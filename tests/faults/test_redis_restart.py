@@ -8,15 +8,16 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from config import EmbeddedRedis, Settings
+from config import Settings
+from engine import Sandbox
 from producer import BreakerPolicy, Client
 from registry import Registry
+from scriptpool import EmbeddedRedis
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.faults._load import Load, Planned, answered_figures, recovery_s, timeline, wrong_results
 from tests.faults.conftest import Recorder
 from tests.pool import shops_on, start_workers
-from workers import Sandbox
 
 SHARDS = 3
 JOBS = 10_000

@@ -24,23 +24,22 @@ from urllib.parse import urlencode
 import msgpack
 import pytest
 import redis
-import structlog
 from kombu.exceptions import OperationalError
 
-from config import TASK_NAME, EmbeddedRedis, Job, Settings, find_redis_server, shard_for
-from config._embedded_redis import free_port
-from config._settings import redis_tls_options
+from config import Job, Keys, Settings, redis_tls_options, shard_for
 from config.errors import BrokerUnavailable, ConfigurationError, ScriptpoolError
+from engine import FIXED_TIME_NS, Sandbox, engine_fingerprint
+from engine._wasi import GuestIO
 from producer import BreakerPolicy, Client
 from registry import Registry
+from scriptpool import EmbeddedRedis, find_redis_server, free_port
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.faults.conftest import Recorder
+from tests.logs import captured_events
 from tests.pool import WorkerProcess, pid_of, start_workers
-from workers import Executor, Sandbox
+from workers import Executor
 from workers._app import create_app
-from workers.sandbox import FIXED_TIME_NS, engine_fingerprint
-from workers.sandbox._wasi import GuestIO
 
 SHARDS = 2
 TITLE = "Security"
@@ -153,7 +152,7 @@ def test_tampered_or_foreign_artifacts_are_never_deserialized(
     real = sandbox.deserialize
     monkeypatch.setattr(sandbox, "deserialize", lambda art, stack: loaded.append(art) or real(art, stack))
     executor = Executor(deployer, sandbox, settings)
-    with structlog.testing.capture_logs() as logs:
+    with captured_events() as logs:
         outputs = [executor.execute("test", shop, {}).output for _, shop, _ in cases]
     assert outputs == [{"kind": kind} for kind in kinds]
     assert loaded == []
@@ -194,7 +193,7 @@ def test_tampered_or_foreign_artifacts_are_never_deserialized(
 def _envelope(body: bytes, content_type: str, queue: str, *, protocol: int = 2, reply_to: str = "") -> str:
     """A kombu Redis-transport message, as a client that writes to Redis directly could push."""
     task_id = uuid.uuid4().hex
-    headers = {"lang": "py", "task": TASK_NAME, "id": task_id, "root_id": task_id, "retries": 0}
+    headers = {"lang": "py", "task": Keys.TASK, "id": task_id, "root_id": task_id, "retries": 0}
     return json.dumps({
         "body": base64.b64encode(body).decode(),
         "content-encoding": "binary",
@@ -254,7 +253,7 @@ def test_pickle_payloads_on_the_queue_are_refused(
     hostile = [
         _envelope(pickle.dumps(((evil,), {}, {})), "application/x-python-serialize", queue),
         _envelope(
-            pickle.dumps({"task": TASK_NAME, "id": "x", "args": [evil], "kwargs": {}}),
+            pickle.dumps({"task": Keys.TASK, "id": "x", "args": [evil], "kwargs": {}}),
             "application/x-python-serialize",
             queue,
             protocol=1,
@@ -457,7 +456,7 @@ def test_password_protected_redis_end_to_end_and_wrong_password_is_named(
     the client runs, all through SCRIPTPOOL_REDIS_URL with the password. With a wrong password
     the client answers broker_unavailable before its deadline (BrokerUnavailable with strict), the
     CLI exits 1 with one line, and a worker never reports ready; nothing hangs."""
-    from producer._cli import main
+    from scriptpool._cli import main
 
     password = uuid.uuid4().hex
     with EmbeddedRedis(password=password) as server:

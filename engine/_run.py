@@ -28,9 +28,8 @@ from config.errors import (
     StackOverflow,
     WallClockExceeded,
 )
-from workers.sandbox._engine import (
+from engine._capi import (
     EXTERN_ITEM_OFFSET,
-    EpochTicker,
     check_internals,
     context_get_fuel,
     context_set_epoch_deadline,
@@ -39,13 +38,13 @@ from workers.sandbox._engine import (
     instance_export_get,
     instance_pre_instantiate,
     memory_data_size,
-    new_engine,
     store_context,
     store_delete,
     store_limiter,
     store_new,
 )
-from workers.sandbox._wasi import IDLE, GuestExit, GuestIO, HostState, WasiSubset
+from engine._engine import EpochTicker, new_engine
+from engine._wasi import IDLE, GuestExit, GuestIO, HostState, WasiSubset
 
 # memory.grow fails silently (returns -1) at the store limit, so a guest that then traps or
 # exits non-zero is reported as out of memory when it stands within this much of its limit.

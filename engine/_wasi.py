@@ -5,7 +5,7 @@ cannot fix clocks or random. Here stdin is the input bytes, stdout and stderr ar
 clocks and random are fixed so a recorded run replays exactly, and there are no files, no env, no
 args and no sockets: every such call answers with an errno, the way a closed sandbox should.
 
-Host functions are raw wasmtime callbacks (see ``workers/sandbox/_engine.py`` for why): each
+Host functions are raw wasmtime callbacks (see ``engine/_capi.py`` for why): each
 reads its i32 arguments as u32 words of wasmtime's value array, finds the caller's memory, and
 writes its errno back into the same array. A Python exception inside one (``proc_exit``, output
 over its limit, a bug) is kept on the run's :class:`GuestIO` and the call traps; the sandbox
@@ -27,7 +27,7 @@ import wasmtime
 from wasmtime import _ffi as ffi
 
 from config.errors import OutputTooLarge
-from workers.sandbox._engine import (
+from engine._capi import (
     EXTERN_ITEM_OFFSET,
     HOST_CALLBACK,
     VAL_RAW_WORDS,

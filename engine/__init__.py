@@ -1,9 +1,9 @@
 """The sandbox: wasmtime engines, our WASI subset, and one guest run under hard limits."""
 
-from workers.sandbox._engine import engine_fingerprint
-from workers.sandbox._run import Sandbox, SandboxRun
-from workers.sandbox._wasi import FIXED_TIME_NS, provided_signatures
-from workers.sandbox._wasi import MODULE as WASI_MODULE
+from engine._engine import engine_fingerprint
+from engine._run import Sandbox, SandboxRun
+from engine._wasi import FIXED_TIME_NS, provided_signatures
+from engine._wasi import MODULE as WASI_MODULE
 
 __all__ = [
     "FIXED_TIME_NS",

@@ -8,57 +8,22 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import redis
 
-from config import Settings, configure_logging
+from config import Settings, configure_logging, redis_client
 from config.errors import ScriptpoolError
+from scriptpool._files import UserMistake, read_json, read_module
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
 
-class UserMistake(Exception):
-    """Raised for a mistake the user can fix (a missing file, bad JSON); printed as one line."""
-
-
-def _read_file(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise UserMistake(f"cannot read {path}: {exc.strerror}") from None
-
-
-def read_module(path: str) -> bytes:
-    """Module bytes from a .wasm file, or assembled from a .wat text file."""
-    data = _read_file(path)
-    if path.endswith(".wat"):
-        import wasmtime
-
-        try:
-            return bytes(wasmtime.wat2wasm(data.decode("utf-8", errors="replace")))
-        except wasmtime.WasmtimeError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "syntax error"
-            raise UserMistake(f"{path} is not valid WAT: {first}") from None
-    return data
-
-
-def _read_json(path: str | None) -> Any:
-    if path is None:
-        return None
-    raw = sys.stdin.buffer.read() if path == "-" else _read_file(path)
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise UserMistake(f"{path} is not JSON: {exc}") from None
-
-
 def _registry(settings: Settings) -> Any:
+    from engine import Sandbox
     from registry import Registry
-    from workers import Sandbox
 
-    return Registry(redis.Redis.from_url(settings.redis_url, socket_timeout=5), settings, Sandbox())
+    return Registry(redis_client(settings.redis_url, timeout=5, connect_timeout=2), settings, Sandbox())
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
@@ -87,8 +52,8 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
     _registry(settings).define_extension_point(
         args.name,
         limits=limits,
-        input_schema=_read_json(args.input_schema),
-        output_schema=_read_json(args.output_schema),
+        input_schema=read_json(args.input_schema),
+        output_schema=read_json(args.output_schema),
         input_validation_rate=args.input_validation_rate,
     )
     print(f"defined extension point {args.name}")
@@ -96,9 +61,9 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from producer._client import Client
+    from producer import Client
 
-    payload = _read_json(args.input) if args.input else {}
+    payload = read_json(args.input) if args.input else {}
     with Client(settings) as client:
         outcome = client.run(args.ep, args.shop, payload, timeout=args.timeout_ms / 1000)
     if outcome.error_code == "broker_unavailable":
@@ -134,9 +99,9 @@ def _print_outcome(outcome: Any) -> None:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from producer._table import LiveTable
+    from scriptpool._table import LiveTable
 
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    client = redis_client(settings.redis_url, timeout=5, connect_timeout=2)
     keys = settings.keys
     heartbeats = [json.loads(raw) for raw in client.mget(sorted(client.keys(keys.workers_pattern()))) if raw]
     where = settings.redis_url.split("@")[-1]
@@ -168,7 +133,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from producer._bench import BenchOptions, run_bench
+    from scriptpool._bench import BenchOptions, run_bench
 
     if min(args.n, args.concurrency, args.shards, args.serial, args.references) < 1:
         raise UserMistake("--n, --concurrency, --shards, --serial and --references must be at least 1")
@@ -190,7 +155,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from producer._demo import run_demo
+    from scriptpool._demo import run_demo
 
     return run_demo(external=args.external)
 
@@ -359,7 +324,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _redis_address() -> str:
     url = os.environ.get("SCRIPTPOOL_REDIS_URL", Settings().redis_url)
     return url.split("@")[-1]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

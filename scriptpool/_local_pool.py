@@ -13,8 +13,9 @@ from contextlib import contextmanager
 
 import redis
 
-from config import EmbeddedRedis, Settings
+from config import Settings
 from config.errors import ConfigurationError
+from scriptpool._embedded_redis import EmbeddedRedis
 
 
 @contextmanager
@@ -55,7 +56,7 @@ def local_pool(
                 [
                     sys.executable,
                     "-m",
-                    "producer._cli",
+                    "scriptpool",
                     "worker",
                     "--shards",
                     str(n),

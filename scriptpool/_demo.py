@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from config import shard_for
-from producer._client import Client
-from producer._local_pool import local_pool
-from producer._table import LiveTable
+from producer import Client
+from scriptpool._files import read_module
+from scriptpool._local_pool import local_pool
+from scriptpool._table import LiveTable
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# Shipped inside the tool package, so the demo runs from any install (not only a checkout).
+EXAMPLES = Path(str(resources.files("scriptpool.examples")))
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,8 @@ def _summary(outcome: Any) -> str:
 
 def run_demo(*, external: bool = False) -> int:
     """Run the demo; with ``external`` use the Redis and workers already running."""
+    from engine import Sandbox
     from registry import Registry
-    from workers import Sandbox
 
     total = 4
     with local_pool("demo", external=external, shards=2, say=lambda text: _step(1, total, text)) as (
@@ -78,8 +81,6 @@ def run_demo(*, external: bool = False) -> int:
         for ep in ("discount", "cart_validation", "demo"):
             registry.define_extension_point(ep)
         registry.define_extension_point("slow", limits={"fuel": 2_000_000_000, "wall_ms": 2000})
-        from producer._cli import read_module
-
         taken: set[str] = set()
         planned = []
         for case in CASES:

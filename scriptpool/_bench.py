@@ -18,10 +18,10 @@ from typing import Any, cast
 import redis
 
 from config import shard_for
-from producer._client import Client
-from producer._local_pool import local_pool
-from producer._outcome import Outcome
-from producer._table import LiveTable
+from producer import Client, Outcome
+from scriptpool._local_pool import local_pool
+from scriptpool._measure import percentiles
+from scriptpool._table import LiveTable
 
 # A trivial script: ignores its input and prints {}. The work is ours, not the guest's.
 TRIVIAL_WAT = """
@@ -50,17 +50,6 @@ class BenchOptions:
     json_path: str | None = None
     duration: float = 0.0  # > 0: the concurrent run lasts this many seconds instead of n calls
     use_asyncio: bool = False  # concurrent callers are coroutines (run_async) on one event loop
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    if not ordered:
-        return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
-
-    def pick(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
-
-    return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99)}
 
 
 class Progress:
@@ -129,10 +118,20 @@ def measure_floor(url: str, count: int) -> list[float]:
 
 
 def run_bench(options: BenchOptions) -> int:
+    from engine import Sandbox
     from registry import Registry
-    from workers import Executor, Sandbox
+    from workers import Executor
 
-    naive_worker = [sys.executable, "-m", "celery", "-A", "workers._naive", "worker", "--loglevel", "WARNING"]
+    naive_worker = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "scriptpool._naive",
+        "worker",
+        "--loglevel",
+        "WARNING",
+    ]
     with local_pool(
         "bench", external=options.external, shards=options.shards, extra_commands=(naive_worker,)
     ) as (settings, _env):
@@ -168,9 +167,9 @@ def run_bench(options: BenchOptions) -> int:
         else:
             from celery import Celery
 
-            from workers._naive import QUEUE
+            from scriptpool._naive import QUEUE
 
-            # The caller side of the naive design: default settings, as workers._naive's own app,
+            # The caller side of the naive design: default settings, as scriptpool._naive's own app,
             # but a fresh app per run, so a second bench in one process does not reuse the first
             # one's connections (its Redis is gone).
             naive_app = Celery("naive", broker=settings.redis_url, backend=settings.redis_url)

@@ -1,0 +1,161 @@
+"""The one table of ``SCRIPTPOOL_*`` variables: ``Settings.from_env``, ``to_env`` and the README's
+configuration table all come from it, so a variable is spelled once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from config.errors import ConfigurationError
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """One environment variable: the setting it fills and how its text becomes the value.
+
+    ``field`` is a :class:`~config.Settings` attribute, or ``limits.<name>`` for a default limit.
+    ``scale`` converts units: the variable's number times ``scale`` is the field's value.
+    """
+
+    name: str
+    field: str
+    kind: type
+    doc: str
+    scale: int = 1
+    unit: str = ""
+
+    def parse(self, text: str) -> Any:
+        """The field's value for the variable's text; a malformed one names the variable."""
+        if self.kind is str:
+            return text
+        if self.kind is bytes:
+            return text.encode()
+        try:
+            number = self.kind(text.strip())
+        except ValueError:
+            kind = "an integer" if self.kind is int else "a number"
+            raise ConfigurationError(
+                f"{self.name} must be {kind}, got {text!r}", variable=self.name
+            ) from None
+        return number * self.scale
+
+    def render(self, value: Any) -> str:
+        """The variable's text for a field value (the inverse of :meth:`parse`)."""
+        if isinstance(value, bytes):
+            return value.decode()
+        if self.scale != 1:
+            return str(value // self.scale)
+        return str(value)
+
+
+_LIMIT_DOCS = {
+    "fuel": ("instructions (wasmtime fuel) a run may execute", ""),
+    "memory_bytes": ("linear memory per memory of a run", "bytes"),
+    "stack_bytes": ("Wasm stack", "bytes"),
+    "input_bytes": ("input size", "bytes"),
+    "output_bytes": ("output size", "bytes"),
+    "log_bytes": ("logs kept before truncation", "bytes"),
+    "module_bytes": ("module size accepted at deploy", "bytes"),
+    "wall_ms": ("wall-clock time per run", "ms"),
+}
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable(
+        "SCRIPTPOOL_REDIS_URL",
+        "redis_url",
+        str,
+        "Redis URL: `redis://`, `rediss://` for TLS, password in the URL",
+    ),
+    Variable(
+        "SCRIPTPOOL_ARTIFACT_KEY",
+        "artifact_key",
+        bytes,
+        "HMAC key (16+ bytes) that signs AOT artifacts; needed to deploy and by workers, not by "
+        "`run` or `Client`",
+    ),
+    Variable("SCRIPTPOOL_SHARDS", "shards", int, "number of shards; every process must agree"),
+    Variable("SCRIPTPOOL_KEY_PREFIX", "key_prefix", str, "prefix of every Redis key and queue"),
+    Variable("SCRIPTPOOL_DEADLINE_MS", "default_deadline_ms", int, "default caller deadline", unit="ms"),
+    Variable(
+        "SCRIPTPOOL_MODULE_CACHE_MB",
+        "module_cache_bytes",
+        int,
+        "compiled-module cache per worker process",
+        scale=2**20,
+        unit="MiB",
+    ),
+    Variable(
+        "SCRIPTPOOL_PROVIDER_MAX_KB",
+        "provider_max_bytes",
+        int,
+        "size cap of provider modules",
+        scale=1024,
+        unit="KiB",
+    ),
+    Variable(
+        "SCRIPTPOOL_INPUT_VALIDATION_RATE",
+        "input_validation_rate",
+        float,
+        "share of inputs validated against the EP's input schema",
+    ),
+    Variable(
+        "SCRIPTPOOL_EPOCH_TICK_MS",
+        "epoch_tick_ms",
+        int,
+        "epoch ticker period: the wall-clock limit's granularity",
+        unit="ms",
+    ),
+    Variable(
+        "SCRIPTPOOL_BINDING_CACHE_TTL_S",
+        "binding_cache_ttl_s",
+        float,
+        "backstop expiry of cached bindings and EPs besides pub/sub",
+        unit="s",
+    ),
+    Variable(
+        "SCRIPTPOOL_METRICS_PORT",
+        "metrics_port",
+        int,
+        "worker Prometheus /metrics port (0: off); a worker refuses to start if it cannot open it",
+    ),
+    *(
+        Variable(
+            f"SCRIPTPOOL_LIMIT_{name.upper()}", f"limits.{name}", int, f"default limit: {doc}", unit=unit
+        )
+        for name, (doc, unit) in _LIMIT_DOCS.items()
+    ),
+)
+
+BY_NAME: dict[str, Variable] = {variable.name: variable for variable in VARIABLES}
+BY_FIELD: dict[str, Variable] = {variable.field: variable for variable in VARIABLES}
+
+
+def read(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The settings fields and default-limit fields set in ``environ``: (settings, limits)."""
+    fields: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    for variable in VARIABLES:
+        if variable.name in environ:
+            value = variable.parse(environ[variable.name])
+            if variable.field.startswith("limits."):
+                limits[variable.field.removeprefix("limits.")] = value
+            else:
+                fields[variable.field] = value
+    return fields, limits
+
+
+def markdown_table(defaults: Mapping[str, Any]) -> str:
+    """The README's configuration table, defaults taken from ``defaults`` (field -> value)."""
+    lines = ["| variable | meaning | default |", "|---|---|---|"]
+    for variable in VARIABLES:
+        default = defaults[variable.field]
+        if variable.kind is bytes:
+            shown = "none"
+        elif isinstance(default, int) and not isinstance(default, bool):
+            shown = f"{default // variable.scale:,}"
+        else:
+            shown = str(default)
+        unit = f" {variable.unit}" if variable.unit and variable.kind is not bytes else ""
+        lines.append(f"| `{variable.name}` | {variable.doc} | {shown}{unit} |")
+    return "\n".join(lines)

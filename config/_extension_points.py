@@ -1,0 +1,107 @@
+"""Extension points as stored in Redis, and the one cached reader the client and executor share."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import redis
+
+from config._keys import Keys
+from config._limits import Limits
+from config.errors import UnknownExtensionPoint
+
+T = TypeVar("T")
+
+# An unknown EP is asked about again after this long, so a newly defined one is seen soon.
+UNKNOWN_RECHECK_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionPoint:
+    """A place in checkout that scripts customise, e.g. ``discount``."""
+
+    name: str
+    limit_overrides: dict[str, int] = field(default_factory=dict)
+    input_schema: dict[str, Any] | None = None
+    output_schema: dict[str, Any] | None = None
+    input_validation_rate: float | None = None
+
+    def limits(self, defaults: Limits) -> Limits:
+        """The limits scripts at this EP run under."""
+        return defaults.with_overrides(self.limit_overrides)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "name": self.name,
+                "limit_overrides": self.limit_overrides,
+                "input_schema": self.input_schema,
+                "output_schema": self.output_schema,
+                "input_validation_rate": self.input_validation_rate,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ExtensionPoint:
+        data = json.loads(raw)
+        return cls(
+            name=data["name"],
+            limit_overrides=data.get("limit_overrides") or {},
+            input_schema=data.get("input_schema"),
+            output_schema=data.get("output_schema"),
+            input_validation_rate=data.get("input_validation_rate"),
+        )
+
+
+class ExtensionPointReader(Generic[T]):
+    """Reads EP definitions from Redis and keeps what ``prepare`` derives from each, for ``ttl_s``.
+
+    The client keeps an EP's limits; the executor keeps its limits with compiled schemas. Both
+    forget an EP when told (:meth:`invalidate`) or when its entry expires. Thread-safe. Redis
+    errors propagate: what they mean is the caller's to decide.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        prepare: Callable[[ExtensionPoint], T],
+        *,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._redis = client
+        self._keys = keys
+        self._prepare = prepare
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._entries: dict[str, tuple[T | None, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> T:
+        """What ``prepare`` made of EP ``name``, or :class:`UnknownExtensionPoint`."""
+        now = self._clock()
+        entry = self._entries.get(name)
+        if entry is None or entry[1] <= now:
+            raw = self._redis.get(self._keys.extension_point(name))
+            value = self._prepare(ExtensionPoint.from_json(raw)) if raw is not None else None
+            entry = (value, now + (self._ttl_s if value is not None else UNKNOWN_RECHECK_S))
+            with self._lock:
+                self._entries[name] = entry
+        if entry[0] is None:
+            raise UnknownExtensionPoint(f"extension point {name!r} is not defined", ep=name)
+        return entry[0]
+
+    def invalidate(self, name: str | None = None) -> None:
+        """Forget EP ``name``, or every EP."""
+        with self._lock:
+            if name is None:
+                self._entries.clear()
+            else:
+                self._entries.pop(name, None)
