@@ -6,6 +6,7 @@ Everything else imports from here; this package imports nothing of ours.
 from config import errors
 from config._environment import VARIABLES, Variable, markdown_table
 from config._extension_points import ExtensionPoint, ExtensionPointReader
+from config._heartbeats import WorkerHeartbeat, live_workers, shard_count_disagreement
 from config._keys import Keys
 from config._limits import Limits, check_input_size
 from config._logging import EventLogger, configure_logging, get_logger
@@ -47,6 +48,7 @@ __all__ = [
     "Settings",
     "Taken",
     "Variable",
+    "WorkerHeartbeat",
     "check_ep",
     "check_export",
     "check_input_size",
@@ -58,10 +60,12 @@ __all__ = [
     "errors",
     "get_logger",
     "jump_hash",
+    "live_workers",
     "markdown_table",
     "redis_client",
     "redis_command",
     "redis_pool",
     "redis_tls_options",
+    "shard_count_disagreement",
     "shard_for",
 ]

@@ -25,7 +25,9 @@ from config import (
     check_shop_id,
     encode_input,
     get_logger,
+    live_workers,
     redis_client,
+    shard_count_disagreement,
     shard_for,
 )
 from config.errors import (
@@ -47,6 +49,8 @@ log = get_logger("client")
 
 _TRANSPORT_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, OSError)
 _EP_CACHE_S = 5.0
+# After a timeout, the workers' shard count is compared with ours again at most this often.
+_SHARD_COUNT_RECHECK_S = 30.0
 # Callers wait in checkout paths; anything longer is a mistake (inf would overflow the wait).
 MAX_TIMEOUT_S = 600
 _SHARD_CACHE = 100_000
@@ -84,6 +88,8 @@ class Client:
             Lane(self.batching, self._publish, self._publish_failed, self._background, _TRANSPORT_ERRORS)
             for _ in range(settings.shards)
         ]
+        self._shard_count_checked = 0.0
+        self._shard_count_warned = False
         # redis-py connects lazily; connecting on the first run would spend that caller's deadline.
         self._publisher.submit(self._warm_publisher)
 
@@ -146,10 +152,35 @@ class Client:
             self._redis.ping()
         except _TRANSPORT_ERRORS as exc:
             log.warning("publisher_warmup_failed", error=str(exc))
+            return
+        self._check_shard_count()
+
+    def _check_shard_count(self) -> None:
+        """Log once if live workers run with another SCRIPTPOOL_SHARDS than this client: their
+        queues differ, so some shops' calls would only ever time out."""
+        self._shard_count_checked = time.monotonic()
+        try:
+            disagreement = shard_count_disagreement(
+                live_workers(self._redis, self._keys), self.settings.shards
+            )
+        except _TRANSPORT_ERRORS:
+            return
+        if disagreement and not self._shard_count_warned:
+            self._shard_count_warned = True
+            log.error(
+                "shard_count_mismatch",
+                client_shards=self.settings.shards,
+                worker_shards={str(count): names for count, names in disagreement.items()},
+            )
 
     def batching_stats(self) -> dict[int, tuple[int, int]]:
         """Per shard: (messages published, jobs they carried) since this client started."""
         return {shard: (lane.messages, lane.jobs) for shard, lane in enumerate(self._lanes)}
+
+    def limits(self, ep: str) -> Limits:
+        """The limits scripts at ``ep`` run under, as this client knows them (cached for a few
+        seconds). Raises :class:`UnknownExtensionPoint`, or redis-py's error if Redis is down."""
+        return self._limits.get(check_ep(ep))
 
     def breaker_state(self, shop_id: str | int, ep: str) -> str:
         """The breaker state of (shop, EP): ``closed``, ``open`` or ``half_open``."""
@@ -237,6 +268,9 @@ class Client:
             message = call.waiter.listener
             if isinstance(message, Message):
                 message.expired()  # may let the shard's next message go
+            if time.monotonic() - self._shard_count_checked > _SHARD_COUNT_RECHECK_S:
+                self._shard_count_checked = time.monotonic()
+                self._background(self._check_shard_count)  # off the caller's path
             return call.fallback_outcome(DeadlineExceeded, "no reply before the deadline")
         reply = Reply.from_wire(raw)
         total_ms = (time.perf_counter() - call.started) * 1000

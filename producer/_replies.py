@@ -161,6 +161,7 @@ class ReplyDispatcher:
         pool = redis_pool(self._url, timeout=2.0, connect_timeout=0.5)
         connection: Any = pool.make_connection()  # redis-py types these partly
         try:
+            connection.connect()  # now, and through the pool's own address lookup
             while not loop.stopping.is_set():
                 if self._use_multi_pop:
                     try:

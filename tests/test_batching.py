@@ -6,21 +6,20 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 import redis
 
-from config import Settings, shard_for
+from config import Settings
 from engine import Sandbox
 from producer import BatchPolicy, Client
 from producer._batching import Lane, Message
 from producer._replies import Waiter
 from registry import Registry
 from tests import guests
-from tests.conftest import TEST_ARTIFACT_KEY
-from tests.pool import WorkerProcess, start_workers
+from tests.pool import WorkerProcess, pool_fixtures, shop_on
 
 # -- the lane, with a fake publisher -----------------------------------------------------------
 
@@ -187,26 +186,7 @@ def test_window_zero_turns_batching_off() -> None:
 # -- through real workers ----------------------------------------------------------------------
 
 SHARDS = 3  # shard 0: one worker; shard 1: two workers; shard 2: none
-
-
-def shop_on(shard: int, skip: int = 0) -> str:
-    found = (str(n) for n in range(100_000) if shard_for(str(n), SHARDS) == shard)
-    for _ in range(skip):
-        next(found)
-    return next(found)
-
-
-@pytest.fixture(scope="module")
-def pool_settings(redis_url: str) -> Settings:
-    return Settings(redis_url=redis_url, artifact_key=TEST_ARTIFACT_KEY, shards=SHARDS)
-
-
-@pytest.fixture(scope="module")
-def workers(pool_settings: Settings) -> Iterator[dict[str, WorkerProcess]]:
-    started = start_workers(pool_settings, {"b0": [0], "b1a": [1], "b1b": [1]})
-    yield {w.name: w for w in started}
-    for worker in started:
-        worker.stop()
+pool_settings, workers = pool_fixtures(SHARDS, {"b0": [0], "b1a": [1], "b1b": [1]})
 
 
 @pytest.fixture
@@ -238,7 +218,7 @@ def test_busy_shard_gets_batches_and_every_caller_its_own_reply(
     pool_settings: Settings, workers: dict[str, WorkerProcess], deployer: Registry
 ) -> None:
     """24 threads on a one-worker shard: fewer messages than calls, each reply to its caller."""
-    shops = [shop_on(0, skip=n) for n in range(3)]
+    shops = [shop_on(0, SHARDS, skip=n) for n in range(3)]
     for shop in shops:
         deployer.deploy("test", shop, guests.ECHO)
     with Client(pool_settings) as client:
@@ -254,7 +234,7 @@ def test_batching_keeps_both_workers_of_a_shard_busy(
 ) -> None:
     """Whichever worker takes the waiting message lets the next one go, so two workers on one
     shard both serve under load."""
-    shop = shop_on(1)
+    shop = shop_on(1, SHARDS)
     deployer.deploy("test", shop, guests.ECHO)
     seen: dict[str, int] = {}
     lock = threading.Lock()
@@ -283,7 +263,7 @@ def test_dead_shard_holds_one_message_and_callers_fall_back_at_their_deadline(
     """40 concurrent calls to a shard with no worker: each falls back at its own deadline, the
     queue holds a message or two, not 40 (calls behind an untaken message wait in the lane and
     are dropped there once stale), and a worker that comes later drops those as stale too."""
-    shop = shop_on(2)
+    shop = shop_on(2, SHARDS)
     deployer.deploy("test", shop, guests.ECHO)
     elapsed: list[float] = []
     outcomes: list[object] = []
@@ -320,7 +300,7 @@ def test_dead_shard_holds_one_message_and_callers_fall_back_at_their_deadline(
 def test_asyncio_callers_are_batched_too(
     pool_settings: Settings, workers: dict[str, WorkerProcess], deployer: Registry
 ) -> None:
-    shop = shop_on(0, skip=5)
+    shop = shop_on(0, SHARDS, skip=5)
     deployer.deploy("test", shop, guests.ECHO)
     with Client(pool_settings) as client:
 
@@ -338,7 +318,7 @@ def test_asyncio_callers_are_batched_too(
 def test_batching_off_is_one_message_per_call(
     pool_settings: Settings, workers: dict[str, WorkerProcess], deployer: Registry
 ) -> None:
-    shop = shop_on(0, skip=6)
+    shop = shop_on(0, SHARDS, skip=6)
     deployer.deploy("test", shop, guests.ECHO)
     with Client(pool_settings, batching=BatchPolicy(window=0)) as client:
         assert _hammer(client, [shop], threads=8, calls=10) == []
@@ -349,7 +329,7 @@ def test_stage_timings_stay_consistent_in_batches(
     pool_settings: Settings, workers: dict[str, WorkerProcess], deployer: Registry
 ) -> None:
     """Stages add up to the total for batched calls too (time waiting in the lane is enqueue)."""
-    shop = shop_on(0, skip=7)
+    shop = shop_on(0, SHARDS, skip=7)
     deployer.deploy("test", shop, guests.ECHO)
     outcomes: list[object] = []
     with Client(pool_settings) as client:

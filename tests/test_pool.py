@@ -11,37 +11,17 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from config import Settings, shard_for
+from config import Settings
 from config.errors import InputTooLarge, InvalidArgument, InvalidInput, UnknownExtensionPoint
 from engine import Sandbox
 from producer import BreakerPolicy, Client
 from registry import Registry
 from tests import guests
 from tests.conftest import EXAMPLES, TEST_ARTIFACT_KEY
-from tests.pool import WorkerProcess, start_workers
+from tests.pool import WorkerProcess, pool_fixtures, shop_on
 
 SHARDS = 3  # shard 0: two workers, shard 1: one worker, shard 2: none (a stopped shard)
-
-
-def shop_on(shard: int, *, skip: int = 0) -> str:
-    """A shop id that maps to ``shard``."""
-    found = (str(n) for n in range(100_000) if shard_for(str(n), SHARDS) == shard)
-    for _ in range(skip):
-        next(found)
-    return next(found)
-
-
-@pytest.fixture(scope="module")
-def pool_settings(redis_url: str) -> Settings:
-    return Settings(redis_url=redis_url, artifact_key=TEST_ARTIFACT_KEY, shards=SHARDS)
-
-
-@pytest.fixture(scope="module")
-def workers(pool_settings: Settings) -> Iterator[dict[str, WorkerProcess]]:
-    started = start_workers(pool_settings, {"w0a": [0], "w0b": [0], "w1": [1]})
-    yield {w.name: w for w in started}
-    for worker in started:
-        worker.stop()
+pool_settings, workers = pool_fixtures(SHARDS, {"w0a": [0], "w0b": [0], "w1": [1]})
 
 
 @pytest.fixture
@@ -69,7 +49,7 @@ def test_whole_path_deploy_run_right_shard_hostile_and_stopped_shard(
     expected = json.loads((EXAMPLES / "discount" / "expected_output.json").read_text())
     wasm = (EXAMPLES / "discount" / "discount.wasm").read_bytes()
     for shard in (0, 1):
-        shop = shop_on(shard)
+        shop = shop_on(shard, SHARDS)
         deployer.deploy("discount", shop, wasm)
         outcome = client.run("discount", shop, payload, timeout=5)
         assert outcome.status == "ok", outcome.error
@@ -79,13 +59,13 @@ def test_whole_path_deploy_run_right_shard_hostile_and_stopped_shard(
         assert outcome.report is not None and outcome.report.instructions > 0
         assert outcome.timings.total_ms > 0 and outcome.timings.execute_ms > 0
 
-    hostile = shop_on(1, skip=1)
+    hostile = shop_on(1, SHARDS, skip=1)
     deployer.deploy("test", hostile, guests.INFINITE_LOOP)
     outcome = client.run("test", hostile, {}, timeout=5, fallback={"discounts": []})
     assert (outcome.status, outcome.error_code) == ("error", "instruction_limit_exceeded")
     assert outcome.output == {"discounts": []}
 
-    stopped = shop_on(2)
+    stopped = shop_on(2, SHARDS)
     deployer.deploy("discount", stopped, wasm)
     started = time.perf_counter()
     outcome = client.run("discount", stopped, payload, timeout=0.2, fallback="FALLBACK")
@@ -96,7 +76,7 @@ def test_whole_path_deploy_run_right_shard_hostile_and_stopped_shard(
 
 def test_deploy_reaches_every_live_worker_within_100ms(client: Client, deployer: Registry) -> None:
     """After a deploy (and a rollback) every worker on the shard serves the new version."""
-    shop = shop_on(0, skip=2)
+    shop = shop_on(0, SHARDS, skip=2)
     deployer.deploy("test", shop, guests.writes(b'{"v":1}'))
 
     def versions_by_worker() -> dict[str, object]:
@@ -122,7 +102,7 @@ def test_stale_job_is_dropped_unexecuted(
     pool_settings: Settings, client: Client, deployer: Registry, redis_client: redis.Redis
 ) -> None:
     """A job whose caller gave up is dropped by the worker that finally receives it."""
-    shop = shop_on(2, skip=1)
+    shop = shop_on(2, SHARDS, skip=1)
     deployer.deploy("test", shop, guests.ECHO)
     outcome = client.run("test", shop, {"late": True}, timeout=0.05)
     assert outcome.error_code == "timeout"
@@ -151,7 +131,7 @@ def test_stale_job_is_dropped_unexecuted(
 def test_breaker_opens_then_probe_closes_it(client: Client, deployer: Registry) -> None:
     """Three failures open the (shop, EP) breaker; callers then get the fallback with nothing
     enqueued; after the cool-down one probe goes through and closes it."""
-    shop = shop_on(1, skip=2)
+    shop = shop_on(1, SHARDS, skip=2)
     deployer.deploy("test", shop, guests.TRAP)
     for _ in range(3):
         assert client.run("test", shop, {}, timeout=2).error_code == "runtime_error"
@@ -159,7 +139,7 @@ def test_breaker_opens_then_probe_closes_it(client: Client, deployer: Registry) 
     blocked = client.run("test", shop, {}, timeout=2, fallback="fb")
     assert (blocked.status, blocked.error_code, blocked.output) == ("fallback", "circuit_open", "fb")
     assert blocked.worker is None and blocked.timings.enqueue_ms == 0
-    other = shop_on(1, skip=3)
+    other = shop_on(1, SHARDS, skip=3)
     deployer.deploy("test", other, guests.ECHO)
     assert client.run("test", other, {"a": 1}, timeout=2).ok  # breakers are per (shop, EP)
 
@@ -173,7 +153,7 @@ def test_breaker_opens_then_probe_closes_it(client: Client, deployer: Registry) 
 
 def test_100_threads_wait_at_once(client: Client, deployer: Registry) -> None:
     """100 threads calling run concurrently each get their own correct result."""
-    shops = [shop_on(0, skip=3), shop_on(1, skip=4)]
+    shops = [shop_on(0, SHARDS, skip=3), shop_on(1, SHARDS, skip=4)]
     for shop in shops:
         deployer.deploy("test", shop, guests.ECHO)
     results: dict[int, object] = {}
@@ -193,7 +173,7 @@ def test_100_threads_wait_at_once(client: Client, deployer: Registry) -> None:
 
 def test_100_asyncio_tasks_wait_at_once(client: Client, deployer: Registry) -> None:
     """100 asyncio tasks awaiting run_async concurrently each get their own correct result."""
-    shops = [shop_on(0, skip=5), shop_on(1, skip=6)]
+    shops = [shop_on(0, SHARDS, skip=5), shop_on(1, SHARDS, skip=6)]
     for shop in shops:
         deployer.deploy("test", shop, guests.ECHO)
 
@@ -209,7 +189,7 @@ def test_second_worker_on_a_shard_consumes_and_survives_the_other(
     pool_settings: Settings, client: Client, deployer: Registry
 ) -> None:
     """Two workers on shard 1 both take jobs; after one is SIGKILLed the shard is still served."""
-    shop = shop_on(1, skip=7)
+    shop = shop_on(1, SHARDS, skip=7)
     deployer.deploy("test", shop, guests.ECHO)
     extra = WorkerProcess(pool_settings, [1], "w1b").wait_ready()
     try:
@@ -233,7 +213,7 @@ def test_bad_host_input_fails_before_enqueue(
     client: Client, deployer: Registry, redis_client: redis.Redis, pool_settings: Settings
 ) -> None:
     """Bad calls raise clear errors and leave nothing in any queue."""
-    shop = shop_on(2, skip=2)  # no worker: anything enqueued would stay visible
+    shop = shop_on(2, SHARDS, skip=2)  # no worker: anything enqueued would stay visible
     deployer.deploy("test", shop, guests.ECHO)
     with pytest.raises(InvalidInput):
         client.run("test", shop, {"x": {1, 2}})
@@ -254,7 +234,7 @@ def test_strict_raises_named_errors(client: Client, deployer: Registry) -> None:
     """With strict=True the named error is raised, carrying the outcome."""
     from config.errors import DeadlineExceeded, GuestRuntimeError
 
-    trap_shop, stopped_shop = shop_on(0, skip=6), shop_on(2, skip=3)
+    trap_shop, stopped_shop = shop_on(0, SHARDS, skip=6), shop_on(2, SHARDS, skip=3)
     deployer.deploy("test", trap_shop, guests.TRAP)
     deployer.deploy("test", stopped_shop, guests.ECHO)
     with pytest.raises(GuestRuntimeError) as info:
@@ -288,7 +268,7 @@ def test_cli_run_json_prints_the_full_outcome_and_status_shows_the_pool(
     """`scriptpool run --json` prints one JSON object with the report; `status` lists workers."""
     from scriptpool._cli import main
 
-    shop = shop_on(1, skip=8)
+    shop = shop_on(1, SHARDS, skip=8)
     deployer.deploy("discount", shop, (EXAMPLES / "discount" / "discount.wasm").read_bytes())
     monkeypatch.setenv("SCRIPTPOOL_REDIS_URL", pool_settings.redis_url)
     monkeypatch.setenv("SCRIPTPOOL_ARTIFACT_KEY", TEST_ARTIFACT_KEY.decode())
@@ -326,7 +306,7 @@ def test_cli_run_json_prints_the_full_outcome_and_status_shows_the_pool(
     assert "status:  ok" in capsys.readouterr().out
 
     time.sleep(2.5)  # one heartbeat period
-    assert main(["status"]) == 0
+    assert main(["status"]) == 3  # shard 2 has no worker: callers of its shops get fallbacks
     out = capsys.readouterr().out
     assert "live workers 3" in out
     for name in ("w0a@test", "w0b@test", "w1@test"):
@@ -345,9 +325,9 @@ def test_worker_exports_metrics_and_logs_one_event_per_execution(
     port = free_port()
     extra = WorkerProcess(pool_settings, [2], "w2m", {"SCRIPTPOOL_METRICS_PORT": str(port)}).wait_ready()
     try:
-        shop = shop_on(2, skip=4)
+        shop = shop_on(2, SHARDS, skip=4)
         deployer.deploy("test", shop, guests.ECHO)
-        bad = shop_on(2, skip=5)
+        bad = shop_on(2, SHARDS, skip=5)
         deployer.deploy("test", bad, guests.TRAP)
         assert client.run("test", shop, {"m": 1}, timeout=5).ok
         assert client.run("test", bad, {}, timeout=5).error_code == "runtime_error"

@@ -16,8 +16,7 @@ from producer import Client
 from registry import Registry
 from scriptpool import EmbeddedRedis
 from tests import guests
-from tests.conftest import TEST_ARTIFACT_KEY
-from tests.pool import WorkerProcess, start_workers
+from tests.pool import WorkerProcess, pool_fixtures
 
 # Every key that may outlive a call, with whether it is permanent (no TTL). Anything else is a leak.
 PERMANENT = [
@@ -38,17 +37,7 @@ def private_redis() -> Iterator[EmbeddedRedis]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def settings(private_redis: EmbeddedRedis) -> Settings:
-    return Settings(redis_url=private_redis.url, artifact_key=TEST_ARTIFACT_KEY, shards=2)
-
-
-@pytest.fixture(scope="module")
-def workers(settings: Settings) -> Iterator[list[WorkerProcess]]:
-    started = start_workers(settings, {"h0": [0], "h1": [1]})
-    yield started
-    for worker in started:
-        worker.stop()
+settings, workers = pool_fixtures(2, {"h0": [0], "h1": [1]}, redis="private_redis", settings="settings")
 
 
 def deploy(settings: Settings, shops: list[str]) -> None:
@@ -58,7 +47,9 @@ def deploy(settings: Settings, shops: list[str]) -> None:
         registry.deploy("test", shop, guests.ECHO)
 
 
-def test_no_keys_or_channels_leak_after_10000_calls(settings: Settings, workers: list[WorkerProcess]) -> None:
+def test_no_keys_or_channels_leak_after_10000_calls(
+    settings: Settings, workers: dict[str, WorkerProcess]
+) -> None:
     """After 10,000 calls from 16 threads, Redis holds only the documented keys and channels."""
     shops = ["101", "202", "303", "404"]
     deploy(settings, shops)
@@ -95,7 +86,7 @@ def test_no_keys_or_channels_leak_after_10000_calls(settings: Settings, workers:
 
 
 def test_wait_during_redis_restart_returns_fallback_at_deadline_and_workers_reconnect(
-    settings: Settings, workers: list[WorkerProcess], private_redis: EmbeddedRedis
+    settings: Settings, workers: dict[str, WorkerProcess], private_redis: EmbeddedRedis
 ) -> None:
     """A caller waiting while Redis restarts gets its fallback at the deadline, and the pool
     serves again afterwards without restarting any worker."""
@@ -128,4 +119,4 @@ def test_wait_during_redis_restart_returns_fallback_at_deadline_and_workers_reco
             if outcome.ok:
                 break
         assert outcome.ok and outcome.output == {"back": 1}  # type: ignore[attr-defined]
-        assert all(w.alive for w in workers)
+        assert all(w.alive for w in workers.values())

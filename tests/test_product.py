@@ -11,7 +11,8 @@ import yaml
 
 from config import VARIABLES, Settings, markdown_table
 from scriptpool import free_port
-from scriptpool._cli import build_parser, main, parse_shards
+from scriptpool._cli import build_parser, main
+from scriptpool._pool_commands import parse_shards
 from tests import guests
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 

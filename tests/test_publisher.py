@@ -9,20 +9,18 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import msgpack
 import pytest
 import redis
 
-from config import Job, Keys, Settings, shard_for
+from config import Job, Keys, Settings
 from engine import Sandbox
 from producer._publisher import TaskPublisher
 from registry import Registry
 from tests import guests
-from tests.conftest import TEST_ARTIFACT_KEY
-from tests.pool import WorkerProcess, start_workers
+from tests.pool import WorkerProcess, pool_fixtures, shop_on
 from workers._app import create_app
 
 SHARDS = 2
@@ -119,24 +117,12 @@ def test_template_matches_json_dumps_with_awkward_strings(redis_client: redis.Re
 # -- a real worker consumes what we publish ----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pool_settings(redis_url: str) -> Settings:
-    return Settings(redis_url=redis_url, artifact_key=TEST_ARTIFACT_KEY, shards=SHARDS)
+pool_settings, workers = pool_fixtures(SHARDS, {"pub0": [0]})
 
 
 @pytest.fixture(scope="module")
-def worker(pool_settings: Settings) -> Iterator[WorkerProcess]:
-    started = start_workers(pool_settings, {"pub0": [0]})
-    yield started[0]
-    for w in started:
-        w.stop()
-
-
-def _shop(shard: int, skip: int = 0) -> str:
-    found = (str(n) for n in range(100_000) if shard_for(str(n), SHARDS) == shard)
-    for _ in range(skip):
-        next(found)
-    return next(found)
+def worker(workers: dict[str, WorkerProcess]) -> WorkerProcess:
+    return workers["pub0"]
 
 
 def _replies(client: redis.Redis, key: str, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
@@ -156,7 +142,7 @@ def test_a_real_worker_runs_a_directly_published_batch(
     live job in order, and drops the stale one unexecuted."""
     registry = Registry(redis_client, pool_settings, sandbox)
     registry.define_extension_point("test")
-    shop = _shop(0)
+    shop = shop_on(0, SHARDS)
     registry.deploy("test", shop, guests.ECHO)
     reply_to = pool_settings.keys.replies("publisher-test")
     now = time.time()
@@ -198,7 +184,7 @@ def test_a_foreign_reply_to_is_never_written(
     """A message naming a key outside our reply lists runs, but nothing is written there."""
     registry = Registry(redis_client, pool_settings, sandbox)
     registry.define_extension_point("test")
-    shop = _shop(0, skip=1)
+    shop = shop_on(0, SHARDS, skip=1)
     registry.deploy("test", shop, guests.ECHO)
     TaskPublisher(redis_client, Keys.TASK).publish(
         "job-foreign",

@@ -182,6 +182,8 @@ def _loads(data: bytes) -> Any:
 
 
 def _decode_output(stdout: bytes, validator: Any) -> Any:
+    if not stdout:
+        raise InvalidOutput("the script wrote no output (a script prints its JSON result on stdout)")
     try:
         text = stdout.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -84,8 +84,11 @@ class WorkerState:
             log.warning("job_failed", job=job.id, ep=job.ep, shop=job.shop_id, error=repr(exc))
             replies.push(failure_reply(job.id, exc, request, shard))
             return
-        reply = Reply(job.id, execution, None, shard, worker, received, time.time())
-        replies.push(reply.to_wire())
+        finished = time.time()
+        # A caller past its deadline has returned its fallback and stopped listening: a reply
+        # would only recreate the reply list of a client that may be gone.
+        if finished <= job.deadline:
+            replies.push(Reply(job.id, execution, None, shard, worker, received, finished).to_wire())
         self.counters.executed += 1
         telemetry.record_execution(
             execution, job=job.id, shop=job.shop_id, ep=job.ep, shard=shard, worker=worker
@@ -180,12 +183,13 @@ def register(app: Celery) -> None:
         for name in ("celery.app.trace", "celery.worker.strategy"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
-    def init(sender: Any = None, **_: Any) -> None:
-        """Before consuming: claim the name and metrics port; refuse to start if either fails."""
+    def init(sender: Any = None, instance: Any = None, **_: Any) -> None:
+        """After logging is set up and before consuming: claim the name and metrics port, or
+        refuse to start (a SystemExit here is the worker's exit code)."""
         keys = app.settings.keys
         consumed = [keys.shard_of_queue(q) for q in app.amqp.queues.consume_from or app.amqp.queues]
         shards = sorted(n for n in consumed if n is not None)
-        name = getattr(sender, "hostname", None) or f"pid{os.getpid()}"
+        name = str(sender or getattr(instance, "hostname", None) or f"pid{os.getpid()}")
         try:
             worker_state(app.settings).announce(name, shards)
         except ConfigurationError as exc:
@@ -205,7 +209,7 @@ def register(app: Celery) -> None:
             _state.shutdown()
 
     signals.setup_logging.connect(setup_logging, weak=False)
-    signals.worker_init.connect(init, weak=False)
+    signals.celeryd_after_setup.connect(init, weak=False)
     # Prefork children start here; solo and threads pools run in the main process.
     signals.worker_process_init.connect(fresh_state_after_fork, weak=False)
     signals.worker_shutdown.connect(shutdown, weak=False)

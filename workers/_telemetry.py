@@ -13,7 +13,7 @@ from typing import Any
 import redis
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from config import Execution, Keys, Reconnector, get_logger, redis_client
+from config import Execution, Keys, Reconnector, WorkerHeartbeat, get_logger, redis_client
 from config.errors import ConfigurationError
 from workers._cache import CacheStats
 
@@ -107,7 +107,7 @@ class Heartbeat:
     clean stop deletes the key at once, so ``status`` does not show a stopped worker as live.
     """
 
-    def __init__(self, redis_url: str, key: str, describe: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, redis_url: str, key: str, describe: Callable[[], WorkerHeartbeat]) -> None:
         self._redis = redis_client(redis_url, timeout=1, connect_timeout=1)
         self._key = key
         self._describe = describe
@@ -147,13 +147,11 @@ class Heartbeat:
             log.warning("heartbeat_release_failed", error=str(exc))
 
     def _write(self, *, force: bool) -> dict[str, Any] | None:
-        state = {**self._describe(), "token": self.token}
-        held = self._refresh(
-            keys=[self._key],
-            args=[json.dumps(state), self.token, "1" if force else "0", Keys.HEARTBEAT_TTL_S],
-        )
-        for name, value in state["cache"].items():
-            CACHE.labels(name).set(value)
+        beat = self._describe()
+        args = [beat.to_json(token=self.token), self.token, "1" if force else "0", Keys.HEARTBEAT_TTL_S]
+        held = self._refresh(keys=[self._key], args=args)
+        for name, count in beat.cache.items():
+            CACHE.labels(name).set(count)
         return json.loads(held) if held else None
 
     def _session(self, loop: Reconnector) -> None:
@@ -179,24 +177,25 @@ def _alive(pid: int) -> bool:
 
 def describe_worker(
     name: str, shards: list[int], shard_count: int, stats: CacheStats, executed: int, dropped: int
-) -> dict[str, Any]:
+) -> WorkerHeartbeat:
     """The heartbeat payload. ``shard_count`` is the worker's ``SCRIPTPOOL_SHARDS``: clients and
     ``status`` compare it with their own."""
-    return {
-        "name": name,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "shards": shards,
-        "shard_count": shard_count,
-        "executed": executed,
-        "dropped_stale": dropped,
-        "cache": {
-            "entries": stats.entries,
-            "bytes": stats.bytes,
-            "budget_bytes": stats.budget_bytes,
-            "hits": stats.hits,
-            "misses": stats.misses,
-            "evictions": stats.evictions,
-        },
-        "at": time.time(),
+    cache = {
+        "entries": stats.entries,
+        "bytes": stats.bytes,
+        "budget_bytes": stats.budget_bytes,
+        "hits": stats.hits,
+        "misses": stats.misses,
+        "evictions": stats.evictions,
     }
+    return WorkerHeartbeat(
+        name,
+        socket.gethostname(),
+        os.getpid(),
+        tuple(shards),
+        shard_count,
+        executed,
+        dropped,
+        cache,
+        time.time(),
+    )

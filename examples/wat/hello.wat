@@ -1,5 +1,6 @@
 ;; The smallest useful script: ignores its input, logs a line and prints one JSON object.
-;; Deploy the text directly: `scriptpool deploy test 1 examples/wat/hello.wat`.
+;; Deploy the text directly, at an EP defined first:
+;;   scriptpool ep define test && scriptpool deploy test 1 examples/wat/hello.wat
 (module
   (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1)

@@ -8,13 +8,13 @@ import decimal
 import hashlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 
-from config import Limits, Settings, shard_for
+from config import Limits, Settings
 from config.errors import (
     InputTooLarge,
     InvalidArgument,
@@ -25,13 +25,14 @@ from config.errors import (
 from engine import Sandbox
 from producer import Client
 from registry import Registry
-from scriptpool import EmbeddedRedis
 from tests import guests
-from tests.conftest import TEST_ARTIFACT_KEY
 from tests.faults.conftest import Recorder
-from tests.pool import WorkerProcess, start_workers
+from tests.pool import WorkerProcess, pool_fixtures, shop_on
 
 SHARDS = 3  # workers on shards 0 and 1; shard 2 has none, so a job enqueued there would stay put
+settings, workers = pool_fixtures(
+    SHARDS, {"bad0": [0], "bad1": [1]}, redis="private_redis", settings="settings"
+)
 TITLE = "Bad input from host code"
 TINY_INPUT = 1024  # the input limit of the `tiny` EP
 LIMIT = Limits().input_bytes
@@ -42,11 +43,6 @@ LIST_PUSHES = ("lpush", "rpush", "lpushx", "rpushx", "linsert", "lset")
 # kombu's restore lock exists only for moments, so it is not compared at all.
 VOLATILE_VALUE = ("sp:worker:", "_kombu.binding_deadlines")
 TRANSIENT = {"unacked_mutex"}
-
-
-def shop_on(shard: int, prefix: str) -> str:
-    """A shop id named after ``prefix`` that maps to ``shard``."""
-    return next(f"{prefix}.{n}" for n in range(10_000) if shard_for(f"{prefix}.{n}", SHARDS) == shard)
 
 
 def _circular_list() -> list[Any]:
@@ -122,24 +118,11 @@ BAD_TIMEOUTS: list[Any] = [
 
 
 @pytest.fixture(scope="module")
-def settings(private_redis: EmbeddedRedis) -> Settings:
-    return Settings(redis_url=private_redis.url, artifact_key=TEST_ARTIFACT_KEY, shards=SHARDS)
-
-
-@pytest.fixture(scope="module")
-def workers(settings: Settings) -> Iterator[list[WorkerProcess]]:
-    started = start_workers(settings, {"bad0": [0], "bad1": [1]})
-    yield started
-    for worker in started:
-        worker.stop()
-
-
-@pytest.fixture(scope="module")
 def shops(settings: Settings, sandbox: Sandbox) -> dict[int, str]:
     registry = Registry(redis.Redis.from_url(settings.redis_url), settings, sandbox)
     registry.define_extension_point("test")
     registry.define_extension_point("tiny", limits={"input_bytes": TINY_INPUT})
-    found = {shard: shop_on(shard, "bad-input") for shard in range(SHARDS)}
+    found = {shard: shop_on(shard, SHARDS, prefix="bad-input") for shard in range(SHARDS)}
     for shop in found.values():
         registry.deploy("test", shop, guests.ECHO)
         registry.deploy("tiny", shop, guests.ECHO)
@@ -184,7 +167,7 @@ def list_pushes(store: redis.Redis) -> int:
 
 
 def test_every_bad_call_raises_a_named_error_and_leaves_redis_untouched(
-    settings: Settings, workers: list[WorkerProcess], shops: dict[int, str], reliability: Recorder
+    settings: Settings, workers: dict[str, WorkerProcess], shops: dict[int, str], reliability: Recorder
 ) -> None:
     """Unserialisable and oversized input, unknown and malformed EPs, empty, huge, control-character
     and non-string shop ids, and zero, negative, NaN, bool and non-number timeouts, each through
@@ -296,7 +279,7 @@ def test_deeply_nested_input_is_invalid_input(settings: Settings, shops: dict[in
 
 @pytest.mark.parametrize("timeout", [math.inf, 1e300], ids=["inf", "1e300"])
 def test_an_endless_timeout_is_refused_before_enqueue(
-    settings: Settings, workers: list[WorkerProcess], shops: dict[int, str], timeout: float
+    settings: Settings, workers: dict[str, WorkerProcess], shops: dict[int, str], timeout: float
 ) -> None:
     """A timeout that is infinite or too large to wait for raises InvalidArgument before anything
     is enqueued, as zero and negative ones do."""

@@ -6,25 +6,27 @@ import random
 import struct
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 import redis
 
-from config import Limits, Settings, shard_for
+from config import Limits, Settings
 from config.errors import InputTooLarge, ScriptNotFound, ScriptpoolError
 from engine import FIXED_TIME_NS, Sandbox
 from engine._wasi import TRUNCATION_MARKER, GuestIO
 from producer import BreakerPolicy, Client
 from registry import Registry
-from scriptpool import EmbeddedRedis, rss_mb
+from scriptpool import rss_mb
 from tests import guests
-from tests.conftest import EXAMPLES, TEST_ARTIFACT_KEY
+from tests.conftest import EXAMPLES
 from tests.faults._load import Load, Planned, wrong_results
 from tests.faults.conftest import Recorder
-from tests.pool import WorkerProcess, pid_of, start_workers
+from tests.pool import WorkerProcess, pid_of, pool_fixtures, shop_on
 
 SHARDS = 2
+settings, workers = pool_fixtures(
+    SHARDS, {"hostile0": [0], "hostile1": [1]}, redis="private_redis", settings="settings"
+)
 TITLE = "Hostile scripts under concurrent load"
 HOSTILE_RUNS = 10_000
 GOOD_EVERY = 16  # one good call after every 16 hostile ones
@@ -89,24 +91,6 @@ DEPLOY_KINDS = {
 DEPLOY_ROUNDS = 5
 
 
-def shop_on(shard: int, prefix: str) -> str:
-    """A shop id named after ``prefix`` that maps to ``shard``."""
-    return next(f"{prefix}.{n}" for n in range(10_000) if shard_for(f"{prefix}.{n}", SHARDS) == shard)
-
-
-@pytest.fixture(scope="module")
-def settings(private_redis: EmbeddedRedis) -> Settings:
-    return Settings(redis_url=private_redis.url, artifact_key=TEST_ARTIFACT_KEY, shards=SHARDS)
-
-
-@pytest.fixture(scope="module")
-def workers(settings: Settings) -> Iterator[list[WorkerProcess]]:
-    started = start_workers(settings, {"hostile0": [0], "hostile1": [1]})
-    yield started
-    for worker in started:
-        worker.stop()
-
-
 @pytest.fixture(scope="module")
 def deployer(settings: Settings, sandbox: Sandbox) -> Registry:
     registry = Registry(redis.Redis.from_url(settings.redis_url), settings, sandbox)
@@ -119,7 +103,7 @@ def deployer(settings: Settings, sandbox: Sandbox) -> Registry:
 
 
 def test_hostile_kinds_under_load_give_named_errors_and_leave_workers_healthy(
-    settings: Settings, workers: list[WorkerProcess], deployer: Registry, reliability: Recorder
+    settings: Settings, workers: dict[str, WorkerProcess], deployer: Registry, reliability: Recorder
 ) -> None:
     """10,000 runs of 17 hostile kinds, mixed with good calls from 8 threads through two solo
     workers: each hostile run gets its planned named error (or, for the log flood and the clock
@@ -128,10 +112,14 @@ def test_hostile_kinds_under_load_give_named_errors_and_leave_workers_healthy(
     still runs a good script right after, and worker RSS grows by less than 50 MB."""
     modules = {kind: spec[1] for kind, spec in RUNTIME_KINDS.items()}
     modules["provider-trap"] = guests.provider_user("answers_v1", "boom")
-    shops = {(kind, shard): shop_on(shard, kind) for kind in RUNTIME_KINDS for shard in range(SHARDS)}
+    shops = {
+        (kind, shard): shop_on(shard, SHARDS, prefix=kind)
+        for kind in RUNTIME_KINDS
+        for shard in range(SHARDS)
+    }
     for (kind, _), shop in shops.items():
         deployer.deploy(RUNTIME_KINDS[kind][0], shop, modules[kind])
-    good_shops = [shop_on(shard, "good") for shard in range(SHARDS)]
+    good_shops = [shop_on(shard, SHARDS, prefix="good") for shard in range(SHARDS)]
     for shop in good_shops:
         deployer.deploy("test", shop, guests.ECHO)
 
@@ -151,7 +139,7 @@ def test_hostile_kinds_under_load_give_named_errors_and_leave_workers_healthy(
         if i % GOOD_EVERY == 0:
             payload = {"call": i, "cart": {"lines": [{"qty": i % 7}]}}
             plan.append(Planned("test", good_shops[i % SHARDS], payload, expected=payload))
-    pids = {worker.name: worker.process.pid for worker in workers}
+    pids = {worker.name: worker.process.pid for worker in workers.values()}
     # Never open a breaker: every hostile call must reach a worker.
     with Client(settings, breaker=BreakerPolicy(error_threshold=10**9)) as client:
         warm = Load(client, warmup, threads=8, timeout_s=10).start()
@@ -167,7 +155,7 @@ def test_hostile_kinds_under_load_give_named_errors_and_leave_workers_healthy(
         for _ in range(DEPLOY_ROUNDS):
             for kind, (module, code) in DEPLOY_KINDS.items():
                 with pytest.raises(ScriptpoolError) as info:
-                    deployer.deploy("hostile", shop_on(0, kind), module)
+                    deployer.deploy("hostile", shop_on(0, SHARDS, prefix=kind), module)
                 assert info.value.code == code, (kind, info.value)
                 refused[kind] += 1
             with pytest.raises(InputTooLarge) as too_big:
@@ -181,7 +169,7 @@ def test_hostile_kinds_under_load_give_named_errors_and_leave_workers_healthy(
         rss_after = {name: rss_mb(pid) for name, pid in pids.items()}
 
         # The same processes, alive, and each runs a good script correctly right away.
-        assert all(worker.alive for worker in workers)
+        assert all(worker.alive for worker in workers.values())
         after = {}
         for shard, shop in enumerate(good_shops):
             outcome = client.run("test", shop, {"after": shard}, timeout=10)
@@ -204,7 +192,7 @@ def test_hostile_kinds_under_load_give_named_errors_and_leave_workers_healthy(
     assert done_before_deploys < done_after_deploys < len(plan)  # the deploys overlapped the load
     for kind in DEPLOY_KINDS:
         with pytest.raises(ScriptNotFound):
-            deployer.binding("hostile", shop_on(0, kind))
+            deployer.binding("hostile", shop_on(0, SHARDS, prefix=kind))
     assert wrong_results(plan, calls) == []
     fallbacks = [c for c in calls if c.status == "fallback"]
     assert fallbacks == []  # every call was answered by a worker, none timed out

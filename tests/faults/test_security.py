@@ -26,7 +26,7 @@ import pytest
 import redis
 from kombu.exceptions import OperationalError
 
-from config import Job, Keys, Settings, redis_tls_options, shard_for
+from config import Job, Keys, Settings, redis_tls_options
 from config.errors import BrokerUnavailable, ConfigurationError, ScriptpoolError
 from engine import FIXED_TIME_NS, Sandbox, engine_fingerprint
 from engine._wasi import GuestIO
@@ -37,20 +37,16 @@ from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.faults.conftest import Recorder
 from tests.logs import captured_events
-from tests.pool import WorkerProcess, pid_of, start_workers
+from tests.pool import WorkerProcess, pid_of, pool_fixtures, shop_on
 from workers import Executor
 from workers._app import create_app
 
 SHARDS = 2
+settings, pool = pool_fixtures(SHARDS, {"sec0": [0], "sec1": [1]}, redis="private_redis", settings="settings")
 TITLE = "Security"
 NO_BREAKER = BreakerPolicy(error_threshold=10**9)
 CALLS, FLOOD_S, FLOODERS = 200, 1.5, 8  # shard isolation: calls and seconds per phase, flood threads
 EBADF, ENOTSUP = 8, 58
-
-
-def shop_on(shard: int, prefix: str, shards: int = SHARDS) -> str:
-    """A shop id named after ``prefix`` that maps to ``shard``."""
-    return next(f"{prefix}.{n}" for n in range(10_000) if shard_for(f"{prefix}.{n}", shards) == shard)
 
 
 def p95(values: list[float]) -> float:
@@ -58,16 +54,9 @@ def p95(values: list[float]) -> float:
 
 
 @pytest.fixture(scope="module")
-def settings(private_redis: EmbeddedRedis) -> Settings:
-    return Settings(redis_url=private_redis.url, artifact_key=TEST_ARTIFACT_KEY, shards=SHARDS)
-
-
-@pytest.fixture(scope="module")
-def workers(settings: Settings) -> Iterator[dict[int, WorkerProcess]]:
-    started = start_workers(settings, {"sec0": [0], "sec1": [1]})
-    yield {worker.shards[0]: worker for worker in started}
-    for worker in started:
-        worker.stop()
+def workers(pool: dict[str, WorkerProcess]) -> dict[int, WorkerProcess]:
+    """The pool's workers by the shard each serves."""
+    return {worker.shards[0]: worker for worker in pool.values()}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +92,7 @@ def test_tampered_or_foreign_artifacts_are_never_deserialized(
     store = redis.Redis.from_url(settings.redis_url)
     fingerprint = engine_fingerprint()
     foreign = Registry(store, settings.replace(artifact_key=b"someone-elses-key-0123456789"), sandbox)
-    donor = deployer.deploy("test", shop_on(0, "donor"), guests.writes(b'{"donor":1}'))
+    donor = deployer.deploy("test", shop_on(0, SHARDS, prefix="donor"), guests.writes(b'{"donor":1}'))
     donor_artifact = store.get(settings.keys.artifact(fingerprint, donor.sha256))
     assert isinstance(donor_artifact, bytes)
 
@@ -125,7 +114,7 @@ def test_tampered_or_foreign_artifacts_are_never_deserialized(
     kinds = ["flipped-byte", "foreign-key", "replayed", "truncated", "unsigned"]
     cases = []
     for kind in kinds:
-        shop = shop_on(0, f"artifact-{kind}")
+        shop = shop_on(0, SHARDS, prefix=f"artifact-{kind}")
         module = guests.writes(json.dumps({"kind": kind}).encode())  # unique, so never cached hot
         deployment = (foreign if kind == "foreign-key" else deployer).deploy("test", shop, module)
         tamper(kind, deployment.sha256)
@@ -159,7 +148,7 @@ def test_tampered_or_foreign_artifacts_are_never_deserialized(
     assert sum(e["event"] == "security_artifact_rejected" for e in logs) == len(cases)
 
     # Source bytes tampered as well: nothing trustworthy is left, so nothing runs.
-    both = shop_on(0, "artifact-and-source")
+    both = shop_on(0, SHARDS, prefix="artifact-and-source")
     deployment = deployer.deploy("test", both, guests.writes(b'{"both":1}'))
     tamper("flipped-byte", deployment.sha256)
     store.set(settings.keys.module(deployment.sha256), guests.writes(b'{"evil":1}'))
@@ -246,7 +235,7 @@ def test_pickle_payloads_on_the_queue_are_refused(
     envelope and a normal call."""
     store = redis.Redis.from_url(settings.redis_url)
     queue = settings.keys.queue(0)
-    shop = shop_on(0, "pickle")
+    shop = shop_on(0, SHARDS, prefix="pickle")
     deployer.deploy("test", shop, guests.ECHO)
     marker = tmp_path / "unpickled"
     evil = _CreatesMarker(marker)
@@ -394,15 +383,15 @@ def test_guest_sees_no_host_files_environment_real_clock_or_network(
     seen: dict[tuple[str, int], Any] = {}
     for shard in range(SHARDS):
         for name, module in modules.items():
-            shop = shop_on(shard, f"guest-{name}")
+            shop = shop_on(shard, SHARDS, prefix=f"guest-{name}")
             deployer.deploy("test", shop, module)
             outcome = client.run("test", shop, {}, timeout=10)
             assert outcome.status == "ok", outcome.error
             assert pid_of(outcome.worker) == workers[shard].process.pid
             seen[(name, shard)] = outcome.output
-    again = client.run("test", shop_on(0, "guest-clock"), {}, timeout=10).output
+    again = client.run("test", shop_on(0, SHARDS, prefix="guest-clock"), {}, timeout=10).output
     with pytest.raises(ScriptpoolError) as refused:
-        deployer.deploy("test", shop_on(0, "guest-socket"), guests.SOCKET_OPEN_IMPORT)
+        deployer.deploy("test", shop_on(0, SHARDS, prefix="guest-socket"), guests.SOCKET_OPEN_IMPORT)
     assert refused.value.code == "forbidden_import"
 
     words = list(struct.unpack("<4I", GuestIO(b"", 0, 0).random_bytes(16)))
@@ -455,7 +444,7 @@ def test_password_protected_redis_end_to_end_and_wrong_password_is_named(
     """A Redis started with requirepass: the CLI defines the EP and deploys, a worker consumes and
     the client runs, all through SCRIPTPOOL_REDIS_URL with the password. With a wrong password
     the client answers broker_unavailable before its deadline (BrokerUnavailable with strict), the
-    CLI exits 1 with one line, and a worker never reports ready; nothing hangs."""
+    CLI exits 4 (Redis unreachable) with one line, and a worker never reports ready; nothing hangs."""
     from scriptpool._cli import main
 
     password = uuid.uuid4().hex
@@ -498,7 +487,7 @@ def test_password_protected_redis_end_to_end_and_wrong_password_is_named(
             code = main(["deploy", "test", "pw-shop", str(module)])
             cli_s = time.perf_counter() - started
             err = capsys.readouterr().err.strip()
-            assert code == 1 and len(err.splitlines()) == 1 and "cannot reach Redis" in err
+            assert code == 4 and len(err.splitlines()) == 1 and "cannot reach Redis" in err
             assert password not in err and "not-the-password" not in err
 
             deadline = time.monotonic() + 10
@@ -517,8 +506,8 @@ def test_password_protected_redis_end_to_end_and_wrong_password_is_named(
         fault="Redis with requirepass; then a wrong password for client, CLI and a worker",
         asserted=(
             "correct run through the password URL; wrong password: client fallback broker_unavailable"
-            " before its deadline (BrokerUnavailable with strict), CLI exits 1 with one line, worker never"
-            " ready"
+            " before its deadline (BrokerUnavailable with strict), CLI exits 4 (unreachable) with one line,"
+            " worker never ready"
         ),
         figures={
             "wrong password, client answered in, ms (deadline 500)": round(denied_s * 1000, 1),
@@ -729,7 +718,7 @@ def test_hostile_shop_on_one_shard_does_not_slow_another_shard(
     """Serial good calls on shard B, measured alone and then while 8 threads flood shard A with
     infinite loops (default limits, so each burns 11M instructions): every good call stays correct
     and its p50 and p95 stay within a generous bound of the baseline measured in the same test."""
-    flooded, good = shop_on(0, "flooder"), shop_on(1, "bystander")
+    flooded, good = shop_on(0, SHARDS, prefix="flooder"), shop_on(1, SHARDS, prefix="bystander")
     deployer.deploy("test", flooded, guests.INFINITE_LOOP)
     deployer.deploy("test", good, guests.ECHO)
 

@@ -1,0 +1,94 @@
+"""What every command shares: exit codes, the one-line error, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from enum import IntEnum
+from typing import Any, NoReturn
+
+import redis
+
+from config import Settings
+from config.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    InvalidArgument,
+    PoolError,
+    ScriptpoolError,
+)
+
+
+class ExitCode(IntEnum):
+    """What ``scriptpool`` exits with."""
+
+    OK = 0
+    FAILED = 1  # a named error: the script failed, the module was refused, nothing to roll back...
+    USAGE = 2  # a usage mistake: a bad flag or value, a missing file, malformed JSON or settings
+    FALLBACK = 3  # the pool did not answer (timeout, open breaker, worker error); status: a shard unserved
+    UNREACHABLE = 4  # Redis could not be reached
+    INTERRUPTED = 130
+    BROKEN_PIPE = 141  # stdout closed early (``| head``), as a shell reports SIGPIPE
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with our one-line errors: a usage mistake is an :class:`InvalidArgument`."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InvalidArgument(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    """The one spelling of machine-readable output, for every command that prints something."""
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def classify(exc: BaseException) -> tuple[ScriptpoolError | None, ExitCode]:
+    """The named error a failure means to a user, and the exit code it gets (None: a bug)."""
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return BrokerUnavailable(f"cannot reach Redis at {redis_address()}: {exc}"), ExitCode.UNREACHABLE
+    if isinstance(exc, redis.ResponseError):
+        if "DB index" in str(exc):
+            message = f"SCRIPTPOOL_REDIS_URL names a database Redis does not have: {exc}"
+            return ConfigurationError(message), ExitCode.USAGE
+        return BrokerUnavailable(f"Redis at {redis_address()} refused a command: {exc}"), ExitCode.FAILED
+    if isinstance(exc, (InvalidArgument, ConfigurationError)):
+        return exc, ExitCode.USAGE
+    if isinstance(exc, BrokerUnavailable):
+        return exc, ExitCode.UNREACHABLE
+    if isinstance(exc, PoolError):
+        return exc, ExitCode.FALLBACK
+    if isinstance(exc, ScriptpoolError):
+        return exc, ExitCode.FAILED
+    return None, ExitCode.FAILED
+
+
+def exit_code_for(error_code: str | None) -> ExitCode:
+    """The exit code of a command whose outcome carries ``error_code`` (None: success)."""
+    if error_code is None:
+        return ExitCode.OK
+    from config.errors import error_class_for
+
+    return classify(error_class_for(error_code)(""))[1]
+
+
+def report(error: ScriptpoolError, exit_code: ExitCode, *, json_output: bool) -> int:
+    """Print ``error`` as one line on stderr (or one JSON object on stdout) and return the code."""
+    message = " ".join(error.message.split())
+    if json_output:
+        print_json({"error": {"code": error.code, "message": message, "exit_code": int(exit_code)}})
+    else:
+        print(f"scriptpool: {error.code}: {message}", file=sys.stderr)
+    return exit_code
+
+
+def redis_address() -> str:
+    """Where SCRIPTPOOL_REDIS_URL points, without its password."""
+    url = os.environ.get("SCRIPTPOOL_REDIS_URL", Settings().redis_url)
+    return url.split("@")[-1]

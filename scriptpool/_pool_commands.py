@@ -1,0 +1,263 @@
+"""Commands on the pool: run a script through it, see its state, start a shard worker."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from typing import TYPE_CHECKING, Any
+
+from config import Settings, live_workers, redis_client, shard_count_disagreement
+from config.errors import ConfigurationError, InputTooLarge, InvalidArgument
+from scriptpool._files import read_json
+from scriptpool._output import ExitCode, add_json_flag, exit_code_for, print_json, redis_address, report
+
+if TYPE_CHECKING:
+    from producer import Outcome
+
+# A caller's deadline in ms, as the client accepts it: (0, 600 s].
+MAX_TIMEOUT_MS = 600_000
+# An input file may hold whitespace: it is read up to this many times the EP's input limit, and
+# the minified JSON is then held to the limit itself.
+INPUT_TEXT_FACTOR = 4
+
+
+def add_parsers(sub: Any) -> None:
+    run = sub.add_parser("run", help="run a script through the pool and print its outcome")
+    run.add_argument("ep", help="extension point")
+    run.add_argument("shop", help="shop id")
+    run.add_argument("--input", metavar="FILE|-", help="JSON input, a file or - for stdin (default {})")
+    run.add_argument(
+        "--timeout-ms",
+        type=float,
+        metavar="MS",
+        help="the caller's deadline in ms, in (0, 600000] (default SCRIPTPOOL_DEADLINE_MS)",
+    )
+    add_json_flag(run)
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="shards, live workers, queue depths and cache hit ratios")
+    add_json_flag(status)
+    status.set_defaults(func=cmd_status)
+
+    worker = sub.add_parser("worker", help="run a Celery worker for some shards (plain `celery worker`)")
+    worker.add_argument("--shards", required=True, help="comma-separated shard numbers, or 'all'")
+    worker.add_argument(
+        "--name", help="worker name, unique among live workers (default shard<N>-<pid>@<host>)"
+    )
+    worker.add_argument("--loglevel", default="INFO", help="INFO logs one JSON event per execution (default)")
+    worker.add_argument("--events", action="store_true", help="send Celery events, for Flower")
+    worker.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus /metrics on this port (default SCRIPTPOOL_METRICS_PORT; 0 = off)",
+    )
+    worker.set_defaults(func=cmd_worker)
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+
+    from producer import Client
+
+    timeout_ms = settings.default_deadline_ms if args.timeout_ms is None else args.timeout_ms
+    if not 0 < timeout_ms <= MAX_TIMEOUT_MS:  # NaN fails this too
+        raise InvalidArgument(
+            f"--timeout-ms must be a number of milliseconds in (0, {MAX_TIMEOUT_MS}], got {timeout_ms}"
+        )
+    with Client(settings) as client:
+        try:
+            limits = client.limits(args.ep)
+        except (redis.RedisError, OSError):
+            payload: Any = {}  # Redis is down: the run below answers with its fallback outcome
+        else:
+            limit = INPUT_TEXT_FACTOR * limits.input_bytes
+            payload = read_json(args.input, limit, InputTooLarge, "input") if args.input else {}
+        outcome = client.run(args.ep, args.shop, payload, timeout=timeout_ms / 1000)
+    exit_code = exit_code_for(outcome.error_code)
+    if args.json:
+        print_json(outcome.to_dict())
+    elif exit_code == ExitCode.UNREACHABLE:
+        from config.errors import BrokerUnavailable
+
+        message = outcome.error.message if outcome.error else ""
+        return report(
+            BrokerUnavailable(f"cannot reach Redis at {redis_address()}: {message}"),
+            exit_code,
+            json_output=False,
+        )
+    else:
+        _print_outcome(outcome)
+    return exit_code
+
+
+def _print_outcome(outcome: Outcome) -> None:
+    where = f"shard {outcome.shard}, worker {outcome.worker}" if outcome.worker else f"shard {outcome.shard}"
+    print(f"status:  {outcome.status}  ({where})")
+    import json
+
+    if outcome.ok:
+        print(f"output:  {json.dumps(outcome.output)}")
+    else:
+        message = outcome.error.message if outcome.error else ""
+        print(f"error:   {outcome.error_code}: {message}")
+    report_ = outcome.report
+    if report_ is not None:
+        print(
+            f"report:  {report_.instructions:,} instructions, {report_.peak_memory_bytes:,} B peak memory, "
+            f"{report_.input_bytes:,} B in, {report_.output_bytes:,} B out, module {report_.module_source}"
+        )
+        if report_.logs:
+            print("logs:    " + report_.logs.rstrip().replace("\n", "\n         "))
+    t = outcome.timings
+    print(
+        f"timings: enqueue {t.enqueue_ms:.2f} ms | queue wait {t.queue_wait_ms:.2f} | "
+        f"execute {t.execute_ms:.2f} | result {t.result_ms:.2f} | total {t.total_ms:.2f} ms"
+    )
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    client = redis_client(settings.redis_url, timeout=5, connect_timeout=2)
+    keys = settings.keys
+    beats = live_workers(client, keys)
+    depths = [int(client.llen(keys.queue(shard))) for shard in range(settings.shards)]
+    mismatch = shard_count_disagreement(beats, settings.shards)
+    shards: list[dict[str, Any]] = []
+    for shard in range(settings.shards):
+        serving = [b for b in beats if shard in b.shards and b.shard_count in (0, settings.shards)]
+        shards.append({"shard": shard, "queue_depth": depths[shard], "workers": [b.name for b in serving]})
+    unserved = [s["shard"] for s in shards if not s["workers"]]
+    exit_code = ExitCode.FALLBACK if unserved or mismatch else ExitCode.OK
+    if args.json:
+        print_json(
+            {
+                "redis": redis_address(),
+                "shards": settings.shards,
+                "shard_table": shards,
+                "unserved_shards": unserved,
+                "shard_count_mismatch": {str(count): names for count, names in mismatch.items()},
+                "workers": [_beat(b) for b in beats],
+            }
+        )
+        return exit_code
+    from scriptpool._table import LiveTable
+
+    print(f"redis {redis_address()}  shards {settings.shards}  live workers {len(beats)}")
+    table = LiveTable(
+        [
+            ("shard", 5),
+            ("queue depth", 11),
+            ("worker", 36),
+            ("executed", 9),
+            ("dropped", 7),
+            ("modules", 7),
+            ("cache hit %", 11),
+        ]
+    )
+    by_name = {b.name: b for b in beats}
+    for row in shards:
+        if not row["workers"]:
+            table.row(row["shard"], row["queue_depth"], "NONE: callers get fallbacks", None, None, None, None)
+        for name in row["workers"]:
+            beat = by_name[name]
+            lookups = beat.cache.get("hits", 0) + beat.cache.get("misses", 0)
+            ratio = 100.0 * beat.cache.get("hits", 0) / lookups if lookups else None
+            table.row(
+                row["shard"],
+                row["queue_depth"],
+                name,
+                beat.executed,
+                beat.dropped_stale,
+                beat.cache.get("entries"),
+                ratio,
+            )
+    for count, names in sorted(mismatch.items()):
+        print(
+            f"warning: {len(names)} live worker(s) run with SCRIPTPOOL_SHARDS={count}, this status with "
+            f"{settings.shards}: {', '.join(names)}. Every process must agree, or calls time out."
+        )
+    return exit_code
+
+
+def _beat(beat: Any) -> dict[str, Any]:
+    return {
+        "name": beat.name,
+        "host": beat.host,
+        "pid": beat.pid,
+        "shards": list(beat.shards),
+        "shard_count": beat.shard_count,
+        "executed": beat.executed,
+        "dropped_stale": beat.dropped_stale,
+        "cache": beat.cache,
+    }
+
+
+def parse_shards(text: str, shards: int) -> list[int]:
+    """Parse ``0,2`` (or ``all``) into shard numbers that exist under the current settings."""
+    if text == "all":
+        return list(range(shards))
+    try:
+        chosen = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise InvalidArgument(f"--shards takes numbers like 0,1 or 'all', got {text!r}") from None
+    bad = [n for n in chosen if not 0 <= n < shards]
+    if not chosen or bad:
+        raise InvalidArgument(f"--shards must name shards in 0..{shards - 1} (SCRIPTPOOL_SHARDS={shards})")
+    return chosen
+
+
+def worker_argv(
+    settings: Settings,
+    shards: list[int],
+    *,
+    name: str | None = None,
+    loglevel: str = "INFO",
+    events: bool = False,
+    pool: str = "solo",
+) -> list[str]:
+    """The plain Celery command line a shard worker runs."""
+    queues = ",".join(settings.keys.queue(n) for n in shards)
+    node = name or f"shard{'-'.join(map(str, shards))}-{os.getpid()}@%h"
+    argv = [
+        sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues, "-n", node,
+        "--pool", pool, "--loglevel", loglevel, "--without-gossip", "--without-mingle",
+    ]  # fmt: skip
+    # Celery's worker heartbeat is an event: Flower lists a worker from its heartbeats, so a
+    # worker that sends events keeps them; without events they would be sent to nobody.
+    argv.append("--events" if events else "--without-heartbeat")
+    return argv
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    settings.require_artifact_key()
+    shards = parse_shards(args.shards, settings.shards)
+    port = settings.metrics_port if args.metrics_port is None else args.metrics_port
+    if port:
+        _check_port_free(port)
+        os.environ["SCRIPTPOOL_METRICS_PORT"] = str(port)
+    argv = worker_argv(settings, shards, name=args.name, loglevel=args.loglevel, events=args.events)
+    sys.stdout.flush()
+    os.execv(argv[0], argv)
+    return ExitCode.OK  # not reached
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is in 0..65535, got {port}")
+    return port
+
+
+def _check_port_free(port: int) -> None:
+    """Refuse to start a worker whose metrics port cannot be opened (the worker would too)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as exc:
+            raise ConfigurationError(f"cannot serve metrics on port {port}: {exc.strerror or exc}") from None

@@ -1,0 +1,274 @@
+"""Commands on the registry: deploy, rollback, history, extension points and providers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from config import Limits, Settings, redis_client
+from config.errors import InvalidArgument
+from scriptpool._files import SCHEMA_LIMIT, read_json, read_module
+from scriptpool._output import ExitCode, add_json_flag, print_json
+
+if TYPE_CHECKING:
+    from registry import Deployment, Registry
+
+LIMIT_NAMES = ", ".join(Limits().as_dict())
+
+
+def open_registry(settings: Settings) -> Registry:
+    """A registry on the configured Redis, with its own sandbox for validating and compiling."""
+    from engine import Sandbox
+    from registry import Registry
+
+    return Registry(redis_client(settings.redis_url, timeout=5, connect_timeout=2), settings, Sandbox())
+
+
+def add_parsers(sub: Any) -> None:
+    deploy = sub.add_parser("deploy", help="validate, compile, sign and bind a module to (EP, shop)")
+    deploy.add_argument("ep", help="extension point (defined with `ep define`)")
+    deploy.add_argument("shop", help="shop id")
+    deploy.add_argument("module", metavar="MODULE", help="a .wasm module, or .wat text")
+    deploy.add_argument(
+        "--export", default="_start", help="entry export, a () -> () function (default _start)"
+    )
+    add_json_flag(deploy)
+    deploy.set_defaults(func=cmd_deploy)
+
+    rollback = sub.add_parser("rollback", help="rebind the version deployed before the current one")
+    rollback.add_argument("ep", help="extension point")
+    rollback.add_argument("shop", help="shop id")
+    add_json_flag(rollback)
+    rollback.set_defaults(func=cmd_rollback)
+
+    history = sub.add_parser("history", help="the versions deployed to (EP, shop), newest first")
+    history.add_argument("ep", help="extension point")
+    history.add_argument("shop", help="shop id")
+    add_json_flag(history)
+    history.set_defaults(func=cmd_history)
+
+    providers = sub.add_parser("providers", help="provider modules that scripts import by name")
+    providers_sub = providers.add_subparsers(dest="providers_command", required=True, metavar="ACTION")
+    add = providers_sub.add_parser("add", help="install (or replace) a provider")
+    add.add_argument("name", help="the import-module name scripts use, e.g. javy_quickjs_provider_v1")
+    add.add_argument("module", metavar="MODULE", help="the provider's .wasm (or .wat)")
+    add_json_flag(add)
+    add.set_defaults(func=cmd_providers_add)
+    listing = providers_sub.add_parser("list", help="installed providers")
+    add_json_flag(listing)
+    listing.set_defaults(func=cmd_providers_list)
+
+    ep = sub.add_parser("ep", help="extension points: where scripts plug in, with their limits")
+    ep_sub = ep.add_subparsers(dest="ep_command", required=True, metavar="ACTION")
+    define = ep_sub.add_parser("define", help="create or replace an extension point")
+    define.add_argument("name", help="lowercase letters, digits, '_' or '-'")
+    define.add_argument(
+        "--limits",
+        metavar="JSON",
+        help=f'limit overrides, a JSON object such as {{"fuel": 5000000}}; names: {LIMIT_NAMES}',
+    )
+    define.add_argument("--input-schema", metavar="FILE", help="JSON Schema of the input (sampled)")
+    define.add_argument("--output-schema", metavar="FILE", help="JSON Schema every output must meet")
+    define.add_argument(
+        "--input-validation-rate",
+        type=float,
+        metavar="R",
+        help="share of inputs checked against the input schema, in [0, 1] "
+        "(default SCRIPTPOOL_INPUT_VALIDATION_RATE)",
+    )
+    add_json_flag(define)
+    define.set_defaults(func=cmd_ep_define)
+    ep_list = ep_sub.add_parser("list", help="defined extension points")
+    add_json_flag(ep_list)
+    ep_list.set_defaults(func=cmd_ep_list)
+    show = ep_sub.add_parser("show", help="one extension point: overrides, effective limits, schemas")
+    show.add_argument("name", help="extension point")
+    add_json_flag(show)
+    show.set_defaults(func=cmd_ep_show)
+
+
+def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
+    registry = open_registry(settings)
+    limits = registry.extension_point(args.ep).limits(settings.limits)  # an unknown EP before any read
+    wasm = read_module(args.module, limits.module_bytes)
+    deployment = registry.deploy(args.ep, args.shop, wasm, export=args.export)
+    if args.json:
+        print_json(_deployment(deployment, len(wasm), active=True))
+    else:
+        print(
+            f"deployed {args.module} to {deployment.ep}/{deployment.shop_id} "
+            f"as version {deployment.version} (sha256 {deployment.sha256[:12]})"
+        )
+    return ExitCode.OK
+
+
+def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    registry = open_registry(settings)
+    deployment = registry.rollback(args.ep, args.shop)
+    if args.json:
+        print_json(_deployment(deployment, registry.module_size(deployment.sha256), active=True))
+    else:
+        print(f"rolled back {deployment.ep}/{deployment.shop_id} to version {deployment.version}")
+    return ExitCode.OK
+
+
+def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
+    from config.errors import ScriptNotFound
+
+    registry = open_registry(settings)
+    registry.extension_point(args.ep)
+    rows: list[dict[str, Any]] = []
+    try:
+        current = registry.binding(args.ep, str(args.shop))
+        rows.append(_deployment(current, registry.module_size(current.sha256), active=True))
+    except ScriptNotFound:
+        pass
+    for earlier in registry.history(args.ep, args.shop):
+        rows.append(_deployment(earlier, registry.module_size(earlier.sha256), active=False))
+    if args.json:
+        print_json({"ep": args.ep, "shop": str(args.shop), "versions": rows})
+        return ExitCode.OK
+    if not rows:
+        print(f"nothing is deployed to {args.ep}/{args.shop}")
+        return ExitCode.OK
+    from scriptpool._table import LiveTable
+
+    table = LiveTable([("version", 7), ("sha256", 12), ("bytes", 9), ("deployed (UTC)", 19), ("active", 6)])
+    for row in rows:
+        table.row(
+            row["version"], row["sha256"][:12], row["bytes"], row["deployed"], "yes" if row["active"] else ""
+        )
+    return ExitCode.OK
+
+
+def cmd_providers_add(args: argparse.Namespace, settings: Settings) -> int:
+    registry = open_registry(settings)
+    wasm = read_module(args.module, settings.provider_max_bytes, what="provider")
+    provider = registry.add_provider(args.name, wasm)
+    if args.json:
+        print_json({"name": provider.name, "sha256": provider.sha256, "bytes": len(wasm)})
+    else:
+        print(f"installed provider {provider.name} (sha256 {provider.sha256[:12]}, {len(wasm):,} bytes)")
+    return ExitCode.OK
+
+
+def cmd_providers_list(args: argparse.Namespace, settings: Settings) -> int:
+    registry = open_registry(settings)
+    rows: list[dict[str, Any]] = []
+    for name in registry.providers():
+        provider = registry.provider(name)
+        rows.append(
+            {
+                "name": name,
+                "sha256": provider.sha256,
+                "bytes": registry.module_size(provider.sha256),
+                "installed": _when(provider.installed_at),
+            }
+        )
+    if args.json:
+        print_json({"providers": rows})
+    elif not rows:
+        print("no providers installed")
+    else:
+        from scriptpool._table import LiveTable
+
+        table = LiveTable([("name", 36), ("sha256", 12), ("bytes", 10), ("installed (UTC)", 19)])
+        for row in rows:
+            table.row(row["name"], row["sha256"][:12], row["bytes"], row["installed"])
+    return ExitCode.OK
+
+
+def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
+    limits = _parse_limits(args.limits)
+    input_schema = (
+        read_json(args.input_schema, SCHEMA_LIMIT, InvalidArgument, "schema") if args.input_schema else None
+    )
+    output_schema = (
+        read_json(args.output_schema, SCHEMA_LIMIT, InvalidArgument, "schema") if args.output_schema else None
+    )
+    ep = open_registry(settings).define_extension_point(
+        args.name,
+        limits=limits,
+        input_schema=input_schema,
+        output_schema=output_schema,
+        input_validation_rate=args.input_validation_rate,
+    )
+    if args.json:
+        print_json(_extension_point(ep, settings))
+    else:
+        print(f"defined extension point {args.name}")
+    return ExitCode.OK
+
+
+def cmd_ep_list(args: argparse.Namespace, settings: Settings) -> int:
+    registry = open_registry(settings)
+    eps = [_extension_point(registry.extension_point(name), settings) for name in registry.extension_points()]
+    if args.json:
+        print_json({"extension_points": eps})
+    elif not eps:
+        print("no extension points defined (scriptpool ep define NAME)")
+    else:
+        for ep in eps:
+            overrides = json.dumps(ep["limit_overrides"]) if ep["limit_overrides"] else "default limits"
+            print(f"{ep['name']}  {overrides}")
+    return ExitCode.OK
+
+
+def cmd_ep_show(args: argparse.Namespace, settings: Settings) -> int:
+    shown = _extension_point(open_registry(settings).extension_point(args.name), settings)
+    if args.json:
+        print_json(shown)
+        return ExitCode.OK
+    print(f"extension point {shown['name']}")
+    for name, value in shown["limits"].items():
+        mark = "  (override)" if name in shown["limit_overrides"] else ""
+        print(f"  {name:<13} {value:>12,}{mark}")
+    rate = shown["input_validation_rate"]
+    print(
+        f"  input schema  {'yes' if shown['input_schema'] else 'none'} (checked for a share {rate} of inputs)"
+    )
+    print(f"  output schema {'yes' if shown['output_schema'] else 'none'}")
+    return ExitCode.OK
+
+
+def _parse_limits(text: str | None) -> dict[str, int] | None:
+    if text is None:
+        return None
+    try:
+        limits = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f'--limits is not JSON: {exc}; e.g. {{"fuel": 5000000}}') from None
+    if not isinstance(limits, dict):
+        raise InvalidArgument(f"--limits must be a JSON object of limit names to integers ({LIMIT_NAMES})")
+    return limits
+
+
+def _extension_point(ep: Any, settings: Settings) -> dict[str, Any]:
+    rate = ep.input_validation_rate
+    return {
+        "name": ep.name,
+        "limit_overrides": ep.limit_overrides,
+        "limits": ep.limits(settings.limits).as_dict(),
+        "input_schema": ep.input_schema,
+        "output_schema": ep.output_schema,
+        "input_validation_rate": settings.input_validation_rate if rate is None else rate,
+    }
+
+
+def _deployment(deployment: Deployment, size: int, *, active: bool) -> dict[str, Any]:
+    return {
+        "ep": deployment.ep,
+        "shop": deployment.shop_id,
+        "version": deployment.version,
+        "sha256": deployment.sha256,
+        "bytes": size,
+        "export": deployment.export,
+        "deployed": _when(deployment.deployed_at),
+        "active": active,
+    }
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))

@@ -1,0 +1,300 @@
+"""The command line as a new user meets it: one clear line per mistake, exit codes that say what
+happened, bounded reads, JSON output everywhere, and the views of what is deployed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from config import Settings
+from scriptpool import free_port, main
+from scriptpool._cli import build_parser
+from tests import guests
+from tests.conftest import EXAMPLES, ROOT, TEST_ARTIFACT_KEY
+
+OK, FAILED, USAGE, FALLBACK, UNREACHABLE = 0, 1, 2, 3, 4
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, redis_client: redis.Redis) -> str:
+    """The CLI pointed at the flushed test Redis, with the test artifact key."""
+    monkeypatch.setenv("SCRIPTPOOL_REDIS_URL", redis_url)
+    monkeypatch.setenv("SCRIPTPOOL_ARTIFACT_KEY", TEST_ARTIFACT_KEY.decode())
+    for name in ("SCRIPTPOOL_SHARDS", "SCRIPTPOOL_DEADLINE_MS", "SCRIPTPOOL_METRICS_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    return redis_url
+
+
+def run_cli(
+    argv: list[str], env: dict[str, str] | None = None, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """``scriptpool ARGV`` in a process of its own, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "scriptpool", *argv],
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        **kwargs,
+    )
+
+
+def one_line(capsys: pytest.CaptureFixture[str], argv: list[str], expected_exit: int) -> str:
+    """Run ``argv`` in process; it must exit ``expected_exit`` with exactly one line on stderr."""
+    code = main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == expected_exit, captured.err
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert lines[0].startswith("scriptpool: ")
+    return lines[0]
+
+
+def test_every_argument_has_help_and_version_prints() -> None:
+    """Help text on every command and argument; ``--version`` names the installed version."""
+
+    def walk(parser: Any, path: str) -> None:
+        for action in parser._actions:
+            if action.dest in ("help",):
+                continue
+            if action.choices and hasattr(action, "_choices_actions"):
+                helps = {a.dest: a.help for a in action._choices_actions}
+                for name, sub in action.choices.items():
+                    assert helps.get(name), f"{path} {name} has no help"
+                    walk(sub, f"{path} {name}")
+            else:
+                assert action.help, f"{path} {action.option_strings or action.dest} has no help"
+
+    walk(build_parser(), "scriptpool")
+    result = run_cli(["--version"])
+    assert result.returncode == 0 and result.stdout.startswith("scriptpool 0.")
+
+
+def test_usage_mistakes_are_one_line_with_one_prefix(
+    cli_env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Unknown flags, bad --limits, bad ports and timeouts: ``scriptpool: <code>: ...``, exit 2."""
+    assert main(["ep", "define", "discount"]) == OK
+    capsys.readouterr()
+    assert "invalid_argument" in one_line(capsys, ["deploy"], USAGE)
+    assert "invalid_argument" in one_line(capsys, ["status", "--bogus"], USAGE)
+    assert "--limits is not JSON" in one_line(capsys, ["ep", "define", "x", "--limits", "notjson"], USAGE)
+    line = one_line(capsys, ["ep", "define", "x", "--limits", "[1]"], USAGE)
+    assert "JSON object" in line and "fuel" in line
+    line = one_line(capsys, ["ep", "define", "x", "--limits", '{"fule": 5}'], USAGE)
+    assert "unknown limit(s): fule" in line and "memory_bytes" in line  # the valid names
+    assert "positive integer" in one_line(capsys, ["ep", "define", "x", "--limits", '{"fuel": -1}'], USAGE)
+    assert "0..65535" in one_line(capsys, ["worker", "--shards", "0", "--metrics-port", "99999"], USAGE)
+    line = one_line(capsys, ["run", "discount", "1", "--timeout-ms", "0"], USAGE)
+    assert "milliseconds" in line and "600000" in line
+    assert "milliseconds" in one_line(capsys, ["run", "discount", "1", "--timeout-ms", "nan"], USAGE)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("SCRIPTPOOL_REDIS_URL", "http://localhost:1", "SCRIPTPOOL_REDIS_URL must use one of redis://"),
+        ("SCRIPTPOOL_REDIS_URL", "notaurl", "SCRIPTPOOL_REDIS_URL must be a URL"),
+        ("SCRIPTPOOL_REDIS_URL", "redis://localhost:99999/0", "SCRIPTPOOL_REDIS_URL is not a valid URL"),
+        ("SCRIPTPOOL_SHARDS", "abc", "SCRIPTPOOL_SHARDS must be an integer, got 'abc'"),
+        ("SCRIPTPOOL_SHARDS", "0", "SCRIPTPOOL_SHARDS: shards must be at least 1"),
+        ("SCRIPTPOOL_LIMIT_FUEL", "-3", "SCRIPTPOOL_LIMIT_FUEL: limit fuel must be a positive integer"),
+        ("SCRIPTPOOL_METRICS_PORT", "70000", "SCRIPTPOOL_METRICS_PORT: metrics_port must be a TCP port"),
+    ],
+)
+def test_bad_settings_name_their_variable_for_every_command(
+    variable: str, value: str, expected: str, tmp_path: Path
+) -> None:
+    """A malformed setting is one line naming the variable, exit 2, for every command, worker too."""
+    module = tmp_path / "m.wasm"
+    module.write_bytes(guests.ECHO)
+    env = {"SCRIPTPOOL_ARTIFACT_KEY": TEST_ARTIFACT_KEY.decode(), variable: value}
+    for argv in (
+        ["status"],
+        ["run", "discount", "1"],
+        ["deploy", "d", "1", str(module)],
+        ["worker", "--shards", "0"],
+    ):
+        result = run_cli(argv, env)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == USAGE, (argv, result.stderr)
+        assert len(lines) == 1 and lines[0].startswith("scriptpool: configuration_error: "), (argv, lines)
+        assert expected in lines[0], (argv, lines)
+
+
+def test_redis_problems_are_one_line_with_their_own_exit_codes(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Unreachable Redis: exit 4 for every command; a database index Redis lacks: exit 2."""
+    monkeypatch.setenv("SCRIPTPOOL_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("SCRIPTPOOL_ARTIFACT_KEY", TEST_ARTIFACT_KEY.decode())
+    module = tmp_path / "m.wasm"
+    module.write_bytes(guests.ECHO)
+    for argv in (
+        ["deploy", "discount", "1", str(module)],
+        ["status"],
+        ["rollback", "discount", "1"],
+        ["history", "discount", "1"],
+        ["ep", "define", "x"],
+        ["ep", "list"],
+        ["providers", "list"],
+        ["run", "discount", "1", "--timeout-ms", "200"],
+    ):
+        assert "broker_unavailable: cannot reach Redis" in one_line(capsys, argv, UNREACHABLE), argv
+    # With --json the failure is JSON too: the run's outcome, or an error object.
+    assert main(["run", "discount", "1", "--timeout-ms", "200", "--json"]) == UNREACHABLE
+    outcome = json.loads(capsys.readouterr().out)
+    assert outcome["status"] == "fallback" and outcome["error_code"] == "broker_unavailable"
+    assert main(["status", "--json"]) == UNREACHABLE
+    assert json.loads(capsys.readouterr().out)["error"]["code"] == "broker_unavailable"
+
+    base = redis_url.rsplit("/", 1)[0]
+    monkeypatch.setenv("SCRIPTPOOL_REDIS_URL", f"{base}/99")
+    assert "database Redis does not have" in one_line(capsys, ["status"], USAGE)
+
+
+def test_reads_are_bounded_by_the_limit(
+    cli_env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``/dev/zero`` as a module, provider, input file or stdin is refused as too large at once:
+    at most the limit plus one byte is read (an unbounded read would never finish)."""
+    env = {"SCRIPTPOOL_REDIS_URL": cli_env, "SCRIPTPOOL_ARTIFACT_KEY": TEST_ARTIFACT_KEY.decode()}
+    assert main(["ep", "define", "small", "--limits", '{"module_bytes": 1000, "input_bytes": 1000}']) == OK
+    capsys.readouterr()
+    cases = [
+        (["deploy", "small", "1", "/dev/zero"], "module_too_large", None),
+        (["deploy", "small", "1", str(_wat_of_zeros(tmp_path))], "module_too_large", None),
+        (["providers", "add", "p", "/dev/zero"], "module_too_large", None),
+        (["run", "small", "1", "--input", "/dev/zero"], "input_too_large", None),
+        (["run", "small", "1", "--input", "-"], "input_too_large", "/dev/zero"),
+    ]
+    for argv, code, stdin in cases:
+        if stdin is None:
+            result = run_cli(argv, env, stdin=subprocess.DEVNULL)
+        else:
+            with open(stdin, "rb") as source:
+                result = run_cli(argv, env, stdin=source)
+        assert result.returncode == FAILED, (argv, result.stderr)
+        assert result.stderr.startswith(f"scriptpool: {code}: "), (argv, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _wat_of_zeros(tmp_path: Path) -> Path:
+    path = tmp_path / "big.wat"
+    path.write_text("(module)" + " " * 20_000)  # text past 8x the 1,000-byte module limit
+    return path
+
+
+def test_input_mistakes_say_what_is_wrong(
+    cli_env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Empty stdin, a file that is not JSON, a WAT syntax error with its line and column."""
+    assert main(["ep", "define", "test"]) == OK
+    capsys.readouterr()
+    env = {"SCRIPTPOOL_REDIS_URL": cli_env, "SCRIPTPOOL_ARTIFACT_KEY": TEST_ARTIFACT_KEY.decode()}
+    empty = run_cli(["run", "test", "1", "--input", "-"], env, input="")
+    assert empty.returncode == USAGE and "stdin is empty" in empty.stderr
+    not_json = tmp_path / "in.json"
+    not_json.write_text("{nope")
+    assert "is not JSON" in one_line(capsys, ["run", "test", "1", "--input", str(not_json)], USAGE)
+    bad = tmp_path / "bad.wat"
+    bad.write_text("(module\n  (func $f\n    (i32.bogus)))\n")
+    assert f"{bad}:3:6: not valid WAT" in one_line(capsys, ["deploy", "test", "1", str(bad)], USAGE)
+
+
+def test_run_default_deadline_is_the_configured_one(
+    cli_env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --timeout-ms, ``run`` waits SCRIPTPOOL_DEADLINE_MS: no worker here, so it falls back
+    after that long (exit 3), and says so in its JSON."""
+    assert main(["ep", "define", "test"]) == OK
+    monkeypatch.setenv("SCRIPTPOOL_DEADLINE_MS", "120")
+    capsys.readouterr()
+    assert main(["run", "test", "1", "--json"]) == FALLBACK
+    outcome = json.loads(capsys.readouterr().out)
+    assert outcome["error_code"] == "timeout"
+    assert 120 <= outcome["timings"]["total_ms"] < 1000
+
+
+def test_views_of_what_is_deployed(cli_env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``ep list``, ``ep show``, ``providers list`` and ``history``, as text and as JSON."""
+    assert main(["ep", "define", "discount", "--limits", '{"fuel": 5000000}']) == OK
+    assert main(["providers", "add", "echo_provider", str(_write(tmp_path, "p.wasm", guests.ECHO))]) == OK
+    for _ in range(2):
+        assert main(["deploy", "discount", "7", str(EXAMPLES / "discount" / "discount.wasm")]) == OK
+    assert main(["deploy", "discount", "7", str(EXAMPLES / "wat" / "hello.wat")]) == OK
+    capsys.readouterr()
+
+    assert main(["ep", "list", "--json"]) == OK
+    (listed,) = json.loads(capsys.readouterr().out)["extension_points"]
+    assert listed["name"] == "discount" and listed["limit_overrides"] == {"fuel": 5000000}
+    assert main(["ep", "show", "discount"]) == OK
+    shown = capsys.readouterr().out
+    assert "5,000,000  (override)" in shown and "memory_bytes" in shown
+    assert main(["providers", "list", "--json"]) == OK
+    (provider,) = json.loads(capsys.readouterr().out)["providers"]
+    assert provider["name"] == "echo_provider" and provider["bytes"] == len(guests.ECHO)
+    assert main(["history", "discount", "7", "--json"]) == OK
+    versions = json.loads(capsys.readouterr().out)["versions"]
+    assert [(v["version"], v["active"]) for v in versions] == [(3, True), (2, False), (1, False)]
+    assert versions[1]["sha256"] == versions[2]["sha256"] != versions[0]["sha256"]
+    assert versions[1]["bytes"] == (EXAMPLES / "discount" / "discount.wasm").stat().st_size
+    assert main(["history", "discount", "7"]) == OK
+    table = capsys.readouterr().out
+    assert "active" in table and table.count("yes") == 1
+    assert "nothing is deployed" in (main(["history", "discount", "8"]) == OK and capsys.readouterr().out)
+    assert "unknown_extension_point" in one_line(capsys, ["ep", "show", "nope"], FAILED)
+
+
+def test_output_closed_early_is_not_a_traceback(cli_env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``scriptpool ... | head -1`` with and without --json: no BrokenPipeError traceback."""
+    assert main(["ep", "define", "discount", "--limits", '{"fuel": 5000000}']) == OK
+    env = {"SCRIPTPOOL_REDIS_URL": cli_env, "SCRIPTPOOL_ARTIFACT_KEY": TEST_ARTIFACT_KEY.decode()}
+    for argv in (["ep", "show", "discount"], ["ep", "show", "discount", "--json"], ["--help"]):
+        command = " ".join([sys.executable, "-m", "scriptpool", *argv]) + " | head -c 1"
+        result = subprocess.run(
+            ["bash", "-o", "pipefail", "-c", command],
+            env={**os.environ, **env},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+        assert result.returncode in (0, 141), (argv, result.returncode, result.stderr)
+
+
+def test_refusals_at_deploy_name_the_problem(
+    cli_env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A module that writes through WASI but exports no memory is refused at deploy."""
+    assert main(["ep", "define", "test"]) == OK
+    capsys.readouterr()
+    no_memory = guests.wasm(
+        """(module
+          (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+          (func (export "_start")))"""
+    )
+    line = one_line(capsys, ["deploy", "test", "1", str(_write(tmp_path, "m.wasm", no_memory))], FAILED)
+    assert "invalid_module" in line and "fd_write" in line and "memory" in line
+
+
+def _write(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_settings_round_trip_through_the_environment() -> None:
+    """``to_env`` gives the variables that rebuild the same settings (tests and the CLI use it)."""
+    settings = Settings(redis_url="redis://h:1/3", artifact_key=b"k" * 16, shards=5, metrics_port=9000)
+    assert Settings.from_env(settings.to_env()) == settings
