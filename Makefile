@@ -39,7 +39,7 @@ examples:
 # `docker compose up` for real: builds the images and runs docker-compose.yml (with the CI override
 # deploy/ci/docker-compose.ci.yml) on a private dockerd that leaves the host's networking alone,
 # then checks the demo's outcomes and Prometheus's targets and tears everything down. Needs root
-# on Debian and the package registries only (no Docker Hub). Cold about 2 min, warm about 15 s.
+# on Debian and the package registries only (no Docker Hub). Cold about 1.5 min, warm about 15 s.
 compose-check:
 	.ci/compose-check $(COMPOSE_CHECK_ARGS)
 
