@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test demo reliability lint venv examples clean
+.PHONY: test demo reliability lint venv examples clean compose-check
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)" >&2; exit 1; }
@@ -37,6 +37,13 @@ lint: $(VENV)/.installed
 # Rebuilds the example and fixture .wasm files from their C sources (needs clang and wasi-libc).
 examples:
 	bash examples/build.sh
+
+# `docker compose up` for real: builds the images and runs docker-compose.yml (with the CI override
+# deploy/ci/docker-compose.ci.yml) on a private dockerd that leaves the host's networking alone,
+# then checks the demo's outcomes and Prometheus's targets and tears everything down. Needs root
+# on Debian and the package registries only (no Docker Hub). Cold about 1.5 min, warm about 15 s.
+compose-check:
+	.ci/compose-check $(COMPOSE_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
