@@ -19,6 +19,7 @@ def captured_events(level: int = logging.DEBUG) -> Iterator[list[dict[str, Any]]
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             fields = {k: v for k, v in vars(record).items() if k not in _STANDARD}
+            fields["exc_info"] = bool(record.exc_info)
             events.append(
                 {
                     "event": record.getMessage(),

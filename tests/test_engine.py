@@ -158,6 +158,22 @@ def test_wall_clock_deadline_interrupts_a_guest_with_fuel_to_spare(
     run_good_after(executor, registry)
 
 
+def test_wall_clock_exceeded_reports_the_instructions_it_ran(registry: Registry, executor: Executor) -> None:
+    """A script stopped by the wall clock reports how many instructions it ran (a loop that
+    calls a function, as real code does; wasmtime flushes the count at calls)."""
+    registry.define_extension_point("slow", limits={"fuel": 10**15, "wall_ms": 30})
+    looping = guests.wasm(
+        """(module (memory (export "memory") 1)
+          (func $step (param i32) (result i32) (i32.add (local.get 0) (i32.const 1)))
+          (func (export "_start") (local $i i32)
+            (loop $l (local.set $i (call $step (local.get $i))) (br $l))))"""
+    )
+    result = deploy_and_run(registry, executor, looping, ep="slow")
+    assert result.error is not None and result.error.code == "wall_clock_exceeded"
+    assert result.report.instructions > 1_000_000
+    run_good_after(executor, registry)
+
+
 def test_input_too_large_is_refused_before_running(registry: Registry, executor: Executor) -> None:
     """Input over 128 kB is refused with input_too_large and the script never runs."""
     result = deploy_and_run(registry, executor, guests.ECHO, {"blob": "x" * 140_000})

@@ -131,3 +131,15 @@ def _write(tmp_path: Path, name: str, data: bytes) -> str:
     path = tmp_path / name
     path.write_bytes(data)
     return str(path)
+
+
+def test_readme_lists_every_wasi_call_the_sandbox_defines() -> None:
+    """A script author can see in the README what each WASI function does or answers."""
+    from engine import provided_signatures
+
+    section = README[README.index("### The WASI calls a script may make") :]
+    section = section[: section.index("\n## ")]
+    for name in provided_signatures():
+        if not name.startswith(("path_", "sock_")):
+            assert f"`{name}`" in section, f"README does not say what {name} does"
+    assert "`path_*`" in section and "`sock_*`" in section

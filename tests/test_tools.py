@@ -18,7 +18,7 @@ from registry import Registry
 from scriptpool import EmbeddedRedis
 from tests import guests
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
-from tests.pool import WorkerProcess, start_workers
+from tests.pool import WorkerProcess, pool_fixtures
 
 SHARDS = 2
 # What running workers keep changing by themselves: heartbeats, and kombu's queue bindings.
@@ -74,18 +74,14 @@ def test_demo_uses_a_private_redis_unless_told_otherwise(users_redis: EmbeddedRe
     assert snapshot(users_redis.url) == before
 
 
-@pytest.fixture(scope="module")
-def users_workers(users_redis: EmbeddedRedis) -> Iterator[list[WorkerProcess]]:
-    settings = Settings(redis_url=users_redis.url, artifact_key=TEST_ARTIFACT_KEY, shards=SHARDS)
-    started = start_workers(settings, {"user0": [0], "user1": [1]})
-    yield started
-    for worker in started:
-        worker.stop()
+users_settings, users_workers = pool_fixtures(
+    SHARDS, {"user0": [0], "user1": [1]}, redis="users_redis", settings="users_settings"
+)
 
 
 @pytest.mark.slow
 def test_external_demo_and_bench_leave_nothing_behind(
-    users_redis: EmbeddedRedis, users_workers: list[WorkerProcess]
+    users_redis: EmbeddedRedis, users_workers: dict[str, WorkerProcess]
 ) -> None:
     """``demo --external`` and ``bench --external`` run on the user's pool under names of their
     own: the user's EP keeps its override, its binding stays, and afterwards every key is what it
