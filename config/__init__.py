@@ -5,12 +5,20 @@ Everything else imports from here; this package imports nothing of ours.
 
 from config import errors
 from config._environment import VARIABLES, Variable, markdown_table
-from config._extension_points import ExtensionPoint, ExtensionPointReader
+from config._extension_points import (
+    CHAIN,
+    JOIN,
+    MAX_APPS,
+    REDUCER_APP,
+    SINGLE,
+    ExtensionPoint,
+    ExtensionPointReader,
+)
 from config._heartbeats import WorkerHeartbeat, live_workers, shard_count_disagreement
 from config._keys import Keys
 from config._limits import Limits, check_input_size
 from config._logging import EventLogger, configure_logging, get_logger
-from config._names import check_ep, check_export, check_provider, check_shop_id
+from config._names import check_app, check_ep, check_export, check_provider, check_shop_id
 from config._reconnect import Reconnector
 from config._redis import check_redis_url, redis_client, redis_pool, redis_tls_options
 from config._settings import Settings
@@ -19,10 +27,14 @@ from config._wire import (
     BODY_ENCODING,
     CONTENT_ENCODING,
     CONTENT_TYPE,
+    PART_ERROR,
+    PART_OK,
+    PART_SKIPPED,
     ErrorInfo,
     Execution,
     ExecutionReport,
     Job,
+    Part,
     Reply,
     Taken,
     encode_input,
@@ -31,8 +43,16 @@ from config._wire import (
 
 __all__ = [
     "BODY_ENCODING",
+    "CHAIN",
     "CONTENT_ENCODING",
     "CONTENT_TYPE",
+    "JOIN",
+    "MAX_APPS",
+    "PART_ERROR",
+    "PART_OK",
+    "PART_SKIPPED",
+    "REDUCER_APP",
+    "SINGLE",
     "VARIABLES",
     "ErrorInfo",
     "EventLogger",
@@ -43,12 +63,14 @@ __all__ = [
     "Job",
     "Keys",
     "Limits",
+    "Part",
     "Reconnector",
     "Reply",
     "Settings",
     "Taken",
     "Variable",
     "WorkerHeartbeat",
+    "check_app",
     "check_ep",
     "check_export",
     "check_input_size",

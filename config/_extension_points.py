@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import redis
 
 from config._keys import Keys
 from config._limits import Limits
-from config.errors import UnknownExtensionPoint
+from config.errors import ConfigurationError, UnknownExtensionPoint
 
 T = TypeVar("T")
 
@@ -21,15 +22,54 @@ T = TypeVar("T")
 UNKNOWN_RECHECK_S = 1.0
 
 
+# How the scripts of several apps at one (EP, shop) combine.
+SINGLE, JOIN, CHAIN = "single", "join", "chain"
+COMBINES = (SINGLE, JOIN, CHAIN)
+# Apps at one (EP, shop) of a join or chain EP (the reducer app not counted); a single EP has one.
+MAX_APPS = 25
+# The app whose module combines a join's outputs when the EP's reducer is ``wasm``.
+REDUCER_APP = "reducer"
+_REDUCER = re.compile(r"(first|wasm|(concat|max|min):[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)")
+
+
 @dataclass(frozen=True, slots=True)
 class ExtensionPoint:
-    """A place in checkout that scripts customise, e.g. ``discount``."""
+    """A place in checkout that scripts customise, e.g. ``discount``.
+
+    ``combine`` says how the scripts of several apps combine: ``single`` (one script per shop),
+    ``join`` (each gets the input; ``reducer`` combines their outputs) or ``chain`` (in app
+    order, each gets the input and the previous script's output).
+    """
 
     name: str
     limit_overrides: dict[str, int] = field(default_factory=dict)
     input_schema: dict[str, Any] | None = None
     output_schema: dict[str, Any] | None = None
     input_validation_rate: float | None = None
+    combine: str = SINGLE
+    reducer: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.combine not in COMBINES:
+            raise ConfigurationError(f"combine must be one of {', '.join(COMBINES)}, got {self.combine!r}")
+        if self.combine == JOIN and self.reducer is None:
+            raise ConfigurationError(
+                "a join extension point needs a reducer: concat:PATH, first, max:PATH, min:PATH or wasm"
+            )
+        if self.combine != JOIN and self.reducer is not None:
+            raise ConfigurationError(
+                f"only a join extension point has a reducer (this one is {self.combine})"
+            )
+        if self.reducer is not None and not _REDUCER.fullmatch(self.reducer):
+            raise ConfigurationError(
+                f"reducer must be concat:PATH, first, max:PATH, min:PATH or wasm (PATH like discounts or "
+                f"cart.operations), got {self.reducer!r}"
+            )
+
+    @property
+    def max_apps(self) -> int:
+        """How many apps' scripts one shop may bind here."""
+        return 1 if self.combine == SINGLE else MAX_APPS
 
     def limits(self, defaults: Limits) -> Limits:
         """The limits scripts at this EP run under."""
@@ -43,6 +83,8 @@ class ExtensionPoint:
                 "input_schema": self.input_schema,
                 "output_schema": self.output_schema,
                 "input_validation_rate": self.input_validation_rate,
+                "combine": self.combine,
+                "reducer": self.reducer,
             },
             sort_keys=True,
         )
@@ -56,6 +98,8 @@ class ExtensionPoint:
             input_schema=data.get("input_schema"),
             output_schema=data.get("output_schema"),
             input_validation_rate=data.get("input_validation_rate"),
+            combine=data.get("combine") or SINGLE,
+            reducer=data.get("reducer"),
         )
 
 

@@ -32,12 +32,15 @@ class Keys:
         return f"{self.prefix}:artifact:{fingerprint}:{sha256}"
 
     def binding(self, ep: str, shop_id: str) -> str:
-        """The current deployment of (EP, shop): one JSON value, so a reader never sees a mix."""
+        """The current deployments of (EP, shop): a hash of app -> deployment JSON, read whole
+        in one step, so a reader never sees a mix."""
         return f"{self.prefix}:binding:{ep}:{shop_id}"
 
-    def history(self, ep: str, shop_id: str) -> str:
-        """Earlier deployments of (EP, shop), newest first, for rollback."""
-        return f"{self.prefix}:history:{ep}:{shop_id}"
+    def history(self, ep: str, shop_id: str, app: str = "default") -> str:
+        """Earlier deployments of one app at (EP, shop), newest first, for rollback. The default
+        app keeps the key it had before apps existed; '#' appears in no EP, shop or app name."""
+        base = f"{self.prefix}:history:{ep}:{shop_id}"
+        return base if app == "default" else f"{base}#{app}"
 
     def extension_point(self, ep: str) -> str:
         """An extension point's definition: limit overrides and schemas."""

@@ -23,6 +23,11 @@ def check_ep(name: object) -> str:
     return _check("extension point", name, _EP_NAME, "lowercase letters, digits, '_' or '-', 1-64 long")
 
 
+def check_app(name: object) -> str:
+    """Return ``name`` if it is a valid app name (the same rule as extension points)."""
+    return _check("app", name, _EP_NAME, "lowercase letters, digits, '_' or '-', 1-64 long")
+
+
 def check_shop_id(shop_id: object) -> str:
     """Return ``shop_id`` as a string if it is a valid shop id (ints are accepted)."""
     if isinstance(shop_id, int) and not isinstance(shop_id, bool) and shop_id >= 0:

@@ -131,14 +131,53 @@ class ExecutionReport:
         return cls(**data)
 
 
+# A part's status: it ran and succeeded, it failed with its named error, or it never ran.
+PART_OK, PART_ERROR, PART_SKIPPED = "ok", "error", "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One app's script in a call that runs several (a join or chain extension point): which
+    version ran, how it went, and its own report. ``skipped`` parts never ran: the call's
+    deadline was too near, or a blocking part had already failed."""
+
+    app: str
+    version: int
+    status: str
+    error: ErrorInfo | None
+    report: ExecutionReport
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "app": self.app,
+            "version": self.version,
+            "status": self.status,
+            "error": None if self.error is None else self.error.to_wire(),
+            "report": self.report.to_wire(),
+        }
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Part:
+        error = data.get("error")
+        return cls(
+            app=data["app"],
+            version=data["version"],
+            status=data["status"],
+            error=ErrorInfo.from_wire(error) if error else None,
+            report=ExecutionReport.from_wire(data.get("report") or {}),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Execution:
-    """The result of running one script: output on success, a named error otherwise."""
+    """The result of running a call's script (or scripts): output on success, a named error
+    otherwise; with several apps' scripts, one :class:`Part` per app."""
 
     ok: bool
     output: Any
     error: ErrorInfo | None
     report: ExecutionReport
+    parts: tuple[Part, ...] = ()
 
     @property
     def status(self) -> str:
@@ -153,6 +192,7 @@ class Execution:
             "output": self.output,
             "error": None if self.error is None else self.error.to_wire(),
             "report": self.report.to_wire(),
+            "parts": tuple(part.to_wire() for part in self.parts),
         }
 
     @classmethod
@@ -163,6 +203,7 @@ class Execution:
             output=data.get("output"),
             error=ErrorInfo.from_wire(error) if error else None,
             report=ExecutionReport.from_wire(data.get("report") or {}),
+            parts=tuple(Part.from_wire(part) for part in data.get("parts") or ()),
         )
 
 

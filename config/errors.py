@@ -37,6 +37,7 @@ __all__ = [
     "ScriptNotFound",
     "ScriptpoolError",
     "StackOverflow",
+    "TooManyApps",
     "UnknownExtensionPoint",
     "WallClockExceeded",
     "WorkerFailed",
@@ -119,6 +120,13 @@ class ProviderNotFound(RegistryError):
     """Raised when a provider named by a module's imports is not installed."""
 
     code = "provider_not_found"
+
+
+class TooManyApps(RegistryError):
+    """Raised when a deploy would bind more apps' scripts to one (EP, shop) than its extension
+    point allows (one for a single EP, 25 for a join or chain)."""
+
+    code = "too_many_apps"
 
 
 class NothingToRollBack(RegistryError):

@@ -49,3 +49,7 @@ build() {
 build discount/discount.wasm               discount/discount.c               common/json.c
 build cart_validation/cart_validation.wasm cart_validation/cart_validation.c common/json.c
 build hostile/memory_bomb.wasm             hostile/memory_bomb.c
+build chain/step_a.wasm                    chain/chain_step.c                common/json.c -DSTEP='"a"' -DADD=1
+build chain/step_b.wasm                    chain/chain_step.c                common/json.c -DSTEP='"b"' -DADD=10
+build reducer/best_per_target.wasm         reducer/best_per_target.c         common/json.c
+build chain/step_c.wasm                    chain/chain_step.c                common/json.c -DSTEP='"c"' -DADD=100

@@ -300,13 +300,13 @@ class Client:
             return Outcome(ERROR, call.fallback, error.code, error, None, *where)
         if execution.ok:
             call.breaker.success()
-            return Outcome(OK, execution.output, None, None, execution.report, *where)
+            return Outcome(OK, execution.output, None, None, execution.report, *where, execution.parts)
         error = execution.error or ErrorInfo(ScriptpoolError.code, "the script failed without an error")
         if error_class_for(error.code).trips_breaker:
             call.breaker.failure()
         else:
             call.breaker.success()
-        return Outcome(ERROR, call.fallback, error.code, error, execution.report, *where)
+        return Outcome(ERROR, call.fallback, error.code, error, execution.report, *where, execution.parts)
 
     def _finish(self, outcome: Outcome, strict: bool) -> Outcome:
         return outcome.raise_for_status() if strict else outcome

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from config import ErrorInfo, ExecutionReport
+from config import ErrorInfo, ExecutionReport, Part
 from config.errors import ScriptpoolError, error_class_for
 
 OK, ERROR, FALLBACK = "ok", "error", "fallback"
@@ -42,6 +42,9 @@ class Outcome:
     shard: int | None = None
     worker: str | None = None
     job_id: str | None = None
+    # With several apps' scripts at the EP (a join or chain), one entry per app: its version,
+    # status, error and report; empty otherwise.
+    parts: tuple[Part, ...] = ()
 
     @property
     def ok(self) -> bool:

@@ -13,10 +13,12 @@ import redis
 import wasmtime
 
 from config import (
+    REDUCER_APP,
+    SINGLE,
     ExtensionPoint,
     ExtensionPointReader,
-    Keys,
     Settings,
+    check_app,
     check_ep,
     check_export,
     check_provider,
@@ -26,64 +28,20 @@ from config import (
 from config.errors import (
     ArtifactRejected,
     ConfigurationError,
-    NothingToRollBack,
+    InvalidArgument,
     ProviderNotFound,
     ScriptNotFound,
     UnknownExtensionPoint,
 )
 from engine import WASI_MODULE, Sandbox, engine_fingerprint
 from registry import _artifact
+from registry._bindings import DEFAULT_APP, Bindings, BindingSet, Deployment
 from registry._schemas import check_schema
 from registry._validate import check_entry, check_imports, check_memory_export, check_size
 
 log = get_logger("registry")
 
 T = TypeVar("T")
-
-# Swap the binding and push the old one to history in one step, so a reader sees the old
-# binding or the new one, never a mix; the version number is derived from the old binding.
-_BIND = """
-local current = redis.call('GET', KEYS[1])
-local new = cjson.decode(ARGV[1])
-new['version'] = 1
-if current then
-  new['version'] = cjson.decode(current)['version'] + 1
-  redis.call('LPUSH', KEYS[2], current)
-  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
-end
-local encoded = cjson.encode(new)
-redis.call('SET', KEYS[1], encoded)
-redis.call('PUBLISH', KEYS[3], ARGV[3])
-return encoded
-"""
-
-_ROLLBACK = """
-local previous = redis.call('LPOP', KEYS[2])
-if not previous then return false end
-redis.call('SET', KEYS[1], previous)
-redis.call('PUBLISH', KEYS[3], ARGV[1])
-return previous
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class Deployment:
-    """What runs for one (extension point, shop): a module version and its entry point."""
-
-    ep: str
-    shop_id: str
-    sha256: str
-    export: str
-    version: int
-    providers: tuple[tuple[str, str], ...]  # (import-module name, provider sha256), pinned at deploy
-    stack_bytes: int
-    deployed_at: float
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> Deployment:
-        data = json.loads(raw)
-        data["providers"] = tuple((name, sha) for name, sha in data.get("providers") or ())
-        return cls(**data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +62,7 @@ class Registry:
         self._keys = settings.keys
         self._sandbox = sandbox
         self._fingerprint = engine_fingerprint()
-        self._bind = client.register_script(_BIND)
-        self._rollback = client.register_script(_ROLLBACK)
+        self._bindings = Bindings(client, self._keys)
 
     @property
     def fingerprint(self) -> str:
@@ -121,15 +78,20 @@ class Registry:
         input_schema: dict[str, Any] | None = None,
         output_schema: dict[str, Any] | None = None,
         input_validation_rate: float | None = None,
+        combine: str = SINGLE,
+        reducer: str | None = None,
     ) -> ExtensionPoint:
-        """Create or replace an extension point definition."""
+        """Create or replace an extension point definition: its limit overrides and schemas, and
+        how several apps' scripts combine (``single``, ``join`` with a ``reducer``, ``chain``)."""
         check_ep(name)
         self._settings.limits.with_overrides(limits)  # fails early on unknown or bad limits
         check_schema(input_schema, "input_schema")
         check_schema(output_schema, "output_schema")
         if input_validation_rate is not None and not 0.0 <= input_validation_rate <= 1.0:
             raise ConfigurationError("input_validation_rate must lie in [0, 1]")
-        ep = ExtensionPoint(name, dict(limits or {}), input_schema, output_schema, input_validation_rate)
+        ep = ExtensionPoint(
+            name, dict(limits or {}), input_schema, output_schema, input_validation_rate, combine, reducer
+        )
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.extension_point(name), ep.to_json())
             pipe.sadd(self._keys.extension_points(), name)
@@ -184,11 +146,29 @@ class Registry:
         return sorted(_text(n) for n in self._redis.smembers(self._keys.providers()))
 
     # -- deploy and rollback -------------------------------------------------------------------
-    def deploy(self, ep: str, shop_id: str | int, wasm: bytes, *, export: str = "_start") -> Deployment:
-        """Validate, store, AOT-compile and bind ``wasm`` as the script for (``ep``, ``shop_id``)."""
+    def deploy(
+        self,
+        ep: str,
+        shop_id: str | int,
+        wasm: bytes,
+        *,
+        export: str = "_start",
+        app: str = DEFAULT_APP,
+        block_on_failure: bool = False,
+    ) -> Deployment:
+        """Validate, store, AOT-compile and bind ``wasm`` as ``app``'s script at (``ep``,
+        ``shop_id``). A single EP binds one app; a join or chain EP up to 25 (the 26th is
+        :class:`TooManyApps`), plus, for a ``wasm`` reducer, the app named ``reducer``."""
         shop = check_shop_id(shop_id)
         check_export(export)
-        limits = self.extension_point(ep).limits(self._settings.limits)
+        check_app(app)
+        definition = self.extension_point(ep)
+        if app == REDUCER_APP and definition.reducer != "wasm":
+            raise InvalidArgument(
+                f"app {REDUCER_APP!r} is the Wasm reducer of a join EP whose reducer is wasm; {ep} has none",
+                app=app,
+            )
+        limits = definition.limits(self._settings.limits)
         check_size(wasm, limits.module_bytes)
         module = self._sandbox.compile(wasm, limits.stack_bytes)
         installed = self._installed_providers(module, limits.stack_bytes)
@@ -208,33 +188,35 @@ class Registry:
             "providers": used,
             "stack_bytes": limits.stack_bytes,
             "deployed_at": time.time(),
+            "app": app,
+            "block_on_failure": block_on_failure,
         }
-        raw = self._bind(
-            keys=[self._keys.binding(ep, shop), self._keys.history(ep, shop), self._keys.invalidations()],
-            args=[json.dumps(template), Keys.HISTORY_DEPTH, json.dumps({"ep": ep, "shop_id": shop})],
+        deployment = self._bindings.bind(template, max_apps=definition.max_apps)
+        log.info(
+            "deployed", ep=ep, shop=shop, app=app, sha256=sha, version=deployment.version, bytes=len(wasm)
         )
-        deployment = Deployment.from_json(raw)
-        log.info("deployed", ep=ep, shop=shop, sha256=sha, version=deployment.version, bytes=len(wasm))
         return deployment
 
-    def rollback(self, ep: str, shop_id: str | int) -> Deployment:
-        """Rebind (``ep``, ``shop_id``) to the version deployed before the current one."""
+    def rollback(self, ep: str, shop_id: str | int, *, app: str = DEFAULT_APP) -> Deployment:
+        """Rebind ``app`` at (``ep``, ``shop_id``) to the version deployed before the current one."""
         shop = check_shop_id(shop_id)
-        check_ep(ep)
-        raw = self._rollback(
-            keys=[self._keys.binding(ep, shop), self._keys.history(ep, shop), self._keys.invalidations()],
-            args=[json.dumps({"ep": ep, "shop_id": shop})],
+        deployment = self._bindings.rollback(check_ep(ep), shop, check_app(app))
+        log.info(
+            "rolled_back", ep=ep, shop=shop, app=app, sha256=deployment.sha256, version=deployment.version
         )
-        if not raw:
-            raise NothingToRollBack(f"no earlier version of {ep}/{shop} to roll back to", ep=ep, shop=shop)
-        deployment = Deployment.from_json(raw)
-        log.info("rolled_back", ep=ep, shop=shop, sha256=deployment.sha256, version=deployment.version)
         return deployment
 
-    def history(self, ep: str, shop_id: str | int) -> list[Deployment]:
-        """Earlier deployments of (``ep``, ``shop_id``), newest first."""
+    def undeploy(self, ep: str, shop_id: str | int, *, app: str = DEFAULT_APP) -> bool:
+        """Unbind ``app`` at (``ep``, ``shop_id``) and drop its history; every worker forgets it
+        at once. False if it was not bound."""
         shop = check_shop_id(shop_id)
-        return [Deployment.from_json(r) for r in self._redis.lrange(self._keys.history(ep, shop), 0, -1)]
+        removed = self._bindings.unbind(check_ep(ep), shop, check_app(app))
+        log.info("undeployed", ep=ep, shop=shop, app=app, removed=removed)
+        return removed
+
+    def history(self, ep: str, shop_id: str | int, *, app: str = DEFAULT_APP) -> list[Deployment]:
+        """Earlier deployments of ``app`` at (``ep``, ``shop_id``), newest first."""
+        return self._bindings.history(check_ep(ep), check_shop_id(shop_id), check_app(app))
 
     def module_size(self, sha256: str) -> int:
         """Size in bytes of a stored module (0 if it is missing)."""
@@ -245,16 +227,6 @@ class Registry:
         return bool(self._redis.exists(self._keys.module(sha256)))
 
     # -- removal (undeploy, and tools that clean up after themselves) ------------------------
-    def remove_binding(self, ep: str, shop_id: str | int) -> bool:
-        """Unbind (``ep``, ``shop_id``) and drop its history; every worker forgets it at once."""
-        shop = check_shop_id(shop_id)
-        check_ep(ep)
-        with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._keys.binding(ep, shop), self._keys.history(ep, shop))
-            pipe.publish(self._keys.invalidations(), json.dumps({"ep": ep, "shop_id": shop}))
-            removed, _ = pipe.execute()
-        return bool(removed)
-
     def remove_extension_point(self, name: str) -> bool:
         """Delete an EP definition (its bindings stay until removed; they cannot run without it)."""
         check_ep(name)
@@ -271,12 +243,17 @@ class Registry:
         self._redis.delete(self._keys.module(sha256), self._keys.artifact(self._fingerprint, sha256))
 
     # -- lookups (the worker's side) -----------------------------------------------------------
-    def binding(self, ep: str, shop_id: str) -> Deployment:
-        """The current deployment of (``ep``, ``shop_id``) or :class:`ScriptNotFound`."""
-        raw = self._redis.get(self._keys.binding(ep, shop_id))
-        if raw is None:
-            raise ScriptNotFound(f"no script is deployed for {ep}/{shop_id}", ep=ep, shop=shop_id)
-        return Deployment.from_json(raw)
+    def bindings(self, ep: str, shop_id: str) -> BindingSet:
+        """Every app's current deployment at (``ep``, ``shop_id``), in one read, or
+        :class:`ScriptNotFound`."""
+        return self._bindings.read(ep, shop_id)
+
+    def binding(self, ep: str, shop_id: str, *, app: str = DEFAULT_APP) -> Deployment:
+        """The current deployment of ``app`` at (``ep``, ``shop_id``), or :class:`ScriptNotFound`."""
+        found = self._bindings.read(ep, shop_id).apps.get(app)
+        if found is None:
+            raise ScriptNotFound(f"app {app!r} has no script at {ep}/{shop_id}", ep=ep, shop=shop_id, app=app)
+        return found
 
     def module_bytes(self, sha256: str) -> bytes:
         """Source bytes of a module, checked against their content address."""

@@ -148,7 +148,7 @@ class Scratch:
 
     def cleanup(self) -> None:
         for ep, shop in self._bindings:
-            self.registry.remove_binding(ep, shop)
+            self.registry.undeploy(ep, shop)
         for ep in self._eps:
             self.registry.remove_extension_point(ep)
         for sha in self._modules:

@@ -38,6 +38,8 @@ def add_parsers(sub: Any) -> None:
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", help="shards, live workers, queue depths and cache hit ratios")
+    status.add_argument("ep", nargs="?", help="with SHOP: also where this (EP, shop) runs and its apps")
+    status.add_argument("shop", nargs="?", help="shop id (with EP)")
     add_json_flag(status)
     status.set_defaults(func=cmd_status)
 
@@ -103,6 +105,10 @@ def _print_outcome(outcome: Outcome) -> None:
     else:
         message = outcome.error.message if outcome.error else ""
         print(f"error:   {outcome.error_code}: {message}")
+    for part in outcome.parts:
+        code = f" {part.error.code}" if part.error else ""
+        cost = f"{part.report.instructions:,} instructions"
+        print(f"part:    app {part.app} v{part.version}: {part.status}{code}, {cost}")
     report_ = outcome.report
     if report_ is not None:
         print(
@@ -130,6 +136,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         shards.append({"shard": shard, "queue_depth": depths[shard], "workers": [b.name for b in serving]})
     unserved = [s["shard"] for s in shards if not s["workers"]]
     exit_code = ExitCode.FALLBACK if unserved or mismatch else ExitCode.OK
+    pair = _pair_status(args, settings, shards) if args.ep else None
     if args.json:
         print_json(
             {
@@ -139,6 +146,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 "unserved_shards": unserved,
                 "shard_count_mismatch": {str(count): names for count, names in mismatch.items()},
                 "workers": [_beat(b) for b in beats],
+                **({"binding": pair} if pair is not None else {}),
             }
         )
         return exit_code
@@ -173,12 +181,56 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 beat.cache.get("entries"),
                 ratio,
             )
+    if pair is not None:
+        workers = ", ".join(pair["workers"]) or "NONE"
+        print(f"\n{pair['ep']}/{pair['shop']} ({pair['combine']}): shard {pair['shard']}, workers {workers}")
+        for app in pair["apps"]:
+            blocking = ", blocks on failure" if app["block_on_failure"] else ""
+            print(f"  app {app['app']}: version {app['version']} (sha256 {app['sha256'][:12]}){blocking}")
+        if not pair["apps"]:
+            print("  nothing deployed")
     for count, names in sorted(mismatch.items()):
         print(
             f"warning: {len(names)} live worker(s) run with SCRIPTPOOL_SHARDS={count}, this status with "
             f"{settings.shards}: {', '.join(names)}. Every process must agree, or calls time out."
         )
     return exit_code
+
+
+def _pair_status(
+    args: argparse.Namespace, settings: Settings, shards: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Where one (EP, shop) runs, and every app's script bound there."""
+    from config import shard_for
+    from config.errors import ScriptNotFound
+    from scriptpool._registry_commands import open_registry
+
+    if args.shop is None:
+        raise InvalidArgument("status EP SHOP: give both, or neither")
+    registry = open_registry(settings)
+    definition = registry.extension_point(args.ep)
+    shard = shard_for(args.shop, settings.shards)
+    try:
+        apps = registry.bindings(args.ep, str(args.shop)).apps
+    except ScriptNotFound:
+        apps = {}
+    return {
+        "ep": args.ep,
+        "shop": str(args.shop),
+        "combine": definition.combine,
+        "shard": shard,
+        "workers": shards[shard]["workers"],
+        "apps": [
+            {
+                "app": name,
+                "version": d.version,
+                "sha256": d.sha256,
+                "block_on_failure": d.block_on_failure,
+                "deployed_at": d.deployed_at,
+            }
+            for name, d in sorted(apps.items())
+        ],
+    }
 
 
 def _beat(beat: Any) -> dict[str, Any]:

@@ -69,6 +69,19 @@ def add_parsers(sub: Any) -> None:
         metavar="JSON",
         help=f'limit overrides, a JSON object such as {{"fuel": 5000000}}; names: {LIMIT_NAMES}',
     )
+    define.add_argument(
+        "--combine",
+        choices=("single", "join", "chain"),
+        default="single",
+        help="how several apps' scripts combine: single (one script per shop, the default), join "
+        "(each gets the input, a reducer combines the outputs) or chain (in app order, each gets the "
+        "input and the previous output)",
+    )
+    define.add_argument(
+        "--reducer",
+        metavar="REDUCER",
+        help="a join's reducer: concat:PATH, first, max:PATH, min:PATH, or wasm (the app named reducer)",
+    )
     define.add_argument("--input-schema", metavar="FILE", help="JSON Schema of the input (sampled)")
     define.add_argument("--output-schema", metavar="FILE", help="JSON Schema every output must meet")
     define.add_argument(
@@ -194,6 +207,8 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
         input_schema=input_schema,
         output_schema=output_schema,
         input_validation_rate=args.input_validation_rate,
+        combine=args.combine,
+        reducer=args.reducer,
     )
     if args.json:
         print_json(_extension_point(ep, settings))
@@ -221,7 +236,8 @@ def cmd_ep_show(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print_json(shown)
         return ExitCode.OK
-    print(f"extension point {shown['name']}")
+    combine = shown["combine"] + (f", reducer {shown['reducer']}" if shown["reducer"] else "")
+    print(f"extension point {shown['name']} ({combine})")
     for name, value in shown["limits"].items():
         mark = "  (override)" if name in shown["limit_overrides"] else ""
         print(f"  {name:<13} {value:>12,}{mark}")
@@ -254,6 +270,8 @@ def _extension_point(ep: Any, settings: Settings) -> dict[str, Any]:
         "input_schema": ep.input_schema,
         "output_schema": ep.output_schema,
         "input_validation_rate": settings.input_validation_rate if rate is None else rate,
+        "combine": ep.combine,
+        "reducer": ep.reducer,
     }
 
 
@@ -267,6 +285,8 @@ def _deployment(deployment: Deployment, size: int, *, active: bool) -> dict[str,
         "export": deployment.export,
         "deployed": _when(deployment.deployed_at),
         "active": active,
+        "app": deployment.app,
+        "block_on_failure": deployment.block_on_failure,
     }
 
 

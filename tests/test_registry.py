@@ -167,8 +167,8 @@ def test_readers_never_see_a_partial_deploy(
         client = redis.Redis.from_url(settings.redis_url)
         while not stop.is_set():
             try:
-                raw = client.get(settings.keys.binding("test", "s"))
-                deployment = Deployment.from_json(raw)  # type: ignore[arg-type]
+                fields = client.hgetall(settings.keys.binding("test", "s"))  # every app, one read
+                deployment = Deployment.from_json(fields[b"default"])
                 assert deployment.sha256 in modules
                 assert client.exists(settings.keys.module(deployment.sha256))
                 seen.append(deployment)

@@ -79,7 +79,7 @@ class WorkerState:
             )
             return
         try:
-            execution = self.executor.execute(job.ep, job.shop_id, job.input)
+            execution = self.executor.execute(job.ep, job.shop_id, job.input, deadline=job.deadline)
         except Exception as exc:  # the worker failed (e.g. Redis lost mid-lookup), not the script
             log.warning("job_failed", job=job.id, ep=job.ep, shop=job.shop_id, error=repr(exc))
             replies.push(failure_reply(job.id, exc, request, shard))

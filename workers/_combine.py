@@ -1,0 +1,216 @@
+"""Several apps' scripts in one call, on one worker where all of the shop's modules are hot.
+
+* **join**: every script gets the call's input; the EP's reducer combines the outputs of the
+  scripts that succeeded, in app order (app names sorted): ``concat:PATH`` (the first output,
+  with the list at PATH replaced by every output's list at PATH, concatenated), ``first``,
+  ``max:PATH`` / ``min:PATH`` (the output whose number at PATH is largest / smallest, the first
+  on a tie), or ``wasm`` (the app named ``reducer`` gets ``{"outputs": [{"app", "output"}, ...]}``
+  and prints the combined output).
+* **chain**: scripts run in app order; each gets ``{"input": <the call's input>, "previous":
+  <the output of the last script before it that succeeded, or null>}``; the call's output is
+  the last successful script's.
+
+A script that fails (trap, limit, invalid output, or an output the reducer cannot use) drops
+only its own part, unless its app was deployed with ``block_on_failure``: then the call fails
+with that part's error and the parts after it are skipped. Each script runs under the EP's
+limits, but never past the call's deadline: its wall-clock limit is cut to the time left before
+the deadline (less a margin for the reply), and a part with no time left is skipped with
+``timeout``. So a slow script costs its own part, and the parts after it only what it left them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from config import (
+    JOIN,
+    PART_ERROR,
+    PART_OK,
+    PART_SKIPPED,
+    REDUCER_APP,
+    ErrorInfo,
+    Execution,
+    ExecutionReport,
+    Limits,
+    Part,
+    check_input_size,
+)
+from config.errors import DeadlineExceeded, InvalidOutput, ScriptNotFound, ScriptpoolError
+from engine import Sandbox
+from workers._script import EpRuntime, LoadedScript, ScriptRun, run_script, script_report, validate
+
+if TYPE_CHECKING:
+    from registry import BindingSet, Deployment
+
+_SOURCES = ("hot", "deserialized", "compiled")
+# Kept back before the caller's deadline for pushing the reply.
+REPLY_MS = 2  # a call's module source is its coldest part's
+
+
+class PartsRunner:
+    """Runs the parts of one join or chain call and combines them into one :class:`Execution`."""
+
+    def __init__(
+        self, sandbox: Sandbox, load: Callable[[Deployment, EpRuntime], LoadedScript], tick_ms: int
+    ) -> None:
+        self.sandbox = sandbox
+        self.load = load
+        self.tick_ms = tick_ms
+
+    def execute(
+        self, ep: EpRuntime, bindings: BindingSet, stdin: bytes, lookup_ms: float, deadline: float | None
+    ) -> Execution:
+        contributors = bindings.contributors()
+        if not contributors:
+            raise ScriptNotFound("no app's script is deployed here, only the reducer")
+        call = _Call(self, ep, stdin, deadline)
+        if ep.combine == JOIN:
+            for deployment in contributors:
+                call.run_part(deployment, stdin)
+            output = call.reduce(bindings.reducer)
+        else:
+            previous: Any = None
+            for deployment in contributors:
+                chained = b'{"input":%s,"previous":%s}' % (stdin, json.dumps(previous).encode())
+                result = call.run_part(deployment, chained)
+                if result is not None:
+                    previous = result
+            output = previous
+        return call.finish(output, lookup_ms, bindings.generation)
+
+
+class _Call:
+    """The state of one call's parts as they run."""
+
+    def __init__(self, runner: PartsRunner, ep: EpRuntime, stdin: bytes, deadline: float | None) -> None:
+        self.runner = runner
+        self.ep = ep
+        self.stdin = stdin
+        self.deadline = deadline
+        self.parts: list[Part] = []
+        self.outputs: list[Any] = []  # of the parts that succeeded, in app order
+        self.blocked: ErrorInfo | None = None
+        self.sources: list[str] = []
+
+    def run_part(self, deployment: Deployment, stdin: bytes, *, usable: bool = True) -> Any:
+        """Run one app's script; returns its output, or None if the part failed or was skipped."""
+        if self.blocked is not None:  # the call's error says which app blocked it
+            self._add(deployment, PART_SKIPPED, None, ExecutionReport())
+            return None
+        limits = self._limits_now()
+        if limits is None:
+            self._add(
+                deployment,
+                PART_SKIPPED,
+                DeadlineExceeded("not run: the call's deadline was too near"),
+                ExecutionReport(),
+            )
+            if deployment.block_on_failure:
+                self.blocked = ErrorInfo(
+                    DeadlineExceeded.code, f"app {deployment.app} blocks the call and had no time left"
+                )
+            return None
+        script: LoadedScript | None = None
+        outcome: ScriptRun | None = None
+        try:
+            script = self.runner.load(deployment, self.ep)
+            self.sources.append(script.source)
+            check_input_size(stdin, limits)
+            outcome = run_script(self.runner.sandbox, script, stdin, limits, self.ep.output_validator)
+            if outcome.error is not None:
+                raise outcome.error
+            if usable and self.ep.reducer is not None:
+                self.ep.reducer.check(outcome.output)
+        except ScriptpoolError as exc:
+            report = script_report(script, 0.0, len(stdin), outcome)
+            self._add(deployment, PART_ERROR, exc, report)
+            if deployment.block_on_failure:
+                self.blocked = ErrorInfo(
+                    exc.code, f"app {deployment.app} failed and blocks the call: {exc.message}"
+                )
+            return None
+        self._add(deployment, PART_OK, None, script_report(script, 0.0, len(stdin), outcome))
+        self.outputs.append(outcome.output)
+        return outcome.output
+
+    def reduce(self, reducer_app: Deployment | None) -> Any:
+        """The join's combined output (None when nothing can be combined)."""
+        if self.blocked is not None or not self.outputs:
+            return None
+        reducer = self.ep.reducer
+        assert reducer is not None  # a join EP always has one
+        if reducer.kind != "wasm":
+            return reducer.combine(self.outputs)
+        if reducer_app is None:
+            self.blocked = ErrorInfo(
+                ScriptNotFound.code, f"the join's Wasm reducer (app {REDUCER_APP!r}) is not deployed"
+            )
+            return None
+        apps = [part.app for part in self.parts if part.status == PART_OK]
+        stdin = json.dumps(
+            {"outputs": [{"app": a, "output": o} for a, o in zip(apps, self.outputs, strict=True)]}
+        )
+        before = len(self.outputs)
+        combined = self.run_part(
+            dataclasses.replace(reducer_app, block_on_failure=True), stdin.encode(), usable=False
+        )
+        del self.outputs[before:]  # the reducer's output is the call's, not a part to combine
+        return combined
+
+    def finish(self, output: Any, lookup_ms: float, generation: int) -> Execution:
+        report = self._report(lookup_ms, generation)
+        if self.blocked is not None:
+            return Execution(False, None, self.blocked, report, tuple(self.parts))
+        if output is None:
+            failed = next((p.error for p in self.parts if p.error is not None), None)
+            code = failed.code if failed is not None else ScriptpoolError.code
+            error = ErrorInfo(code, f"no app's script succeeded ({len(self.parts)} ran)")
+            return Execution(False, None, error, report, tuple(self.parts))
+        if self.ep.output_validator is not None:
+            try:
+                validate(self.ep.output_validator, output, InvalidOutput, "combined output")
+            except InvalidOutput as exc:
+                return Execution(False, None, ErrorInfo.from_exception(exc), report, tuple(self.parts))
+        return Execution(True, output, None, report, tuple(self.parts))
+
+    def _limits_now(self) -> Limits | None:
+        """The EP's limits with the wall clock cut to the time left before the deadline, or None
+        when no time is left."""
+        limits = self.ep.limits
+        if self.deadline is None:
+            return limits
+        # The wall clock is counted in epoch ticks, and a run may last one tick more than its
+        # limit (the sandbox adds one, as the first may come at once): a part that may use
+        # ``ticks`` ticks stops by (ticks + 1) ticks from now. REPLY_MS are kept for the reply.
+        tick = self.runner.tick_ms
+        left_ms = (self.deadline - time.time()) * 1000 - REPLY_MS
+        ticks = int(left_ms // tick) - 1
+        if ticks < 1:
+            return None
+        return limits if ticks * tick >= limits.wall_ms else dataclasses.replace(limits, wall_ms=ticks * tick)
+
+    def _add(
+        self, deployment: Deployment, status: str, error: ScriptpoolError | None, report: ExecutionReport
+    ) -> None:
+        info = ErrorInfo.from_exception(error) if error is not None else None
+        self.parts.append(Part(deployment.app, deployment.version, status, info, report))
+
+    def _report(self, lookup_ms: float, generation: int) -> ExecutionReport:
+        reports = [part.report for part in self.parts]
+        coldest = max((_SOURCES.index(s) for s in self.sources), default=0)
+        return ExecutionReport(
+            instructions=sum(r.instructions for r in reports),
+            peak_memory_bytes=max((r.peak_memory_bytes for r in reports), default=0),
+            input_bytes=len(self.stdin),
+            output_bytes=sum(r.output_bytes for r in reports),
+            lookup_ms=lookup_ms,
+            instantiate_ms=round(sum(r.instantiate_ms for r in reports), 4),
+            run_ms=round(sum(r.run_ms for r in reports), 4),
+            decode_ms=round(sum(r.decode_ms for r in reports), 4),
+            module_source=_SOURCES[coldest],
+            version=generation,
+        )

@@ -1,0 +1,136 @@
+"""One script's run inside a call: run it under its limits, decode and check its output, and
+report its costs. Shared by single-script calls and by the parts of a join or chain."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import jsonschema
+import wasmtime
+
+from config import ExecutionReport, Limits
+from config.errors import ExecutionError, InvalidInput, InvalidOutput, ScriptpoolError
+from engine import Sandbox, SandboxRun
+
+if TYPE_CHECKING:
+    from registry import Deployment
+    from workers._reducers import Reducer
+
+
+@dataclass(frozen=True, slots=True)
+class EpRuntime:
+    """An extension point prepared for the hot path: limits merged, schemas compiled once, and
+    how its apps' scripts combine."""
+
+    limits: Limits
+    input_validator: Any
+    output_validator: Any
+    input_validation_rate: float
+    combine: str
+    reducer: Reducer | None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedScript:
+    """A deployment with its module (and pinned providers) loaded for running."""
+
+    deployment: Deployment
+    module: wasmtime.Module
+    providers: dict[str, wasmtime.Module]
+    source: str  # "hot", "deserialized" or "compiled"
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptRun:
+    """How one script's run went: its decoded output, or the named error that stopped it."""
+
+    output: Any
+    error: ScriptpoolError | None
+    run: SandboxRun | None
+    decode_ms: float
+
+
+def run_script(
+    sandbox: Sandbox, script: LoadedScript, stdin: bytes, limits: Limits, validator: Any
+) -> ScriptRun:
+    """Run ``script`` on ``stdin`` and decode its output; never raises for what the script did."""
+    run = sandbox.run(
+        script.module, stdin, limits, export=script.deployment.export, providers=script.providers
+    )
+    if run.error is not None:
+        return ScriptRun(None, run.error, run, 0.0)
+    started = time.perf_counter()
+    try:
+        output = decode_output(run.stdout, validator)
+    except ScriptpoolError as exc:
+        return ScriptRun(None, exc, run, ms(time.perf_counter() - started))
+    return ScriptRun(output, None, run, ms(time.perf_counter() - started))
+
+
+def decode_output(stdout: bytes, validator: Any) -> Any:
+    if not stdout:
+        raise InvalidOutput("the script wrote no output (a script prints its JSON result on stdout)")
+    try:
+        text = stdout.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidOutput(f"output is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        output = json.loads(text)
+    except ValueError as exc:
+        raise InvalidOutput(f"output is not JSON: {exc}") from None
+    if validator is not None:
+        validate(validator, output, InvalidOutput, "output")
+    return output
+
+
+def loads_input(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise InvalidInput(f"input is not JSON: {exc}") from None
+
+
+def validate(validator: Any, value: Any, error: type[ExecutionError], what: str) -> None:
+    failure = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    if failure is not None:
+        path = "/".join(str(p) for p in failure.absolute_path) or "(root)"
+        raise error(f"{what} fails its schema at {path}: {failure.message}", path=path)
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 4)
+
+
+def script_report(
+    script: LoadedScript | None, lookup_ms: float, input_bytes: int, outcome: ScriptRun | None
+) -> ExecutionReport:
+    """The report of whatever stages ran; the fields of stages that did not run keep defaults."""
+    if script is None:
+        return ExecutionReport(lookup_ms=lookup_ms)
+    deployment = script.deployment
+    run = outcome.run if outcome is not None else None
+    if run is None:
+        return ExecutionReport(
+            input_bytes=input_bytes,
+            lookup_ms=lookup_ms,
+            module_source=script.source,
+            sha256=deployment.sha256,
+            version=deployment.version,
+        )
+    return ExecutionReport(
+        instructions=run.instructions,
+        peak_memory_bytes=run.peak_memory_bytes,
+        input_bytes=input_bytes,
+        output_bytes=len(run.stdout),
+        logs=run.logs,
+        lookup_ms=lookup_ms,
+        instantiate_ms=ms(run.instantiate_s),
+        run_ms=ms(run.run_s),
+        decode_ms=outcome.decode_ms if outcome is not None else 0.0,
+        module_source=script.source,
+        sha256=deployment.sha256,
+        version=deployment.version,
+    )
