@@ -114,6 +114,12 @@ VARIABLES: tuple[Variable, ...] = (
         unit="s",
     ),
     Variable(
+        "SCRIPTPOOL_JOIN_THREADS",
+        "join_threads",
+        int,
+        "threads a worker runs a join's scripts on (1: one after another; see BENCHMARKS.md)",
+    ),
+    Variable(
         "SCRIPTPOOL_METRICS_PORT",
         "metrics_port",
         int,

@@ -36,6 +36,7 @@ class Settings:
     input_validation_rate: float = 0.05
     epoch_tick_ms: int = 5
     binding_cache_ttl_s: float = 5.0
+    join_threads: int = 1
     metrics_port: int = 0
 
     def __post_init__(self) -> None:
@@ -46,7 +47,13 @@ class Settings:
             _invalid("shards", f"must be at least 1, got {self.shards}")
         if not 0.0 <= self.input_validation_rate <= 1.0:
             _invalid("input_validation_rate", f"must lie in [0, 1], got {self.input_validation_rate}")
-        for name in ("default_deadline_ms", "module_cache_bytes", "provider_max_bytes", "epoch_tick_ms"):
+        for name in (
+            "default_deadline_ms",
+            "module_cache_bytes",
+            "provider_max_bytes",
+            "epoch_tick_ms",
+            "join_threads",
+        ):
             if getattr(self, name) <= 0:
                 _invalid(name, f"must be positive, got {getattr(self, name)}")
         if not self.binding_cache_ttl_s > 0:

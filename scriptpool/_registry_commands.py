@@ -34,18 +34,33 @@ def add_parsers(sub: Any) -> None:
     deploy.add_argument(
         "--export", default="_start", help="entry export, a () -> () function (default _start)"
     )
+    _app_flag(deploy, "the app whose script this is; a join or chain EP runs several apps' scripts")
+    deploy.add_argument(
+        "--block-on-failure",
+        action="store_true",
+        help="if this app's script fails, the whole call fails (else only its part is dropped)",
+    )
     add_json_flag(deploy)
     deploy.set_defaults(func=cmd_deploy)
+
+    undeploy = sub.add_parser("undeploy", help="remove an app's script (and its history) from (EP, shop)")
+    undeploy.add_argument("ep", help="extension point")
+    undeploy.add_argument("shop", help="shop id")
+    _app_flag(undeploy, "the app whose script to remove")
+    add_json_flag(undeploy)
+    undeploy.set_defaults(func=cmd_undeploy)
 
     rollback = sub.add_parser("rollback", help="rebind the version deployed before the current one")
     rollback.add_argument("ep", help="extension point")
     rollback.add_argument("shop", help="shop id")
+    _app_flag(rollback, "the app to roll back")
     add_json_flag(rollback)
     rollback.set_defaults(func=cmd_rollback)
 
-    history = sub.add_parser("history", help="the versions deployed to (EP, shop), newest first")
+    history = sub.add_parser("history", help="every app's versions at (EP, shop), newest first")
     history.add_argument("ep", help="extension point")
     history.add_argument("shop", help="shop id")
+    history.add_argument("--app", help="only this app (default: every app bound there)")
     add_json_flag(history)
     history.set_defaults(func=cmd_history)
 
@@ -106,24 +121,39 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
     registry = open_registry(settings)
     limits = registry.extension_point(args.ep).limits(settings.limits)  # an unknown EP before any read
     wasm = read_module(args.module, limits.module_bytes)
-    deployment = registry.deploy(args.ep, args.shop, wasm, export=args.export)
+    deployment = registry.deploy(
+        args.ep, args.shop, wasm, export=args.export, app=args.app, block_on_failure=args.block_on_failure
+    )
     if args.json:
         print_json(_deployment(deployment, len(wasm), active=True))
     else:
         print(
-            f"deployed {args.module} to {deployment.ep}/{deployment.shop_id} "
+            f"deployed {args.module} to {_where(deployment)} "
             f"as version {deployment.version} (sha256 {deployment.sha256[:12]})"
         )
     return ExitCode.OK
 
 
+def cmd_undeploy(args: argparse.Namespace, settings: Settings) -> int:
+    from config.errors import ScriptNotFound
+
+    registry = open_registry(settings)
+    if not registry.undeploy(args.ep, args.shop, app=args.app):
+        raise ScriptNotFound(f"app {args.app!r} has no script at {args.ep}/{args.shop}", app=args.app)
+    if args.json:
+        print_json({"ep": args.ep, "shop": str(args.shop), "app": args.app, "undeployed": True})
+    else:
+        print(f"undeployed app {args.app} from {args.ep}/{args.shop}")
+    return ExitCode.OK
+
+
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
     registry = open_registry(settings)
-    deployment = registry.rollback(args.ep, args.shop)
+    deployment = registry.rollback(args.ep, args.shop, app=args.app)
     if args.json:
         print_json(_deployment(deployment, registry.module_size(deployment.sha256), active=True))
     else:
-        print(f"rolled back {deployment.ep}/{deployment.shop_id} to version {deployment.version}")
+        print(f"rolled back {_where(deployment)} to version {deployment.version}")
     return ExitCode.OK
 
 
@@ -132,28 +162,42 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
 
     registry = open_registry(settings)
     registry.extension_point(args.ep)
-    rows: list[dict[str, Any]] = []
+    shop = str(args.shop)
     try:
-        current = registry.binding(args.ep, str(args.shop))
-        rows.append(_deployment(current, registry.module_size(current.sha256), active=True))
+        current = registry.bindings(args.ep, shop).apps
     except ScriptNotFound:
-        pass
-    for earlier in registry.history(args.ep, args.shop):
-        rows.append(_deployment(earlier, registry.module_size(earlier.sha256), active=False))
+        current = {}
+    apps = [args.app] if args.app else sorted(current) or ["default"]
+    rows: list[dict[str, Any]] = []
+    for app in apps:
+        if app in current:
+            rows.append(_deployment(current[app], registry.module_size(current[app].sha256), active=True))
+        for earlier in registry.history(args.ep, shop, app=app):
+            rows.append(_deployment(earlier, registry.module_size(earlier.sha256), active=False))
     if args.json:
-        print_json({"ep": args.ep, "shop": str(args.shop), "versions": rows})
+        print_json({"ep": args.ep, "shop": shop, "apps": sorted(current), "versions": rows})
         return ExitCode.OK
     if not rows:
-        print(f"nothing is deployed to {args.ep}/{args.shop}")
+        print(f"nothing is deployed to {args.ep}/{shop}")
         return ExitCode.OK
     from scriptpool._table import LiveTable
 
-    table = LiveTable([("version", 7), ("sha256", 12), ("bytes", 9), ("deployed (UTC)", 19), ("active", 6)])
+    table = LiveTable(
+        [("app", 16), ("version", 7), ("sha256", 12), ("bytes", 9), ("deployed (UTC)", 19), ("active", 13)]
+    )
     for row in rows:
-        table.row(
-            row["version"], row["sha256"][:12], row["bytes"], row["deployed"], "yes" if row["active"] else ""
-        )
+        active = ("yes, blocking" if row["block_on_failure"] else "yes") if row["active"] else ""
+        table.row(row["app"], row["version"], row["sha256"][:12], row["bytes"], row["deployed"], active)
     return ExitCode.OK
+
+
+def _app_flag(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--app", default="default", help=f"{text} (default: default)")
+
+
+def _where(deployment: Deployment) -> str:
+    where = f"{deployment.ep}/{deployment.shop_id}"
+    return where if deployment.app == "default" else f"{where} app {deployment.app}"
 
 
 def cmd_providers_add(args: argparse.Namespace, settings: Settings) -> int:
@@ -279,14 +323,14 @@ def _deployment(deployment: Deployment, size: int, *, active: bool) -> dict[str,
     return {
         "ep": deployment.ep,
         "shop": deployment.shop_id,
+        "app": deployment.app,
         "version": deployment.version,
         "sha256": deployment.sha256,
         "bytes": size,
         "export": deployment.export,
+        "block_on_failure": deployment.block_on_failure,
         "deployed": _when(deployment.deployed_at),
         "active": active,
-        "app": deployment.app,
-        "block_on_failure": deployment.block_on_failure,
     }
 
 

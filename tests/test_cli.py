@@ -298,3 +298,36 @@ def test_settings_round_trip_through_the_environment() -> None:
     """``to_env`` gives the variables that rebuild the same settings (tests and the CLI use it)."""
     settings = Settings(redis_url="redis://h:1/3", artifact_key=b"k" * 16, shards=5, metrics_port=9000)
     assert Settings.from_env(settings.to_env()) == settings
+
+
+def test_apps_through_the_command_line(cli_env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``ep define --combine``, ``deploy --app [--block-on-failure]``, ``history``, ``undeploy``
+    and ``status EP SHOP``: the list of apps, their versions and which one blocks."""
+    assert main(["ep", "define", "multi", "--combine", "join", "--reducer", "concat:discounts"]) == OK
+    apps = EXAMPLES / "apps"
+    assert main(["deploy", "multi", "7", str(apps / "loyalty.wat"), "--app", "loyalty"]) == OK
+    assert (
+        main(["deploy", "multi", "7", str(apps / "volume.wat"), "--app", "volume", "--block-on-failure"])
+        == OK
+    )
+    assert main(["deploy", "multi", "7", str(apps / "volume.wat"), "--app", "volume"]) == OK
+    capsys.readouterr()
+    assert main(["history", "multi", "7", "--json"]) == OK
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["apps"] == ["loyalty", "volume"]
+    assert [(v["app"], v["version"], v["active"]) for v in shown["versions"]] == [
+        ("loyalty", 1, True),
+        ("volume", 2, True),
+        ("volume", 1, False),
+    ]
+    assert main(["status", "multi", "7", "--json"]) == FALLBACK  # no worker runs in this test
+    binding = json.loads(capsys.readouterr().out)["binding"]
+    assert binding["combine"] == "join" and [a["app"] for a in binding["apps"]] == ["loyalty", "volume"]
+    assert main(["undeploy", "multi", "7", "--app", "loyalty"]) == OK
+    assert "script_not_found" in one_line(capsys, ["undeploy", "multi", "7", "--app", "loyalty"], FAILED)
+    assert main(["ep", "define", "single"]) == OK
+    assert main(["deploy", "single", "7", str(apps / "volume.wat")]) == OK
+    capsys.readouterr()
+    line = one_line(capsys, ["deploy", "single", "7", str(apps / "loyalty.wat"), "--app", "other"], FAILED)
+    assert "too_many_apps" in line and "--combine join or chain" in line
+    assert "configuration_error" in one_line(capsys, ["ep", "define", "bad", "--combine", "join"], USAGE)

@@ -24,6 +24,8 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from config import (
@@ -46,20 +48,33 @@ from workers._script import EpRuntime, LoadedScript, ScriptRun, run_script, scri
 if TYPE_CHECKING:
     from registry import BindingSet, Deployment
 
-_SOURCES = ("hot", "deserialized", "compiled")
+_SOURCES = ("hot", "deserialized", "compiled")  # a call's module source is its coldest part's
 # Kept back before the caller's deadline for pushing the reply.
-REPLY_MS = 2  # a call's module source is its coldest part's
+REPLY_MS = 2
+_NOTHING: Any = object()  # no output to give: every part failed, or the call is blocked
 
 
 class PartsRunner:
-    """Runs the parts of one join or chain call and combines them into one :class:`Execution`."""
+    """Runs the parts of one join or chain call and combines them into one :class:`Execution`.
+
+    ``threads`` > 1 runs a join's parts on that many threads (a chain's parts depend on each
+    other and always run in turn); BENCHMARKS.md says why the default is 1.
+    """
 
     def __init__(
-        self, sandbox: Sandbox, load: Callable[[Deployment, EpRuntime], LoadedScript], tick_ms: int
+        self,
+        sandbox: Sandbox,
+        load: Callable[[Deployment, EpRuntime], LoadedScript],
+        tick_ms: int,
+        *,
+        threads: int = 1,
     ) -> None:
         self.sandbox = sandbox
         self.load = load
         self.tick_ms = tick_ms
+        self._pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix="scriptpool-part") if threads > 1 else None
+        )
 
     def execute(
         self, ep: EpRuntime, bindings: BindingSet, stdin: bytes, lookup_ms: float, deadline: float | None
@@ -69,18 +84,34 @@ class PartsRunner:
             raise ScriptNotFound("no app's script is deployed here, only the reducer")
         call = _Call(self, ep, stdin, deadline)
         if ep.combine == JOIN:
-            for deployment in contributors:
-                call.run_part(deployment, stdin)
+            if self._pool is not None:
+                for attempt in self._pool.map(lambda d: call.attempt(d, stdin), contributors):
+                    call.record(attempt)
+            else:
+                for deployment in contributors:
+                    call.record(call.attempt(deployment, stdin))
             output = call.reduce(bindings.reducer)
         else:
-            previous: Any = None
+            output = _NOTHING
             for deployment in contributors:
+                previous = None if output is _NOTHING else output
                 chained = b'{"input":%s,"previous":%s}' % (stdin, json.dumps(previous).encode())
-                result = call.run_part(deployment, chained)
-                if result is not None:
-                    previous = result
-            output = previous
+                attempt = call.record(call.attempt(deployment, chained))
+                if attempt.status == PART_OK:
+                    output = attempt.output
         return call.finish(output, lookup_ms, bindings.generation)
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """How one part went, before it is recorded in the call."""
+
+    deployment: Deployment
+    status: str
+    error: ScriptpoolError | None
+    report: ExecutionReport
+    output: Any = None
+    source: str | None = None
 
 
 class _Call:
@@ -96,29 +127,18 @@ class _Call:
         self.blocked: ErrorInfo | None = None
         self.sources: list[str] = []
 
-    def run_part(self, deployment: Deployment, stdin: bytes, *, usable: bool = True) -> Any:
-        """Run one app's script; returns its output, or None if the part failed or was skipped."""
+    def attempt(self, deployment: Deployment, stdin: bytes, *, usable: bool = True) -> _Attempt:
+        """Run one app's script (thread-safe: it changes nothing in the call)."""
         if self.blocked is not None:  # the call's error says which app blocked it
-            self._add(deployment, PART_SKIPPED, None, ExecutionReport())
-            return None
+            return _Attempt(deployment, PART_SKIPPED, None, ExecutionReport())
         limits = self._limits_now()
         if limits is None:
-            self._add(
-                deployment,
-                PART_SKIPPED,
-                DeadlineExceeded("not run: the call's deadline was too near"),
-                ExecutionReport(),
-            )
-            if deployment.block_on_failure:
-                self.blocked = ErrorInfo(
-                    DeadlineExceeded.code, f"app {deployment.app} blocks the call and had no time left"
-                )
-            return None
+            late = DeadlineExceeded("not run: the call's deadline was too near")
+            return _Attempt(deployment, PART_SKIPPED, late, ExecutionReport())
         script: LoadedScript | None = None
         outcome: ScriptRun | None = None
         try:
             script = self.runner.load(deployment, self.ep)
-            self.sources.append(script.source)
             check_input_size(stdin, limits)
             outcome = run_script(self.runner.sandbox, script, stdin, limits, self.ep.output_validator)
             if outcome.error is not None:
@@ -127,20 +147,29 @@ class _Call:
                 self.ep.reducer.check(outcome.output)
         except ScriptpoolError as exc:
             report = script_report(script, 0.0, len(stdin), outcome)
-            self._add(deployment, PART_ERROR, exc, report)
-            if deployment.block_on_failure:
-                self.blocked = ErrorInfo(
-                    exc.code, f"app {deployment.app} failed and blocks the call: {exc.message}"
-                )
-            return None
-        self._add(deployment, PART_OK, None, script_report(script, 0.0, len(stdin), outcome))
-        self.outputs.append(outcome.output)
-        return outcome.output
+            return _Attempt(deployment, PART_ERROR, exc, report, source=script.source if script else None)
+        report = script_report(script, 0.0, len(stdin), outcome)
+        return _Attempt(deployment, PART_OK, None, report, outcome.output, script.source)
+
+    def record(self, attempt: _Attempt) -> _Attempt:
+        """Add one part to the call: its entry, its output, and whether it blocks the call."""
+        deployment, error = attempt.deployment, attempt.error
+        info = ErrorInfo.from_exception(error) if error is not None else None
+        self.parts.append(Part(deployment.app, deployment.version, attempt.status, info, attempt.report))
+        if attempt.source is not None:
+            self.sources.append(attempt.source)
+        if attempt.status == PART_OK:
+            self.outputs.append(attempt.output)
+        elif deployment.block_on_failure and self.blocked is None and error is not None:
+            self.blocked = ErrorInfo(
+                error.code, f"app {deployment.app} failed and blocks the call: {error.message}"
+            )
+        return attempt
 
     def reduce(self, reducer_app: Deployment | None) -> Any:
-        """The join's combined output (None when nothing can be combined)."""
+        """The join's combined output (_NOTHING when nothing can be combined)."""
         if self.blocked is not None or not self.outputs:
-            return None
+            return _NOTHING
         reducer = self.ep.reducer
         assert reducer is not None  # a join EP always has one
         if reducer.kind != "wasm":
@@ -149,23 +178,22 @@ class _Call:
             self.blocked = ErrorInfo(
                 ScriptNotFound.code, f"the join's Wasm reducer (app {REDUCER_APP!r}) is not deployed"
             )
-            return None
+            return _NOTHING
         apps = [part.app for part in self.parts if part.status == PART_OK]
         stdin = json.dumps(
             {"outputs": [{"app": a, "output": o} for a, o in zip(apps, self.outputs, strict=True)]}
         )
         before = len(self.outputs)
-        combined = self.run_part(
-            dataclasses.replace(reducer_app, block_on_failure=True), stdin.encode(), usable=False
-        )
+        reducing = dataclasses.replace(reducer_app, block_on_failure=True)
+        attempt = self.record(self.attempt(reducing, stdin.encode(), usable=False))
         del self.outputs[before:]  # the reducer's output is the call's, not a part to combine
-        return combined
+        return attempt.output if attempt.status == PART_OK else _NOTHING
 
     def finish(self, output: Any, lookup_ms: float, generation: int) -> Execution:
         report = self._report(lookup_ms, generation)
         if self.blocked is not None:
             return Execution(False, None, self.blocked, report, tuple(self.parts))
-        if output is None:
+        if output is _NOTHING:
             failed = next((p.error for p in self.parts if p.error is not None), None)
             code = failed.code if failed is not None else ScriptpoolError.code
             error = ErrorInfo(code, f"no app's script succeeded ({len(self.parts)} ran)")
@@ -192,12 +220,6 @@ class _Call:
         if ticks < 1:
             return None
         return limits if ticks * tick >= limits.wall_ms else dataclasses.replace(limits, wall_ms=ticks * tick)
-
-    def _add(
-        self, deployment: Deployment, status: str, error: ScriptpoolError | None, report: ExecutionReport
-    ) -> None:
-        info = ErrorInfo.from_exception(error) if error is not None else None
-        self.parts.append(Part(deployment.app, deployment.version, status, info, report))
 
     def _report(self, lookup_ms: float, generation: int) -> ExecutionReport:
         reports = [part.report for part in self.parts]

@@ -64,7 +64,7 @@ class Executor:
         self._modules: ByteLRU[wasmtime.Module] = ByteLRU(settings.module_cache_bytes)
         self._bindings: dict[tuple[str, str], tuple[BindingSet, float]] = {}
         self._eps = registry.extension_point_reader(self._prepare_ep)
-        self._parts = PartsRunner(sandbox, self._load, settings.epoch_tick_ms)
+        self._parts = PartsRunner(sandbox, self._load, settings.epoch_tick_ms, threads=settings.join_threads)
         self._lock = threading.Lock()
 
     # -- public --------------------------------------------------------------------------------
