@@ -79,6 +79,13 @@ instance_export_get = _c_function(
     "wasmtime_instance_export_get", ctypes.c_bool, _P, _P, ctypes.c_char_p, ctypes.c_size_t, _P
 )
 func_call = _c_function("wasmtime_func_call", _P, _P, _P, _P, ctypes.c_size_t, _P, ctypes.c_size_t, _P)
+# ... and those a provider-linked run makes: instantiating with explicit imports, and taking our
+# WASI functions from the engine's linker into the run's store.
+instance_new = _c_function("wasmtime_instance_new", _P, _P, _P, _P, ctypes.c_size_t, _P, _P)
+linker_get = _c_function(
+    "wasmtime_linker_get", ctypes.c_bool, _P, _P, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
+    ctypes.c_size_t, _P,
+)  # fmt: skip
 _OURS = {
     "wasmtime_store_new": store_new,
     "wasmtime_store_context": store_context,
@@ -90,6 +97,8 @@ _OURS = {
     "wasmtime_instance_pre_instantiate": instance_pre_instantiate,
     "wasmtime_instance_export_get": instance_export_get,
     "wasmtime_func_call": func_call,
+    "wasmtime_instance_new": instance_new,
+    "wasmtime_linker_get": linker_get,
     "wasmtime_caller_export_get": caller_export_get,
     "wasmtime_caller_context": caller_context,
     "wasmtime_memory_data": memory_data,
@@ -105,8 +114,10 @@ _USED_AS_IS = {
         "wasmtime_instance_t",
         "wasmtime_error_t",
         "wasm_trap_t",
+        "wasmtime_val_t",
         "WASMTIME_EXTERN_FUNC",
         "WASMTIME_EXTERN_MEMORY",
+        "WASMTIME_I32",
         "wasmtime_pooling_allocation_config_new",
         "wasmtime_pooling_allocation_config_delete",
         "wasmtime_pooling_allocation_strategy_set",
