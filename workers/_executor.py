@@ -26,9 +26,10 @@ from config import (
     encode_input,
 )
 from config.errors import ExecutionError, InvalidInput, InvalidOutput, ScriptpoolError
-from engine import Sandbox, SandboxRun
+from engine import CODEC_MSGPACK, Sandbox, SandboxRun
 from registry import compile_validator
 from workers._cache import ByteLRU, CacheStats
+from workers._codec import from_msgpack, json_value, to_msgpack
 
 if TYPE_CHECKING:
     from registry import Deployment, Registry
@@ -89,7 +90,7 @@ class Executor:
         try:
             loaded = self._lookup(check_ep(ep), check_shop_id(shop_id))
             lookup_ms = _ms(time.perf_counter() - started)
-            stdin = self._prepare_input(payload, loaded.ep)
+            stdin = self._prepare_input(payload, loaded.ep, loaded.deployment.codec)
             input_bytes = len(stdin)
             run = self._sandbox.run(
                 loaded.module,
@@ -102,7 +103,7 @@ class Executor:
                 raise run.error
             decode_started = time.perf_counter()
             try:
-                output = _decode_output(run.stdout, loaded.ep.output_validator)
+                output = _decode_output(run.stdout, loaded.ep.output_validator, loaded.deployment.codec)
             finally:
                 decode_ms = _ms(time.perf_counter() - decode_started)
         except ScriptpoolError as exc:
@@ -164,14 +165,23 @@ class Executor:
         return module, source
 
     # -- input and output ----------------------------------------------------------------------
-    def _prepare_input(self, payload: Any, ep: _EpRuntime) -> bytes:
-        stdin = encode_input(payload)
+    def _prepare_input(self, payload: Any, ep: _EpRuntime, codec: str) -> bytes:
+        value: Any = _UNSET
+        if codec == CODEC_MSGPACK:
+            value = json_value(payload)
+            stdin = to_msgpack(value)
+        else:
+            stdin = encode_input(payload)
         check_input_size(stdin, ep.limits)
         # Validation only sharpens error messages for script authors, so it is sampled.
         if ep.input_validator is not None and self._sample() < ep.input_validation_rate:
-            value = payload if not isinstance(payload, (bytes, bytearray, memoryview)) else _loads(stdin)
+            if value is _UNSET:
+                value = payload if not isinstance(payload, (bytes, bytearray, memoryview)) else _loads(stdin)
             _validate(ep.input_validator, value, InvalidInput, "input")
         return stdin
+
+
+_UNSET = object()
 
 
 def _loads(data: bytes) -> Any:
@@ -181,15 +191,18 @@ def _loads(data: bytes) -> Any:
         raise InvalidInput(f"input is not JSON: {exc}") from None
 
 
-def _decode_output(stdout: bytes, validator: Any) -> Any:
-    try:
-        text = stdout.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidOutput(f"output is not UTF-8: {exc.reason} at byte {exc.start}") from None
-    try:
-        output = json.loads(text)
-    except ValueError as exc:
-        raise InvalidOutput(f"output is not JSON: {exc}") from None
+def _decode_output(stdout: bytes, validator: Any, codec: str) -> Any:
+    if codec == CODEC_MSGPACK:
+        output = from_msgpack(stdout)
+    else:
+        try:
+            text = stdout.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidOutput(f"output is not UTF-8: {exc.reason} at byte {exc.start}") from None
+        try:
+            output = json.loads(text)
+        except ValueError as exc:
+            raise InvalidOutput(f"output is not JSON: {exc}") from None
     if validator is not None:
         _validate(validator, output, InvalidOutput, "output")
     return output
@@ -220,6 +233,7 @@ def _report(
             module_source=loaded.source,
             sha256=deployment.sha256,
             version=deployment.version,
+            codec=deployment.codec,
         )
     return ExecutionReport(
         instructions=run.instructions,
@@ -234,4 +248,5 @@ def _report(
         module_source=loaded.source,
         sha256=deployment.sha256,
         version=deployment.version,
+        codec=deployment.codec,
     )
