@@ -172,6 +172,9 @@ def resolve(module: wasmtime.Module, providers: Mapping[str, wasmtime.Module]) -
         sources.append(Source(PROVIDER, slot[imp.module], target))
     if glue_functions and guest_memory is None:
         raise InvalidModule("glue for the Wasm API's string functions needs the guest memory import")
+    if guest_memory is not None and not glue_functions:
+        where = f"{GUEST_MEMORY_MODULE}.{GUEST_MEMORY_NAME}"
+        raise ForbiddenImport(f"import {where} is not provided by the sandbox", name=where)
     return Resolution(
         providers=tuple(order),
         sources=tuple(sources),

@@ -112,6 +112,7 @@ class _Prepared:
     name: bytes
     nparams: int | None  # None: no function export of that name
     nresults: int
+    memories: tuple[bytes, ...]  # the module's memory exports, measured for the peak
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,7 @@ class _Provider:
     module: wasmtime.Module
     pre: wasmtime.InstancePre
     pre_address: int
+    memories: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +322,7 @@ class Sandbox:
         finished = time.perf_counter()
         if not instantiated_ok:
             instantiated = finished
-        peak = _memory_bytes(t, context, t.instance_at, _NAME_MEMORY) if instantiated_ok else 0
+        peak = _memory_bytes(t, context, t.instance_at, prepared.memories) if instantiated_ok else 0
         return _out_of_memory(error, peak, limits), peak, instantiated - started, finished - instantiated
 
     def _run_linked(
@@ -340,7 +342,7 @@ class Sandbox:
         error: ExecutionError | None = None
         instances = (ffi.wasmtime_instance_t * (len(providers) + 1))()
         base = ctypes.addressof(instances)
-        live: list[tuple[int, bytes]] = []  # (instance address, memory export) for the peak
+        live: list[tuple[int, tuple[bytes, ...]]] = []  # (instance address, memory exports) for the peak
         instructions = 0
         metered = initialized = False
         started = time.perf_counter()
@@ -355,7 +357,7 @@ class Sandbox:
                 t.scratch.trap = None
                 failure = instance_pre_instantiate(provider.pre_address, context, at, t.trap_at)
                 _staged("instantiate", _check, io, failure, t.scratch.trap)
-                live.append((at, _NAME_MEMORY))
+                live.append((at, provider.memories))
             if plan.memory_io >= 0:
                 _staged("initialize", _initialize, t, context, io, base + plan.memory_io * _INSTANCE_SIZE)
                 initialized = True
@@ -369,7 +371,7 @@ class Sandbox:
                     context, plan.glue_address, imports, len(plan.glue_imports), glue_at, t.trap_at
                 )
                 _check(io, failure, t.scratch.trap)
-                live.append((glue_at, _NAME_GLUE_MEMORY))
+                live.append((glue_at, (_NAME_GLUE_MEMORY,)))
             else:
                 glue_at = 0
             imports = _guest_imports(context, self._linkers[limits.stack_bytes], base, glue_at, plan)
@@ -378,7 +380,7 @@ class Sandbox:
                 context, plan.module_address, imports, len(plan.imports), t.instance_at, t.trap_at
             )
             _check(io, failure, t.scratch.trap)
-            live.append((t.instance_at, _NAME_MEMORY))
+            live.append((t.instance_at, plan.entry.memories))
             instantiated = time.perf_counter()
             _call_entry(t, context, plan.entry, export, io)
         except BaseException as exc:
@@ -397,7 +399,7 @@ class Sandbox:
                 if error is None:
                     error = _translate(exc, plan.modules, limits)
         finished = time.perf_counter()
-        peak = max((_memory_bytes(t, context, at, name) for at, name in live), default=0)
+        peak = max((_memory_bytes(t, context, at, names) for at, names in live), default=0)
         error = _out_of_memory(error, peak, limits)
         return error, peak, instantiated - started, finished - instantiated, instructions
 
@@ -476,7 +478,7 @@ class Sandbox:
         provider = self._providers.get(module)
         if provider is None:
             pre = self._linkers[stack_bytes].instantiate_pre(module)
-            provider = _Provider(module, pre, _address(pre.ptr()))
+            provider = _Provider(module, pre, _address(pre.ptr()), _memory_exports(module))
             with self._lock:
                 self._providers[module] = provider
         return provider
@@ -509,7 +511,11 @@ def _describe(
     for item in module.exports:
         if item.name == export and isinstance(item.type, wasmtime.FuncType):
             nparams, nresults = len(item.type.params), len(item.type.results)
-    return _Prepared(pre, pre_address, export.encode(), nparams, nresults)
+    return _Prepared(pre, pre_address, export.encode(), nparams, nresults, _memory_exports(module))
+
+
+def _memory_exports(module: wasmtime.Module) -> tuple[bytes, ...]:
+    return tuple(e.name.encode() for e in module.exports if isinstance(e.type, wasmtime.MemoryType))
 
 
 def _staged(stage: str, step: Any, *args: Any) -> Any:
@@ -540,9 +546,13 @@ def _guest_imports(context: int, linker: wasmtime.Linker, base: int, glue_at: in
         slot = at + index * _EXTERN_SIZE
         if kind == WASI:
             found = linker_get(linker_address, context, _WASI_NAME, len(_WASI_NAME), name, len(name), slot)
-        else:
-            instance = base + position * _INSTANCE_SIZE if kind == PROVIDER else glue_at
-            found = kind in (PROVIDER, GLUE) and instance_export_get(context, instance, name, len(name), slot)
+        elif kind == PROVIDER:
+            instance = base + position * _INSTANCE_SIZE
+            found = instance_export_get(context, instance, name, len(name), slot)
+        else:  # GLUE: there is a glue instance whenever the module imports from it
+            found = (
+                kind == GLUE and glue_at != 0 and instance_export_get(context, glue_at, name, len(name), slot)
+            )
         if not found:
             raise InvalidModule(f"nothing provides the import {name.decode(errors='replace')!r}")
     return imports
@@ -721,11 +731,12 @@ def _declared_memory_bytes(module: wasmtime.Module) -> int:
     return max(pages, default=0) * 65536
 
 
-def _memory_bytes(t: _Thread, context: int, instance: int, name: bytes) -> int:
-    """Size of an instance's exported memory ``name`` (what it grew to), 0 without one."""
-    if (
-        not instance_export_get(context, instance, name, len(name), t.export_at)
-        or t.scratch.extern.kind != _MEMORY
-    ):
-        return 0
-    return int(memory_data_size(context, t.item_at))
+def _memory_bytes(t: _Thread, context: int, instance: int, names: tuple[bytes, ...]) -> int:
+    """Size of the largest of these exported memories of an instance (what it grew to), 0
+    without one. Memories only grow, so that is the peak."""
+    peak = 0
+    for name in names:
+        found = instance_export_get(context, instance, name, len(name), t.export_at)
+        if found and t.scratch.extern.kind == _MEMORY:
+            peak = max(peak, int(memory_data_size(context, t.item_at)))
+    return peak
