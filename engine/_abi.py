@@ -80,8 +80,11 @@ def wasm_api_version(name: str) -> int | None:
 Signature = tuple[tuple[str, ...], tuple[str, ...]]
 
 # Functions that take and return only numbers: linked straight to the provider's ``_``-prefixed
-# export of the same signature, with nothing in between.
+# export, with nothing in between (the type is checked against that export's, so these
+# signatures document v2; v1's context_new and output_finalize have no v2 counterpart).
 API_NUMERIC: dict[str, Signature] = {
+    "shopify_function_context_new": ((), ("i32",)),  # v1 only
+    "shopify_function_output_finalize": ((), ("i32",)),  # v1 only
     "shopify_function_input_get": ((), ("i64",)),
     "shopify_function_input_get_val_len": (("i64",), ("i32",)),
     "shopify_function_input_get_at_index": (("i64", "i32"), ("i64",)),

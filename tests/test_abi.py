@@ -672,3 +672,85 @@ def test_json_value_round_trip_through_a_wasm_api_guest_keeps_types(
     result = executor.execute("test", "s", json.dumps({**API_INPUT, "n": 0.25}).encode())
     assert result.ok, result.error
     assert result.output["n2"] == 0.5  # type: ignore[index]
+
+
+# -- the Wasm API, v1 ---------------------------------------------------------------------------
+
+API_V1 = "shopify_function_v1"
+
+
+def v1_provider() -> bytes:
+    """Our provider as a v1 one: a WASI provider that reads its MessagePack input on stdin in
+    context_new and writes its output on stdout in output_finalize, with v1's realloc."""
+    text = abi.wat("wasm_api_provider")
+    text = text.replace('(func (export "initialize")', "(func $initialize")
+    text = text.replace('(func (export "finalize")', "(func $finalize")
+    wasi = f"""
+  (import "{guests.WASI}" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "{guests.WASI}" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (func (export "_shopify_function_context_new") (result i32) (local $n i32) (local $total i32)
+    (drop (call $initialize (i32.const 61440)))
+    (block $done (loop $more
+      (i32.store (i32.const 0x20) (i32.add (global.get $in_ptr) (local.get $total)))
+      (i32.store (i32.const 0x24) (i32.sub (i32.const 61440) (local.get $total)))
+      (drop (call $fd_read (i32.const 0) (i32.const 0x20) (i32.const 1) (i32.const 0x28)))
+      (local.set $n (i32.load (i32.const 0x28)))
+      (br_if $done (i32.eqz (local.get $n)))
+      (local.set $total (i32.add (local.get $total) (local.get $n)))
+      (br $more)))
+    (global.set $in_len (local.get $total))
+    (i32.const 0))
+  (func (export "_shopify_function_output_finalize") (result i32)
+    (if (i32.ne (global.get $st_kind) (i32.const 3)) (then (return (i32.const 6))))  ;; ValueNotFinished
+    (i32.store (i32.const 0x20) (global.get $out_ptr))
+    (i32.store (i32.const 0x24) (global.get $out_len))
+    (drop (call $fd_write (i32.const 1) (i32.const 0x20) (i32.const 1) (i32.const 0x28)))
+    (i32.const 0))
+  (func (export "shopify_function_realloc") (param i32 i32 i32 i32) (result i32) (call $alloc (local.get 3)))
+"""
+    return guests.wasm(text.replace("(module", "(module" + wasi, 1))
+
+
+V1_GUEST = f"""
+(module
+  (import "{API_V1}" "shopify_function_context_new" (func $context_new (result i32)))
+  (import "{API_V1}" "shopify_function_input_get" (func $input_get (result i64)))
+  (import "{API_V1}" "shopify_function_input_get_obj_prop"
+    (func $get_obj_prop (param i64 i32 i32) (result i64)))
+  (import "{API_V1}" "shopify_function_input_read_utf8_str" (func $read_utf8_str (param i32 i32 i32)))
+  (import "{API_V1}" "shopify_function_output_new_object" (func $new_object (param i32) (result i32)))
+  (import "{API_V1}" "shopify_function_output_new_utf8_str" (func $new_str (param i32 i32) (result i32)))
+  (import "{API_V1}" "shopify_function_output_finish_object" (func $finish_object (result i32)))
+  (import "{API_V1}" "shopify_function_output_finalize" (func $finalize (result i32)))
+  (import "{guests.WASI}" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "hello\\00\\00\\00bye\\00v1 log\\n")
+  (func $check (param i32) (if (local.get 0) (then unreachable)))
+  (func (export "_start") (local $hello i64) (local $len i32)
+    (drop (call $context_new))
+    (local.set $hello (call $get_obj_prop (call $input_get) (i32.const 0) (i32.const 5)))
+    (local.set $len (i32.wrap_i64 (i64.and (i64.shr_u (local.get $hello) (i64.const 32)) (i64.const 0x3FFF))))
+    (call $read_utf8_str (i32.wrap_i64 (local.get $hello)) (i32.const 0x1000) (local.get $len))
+    (call $check (call $new_object (i32.const 1)))
+    (call $check (call $new_str (i32.const 8) (i32.const 3)))
+    (call $check (call $new_str (i32.const 0x1000) (local.get $len)))
+    (call $check (call $finish_object))
+    (call $check (call $finalize))
+    (i32.store (i32.const 0x100) (i32.const 12))
+    (i32.store (i32.const 0x104) (i32.const 7))
+    (drop (call $fd_write (i32.const 2) (i32.const 0x100) (i32.const 1) (i32.const 0x108)))))
+"""
+
+
+def test_untrampolined_v1_module_links_to_a_wasi_provider(registry: Registry, executor: Executor) -> None:
+    """v1 is a WASI provider: MessagePack on stdio, logs on stderr; its untrampolined string
+    functions get the same glue, allocating with v1's realloc."""
+    registry.add_provider(API_V1, v1_provider())
+    deployment = registry.deploy("test", "s", guests.wasm(V1_GUEST))
+    assert deployment.codec == CODEC_MSGPACK
+    result = executor.execute("test", "s", {"hello": "world!"})
+    assert result.ok, result.error
+    assert result.output == {"bye": "world!"}
+    assert result.report.logs == "v1 log\n"
+    assert result.report.peak_memory_bytes == 2 * 65536  # the provider's, grown for the input
+    healthy(registry, executor)
