@@ -499,6 +499,24 @@ def test_wasm_api_guests_run_against_our_provider(registry: Registry, executor: 
     healthy(registry, executor)
 
 
+def test_a_clang_built_untrampolined_guest_runs(registry: Registry, executor: Executor) -> None:
+    """A C guest as clang emits it (shadow stack, data segments, its memory exported) links
+    through the deploy-time rewrite and the glue."""
+    registry.add_provider(API_V2, abi.wasm("wasm_api_provider"))
+    registry.deploy("test", "s", (abi.HERE / "wasm_api_guest.wasm").read_bytes())
+    lines = [{"title": "Socks", "quantity": 2}, {"title": "Ünïcode hat", "quantity": 1.5}]
+    result = executor.execute("test", "s", {"cart": {"lines": lines}})
+    assert result.ok, result.error
+    assert result.output == {
+        "titles": ["Socks", "Ünïcode hat"],
+        "total_quantity": 3.5,
+        "note": "built with clang",
+    }
+    assert result.report.logs == "lines: 2\n"
+    big = [{"title": "x" * 20_000, "quantity": 1}]  # past what a NaN box's length holds
+    assert executor.execute("test", "s", {"cart": {"lines": big}}).output["titles"] == ["x" * 20_000]  # type: ignore[index]
+
+
 def test_untrampolined_numeric_functions_link_straight_to_the_provider(sandbox: Sandbox) -> None:
     """Numeric functions resolve to the provider's `_`-prefixed exports; string functions and
     the guest memory to the glue module."""
