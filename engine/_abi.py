@@ -30,9 +30,9 @@ CODEC_MSGPACK = "msgpack"
 # valid provider name, so it never collides with one.
 GUEST_MEMORY_MODULE = "scriptpool:guest"
 GUEST_MEMORY_NAME = "memory"
-# The glue module's names: what it imports the provider as, and its export of the guest memory.
-GLUE_PROVIDER = "provider"
-GLUE_MEMORY_EXPORT = "guest_memory"
+# The glue module's export of the guest memory (beside the provider's exports, under its name:
+# no provider exports a name with a colon).
+GLUE_MEMORY_EXPORT = "scriptpool:guest-memory"
 
 _VERSIONED = re.compile(r"(shopify_function_v|shopify_functions_javy_v)(\d+)")
 
@@ -216,32 +216,45 @@ class MemoryLimits:
     maximum: int | None
 
 
-def glue_wat(version: int, functions: tuple[str, ...], memory: MemoryLimits) -> str:
-    """The glue module linking ``functions`` (string functions of the Wasm API ``version``).
+def glue_wat(
+    provider: str,
+    version: int,
+    functions: tuple[str, ...],
+    aliases: tuple[tuple[str, str, Signature], ...],
+    memory: MemoryLimits | None,
+) -> str:
+    """The glue module of an untrampolined Wasm API module, linked under the provider's name
+    beside the provider itself (so the module's imports all resolve by name).
 
-    It imports the provider's memory and functions under :data:`GLUE_PROVIDER`, defines the
-    guest's memory with the guest's own limits (exported as :data:`GLUE_MEMORY_EXPORT`; the
-    rewritten guest imports it) and exports each function with the signature the guest imports.
+    - ``functions``, string functions of the Wasm API ``version``: exported with the signature
+      the guest imports, copying between the guest's memory and the provider's;
+    - ``aliases``, (guest name, provider export, signature) of numeric functions: the provider's
+      export itself, re-exported under the guest's name (an imported function exported again is
+      the same function: no call in between);
+    - ``memory``, the guest's memory limits: the glue defines that memory (exported as
+      :data:`GLUE_MEMORY_EXPORT`) and the rewritten guest imports it.
     """
+    lines = ["(module"]
+    if functions:
+        lines.append(f'  (import "{provider}" "memory" (memory $provider 0))')
     needed = sorted({raw for f in functions for raw in glue_needs(f, version)})
-    imports = [f'  (import "{GLUE_PROVIDER}" "memory" (memory $provider 0))']
-    for raw in needed:
-        params, results = PROVIDER_RAW[raw]
-        imports.append(
-            f'  (import "{GLUE_PROVIDER}" "{raw}" (func ${raw} (param {" ".join(params)})'
+    imported = [(raw, PROVIDER_RAW[raw]) for raw in needed]
+    imported += [(target, sig) for _, target, sig in aliases if target not in needed]
+    for name, (params, results) in dict(imported).items():
+        lines.append(
+            f'  (import "{provider}" "{name}" (func ${name} (param {" ".join(params)})'
             f" (result {' '.join(results)})))"
         )
-    maximum = "" if memory.maximum is None else f" {memory.maximum}"
-    body = [
+    for guest_name, target, _ in aliases:
+        lines.append(f'  (export "{guest_name}" (func ${target}))')
+    if functions:
+        if memory is None:
+            raise ValueError("string functions need the guest's memory")
+        maximum = "" if memory.maximum is None else f" {memory.maximum}"
+        lines.append(f'  (memory $guest (export "{GLUE_MEMORY_EXPORT}") {memory.minimum}{maximum})')
+    lines += [
         _GLUE[f].replace("ALLOC", _ALLOC[1 if version == 1 else 2]).replace("READ_ERROR", str(_READ_ERROR))
         for f in functions
     ]
-    return "\n".join(
-        [
-            "(module",
-            *imports,
-            f'  (memory $guest (export "{GLUE_MEMORY_EXPORT}") {memory.minimum}{maximum})',
-            *body,
-            ")",
-        ]
-    )
+    lines.append(")")
+    return "\n".join(lines)

@@ -62,6 +62,8 @@ class Resolution:
     glue_provider: str | None  # the Wasm API provider the glue links to
     glue_version: int
     glue_functions: tuple[str, ...]  # string functions of the Wasm API, in import order
+    # numeric functions imported under their guest-facing names: (name, provider export, type)
+    glue_aliases: tuple[tuple[str, str, Signature], ...]
     guest_memory: MemoryLimits | None  # the rewritten guest memory import, if any
 
 
@@ -119,6 +121,7 @@ def resolve(module: wasmtime.Module, providers: Mapping[str, wasmtime.Module]) -
     slot = {name: i for i, name in enumerate(order)}
     sources: list[Source] = []
     glue_functions: list[str] = []
+    glue_aliases: dict[str, tuple[str, str, Signature]] = {}
     glue_provider: str | None = None
     glue_version = 0
     guest_memory: MemoryLimits | None = None
@@ -144,7 +147,7 @@ def resolve(module: wasmtime.Module, providers: Mapping[str, wasmtime.Module]) -
         if needs_glue(imp.module, name):
             version = wasm_api_version(imp.module) or 0
             if glue_provider not in (None, imp.module):
-                raise InvalidModule("a module may use the string functions of one Wasm API provider only")
+                raise InvalidModule("a module may use the functions of one Wasm API provider only")
             _check_type(imp, API_STRING[name], f"the Wasm API's {name}")
             for raw in glue_needs(name, version):
                 _check_export(imp.module, exports, raw, PROVIDER_RAW[raw])
@@ -169,6 +172,13 @@ def resolve(module: wasmtime.Module, providers: Mapping[str, wasmtime.Module]) -
                 )
         elif type(ty) is not type(imp.type):
             raise ForbiddenImport(f"import {where} is not the kind of item {target} is", name=where)
+        if target != name and isinstance(ty, wasmtime.FuncType):
+            # Linked by name at run time: the glue re-exports the provider's function as `name`.
+            if glue_provider not in (None, imp.module):
+                raise InvalidModule("a module may use the functions of one Wasm API provider only")
+            glue_provider = imp.module
+            glue_version = wasm_api_version(imp.module) or 0
+            glue_aliases.setdefault(name, (name, target, signature(ty)))
         sources.append(Source(PROVIDER, slot[imp.module], target))
     if glue_functions and guest_memory is None:
         raise InvalidModule("glue for the Wasm API's string functions needs the guest memory import")
@@ -183,6 +193,7 @@ def resolve(module: wasmtime.Module, providers: Mapping[str, wasmtime.Module]) -
         glue_provider=glue_provider,
         glue_version=glue_version,
         glue_functions=tuple(glue_functions),
+        glue_aliases=tuple(glue_aliases.values()),
         guest_memory=guest_memory,
     )
 

@@ -772,3 +772,28 @@ def test_untrampolined_v1_module_links_to_a_wasi_provider(registry: Registry, ex
     assert result.report.logs == "v1 log\n"
     assert result.report.peak_memory_bytes == 2 * 65536  # the provider's, grown for the input
     healthy(registry, executor)
+
+
+def test_a_provider_linked_module_with_many_wasi_imports(registry: Registry, executor: Executor) -> None:
+    """Past a few WASI imports the run's linker starts as a clone of the engine's: the same
+    functions either way (fixed clock, fixed random)."""
+    registry.add_provider(JAVY_V2, abi.wasm("wasi_msgpack_provider"))
+    names = ["sched_yield", "args_sizes_get", "environ_sizes_get", "clock_res_get", "random_get"]
+    for count in (1, len(names)):
+        imports = " ".join(
+            f'(import "{guests.WASI}" "{n}" (func ${n} (param {" ".join(guests.provided_signatures()[n][0])})'
+            " (result i32)))"
+            for n in names[:count]
+        )
+        module = guests.wasm(f"""
+        (module {imports}
+          (import "{guests.WASI}" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+          (import "{JAVY_V2}" "memory" (memory 1))
+          (export "memory" (memory 0))
+          (func (export "_start")
+            (i32.store8 (i32.const 0x100) (i32.const 0xc3))  ;; MessagePack true
+            (i32.store (i32.const 0x110) (i32.const 0x100)) (i32.store (i32.const 0x114) (i32.const 1))
+            (drop (call $w (i32.const 1) (i32.const 0x110) (i32.const 1) (i32.const 0x118)))))""")
+        registry.deploy("test", f"s{count}", module)
+        result = executor.execute("test", f"s{count}", {})
+        assert (result.ok, result.output) == (True, True), result.error
