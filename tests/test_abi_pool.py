@@ -86,14 +86,14 @@ def test_every_abi_runs_through_a_worker_and_a_hostile_provider_leaves_it_health
     outcome = client.run("test", "bad", {}, timeout=5)
     assert (outcome.status, outcome.error_code) == ("error", "invalid_output")
     deployer.add_provider("shopify_functions_javy_v4", hostile_provider(initialize="unreachable"))
-    deployer.deploy(
+    deployer.deploy(  # another shop: the worker may still hold "bad"'s old binding for a moment
         "test",
-        "bad",
+        "bad2",
         guests.wasm(
-            '(module (import "shopify_functions_javy_v4" "memory" (memory 2)) (func (export "_start")))'
+            '(module (import "shopify_functions_javy_v4" "memory" (memory 1)) (func (export "_start")))'
         ),
     )
-    outcome = client.run("test", "bad", {}, timeout=5)
+    outcome = client.run("test", "bad2", {}, timeout=5)
     assert (outcome.status, outcome.error_code) == ("error", "runtime_error")
     check_all()
     assert workers[0].alive and workers[0].process.pid == pid
