@@ -321,7 +321,10 @@ class Sandbox:
         started = time.perf_counter()
         instantiated = started
         try:
-            self._meter(context, limits)
+            failure = context_set_fuel(context, limits.fuel)  # what _meter does, inline: the hot path
+            if failure:
+                raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(failure, _ErrorPointer))
+            context_set_epoch_deadline(context, self._ticker.ticks_for(limits.wall_ms))
             t.io = io
             prepared = self._prepare(module, export, limits.stack_bytes)
             t.scratch.trap = None
@@ -336,7 +339,9 @@ class Sandbox:
         if not instantiated_ok:
             instantiated = finished
         peak = _memory_bytes(t, context, t.instance_at, prepared.memories) if instantiated_ok else 0
-        return _out_of_memory(error, peak, limits), peak, instantiated - started, finished - instantiated
+        if error is not None:
+            error = _out_of_memory(error, peak, limits)
+        return error, peak, instantiated - started, finished - instantiated
 
     def _run_linked(
         self,
@@ -759,7 +764,11 @@ def _memory_bytes(t: _Thread, context: int, instance: int, names: tuple[bytes, .
     without one. Memories only grow, so that is the peak."""
     peak = 0
     for name in names:
-        found = instance_export_get(context, instance, name, len(name), t.export_at)
-        if found and t.scratch.extern.kind == _MEMORY:
-            peak = max(peak, int(memory_data_size(context, t.item_at)))
-    return peak
+        if (
+            instance_export_get(context, instance, name, len(name), t.export_at)
+            and t.scratch.extern.kind == _MEMORY
+        ):
+            size = memory_data_size(context, t.item_at)
+            if size > peak:
+                peak = size
+    return int(peak)
