@@ -3,6 +3,12 @@
 The hot path per run: a new ``Store`` (one run never sees another's memory or globals), one
 instantiation from an ``InstancePre`` prepared once per module, and one direct call of the entry
 export whose type was checked once per module (``Func.__call__`` would look it up every call).
+
+A provider-linked module (a JS runtime, a Shopify provider) is planned once per module and
+providers, and instantiated per run from a linker of its own: the providers first (outside the
+script's limits, with a memory-I/O provider's ``initialize``), then the Wasm API glue if it needs
+one, then the module; after the entry, a memory-I/O provider's ``finalize`` gives the output and
+logs. See ``engine/_abi.py`` for the ABIs and ``engine/_link.py`` for the linking rules.
 """
 
 from __future__ import annotations

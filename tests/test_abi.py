@@ -797,3 +797,21 @@ def test_a_provider_linked_module_with_many_wasi_imports(registry: Registry, exe
         registry.deploy("test", f"s{count}", module)
         result = executor.execute("test", f"s{count}", {})
         assert (result.ok, result.output) == (True, True), result.error
+
+
+def test_an_untrampolined_module_with_numeric_functions_only(registry: Registry, executor: Executor) -> None:
+    """No string function: no rewrite and no guest memory, only the provider's functions under
+    their guest-facing names."""
+    registry.add_provider(API_V2, abi.wasm("wasm_api_provider"))
+    module = untrampolined(
+        f'(import "{API_V2}" "shopify_function_output_new_array" (func $a (param i32) (result i32)))'
+        f'(import "{API_V2}" "shopify_function_output_new_bool" (func $b (param i32) (result i32)))'
+        f'(import "{API_V2}" "shopify_function_output_new_f64" (func $f (param f64) (result i32)))'
+        f'(import "{API_V2}" "shopify_function_output_finish_array" (func $e (result i32)))',
+        "(drop (call $a (i32.const 2))) (drop (call $b (i32.const 1))) (drop (call $f (f64.const 0.5)))"
+        " (drop (call $e))",
+    )
+    assert linkable(module) is module
+    registry.deploy("test", "s", module)
+    result = executor.execute("test", "s", {})
+    assert (result.ok, result.output) == (True, [True, 0.5]), result.error
