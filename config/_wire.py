@@ -108,6 +108,7 @@ class ExecutionReport:
     module_source: str = ""  # "hot", "deserialized" or "compiled"
     sha256: str = ""
     version: int = 0
+    codec: str = ""  # what the script reads and writes: "json" or "msgpack" (output decoded to JSON)
 
     def to_wire(self) -> dict[str, Any]:
         # Written out: dataclasses.asdict deep-copies recursively (a test holds the two equal).
@@ -124,6 +125,7 @@ class ExecutionReport:
             "module_source": self.module_source,
             "sha256": self.sha256,
             "version": self.version,
+            "codec": self.codec,
         }
 
     @classmethod

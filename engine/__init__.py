@@ -1,15 +1,35 @@
 """The sandbox: wasmtime engines, our WASI subset, and one guest run under hard limits."""
 
+from engine._abi import (
+    CODEC_JSON,
+    CODEC_MSGPACK,
+    GUEST_MEMORY_MODULE,
+    GUEST_MEMORY_NAME,
+    codec_for,
+    is_memory_io_provider,
+    needs_glue,
+)
 from engine._engine import engine_fingerprint
+from engine._link import Resolution, check_memory_io_provider, resolve
 from engine._run import Sandbox, SandboxRun
 from engine._wasi import FIXED_TIME_NS, provided_signatures
 from engine._wasi import MODULE as WASI_MODULE
 
 __all__ = [
+    "CODEC_JSON",
+    "CODEC_MSGPACK",
     "FIXED_TIME_NS",
+    "GUEST_MEMORY_MODULE",
+    "GUEST_MEMORY_NAME",
     "WASI_MODULE",
+    "Resolution",
     "Sandbox",
     "SandboxRun",
+    "check_memory_io_provider",
+    "codec_for",
     "engine_fingerprint",
+    "is_memory_io_provider",
+    "needs_glue",
     "provided_signatures",
+    "resolve",
 ]

@@ -79,6 +79,31 @@ instance_export_get = _c_function(
     "wasmtime_instance_export_get", ctypes.c_bool, _P, _P, ctypes.c_char_p, ctypes.c_size_t, _P
 )
 func_call = _c_function("wasmtime_func_call", _P, _P, _P, _P, ctypes.c_size_t, _P, ctypes.c_size_t, _P)
+# ... and those a provider-linked run makes: a linker of its own (the providers' instances
+# belong to its store), with our WASI functions taken from the engine's linker.
+linker_new = _c_function("wasmtime_linker_new", _P, _P)
+linker_clone = _c_function("wasmtime_linker_clone", _P, _P)
+linker_delete = _c_function("wasmtime_linker_delete", None, _P)
+linker_allow_shadowing = _c_function("wasmtime_linker_allow_shadowing", None, _P, ctypes.c_bool)
+linker_define = _c_function(
+    "wasmtime_linker_define",
+    _P,
+    _P,
+    _P,
+    ctypes.c_char_p,
+    ctypes.c_size_t,
+    ctypes.c_char_p,
+    ctypes.c_size_t,
+    _P,
+)
+linker_define_instance = _c_function(
+    "wasmtime_linker_define_instance", _P, _P, _P, ctypes.c_char_p, ctypes.c_size_t, _P
+)
+linker_instantiate = _c_function("wasmtime_linker_instantiate", _P, _P, _P, _P, _P, _P)
+linker_get = _c_function(
+    "wasmtime_linker_get", ctypes.c_bool, _P, _P, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
+    ctypes.c_size_t, _P,
+)  # fmt: skip
 _OURS = {
     "wasmtime_store_new": store_new,
     "wasmtime_store_context": store_context,
@@ -90,6 +115,14 @@ _OURS = {
     "wasmtime_instance_pre_instantiate": instance_pre_instantiate,
     "wasmtime_instance_export_get": instance_export_get,
     "wasmtime_func_call": func_call,
+    "wasmtime_linker_new": linker_new,
+    "wasmtime_linker_clone": linker_clone,
+    "wasmtime_linker_delete": linker_delete,
+    "wasmtime_linker_allow_shadowing": linker_allow_shadowing,
+    "wasmtime_linker_define": linker_define,
+    "wasmtime_linker_define_instance": linker_define_instance,
+    "wasmtime_linker_instantiate": linker_instantiate,
+    "wasmtime_linker_get": linker_get,
     "wasmtime_caller_export_get": caller_export_get,
     "wasmtime_caller_context": caller_context,
     "wasmtime_memory_data": memory_data,
@@ -105,8 +138,10 @@ _USED_AS_IS = {
         "wasmtime_instance_t",
         "wasmtime_error_t",
         "wasm_trap_t",
+        "wasmtime_val_t",
         "WASMTIME_EXTERN_FUNC",
         "WASMTIME_EXTERN_MEMORY",
+        "WASMTIME_I32",
         "wasmtime_pooling_allocation_config_new",
         "wasmtime_pooling_allocation_config_delete",
         "wasmtime_pooling_allocation_strategy_set",

@@ -27,6 +27,9 @@ _CODEGEN = {
     "wasm_bulk_memory": True,
     "wasm_multi_value": True,
     "wasm_reference_types": True,
+    # Two memories in one module: a trampolined Wasm API module imports its provider's memory
+    # beside its own, and our glue for an untrampolined one copies between the two.
+    "wasm_multi_memory": True,
 }
 
 

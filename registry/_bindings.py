@@ -98,6 +98,9 @@ class Deployment:
     deployed_at: float
     app: str = DEFAULT_APP
     block_on_failure: bool = False  # if this app's script fails, the whole call fails
+    # "json" or "msgpack", read from the imports at deploy (bindings from before it say nothing:
+    # they are JSON).
+    codec: str = "json"
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Deployment:

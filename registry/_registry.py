@@ -33,9 +33,17 @@ from config.errors import (
     ScriptNotFound,
     UnknownExtensionPoint,
 )
-from engine import WASI_MODULE, Sandbox, engine_fingerprint
+from engine import (
+    GUEST_MEMORY_MODULE,
+    WASI_MODULE,
+    Sandbox,
+    check_memory_io_provider,
+    codec_for,
+    engine_fingerprint,
+)
 from registry import _artifact
 from registry._bindings import DEFAULT_APP, Bindings, BindingSet, Deployment
+from registry._rewrite import linkable
 from registry._schemas import check_schema
 from registry._validate import check_entry, check_imports, check_memory_export, check_size
 
@@ -125,6 +133,7 @@ class Registry:
         module = self._sandbox.compile(wasm, self._settings.limits.stack_bytes)
         check_imports(module, {})  # providers import only our WASI subset
         check_memory_export(module)
+        check_memory_io_provider(name, module)  # ... and memory-I/O providers nothing at all
         sha = self._store_module(wasm, module)
         provider = Provider(name, sha, time.time())
         with self._redis.pipeline(transaction=True) as pipe:
@@ -171,11 +180,15 @@ class Registry:
         limits = definition.limits(self._settings.limits)
         check_size(wasm, limits.module_bytes)
         module = self._sandbox.compile(wasm, limits.stack_bytes)
+        codec = codec_for([imp.module for imp in module.imports])
+        linked = linkable(wasm)  # an untrampolined Wasm API module imports its memory instead
+        if linked is not wasm:
+            module = self._sandbox.compile(linked, limits.stack_bytes)
         installed = self._installed_providers(module, limits.stack_bytes)
-        used = [
-            (name, installed[name][1])
-            for name in check_imports(module, {n: m for n, (m, _) in installed.items()})
-        ]
+        resolution = check_imports(module, {n: m for n, (m, _) in installed.items()})
+        if resolution.memory_io is not None:  # installed before memory I/O was checked, maybe
+            check_memory_io_provider(resolution.memory_io, installed[resolution.memory_io][0])
+        used = [(name, installed[name][1]) for name in resolution.providers]
         check_entry(module, export)
         check_memory_export(module)
         sha = self._store_module(wasm, module)
@@ -190,10 +203,20 @@ class Registry:
             "deployed_at": time.time(),
             "app": app,
             "block_on_failure": block_on_failure,
+            "codec": codec,
         }
         deployment = self._bindings.bind(template, max_apps=definition.max_apps)
         log.info(
-            "deployed", ep=ep, shop=shop, app=app, sha256=sha, version=deployment.version, bytes=len(wasm)
+            "deployed",
+            ep=ep,
+            shop=shop,
+            app=app,
+            sha256=sha,
+            version=deployment.version,
+            bytes=len(wasm),
+            codec=codec,
+            memory_io=resolution.memory_io,
+            glue=list(resolution.glue_functions),
         )
         return deployment
 
@@ -293,7 +316,7 @@ class Registry:
     ) -> dict[str, tuple[wasmtime.Module, str]]:
         found: dict[str, tuple[wasmtime.Module, str]] = {}
         for imp in module.imports:
-            if imp.module == WASI_MODULE or imp.module in found:
+            if imp.module in (WASI_MODULE, GUEST_MEMORY_MODULE) or imp.module in found:
                 continue
             try:
                 provider = self.provider(imp.module)
@@ -316,7 +339,8 @@ class Registry:
             artifact = None
         if artifact is not None:
             return self._sandbox.deserialize(artifact, stack_bytes), "deserialized", len(artifact)
-        module = self._sandbox.compile(self.module_bytes(sha256), stack_bytes)
+        # The same rewrite as at deploy, so the module is the one its artifact was compiled from.
+        module = self._sandbox.compile(linkable(self.module_bytes(sha256)), stack_bytes)
         return module, "compiled", len(module.serialize())
 
 

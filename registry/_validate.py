@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import wasmtime
 
 from config.errors import ForbiddenImport, InvalidModule, ModuleTooLarge
-from engine import WASI_MODULE, provided_signatures
+from engine import WASI_MODULE, Resolution, provided_signatures, resolve
 
 _WASI = provided_signatures()
 
@@ -26,29 +26,19 @@ def _signature(ty: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]
     return tuple(str(p) for p in ty.params), tuple(str(r) for r in ty.results)
 
 
-def check_imports(module: wasmtime.Module, providers: Mapping[str, wasmtime.Module]) -> list[str]:
-    """Check every import is ours or an installed provider's; return the providers used."""
-    used: list[str] = []
+def check_imports(module: wasmtime.Module, providers: Mapping[str, wasmtime.Module]) -> Resolution:
+    """Check every import is ours or an installed provider's, and that the module links the way
+    its ABI says (memory I/O, the Wasm API); return how it links."""
     for imp in module.imports:
-        where = f"{imp.module}.{imp.name}"
-        if imp.module == WASI_MODULE:
-            wanted = _WASI.get(imp.name or "")
-            if wanted is None:
-                raise ForbiddenImport(f"import {where} is not provided by the sandbox", name=where)
-            if not isinstance(imp.type, wasmtime.FuncType) or _signature(imp.type) != wanted:
-                raise ForbiddenImport(f"import {where} has the wrong type", name=where)
+        if imp.module != WASI_MODULE:
             continue
-        provider = providers.get(imp.module)
-        if provider is None:
-            raise ForbiddenImport(
-                f"import {where} names no WASI function and no installed provider", name=where
-            )
-        exported = {e.name for e in provider.exports}
-        if imp.name not in exported:
-            raise ForbiddenImport(f"provider {imp.module!r} does not export {imp.name!r}", name=where)
-        if imp.module not in used:
-            used.append(imp.module)
-    return used
+        where = f"{imp.module}.{imp.name}"
+        wanted = _WASI.get(imp.name or "")
+        if wanted is None:
+            raise ForbiddenImport(f"import {where} is not provided by the sandbox", name=where)
+        if not isinstance(imp.type, wasmtime.FuncType) or _signature(imp.type) != wanted:
+            raise ForbiddenImport(f"import {where} has the wrong type", name=where)
+    return resolve(module, providers)
 
 
 # WASI calls that pass buffers: they read and write the caller's exported memory.

@@ -206,7 +206,7 @@ def main() -> None:
 
 
 def worker_extras(last: dict[str, Any], with_baseline: bool, runs: int) -> dict[str, Any]:
-    """Per-execution costs a worker adds after ``execute``: ``Execution.to_dict()`` and
+    """Per-execution costs a worker adds after ``execute``: ``Execution.to_wire()`` and
     ``telemetry.record_execution`` (metrics and the JSON log event, logged as a worker does:
     structlog through stdlib logging, here into /dev/null)."""
     from workers import _telemetry
@@ -228,11 +228,11 @@ def worker_extras(last: dict[str, Any], with_baseline: bool, runs: int) -> dict[
 
         return sample
 
-    variants["to_dict current"] = cost(execution.to_dict)
+    variants["to_wire current"] = cost(execution.to_wire)
     variants["record_execution current"] = cost(lambda: _telemetry.record_execution(execution, **context))
     if with_baseline:
         old = baseline_telemetry()
-        variants["to_dict baseline (dataclasses.asdict)"] = cost(lambda: dataclasses.asdict(execution))
+        variants["to_wire baseline (dataclasses.asdict)"] = cost(lambda: dataclasses.asdict(execution))
         variants["record_execution baseline"] = cost(lambda: old.record_execution(execution, **context))
     samples = interleave(variants, runs)
     return {name: summary(values) for name, values in samples.items()}

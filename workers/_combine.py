@@ -42,7 +42,8 @@ from config import (
     check_input_size,
 )
 from config.errors import DeadlineExceeded, InvalidOutput, ScriptNotFound, ScriptpoolError
-from engine import Sandbox
+from engine import CODEC_MSGPACK, Sandbox
+from workers._codec import json_value, to_msgpack
 from workers._script import EpRuntime, LoadedScript, ScriptRun, run_script, script_report, validate
 
 if TYPE_CHECKING:
@@ -139,6 +140,8 @@ class _Call:
         outcome: ScriptRun | None = None
         try:
             script = self.runner.load(deployment, self.ep)
+            if deployment.codec == CODEC_MSGPACK:  # the call's input is JSON; this part reads MessagePack
+                stdin = to_msgpack(json_value(stdin))
             check_input_size(stdin, limits)
             outcome = run_script(self.runner.sandbox, script, stdin, limits, self.ep.output_validator)
             if outcome.error is not None:

@@ -22,9 +22,10 @@ from config import (
     encode_input,
 )
 from config.errors import InvalidInput, ScriptpoolError
-from engine import Sandbox
+from engine import CODEC_JSON, CODEC_MSGPACK, Sandbox
 from registry import compile_validator
 from workers._cache import ByteLRU, CacheStats
+from workers._codec import json_value, to_msgpack
 from workers._combine import PartsRunner
 from workers._reducers import Reducer
 from workers._script import (
@@ -86,10 +87,11 @@ class Executor:
             if runtime.combine == SINGLE:
                 script = self._load(bindings.only(), runtime)
             lookup_ms = ms(time.perf_counter() - started)
-            stdin = self._prepare_input(payload, runtime)
-            input_bytes = len(stdin)
-            if script is None:
+            if script is None:  # each part encodes the input in its own codec
+                stdin = self._prepare_input(payload, runtime, CODEC_JSON)
                 return self._parts.execute(runtime, bindings, stdin, lookup_ms, deadline)
+            stdin = self._prepare_input(payload, runtime, script.deployment.codec)
+            input_bytes = len(stdin)
             outcome = run_script(self._sandbox, script, stdin, runtime.limits, runtime.output_validator)
             if outcome.error is not None:
                 raise outcome.error
@@ -156,11 +158,22 @@ class Executor:
         return module, source
 
     # -- input ---------------------------------------------------------------------------------
-    def _prepare_input(self, payload: Any, ep: EpRuntime) -> bytes:
-        stdin = encode_input(payload)
+    def _prepare_input(self, payload: Any, ep: EpRuntime, codec: str) -> bytes:
+        value: Any = _UNSET
+        if codec == CODEC_MSGPACK:
+            value = json_value(payload)
+            stdin = to_msgpack(value)
+        else:
+            stdin = encode_input(payload)
         check_input_size(stdin, ep.limits)
         # Validation only sharpens error messages for script authors, so it is sampled.
         if ep.input_validator is not None and self._sample() < ep.input_validation_rate:
-            value = payload if not isinstance(payload, (bytes, bytearray, memoryview)) else loads_input(stdin)
+            if value is _UNSET:
+                value = (
+                    payload if not isinstance(payload, (bytes, bytearray, memoryview)) else loads_input(stdin)
+                )
             validate(ep.input_validator, value, InvalidInput, "input")
         return stdin
+
+
+_UNSET: Any = object()

@@ -13,7 +13,8 @@ import wasmtime
 
 from config import ExecutionReport, Limits
 from config.errors import ExecutionError, InvalidInput, InvalidOutput, ScriptpoolError
-from engine import Sandbox, SandboxRun
+from engine import CODEC_JSON, CODEC_MSGPACK, Sandbox, SandboxRun
+from workers._codec import from_msgpack
 
 if TYPE_CHECKING:
     from registry import Deployment
@@ -64,23 +65,27 @@ def run_script(
         return ScriptRun(None, run.error, run, 0.0)
     started = time.perf_counter()
     try:
-        output = decode_output(run.stdout, validator)
+        output = decode_output(run.stdout, validator, script.deployment.codec)
     except ScriptpoolError as exc:
         return ScriptRun(None, exc, run, ms(time.perf_counter() - started))
     return ScriptRun(output, None, run, ms(time.perf_counter() - started))
 
 
-def decode_output(stdout: bytes, validator: Any) -> Any:
+def decode_output(stdout: bytes, validator: Any, codec: str = CODEC_JSON) -> Any:
+    """A script's output as a JSON value, checked against the EP's output schema."""
     if not stdout:
-        raise InvalidOutput("the script wrote no output (a script prints its JSON result on stdout)")
-    try:
-        text = stdout.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidOutput(f"output is not UTF-8: {exc.reason} at byte {exc.start}") from None
-    try:
-        output = json.loads(text)
-    except ValueError as exc:
-        raise InvalidOutput(f"output is not JSON: {exc}") from None
+        raise InvalidOutput("the script wrote no output (a script prints its result on stdout)")
+    if codec == CODEC_MSGPACK:
+        output = from_msgpack(stdout)
+    else:
+        try:
+            text = stdout.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidOutput(f"output is not UTF-8: {exc.reason} at byte {exc.start}") from None
+        try:
+            output = json.loads(text)
+        except ValueError as exc:
+            raise InvalidOutput(f"output is not JSON: {exc}") from None
     if validator is not None:
         validate(validator, output, InvalidOutput, "output")
     return output
@@ -119,6 +124,7 @@ def script_report(
             module_source=script.source,
             sha256=deployment.sha256,
             version=deployment.version,
+            codec=deployment.codec,
         )
     return ExecutionReport(
         instructions=run.instructions,
@@ -133,4 +139,5 @@ def script_report(
         module_source=script.source,
         sha256=deployment.sha256,
         version=deployment.version,
+        codec=deployment.codec,
     )
