@@ -21,6 +21,11 @@ class Keys:
     HEARTBEAT_TTL_S: ClassVar[int] = 10
     # Earlier deployments kept per (EP, shop) for rollback.
     HISTORY_DEPTH: ClassVar[int] = 20
+    # A rollout's state outlives its end by this long, for `rollout status`; its mismatch
+    # samples (at most ROLLOUT_SAMPLES) expire this long after the last one.
+    ROLLOUT_RETENTION_S: ClassVar[int] = 7 * 24 * 3600
+    ROLLOUT_SAMPLES: ClassVar[int] = 20
+    ROLLOUT_SAMPLES_TTL_S: ClassVar[int] = 24 * 3600
 
     # -- registry ------------------------------------------------------------------------------
     def module(self, sha256: str) -> str:
@@ -41,6 +46,19 @@ class Keys:
         app keeps the key it had before apps existed; '#' appears in no EP, shop or app name."""
         base = f"{self.prefix}:history:{ep}:{shop_id}"
         return base if app == "default" else f"{base}#{app}"
+
+    def rollout(self, ep: str, shop_id: str) -> str:
+        """A rollout's state and counts at (EP, shop) (a hash; kept a while after it ends)."""
+        return f"{self.prefix}:rollout:{ep}:{shop_id}"
+
+    def rollouts_under_way(self) -> str:
+        """The rollouts still shadowing or in their canary (a set of ``EP/shop``)."""
+        return f"{self.prefix}:rollouts"
+
+    def rollout_samples(self, ep: str, shop_id: str) -> str:
+        """Inputs on which a rollout's candidate and the live version disagreed (a list, capped,
+        expiring)."""
+        return f"{self.prefix}:rollout-samples:{ep}:{shop_id}"
 
     def extension_point(self, ep: str) -> str:
         """An extension point's definition: limit overrides and schemas."""

@@ -109,6 +109,10 @@ class ExecutionReport:
     sha256: str = ""
     version: int = 0
     codec: str = ""  # what the script reads and writes: "json" or "msgpack" (output decoded to JSON)
+    # During a rollout: which version served the call, "live" or the candidate's "canary", and
+    # the rollout's id.
+    rollout: str = ""
+    rollout_id: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         # Written out: dataclasses.asdict deep-copies recursively (a test holds the two equal).
@@ -126,11 +130,17 @@ class ExecutionReport:
             "sha256": self.sha256,
             "version": self.version,
             "codec": self.codec,
+            "rollout": self.rollout,
+            "rollout_id": self.rollout_id,
         }
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> ExecutionReport:
-        return cls(**data)
+        # A field this version does not know (a newer worker's) is left out, not an error.
+        return cls(**{k: v for k, v in data.items() if k in _REPORT_FIELDS})
+
+
+_REPORT_FIELDS = frozenset(ExecutionReport.__dataclass_fields__)
 
 
 # A part's status: it ran and succeeded, it failed with its named error, or it never ran.

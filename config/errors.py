@@ -34,6 +34,7 @@ __all__ = [
     "PoolError",
     "ProviderNotFound",
     "RegistryError",
+    "RolloutConflict",
     "ScriptNotFound",
     "ScriptpoolError",
     "StackOverflow",
@@ -127,6 +128,12 @@ class TooManyApps(RegistryError):
     point allows (one for a single EP, 25 for a join or chain)."""
 
     code = "too_many_apps"
+
+
+class RolloutConflict(RegistryError):
+    """Raised when a rollout is started at an (EP, shop) that already has one under way."""
+
+    code = "rollout_in_progress"
 
 
 class NothingToRollBack(RegistryError):

@@ -53,3 +53,9 @@ build chain/step_a.wasm                    chain/chain_step.c                com
 build chain/step_b.wasm                    chain/chain_step.c                common/json.c -DSTEP='"b"' -DADD=10
 build reducer/best_per_target.wasm         reducer/best_per_target.c         common/json.c
 build chain/step_c.wasm                    chain/chain_step.c                common/json.c -DSTEP='"c"' -DADD=100
+# Rollout candidates (README "Verified rollouts"): the discount script built for size (other
+# bytes, the same behaviour), and with an off-by-one bug.
+CFLAGS_V2=("${CFLAGS[@]/-O2/-Os}")
+echo "+ $CLANG ${CFLAGS_V2[*]} -o rollout/discount_v2.wasm discount/discount.c common/json.c"
+"$CLANG" "${CFLAGS_V2[@]}" -o rollout/discount_v2.wasm discount/discount.c common/json.c
+build rollout/discount_off_by_one.wasm     discount/discount.c               common/json.c -DOFF_BY_ONE

@@ -1,15 +1,29 @@
 """The deploy stage: extension points, providers, deployments and rollbacks, backed by Redis."""
 
 from registry._bindings import DEFAULT_APP, BindingSet, Deployment
+from registry._candidate import ABORTED, CANARY, PROMOTED, SHADOWING, Candidate, RolloutRules
 from registry._registry import Provider, Registry
+from registry._rollouts import CANDIDATE_ERROR, MATCH, MISMATCH, Rollouts, RolloutStatus, Tally
 from registry._schemas import check_schema, compile_validator
 
 __all__ = [
+    "ABORTED",
+    "CANARY",
+    "CANDIDATE_ERROR",
     "DEFAULT_APP",
+    "MATCH",
+    "MISMATCH",
+    "PROMOTED",
+    "SHADOWING",
     "BindingSet",
+    "Candidate",
     "Deployment",
     "Provider",
     "Registry",
+    "RolloutRules",
+    "RolloutStatus",
+    "Rollouts",
+    "Tally",
     "check_schema",
     "compile_validator",
 ]

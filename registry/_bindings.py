@@ -1,7 +1,8 @@
 """What runs at one (EP, shop): one deployment per app, all of them in one Redis hash.
 
-The hash ``Keys.binding(ep, shop)`` holds a field per app (its deployment as JSON) and a
-``#generation`` counter. A reader takes every app's binding with one HGETALL, so a call never
+The hash ``Keys.binding(ep, shop)`` holds a field per app (its deployment as JSON), a
+``#generation`` counter and, during a rollout, the ``#candidate`` (``registry._rollouts``); no
+app name starts with ``#``. A reader takes every app's binding with one HGETALL, so a call never
 runs a mix of versions; each change is one Lua script that also pushes the replaced deployment
 onto that app's history and publishes the invalidation. A binding written before apps existed
 (one JSON string) reads as app ``default``, and the first change converts it.
@@ -10,18 +11,63 @@ onto that app's history and publishes the invalidation. A binding written before
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 import redis
 
-from config import REDUCER_APP, Keys
+from config import REDUCER_APP, Keys, get_logger
 from config.errors import NothingToRollBack, ScriptNotFound, TooManyApps
+from registry._candidate import Candidate
+
+log = get_logger("registry")
 
 DEFAULT_APP = "default"
 _GENERATION = "#generation"
+CANDIDATE = "#candidate"
+
+# Bind ``new_json`` (a deployment without its version) as ``app``: its version is the one it
+# replaces plus one, and the replaced one goes onto the app's history. Shared by deploy and by
+# a rollout's promotion, so both swap the same way.
+BIND_APP = """
+local function bind_app(key, history, app, new_json, depth)
+  local current = redis.call('HGET', key, app)
+  local new = cjson.decode(new_json)
+  new['version'] = 1
+  if current then
+    new['version'] = cjson.decode(current)['version'] + 1
+    redis.call('LPUSH', history, current)
+    redis.call('LTRIM', history, 0, depth - 1)
+  end
+  local encoded = cjson.encode(new)
+  redis.call('HSET', key, app, encoded)
+  redis.call('HINCRBY', key, '#generation', 1)
+  return encoded
+end
+"""
+
+# A deploy, rollback or undeploy of the app a rollout is replacing ends that rollout: its
+# candidate was judged against a version that is no longer live. KEYS[4] is the rollout's state,
+# KEYS[5] the set of rollouts under way.
+_SUPERSEDE = """
+local function supersede(app, how, now, retention)
+  local raw = redis.call('HGET', KEYS[1], '#candidate')
+  if not raw then return 0 end
+  local c = cjson.decode(raw)
+  if c.app == app then
+    redis.call('HDEL', KEYS[1], '#candidate')
+    redis.call('SREM', KEYS[5], c.deployment.ep .. '/' .. c.deployment.shop_id)
+    local reason = 'superseded by ' .. how .. ' of the live version'
+    redis.call('HSET', KEYS[4], 'state', 'aborted', 'reason', reason, 'ended_at', now)
+    redis.call('EXPIRE', KEYS[4], retention)
+    return 1
+  end
+  return 0
+end
+"""
 
 # Turn a binding from before apps (a string) into the hash it is now.
-_UPGRADE = """
+UPGRADE = """
 if redis.call('TYPE', KEYS[1]).ok == 'string' then
   local legacy = redis.call('GET', KEYS[1])
   redis.call('DEL', KEYS[1])
@@ -32,54 +78,55 @@ end
 # Bind one app: its version is the one it replaces plus one. A new app is refused (false) when
 # the (EP, shop) already has ARGV[5] apps; the reducer app (ARGV[6] = '1') is not counted.
 _BIND = (
-    _UPGRADE
+    BIND_APP
+    + _SUPERSEDE
+    + UPGRADE
     + """
 local app = ARGV[4]
-local current = redis.call('HGET', KEYS[1], app)
-if not current and ARGV[6] == '0' then
+if redis.call('HEXISTS', KEYS[1], app) == 0 and ARGV[6] == '0' then
   local count = 0
   for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-    if field ~= '#generation' and field ~= ARGV[7] then count = count + 1 end
+    if string.sub(field, 1, 1) ~= '#' and field ~= ARGV[7] then count = count + 1 end
   end
   if count >= tonumber(ARGV[5]) then return false end
 end
-local new = cjson.decode(ARGV[1])
-new['version'] = 1
-if current then
-  new['version'] = cjson.decode(current)['version'] + 1
-  redis.call('LPUSH', KEYS[2], current)
-  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
-end
-local encoded = cjson.encode(new)
-redis.call('HSET', KEYS[1], app, encoded)
-redis.call('HINCRBY', KEYS[1], '#generation', 1)
+local superseded = supersede(app, 'a deploy', ARGV[8], tonumber(ARGV[9]))
+local encoded = bind_app(KEYS[1], KEYS[2], app, ARGV[1], tonumber(ARGV[2]))
 redis.call('PUBLISH', KEYS[3], ARGV[3])
-return encoded
+return {encoded, superseded}
 """
 )
 
 _ROLLBACK = (
-    _UPGRADE
+    _SUPERSEDE
+    + UPGRADE
     + """
 local previous = redis.call('LPOP', KEYS[2])
 if not previous then return false end
+local superseded = supersede(ARGV[2], 'a rollback', ARGV[3], tonumber(ARGV[4]))
 redis.call('HSET', KEYS[1], ARGV[2], previous)
 redis.call('HINCRBY', KEYS[1], '#generation', 1)
 redis.call('PUBLISH', KEYS[3], ARGV[1])
-return previous
+return {previous, superseded}
 """
 )
 
 # Unbind one app and drop its history; the hash goes when its last app does.
 _UNBIND = (
-    _UPGRADE
+    _SUPERSEDE
+    + UPGRADE
     + """
+local superseded = supersede(ARGV[2], 'an undeploy', ARGV[3], tonumber(ARGV[4]))
 local removed = redis.call('HDEL', KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[2])
-if redis.call('HLEN', KEYS[1]) <= 1 then redis.call('DEL', KEYS[1])
+local apps = 0
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, 1) ~= '#' then apps = apps + 1 end
+end
+if apps == 0 then redis.call('DEL', KEYS[1])
 else redis.call('HINCRBY', KEYS[1], '#generation', 1) end
 redis.call('PUBLISH', KEYS[3], ARGV[1])
-return removed
+return {removed, superseded}
 """
 )
 
@@ -111,10 +158,18 @@ class Deployment:
 
 @dataclass(frozen=True, slots=True)
 class BindingSet:
-    """Every app's current deployment at one (EP, shop), as one read saw them."""
+    """Every app's current deployment at one (EP, shop), as one read saw them, with the
+    rollout's candidate if one is under way."""
 
     apps: dict[str, Deployment]
     generation: int
+    candidate: Candidate | None = None
+
+    def with_candidate(self) -> BindingSet:
+        """These apps with the candidate in its app's place: what a shadow or canary run runs."""
+        assert self.candidate is not None
+        deployment = Deployment.from_json(json.dumps(self.candidate.deployment))
+        return BindingSet({**self.apps, self.candidate.app: deployment}, self.generation)
 
     def contributors(self) -> list[Deployment]:
         """The apps whose scripts a call runs, in app order (by name); the reducer is not one."""
@@ -154,9 +209,11 @@ class Bindings:
                 max_apps,
                 "1" if app == REDUCER_APP else "0",
                 REDUCER_APP,
+                time.time(),
+                Keys.ROLLOUT_RETENTION_S,
             ],
         )
-        if not raw:
+        if not raw:  # the script's false: nothing bound
             raise TooManyApps(
                 f"{ep}/{shop} already binds {max_apps} app(s), the most its extension point allows"
                 + (
@@ -168,19 +225,31 @@ class Bindings:
                 shop=shop,
                 limit=max_apps,
             )
-        return Deployment.from_json(raw)
+        encoded, superseded = raw
+        _log_superseded(superseded, ep, shop, app, "a deploy")
+        return Deployment.from_json(encoded)
 
     def rollback(self, ep: str, shop: str, app: str) -> Deployment:
-        raw = self._rollback(keys=self._keys_of(ep, shop, app), args=[self._message(ep, shop), app])
+        raw = self._rollback(
+            keys=self._keys_of(ep, shop, app),
+            args=[self._message(ep, shop), app, time.time(), Keys.ROLLOUT_RETENTION_S],
+        )
         if not raw:
             raise NothingToRollBack(
                 f"no earlier version of {_where(ep, shop, app)} to roll back to", ep=ep, shop=shop, app=app
             )
-        return Deployment.from_json(raw)
+        previous, superseded = raw
+        _log_superseded(superseded, ep, shop, app, "a rollback")
+        return Deployment.from_json(previous)
 
     def unbind(self, ep: str, shop: str, app: str) -> bool:
         """Remove ``app`` from (EP, shop) with its history; False if it was not bound."""
-        return bool(self._unbind(keys=self._keys_of(ep, shop, app), args=[self._message(ep, shop), app]))
+        removed, superseded = self._unbind(
+            keys=self._keys_of(ep, shop, app),
+            args=[self._message(ep, shop), app, time.time(), Keys.ROLLOUT_RETENTION_S],
+        )
+        _log_superseded(superseded, ep, shop, app, "an undeploy")
+        return bool(removed)
 
     def read(self, ep: str, shop: str) -> BindingSet:
         """Every app's deployment in one read, or :class:`ScriptNotFound` if there is none."""
@@ -193,18 +262,26 @@ class Bindings:
         apps = {
             _text(name): Deployment.from_json(value)
             for name, value in fields.items()
-            if _text(name) != _GENERATION
+            if not _text(name).startswith("#")
         }
         if not apps:
             raise ScriptNotFound(f"no script is deployed for {ep}/{shop}", ep=ep, shop=shop)
-        return BindingSet(apps, int(fields.get(_GENERATION.encode(), 0)))
+        candidate = fields.get(CANDIDATE.encode())
+        generation = int(fields.get(_GENERATION.encode(), 0))
+        return BindingSet(apps, generation, Candidate.from_json(candidate) if candidate else None)
 
     def history(self, ep: str, shop: str, app: str) -> list[Deployment]:
         """Earlier deployments of one app, newest first."""
         return [Deployment.from_json(r) for r in self._redis.lrange(self._keys.history(ep, shop, app), 0, -1)]
 
     def _keys_of(self, ep: str, shop: str, app: str) -> list[str]:
-        return [self._keys.binding(ep, shop), self._keys.history(ep, shop, app), self._keys.invalidations()]
+        return [
+            self._keys.binding(ep, shop),
+            self._keys.history(ep, shop, app),
+            self._keys.invalidations(),
+            self._keys.rollout(ep, shop),
+            self._keys.rollouts_under_way(),
+        ]
 
     @staticmethod
     def _message(ep: str, shop: str) -> str:
@@ -217,3 +294,10 @@ def _where(ep: str, shop: str, app: str) -> str:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _log_superseded(superseded: int, ep: str, shop: str, app: str, how: str) -> None:
+    if superseded:
+        log.info(
+            "rollout_aborted", ep=ep, shop=shop, app=app, reason=f"superseded by {how} of the live version"
+        )

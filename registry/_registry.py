@@ -43,7 +43,9 @@ from engine import (
 )
 from registry import _artifact
 from registry._bindings import DEFAULT_APP, Bindings, BindingSet, Deployment
+from registry._candidate import Candidate, RolloutRules
 from registry._rewrite import linkable
+from registry._rollouts import Rollouts
 from registry._schemas import check_schema
 from registry._validate import check_entry, check_imports, check_memory_export, check_size
 
@@ -71,6 +73,7 @@ class Registry:
         self._sandbox = sandbox
         self._fingerprint = engine_fingerprint()
         self._bindings = Bindings(client, self._keys)
+        self._rollouts = Rollouts(client, self._keys)
 
     @property
     def fingerprint(self) -> str:
@@ -168,6 +171,34 @@ class Registry:
         """Validate, store, AOT-compile and bind ``wasm`` as ``app``'s script at (``ep``,
         ``shop_id``). A single EP binds one app; a join or chain EP up to 25 (the 26th is
         :class:`TooManyApps`), plus, for a ``wasm`` reducer, the app named ``reducer``."""
+        template, definition = self._prepare(ep, shop_id, wasm, export, app, block_on_failure)
+        deployment = self._bindings.bind(template, max_apps=definition.max_apps)
+        log.info("deployed", **_logged(template), version=deployment.version, bytes=len(wasm))
+        return deployment
+
+    def start_rollout(
+        self,
+        ep: str,
+        shop_id: str | int,
+        wasm: bytes,
+        rules: RolloutRules,
+        *,
+        export: str = "_start",
+        app: str = DEFAULT_APP,
+        block_on_failure: bool = False,
+    ) -> Candidate:
+        """Validate, store, compile and sign ``wasm`` as a deploy would, and put it beside
+        ``app``'s live script at (``ep``, ``shop_id``) as the candidate of a rollout: callers get
+        the live version until the candidate is promoted. One rollout per (EP, shop) at a time."""
+        template, _ = self._prepare(ep, shop_id, wasm, export, app, block_on_failure)
+        candidate = self.rollouts.start(template, rules)
+        log.info("rollout_started", **_logged(template), rollout=candidate.id, rules=asdict(rules))
+        return candidate
+
+    def _prepare(
+        self, ep: str, shop_id: str | int, wasm: bytes, export: str, app: str, block_on_failure: bool
+    ) -> tuple[dict[str, Any], ExtensionPoint]:
+        """Check, store and compile a module; the deployment to bind (version still 0)."""
         shop = check_shop_id(shop_id)
         check_export(export)
         check_app(app)
@@ -205,20 +236,10 @@ class Registry:
             "block_on_failure": block_on_failure,
             "codec": codec,
         }
-        deployment = self._bindings.bind(template, max_apps=definition.max_apps)
-        log.info(
-            "deployed",
-            ep=ep,
-            shop=shop,
-            app=app,
-            sha256=sha,
-            version=deployment.version,
-            bytes=len(wasm),
-            codec=codec,
-            memory_io=resolution.memory_io,
-            glue=list(resolution.glue_functions),
+        log.debug(
+            "module_linked", sha256=sha, memory_io=resolution.memory_io, glue=list(resolution.glue_functions)
         )
-        return deployment
+        return template, definition
 
     def rollback(self, ep: str, shop_id: str | int, *, app: str = DEFAULT_APP) -> Deployment:
         """Rebind ``app`` at (``ep``, ``shop_id``) to the version deployed before the current one."""
@@ -240,6 +261,11 @@ class Registry:
     def history(self, ep: str, shop_id: str | int, *, app: str = DEFAULT_APP) -> list[Deployment]:
         """Earlier deployments of ``app`` at (``ep``, ``shop_id``), newest first."""
         return self._bindings.history(check_ep(ep), check_shop_id(shop_id), check_app(app))
+
+    @property
+    def rollouts(self) -> Rollouts:
+        """Rollouts in this registry's Redis: status, the worker's comparisons, promote, abort."""
+        return self._rollouts
 
     def module_size(self, sha256: str) -> int:
         """Size in bytes of a stored module (0 if it is missing)."""
@@ -346,3 +372,8 @@ class Registry:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _logged(template: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a deploy's log event."""
+    return {k: template[k] for k in ("ep", "shop_id", "app", "sha256", "codec")}

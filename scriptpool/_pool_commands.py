@@ -137,6 +137,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     unserved = [s["shard"] for s in shards if not s["workers"]]
     exit_code = ExitCode.FALLBACK if unserved or mismatch else ExitCode.OK
     pair = _pair_status(args, settings, shards) if args.ep else None
+    rollouts = _rollouts_under_way(settings)
     if args.json:
         print_json(
             {
@@ -146,6 +147,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 "unserved_shards": unserved,
                 "shard_count_mismatch": {str(count): names for count, names in mismatch.items()},
                 "workers": [_beat(b) for b in beats],
+                "rollouts": rollouts,
                 **({"binding": pair} if pair is not None else {}),
             }
         )
@@ -189,6 +191,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             print(f"  app {app['app']}: version {app['version']} (sha256 {app['sha256'][:12]}){blocking}")
         if not pair["apps"]:
             print("  nothing deployed")
+    for rollout in rollouts:
+        print(
+            f"rollout at {rollout['ep']}/{rollout['shop']} (app {rollout['app']}): {rollout['state']}, "
+            f"{rollout['compared']} compared, {rollout['mismatch']} mismatch(es)"
+        )
     for count, names in sorted(mismatch.items()):
         print(
             f"warning: {len(names)} live worker(s) run with SCRIPTPOOL_SHARDS={count}, this status with "
@@ -231,6 +238,22 @@ def _pair_status(
             for name, d in sorted(apps.items())
         ],
     }
+
+
+def _rollouts_under_way(settings: Settings) -> list[dict[str, Any]]:
+    from scriptpool._registry_commands import open_registry
+
+    return [
+        {
+            "ep": r.ep,
+            "shop": r.shop,
+            "app": r.app,
+            "state": r.state,
+            "compared": int(r.counts.get("compared", 0)),
+            "mismatch": int(r.counts.get("mismatch", 0)),
+        }
+        for r in open_registry(settings).rollouts.under_way()
+    ]
 
 
 def _beat(beat: Any) -> dict[str, Any]:

@@ -39,13 +39,22 @@ def writes(stdout: bytes = b"", stderr: bytes = b"", exit_code: int | None = Non
     """)
 
 
-# Reads stdin (up to 60 KiB) and echoes it to stdout: output == input.
-ECHO = wasm(f"""
+def echo(burn: int = 0) -> bytes:
+    """Reads stdin (up to 60 KiB) and echoes it to stdout: output == input; with ``burn``, first
+    spins that many loop iterations (about 4 fuel each: a correct script that is slow)."""
+    spin = (
+        f"(local.set $n (i32.const {burn})) (loop $spin (local.set $n (i32.sub (local.get $n) "
+        "(i32.const 1))) (br_if $spin (local.get $n)))"
+        if burn
+        else ""
+    )
+    return wasm(f"""
 (module
   (import "{WASI}" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
   (import "{WASI}" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 2)
   (func (export "_start") (local $total i32) (local $n i32)
+    {spin}
     (local.set $total (i32.const 0))
     (block $done (loop $more
       (i32.store (i32.const 0) (i32.add (i32.const 1024) (local.get $total)))
@@ -59,6 +68,34 @@ ECHO = wasm(f"""
     (i32.store (i32.const 4) (local.get $total))
     (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
 """)
+
+
+ECHO = echo()
+
+
+def digit_gate(threshold: int, *, fail: bool = False) -> bytes:
+    """For input ``{"n":D}`` (minified, one digit D): echoes it while D < ``threshold``; from
+    there prints ``{"n":-1}``, or with ``fail`` exits 1. A candidate that agrees on some inputs."""
+    other = (
+        "(call $exit (i32.const 1))"
+        if fail
+        else "(i32.store (i32.const 0) (i32.const 512)) (i32.store (i32.const 4) (i32.const 8))"
+    )
+    return wasm(f"""(module
+      (import "{WASI}" "proc_exit" (func $exit (param i32)))
+      (import "{WASI}" "fd_read" (func $r (param i32 i32 i32 i32) (result i32)))
+      (import "{WASI}" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 512) "{{\\"n\\":-1}}")
+      (func (export "_start") (local $len i32)
+        (i32.store (i32.const 0) (i32.const 1024)) (i32.store (i32.const 4) (i32.const 1024))
+        (drop (call $r (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+        (local.set $len (i32.load (i32.const 8)))
+        (if (i32.ge_u (i32.sub (i32.load8_u (i32.const 1029)) (i32.const 48)) (i32.const {threshold}))
+          (then {other})
+          (else (i32.store (i32.const 0) (i32.const 1024)) (i32.store (i32.const 4) (local.get $len))))
+        (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))""")
+
 
 INFINITE_LOOP = wasm('(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))')
 

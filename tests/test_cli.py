@@ -3,6 +3,7 @@ happened, bounded reads, JSON output everywhere, and the views of what is deploy
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -331,3 +332,62 @@ def test_apps_through_the_command_line(cli_env: str, capsys: pytest.CaptureFixtu
     line = one_line(capsys, ["deploy", "single", "7", str(apps / "loyalty.wat"), "--app", "other"], FAILED)
     assert "too_many_apps" in line and "--combine join or chain" in line
     assert "configuration_error" in one_line(capsys, ["ep", "define", "bad", "--combine", "join"], USAGE)
+
+
+def test_rollouts_through_the_command_line(
+    cli_env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``rollout start`` (with the deploy's checks), ``status`` as text and JSON, ``promote`` and
+    ``abort``; a rollout needs a live script, one per (EP, shop), rules in range."""
+    from registry import RolloutRules
+    from scriptpool._rollout_commands import _RULES
+
+    assert {flag: default for flag, _, default, *_ in _RULES} == {
+        f"--{name.replace('_', '-')}": value for name, value in dataclasses.asdict(RolloutRules()).items()
+    }
+    live, candidate = tmp_path / "live.wasm", tmp_path / "candidate.wasm"
+    live.write_bytes(guests.writes(b'{"v":1}'))
+    candidate.write_bytes(guests.writes(b'{"v":2}'))
+    assert main(["ep", "define", "discount"]) == OK
+    assert "script_not_found" in one_line(
+        capsys, ["rollout", "start", "discount", "9", str(candidate)], FAILED
+    )
+    assert main(["deploy", "discount", "9", str(live)]) == OK
+    capsys.readouterr()
+    line = one_line(
+        capsys, ["rollout", "start", "discount", "9", str(candidate), "--shadow-rate", "2"], USAGE
+    )
+    assert "shadow rate must lie in (0, 1]" in line
+    assert "invalid_argument" in one_line(
+        capsys, ["rollout", "start", "discount", "9", str(candidate), "--promote-after", "ten"], USAGE
+    )
+    not_wasm = tmp_path / "bad.wasm"
+    not_wasm.write_bytes(guests.NOT_WASM)
+    assert "invalid_module" in one_line(capsys, ["rollout", "start", "discount", "9", str(not_wasm)], FAILED)
+    assert main(["rollout", "start", "discount", "9", str(candidate), "--promote-after", "5", "--json"]) == OK
+    started = json.loads(capsys.readouterr().out)
+    assert started["state"] == "shadowing" and len(started["sha256"]) == 64
+    line = one_line(capsys, ["rollout", "start", "discount", "9", str(candidate)], FAILED)
+    assert "rollout_in_progress" in line and "rollout status discount 9" in line
+    assert main(["rollout", "status", "discount", "9"]) == OK
+    text = capsys.readouterr().out
+    assert "discount/9 app default: shadowing" in text and "compared 0" in text
+    assert main(["status", "--json"]) == FALLBACK  # no worker here; the rollout is listed all the same
+    assert [r["shop"] for r in json.loads(capsys.readouterr().out)["rollouts"]] == ["9"]
+    assert main(["rollout", "promote", "discount", "9"]) == OK
+    assert "promoted" in capsys.readouterr().out
+    assert main(["rollout", "status", "discount", "9", "--json"]) == OK
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["state"], shown["reason"], shown["sha256"]) == (
+        "promoted",
+        "promoted by hand",
+        started["sha256"],
+    )
+    assert main(["history", "discount", "9", "--json"]) == OK
+    assert [v["version"] for v in json.loads(capsys.readouterr().out)["versions"]] == [2, 1]
+    assert main(["rollout", "start", "discount", "9", str(live)]) == OK
+    assert "shadowing 100% of calls, promoting after 100 compared runs" in capsys.readouterr().out
+    assert main(["rollout", "abort", "discount", "9", "--json"]) == OK
+    assert json.loads(capsys.readouterr().out)["state"] == "aborted"
+    assert "script_not_found" in one_line(capsys, ["rollout", "abort", "discount", "9"], FAILED)
+    assert "script_not_found" in one_line(capsys, ["rollout", "status", "discount", "8"], FAILED)

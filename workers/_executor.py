@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -14,6 +15,7 @@ from config import (
     SINGLE,
     ErrorInfo,
     Execution,
+    ExecutionReport,
     ExtensionPoint,
     Settings,
     check_ep,
@@ -23,7 +25,7 @@ from config import (
 )
 from config.errors import InvalidInput, ScriptpoolError
 from engine import CODEC_JSON, CODEC_MSGPACK, Sandbox
-from registry import compile_validator
+from registry import CANARY, Candidate, compile_validator
 from workers._cache import ByteLRU, CacheStats
 from workers._codec import json_value, to_msgpack
 from workers._combine import PartsRunner
@@ -75,15 +77,59 @@ class Executor:
         """Run what is bound to (``ep``, ``shop_id``) on ``payload`` (JSON value or bytes).
 
         ``deadline`` (Unix seconds) is the caller's: the parts of a join or chain are never run
-        past it (a single script runs under its EP's limits alone).
+        past it (a single script runs under its EP's limits alone). During a rollout's canary, a
+        share of inputs is served by the candidate (``report.rollout`` says which served).
         """
         started = time.perf_counter()
+        try:
+            runtime, bindings = self._lookup(check_ep(ep), check_shop_id(shop_id))
+        except ScriptpoolError as exc:
+            report = ExecutionReport(lookup_ms=ms(time.perf_counter() - started))
+            return Execution(False, None, ErrorInfo.from_exception(exc), report)
+        candidate = bindings.candidate
+        if candidate is None:
+            return self._run(runtime, bindings, payload, started, deadline)
+        if candidate.state == CANARY:
+            served = CANARY if candidate.in_canary(_json_bytes(payload)) else CONTROL
+        else:
+            served = SHADOWED if self._sample() < candidate.rules.shadow_rate else LIVE
+        runs = bindings.with_candidate() if served == CANARY else bindings
+        execution = self._run(runtime, runs, payload, started, deadline)
+        report = dataclasses.replace(execution.report, rollout=served, rollout_id=candidate.id)
+        return dataclasses.replace(execution, report=report)
+
+    def run_candidate(
+        self, ep: str, shop_id: str, payload: Any, rollout_id: str
+    ) -> tuple[Candidate, Execution] | None:
+        """For a shadow run: the candidate of rollout ``rollout_id`` at (``ep``, ``shop_id``), if
+        that rollout is still under way, and its execution on ``payload``. No deadline: nobody
+        waits."""
+        candidate = self.candidate(ep, shop_id, rollout_id)
+        if candidate is None:
+            return None
+        runtime, bindings = self._lookup(ep, shop_id)
+        if bindings.candidate != candidate:  # changed in between: too late for this call
+            return None
+        return candidate, self._run(runtime, bindings.with_candidate(), payload, time.perf_counter(), None)
+
+    def candidate(self, ep: str, shop_id: str, rollout_id: str) -> Candidate | None:
+        """The candidate of rollout ``rollout_id`` at (``ep``, ``shop_id``), or None once that
+        rollout is over. A cached binding that names another rollout is read again first: the
+        call being judged may be newer than the cache."""
+        candidate = self._lookup(ep, shop_id)[1].candidate
+        if candidate is None or candidate.id != rollout_id:
+            self.invalidate(ep, shop_id)
+            candidate = self._lookup(ep, shop_id)[1].candidate
+        return candidate if candidate is not None and candidate.id == rollout_id else None
+
+    def _run(
+        self, runtime: EpRuntime, bindings: BindingSet, payload: Any, started: float, deadline: float | None
+    ) -> Execution:
         script: LoadedScript | None = None
         lookup_ms: float | None = None
         input_bytes = 0
         outcome: ScriptRun | None = None
         try:
-            runtime, bindings = self._lookup(check_ep(ep), check_shop_id(shop_id))
             if runtime.combine == SINGLE:
                 script = self._load(bindings.only(), runtime)
             lookup_ms = ms(time.perf_counter() - started)
@@ -177,3 +223,15 @@ class Executor:
 
 
 _UNSET: Any = object()
+# report.rollout while a rollout is under way: who served the call, and what comes after it.
+# Shadowing: the live version, and the candidate runs on it too (SHADOWED, a share shadow_rate of
+# calls) or not (LIVE). Canary: the candidate (CANARY, the canary share) or the live version
+# (CONTROL); both are counted, to compare their error rates.
+SHADOWED, LIVE, CONTROL = "shadowed", "live", "control"
+JUDGED = frozenset({SHADOWED, CANARY, CONTROL})  # what a worker hands to its shadow process
+
+
+def _json_bytes(payload: Any) -> bytes:
+    """The call's input as JSON text: what a canary hashes, so the same input always gets the
+    same version."""
+    return bytes(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else encode_input(payload)

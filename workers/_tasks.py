@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from workers._executor import Executor
     from workers._invalidation import InvalidationListener
+    from workers._shadow import ShadowRunner
 
 log = get_logger("worker")
 
@@ -46,12 +47,14 @@ class WorkerState:
         from registry import Registry
         from workers._executor import Executor
         from workers._invalidation import InvalidationListener
+        from workers._shadow import ShadowRunner
 
         self.settings = settings
         self.pid = os.getpid()
         client = redis_client(settings.redis_url, timeout=2, connect_timeout=1)
         sandbox = Sandbox(settings.epoch_tick_ms)
         self.executor: Executor = Executor(Registry(client, settings, sandbox), sandbox, settings)
+        self.shadows: ShadowRunner = ShadowRunner(settings)
         self.counters = WorkerCounters()
         self.listener: InvalidationListener = InvalidationListener(
             settings.redis_url, settings.keys.invalidations(), self.executor.invalidate
@@ -93,6 +96,7 @@ class WorkerState:
         telemetry.record_execution(
             execution, job=job.id, shop=job.shop_id, ep=job.ep, shard=shard, worker=worker
         )
+        self.shadows.offer(job.ep, job.shop_id, job.input, execution)  # a rollout's, after the reply
 
     def announce(self, name: str, shards: list[int]) -> None:
         """Claim the worker's name and open its metrics port, or raise ConfigurationError; then
@@ -125,6 +129,7 @@ class WorkerState:
             self.heartbeat.stop()
             self.heartbeat = None
         self.listener.stop()
+        self.shadows.stop()
 
 
 _state: WorkerState | None = None

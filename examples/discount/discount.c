@@ -86,8 +86,15 @@ int main(void)
             log_printf("error: cart.lines[%zu].quantity missing or not an integer", idx);
             return 1;
         }
+#ifdef OFF_BY_ONE
+        /* The rollout example's bad "refactor" (examples/rollout): a line with exactly the
+         * minimum quantity no longer qualifies, which only some carts show. */
+        if (qty <= min_qty)
+            continue;
+#else
         if (qty < min_qty)
             continue;
+#endif
 
         if (qualifying++)
             sb_puts(&targets, ",");

@@ -40,6 +40,7 @@ class Call:
     output: Any
     worker: str | None
     job_id: str | None
+    sha256: str = ""  # the module version that served it
 
     @property
     def elapsed_ms(self) -> float:
@@ -99,6 +100,7 @@ class Load:
             self.calls[index] = Call(
                 index, started, finished, self.timeout_s, outcome.status, outcome.error_code,
                 outcome.output, outcome.worker, outcome.job_id,
+                outcome.report.sha256 if outcome.report else "",
             )  # fmt: skip
             self.done = next(self._done)
 

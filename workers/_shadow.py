@@ -1,0 +1,139 @@
+"""Shadow runs, as the worker sees them: after a live reply has gone, a call that belongs to a
+rollout is handed to the worker's shadow process (``workers._shadow_process``), which runs the
+candidate on the same input at idle priority and reports to the registry (``workers._judge``).
+
+The caller waits for none of it, and the worker gives it next to nothing: handing over is one
+non-blocking send of one message on a Unix socket pair, on the job's own thread, with no other
+thread woken. The socket's buffer is the bound: when the shadow process falls behind (a slow
+candidate, a busy machine), the send fails at once and the sample is dropped and counted, never
+queued without end. A reader thread takes the shadow process's results (counts, about once a
+second) and log records into the worker's metrics and log. The process starts with the first
+rollout call, and is started again, at most every few seconds, if it dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from prometheus_client import Counter
+
+from config import Execution, Settings, get_logger
+from registry import CANDIDATE_ERROR, MATCH, MISMATCH
+from workers._executor import JUDGED
+from workers._judge import Sample
+
+log = get_logger("worker")
+
+COMPARISONS = Counter(
+    "scriptpool_shadow_comparisons",
+    "Shadow runs of rollout candidates, by what the comparison found (dropped: not run, the "
+    "shadow process was behind)",
+    ["result"],
+)
+_RESULTS = {name: COMPARISONS.labels(name) for name in (MATCH, MISMATCH, CANDIDATE_ERROR, "dropped")}
+# Samples in flight to the shadow process, at most (an input is at most 128 KiB by default).
+BUFFER_BYTES = 4 * 1024 * 1024
+RESTART_AFTER_S = 5.0
+
+
+class ShadowRunner:
+    """Hands calls of a rollout to the shadow process, starting it when first needed."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._env = {**os.environ, **settings.to_env()}
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._started_at = -RESTART_AFTER_S
+        self._stopped = False
+
+    def offer(self, ep: str, shop: str, payload: bytes, live: Execution) -> None:
+        """Hand over a call just answered. Costs nothing when no rollout is under way there."""
+        if live.report.rollout not in JUDGED or self._stopped:
+            return
+        channel = self._socket or self._start()
+        if channel is None:
+            _RESULTS["dropped"].inc()
+            return
+        try:
+            channel.send(pickle.dumps(Sample(ep, shop, payload, live), protocol=pickle.HIGHEST_PROTOCOL))
+        except BlockingIOError:  # behind: this one is not judged
+            _RESULTS["dropped"].inc()
+        except OSError:  # the shadow process is gone: the reader starts over
+            _RESULTS["dropped"].inc()
+
+    def stop(self) -> None:
+        """End the shadow process (samples not yet judged are dropped)."""
+        self._stopped = True
+        with self._lock:
+            process, channel = self._process, self._socket
+        if channel is not None:
+            with contextlib.suppress(OSError):  # already gone
+                channel.shutdown(socket.SHUT_RDWR)  # the shadow process reads its end
+        if process is not None:
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def _start(self) -> socket.socket | None:
+        with self._lock:
+            if self._socket is not None:
+                return self._socket
+            if time.monotonic() - self._started_at < RESTART_AFTER_S:
+                return None
+            self._started_at = time.monotonic()
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER_BYTES)
+            ours.setblocking(False)
+            try:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "workers._shadow_process", str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),),
+                    env=self._env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                )
+            except OSError as exc:
+                ours.close()
+                log.error("shadow_process_failed_to_start", error=str(exc))
+                return None
+            finally:
+                theirs.close()
+            self._socket, self._process = ours, process
+        threading.Thread(
+            target=self._read, args=(ours, process), name="scriptpool-shadow", daemon=True
+        ).start()
+        return ours
+
+    def _read(self, channel: socket.socket, process: subprocess.Popen[bytes]) -> None:
+        reader = channel.dup()  # blocking, for this thread; the worker's copy stays non-blocking
+        reader.setblocking(True)
+        try:
+            while message := reader.recv(1 << 20):
+                kind, body = pickle.loads(message)
+                if kind == "counts":
+                    for result, n in body.items():
+                        _RESULTS[result].inc(n)
+                elif kind == "log":
+                    level, name, event, fields = body
+                    logging.getLogger(name).log(level, event, extra=fields)
+        except OSError:
+            pass
+        finally:
+            reader.close()
+        code = process.wait()
+        with self._lock:
+            if self._socket is channel:
+                self._socket, self._process = None, None
+        channel.close()
+        if not self._stopped:
+            log.warning("shadow_process_exited", returncode=code)
