@@ -55,6 +55,35 @@ class Keys:
         """The set of installed provider names."""
         return f"{self.prefix}:providers"
 
+    def artifacts_pattern(self, sha256: str) -> str:
+        """SCAN pattern matching the artifacts of one module, for every engine fingerprint."""
+        return f"{self.prefix}:artifact:*:{sha256}"
+
+    # -- what belongs to one shop (moves with it when its shard changes group) ---------------
+    # Keep these two in step with the per-shop keys above: `scriptpool shard move` copies exactly
+    # the keys they match, and a per-shop key they miss would be left behind in the old group.
+    def shop_key_patterns(self, shop_id: str = "*") -> tuple[str, ...]:
+        """SCAN patterns matching every key of ``shop_id`` (``*``: of every shop): its bindings and
+        their history. Transient keys (deploy locks) are not among them."""
+        return (f"{self.prefix}:binding:*:{shop_id}", f"{self.prefix}:history:*:{shop_id}")
+
+    def shop_of_key(self, key: str) -> str | None:
+        """The shop a key matched by :meth:`shop_key_patterns` belongs to (None: not such a key)."""
+        for kind in ("binding", "history"):
+            head = f"{self.prefix}:{kind}:"
+            if key.startswith(head):
+                _ep, colon, shop = key[len(head) :].partition(":")
+                return shop if colon and shop and ":" not in shop else None
+        return None
+
+    def is_binding(self, key: str) -> bool:
+        """Whether ``key`` (one of :meth:`shop_key_patterns`) is a current binding, not history."""
+        return key.startswith(f"{self.prefix}:binding:")
+
+    def history_of_binding(self, binding_key: str) -> str:
+        """The history key that goes with a binding key."""
+        return f"{self.prefix}:history:" + binding_key.removeprefix(f"{self.prefix}:binding:")
+
     def deploy_lock(self, ep: str, shop_id: str) -> str:
         """Serialises deploys and rollbacks of one (EP, shop)."""
         return f"{self.prefix}:lock:{ep}:{shop_id}"
