@@ -8,10 +8,11 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
-from config import Settings, live_workers, redis_client, shard_count_disagreement
+from config import Settings, describe_redis_url
 from config.errors import ConfigurationError, InputTooLarge, InvalidArgument
 from scriptpool._files import read_json
-from scriptpool._output import ExitCode, add_json_flag, exit_code_for, print_json, redis_address, report
+from scriptpool._output import ExitCode, add_json_flag, exit_code_for, print_json, report
+from scriptpool._status import cmd_status
 
 if TYPE_CHECKING:
     from producer import Outcome
@@ -37,7 +38,9 @@ def add_parsers(sub: Any) -> None:
     add_json_flag(run)
     run.set_defaults(func=cmd_run)
 
-    status = sub.add_parser("status", help="shards, live workers, queue depths and cache hit ratios")
+    status = sub.add_parser(
+        "status", help="shard groups, shards, live workers, queue depths, cache hit ratios, registry gaps"
+    )
     add_json_flag(status)
     status.set_defaults(func=cmd_status)
 
@@ -83,8 +86,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         from config.errors import BrokerUnavailable
 
         message = outcome.error.message if outcome.error else ""
+        group = settings.group_of(outcome.shard) if outcome.shard is not None else settings.groups[0]
         return report(
-            BrokerUnavailable(f"cannot reach Redis at {redis_address()}: {message}"),
+            BrokerUnavailable(f"cannot reach Redis at {describe_redis_url(group.url)}: {message}"),
             exit_code,
             json_output=False,
         )
@@ -116,82 +120,6 @@ def _print_outcome(outcome: Outcome) -> None:
         f"timings: enqueue {t.enqueue_ms:.2f} ms | queue wait {t.queue_wait_ms:.2f} | "
         f"execute {t.execute_ms:.2f} | result {t.result_ms:.2f} | total {t.total_ms:.2f} ms"
     )
-
-
-def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    client = redis_client(settings.redis_url, timeout=5, connect_timeout=2)
-    keys = settings.keys
-    beats = live_workers(client, keys)
-    depths = [int(client.llen(keys.queue(shard))) for shard in range(settings.shards)]
-    mismatch = shard_count_disagreement(beats, settings.shards)
-    shards: list[dict[str, Any]] = []
-    for shard in range(settings.shards):
-        serving = [b for b in beats if shard in b.shards and b.shard_count in (0, settings.shards)]
-        shards.append({"shard": shard, "queue_depth": depths[shard], "workers": [b.name for b in serving]})
-    unserved = [s["shard"] for s in shards if not s["workers"]]
-    exit_code = ExitCode.FALLBACK if unserved or mismatch else ExitCode.OK
-    if args.json:
-        print_json(
-            {
-                "redis": redis_address(),
-                "shards": settings.shards,
-                "shard_table": shards,
-                "unserved_shards": unserved,
-                "shard_count_mismatch": {str(count): names for count, names in mismatch.items()},
-                "workers": [_beat(b) for b in beats],
-            }
-        )
-        return exit_code
-    from scriptpool._table import LiveTable
-
-    print(f"redis {redis_address()}  shards {settings.shards}  live workers {len(beats)}")
-    table = LiveTable(
-        [
-            ("shard", 5),
-            ("queue depth", 11),
-            ("worker", 36),
-            ("executed", 9),
-            ("dropped", 7),
-            ("modules", 7),
-            ("cache hit %", 11),
-        ]
-    )
-    by_name = {b.name: b for b in beats}
-    for row in shards:
-        if not row["workers"]:
-            table.row(row["shard"], row["queue_depth"], "NONE: callers get fallbacks", None, None, None, None)
-        for name in row["workers"]:
-            beat = by_name[name]
-            lookups = beat.cache.get("hits", 0) + beat.cache.get("misses", 0)
-            ratio = 100.0 * beat.cache.get("hits", 0) / lookups if lookups else None
-            table.row(
-                row["shard"],
-                row["queue_depth"],
-                name,
-                beat.executed,
-                beat.dropped_stale,
-                beat.cache.get("entries"),
-                ratio,
-            )
-    for count, names in sorted(mismatch.items()):
-        print(
-            f"warning: {len(names)} live worker(s) run with SCRIPTPOOL_SHARDS={count}, this status with "
-            f"{settings.shards}: {', '.join(names)}. Every process must agree, or calls time out."
-        )
-    return exit_code
-
-
-def _beat(beat: Any) -> dict[str, Any]:
-    return {
-        "name": beat.name,
-        "host": beat.host,
-        "pid": beat.pid,
-        "shards": list(beat.shards),
-        "shard_count": beat.shard_count,
-        "executed": beat.executed,
-        "dropped_stale": beat.dropped_stale,
-        "cache": beat.cache,
-    }
 
 
 def parse_shards(text: str, shards: int) -> list[int]:
@@ -233,6 +161,7 @@ def worker_argv(
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_artifact_key()
     shards = parse_shards(args.shards, settings.shards)
+    settings.group_of_shards(shards)  # one group's Redis per worker (the worker checks again)
     port = settings.metrics_port if args.metrics_port is None else args.metrics_port
     if port:
         _check_port_free(port)
