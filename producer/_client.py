@@ -55,14 +55,25 @@ _SHARD_COUNT_RECHECK_S = 30.0
 # Callers wait in checkout paths; anything longer is a mistake (inf would overflow the wait).
 MAX_TIMEOUT_S = 600
 _SHARD_CACHE = 100_000
+# A publish waits for Redis's acknowledgement at most this long (the client's socket timeout),
+# and at least this long, however little time its caller has left.
+_PUBLISH_TIMEOUT_S = 1.0
+_PUBLISH_MIN_S = 0.001
 
 
 class _GroupLink:
     """This client's connections to one shard group's Redis: the publisher, the reply reader
-    and the EP reader. Groups share nothing, so one group's Redis failing slows no other's calls."""
+    and the EP reader. Groups share nothing, so one group's Redis failing slows no other's calls.
+
+    ``failing``: the last publish or EP read on this group failed. Until one succeeds again,
+    callers publish from the background threads and wait only on their own deadline, since a
+    Redis that froze (or a primary cut off before Sentinel replaces it) keeps connections open
+    and silent, and a new connection's handshake would wait out the socket timeout (1 s) on it.
+    """
 
     def __init__(self, group: ShardGroup, keys: Keys, client_id: str, settings: Settings) -> None:
         self.group = group
+        self.failing = False
         self.redis = redis_client(group.url, timeout=1.0, connect_timeout=0.25)
         self.tasks = TaskPublisher(self.redis, Keys.TASK)
         self.replies = ReplyDispatcher(group.url, keys.replies(client_id))
@@ -127,8 +138,12 @@ class Client:
         call = self._prepare(ep, shop_id, input, timeout, fallback)
         if isinstance(call, Outcome):
             return self._finish(call, strict)
-        call.waiter = self._link_of_shard[call.shard].replies.expect(call.job.id)
-        self._lanes[call.shard].submit(call)  # publishes now, or joins the shard's next message
+        link = self._link_of_shard[call.shard]
+        call.waiter = link.replies.expect(call.job.id)
+        if not link.failing:
+            self._lanes[call.shard].submit(call)  # publishes now, or joins the shard's next message
+        elif not self._lanes[call.shard].try_queue(call):
+            self._background(lambda: self._submit(call))  # this thread waits only on its deadline
         reply = call.waiter.wait(call.job.deadline - time.time())
         return self._finish(self._conclude(call, reply), strict)
 
@@ -161,6 +176,11 @@ class Client:
             self._publisher.submit(work)
 
     def _submit(self, call: _Call) -> None:
+        if time.time() >= call.job.deadline:
+            # Its caller has its fallback already: the publishing threads were busy (waiting on a
+            # Redis that does not answer), and a job nobody waits for is not worth enqueueing.
+            call.waiter.fail("the deadline passed before the job could be enqueued")
+            return
         try:
             self._lanes[call.shard].submit(call)
         except Exception as exc:  # a bug, not Redis (the lane reports those): still wake the caller
@@ -255,15 +275,39 @@ class Client:
         breaker = self._breakers.get(shop, ep)
         call = _Call(job, self._shard_of(shop), breaker, fallback, started)
         call.validated, call.serialized = validated, serialized
-        try:
-            limits = self._link_of_shard[call.shard].limits.get(ep)
-        except _TRANSPORT_ERRORS as exc:
-            breaker.failure()
-            return call.fallback_outcome(BrokerUnavailable, f"cannot reach Redis: {exc}")
+        link = self._link_of_shard[call.shard]
+        if link.failing:
+            # Do not wait on that Redis here: the limits last read serve, or the call falls back.
+            cached = link.limits.peek(ep)
+            if cached is None:
+                self._background(lambda: self._read_limits(link, ep))
+                breaker.failure()
+                return call.fallback_outcome(
+                    BrokerUnavailable, f"Redis of group {link.group.name} does not answer"
+                )
+            limits = cached
+        else:
+            try:
+                limits = link.limits.get(ep)
+            except _TRANSPORT_ERRORS as exc:
+                link.failing = True
+                breaker.failure()
+                return call.fallback_outcome(BrokerUnavailable, f"cannot reach Redis: {exc}")
         check_input_size(payload, limits)
         if not breaker.allow():
             return call.fallback_outcome(CircuitOpen, f"circuit for {shop}/{ep} is open")
         return call
+
+    def _read_limits(self, link: _GroupLink, ep: str) -> None:
+        """Read an EP's limits off the caller's path, for a group that failed: once it answers,
+        its callers publish directly again."""
+        try:
+            link.limits.get(ep)
+        except _TRANSPORT_ERRORS:
+            return
+        except ScriptpoolError:
+            pass  # an unknown EP: still an answer
+        link.failing = False
 
     def _publish(self, calls: list[Any], announce: bool) -> None:
         """One task message carrying ``calls`` (one or more jobs for the same shard); with
@@ -271,14 +315,22 @@ class Client:
         first = calls[0].job
         argsrepr = f"[job {first.ep}/{first.shop_id}]" if len(calls) == 1 else f"[{len(calls)} jobs]"
         link = self._link_of_shard[calls[0].shard]
-        link.tasks.publish(
-            first.id,
-            [call.job.to_wire() for call in calls],
-            {"announce": True} if announce else {},
-            queue=self._keys.queue(calls[0].shard),
-            reply_to=link.replies.reply_key,
-            argsrepr=argsrepr,
-        )
+        # Wait for Redis's acknowledgement no longer than the latest caller of the message waits.
+        remaining = max(call.job.deadline for call in calls) - time.time()
+        try:
+            link.tasks.publish(
+                first.id,
+                [call.job.to_wire() for call in calls],
+                {"announce": True} if announce else {},
+                queue=self._keys.queue(calls[0].shard),
+                reply_to=link.replies.reply_key,
+                argsrepr=argsrepr,
+                timeout=min(_PUBLISH_TIMEOUT_S, max(remaining, _PUBLISH_MIN_S)),
+            )
+        except _TRANSPORT_ERRORS:
+            link.failing = True
+            raise
+        link.failing = False
         now = time.perf_counter()
         for call in calls:
             call.enqueued = now
