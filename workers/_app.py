@@ -84,7 +84,9 @@ class ScriptpoolCelery(Celery):  # type: ignore[misc]
 def create_app(settings: Settings | None = None) -> ScriptpoolCelery:
     """Build the app with our task registered (importing the task does not load wasmtime)."""
     app = ScriptpoolCelery(settings)
+    from workers._failover import PrimaryWatch
     from workers._tasks import register
 
     register(app)
+    app.steps["consumer"].add(PrimaryWatch)
     return app
