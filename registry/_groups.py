@@ -25,15 +25,12 @@ from config import (
     WriteSession,
     check_shop_id,
     describe_redis_url,
-    get_logger,
     redis_client,
     shard_for,
 )
 from config.errors import BrokerUnavailable, NotReplicated, ScriptpoolError
 from engine import Sandbox
 from registry._registry import Registry
-
-log = get_logger("registry")
 
 T = TypeVar("T")
 _TRANSPORT = (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -107,13 +104,6 @@ class Registries:
                     group=group.name,
                 ) from None
             if acknowledged < replicas:
-                log.warning(
-                    "write_not_replicated",
-                    what=what,
-                    group=group.name,
-                    acknowledged=acknowledged,
-                    required=replicas,
-                )
                 raise NotReplicated(
                     f"{what} is live on the primary of {group.describe()}, but only {acknowledged} of "
                     f"{replicas} replica(s) acknowledged it within {wait_ms} ms, so a failover now would "
