@@ -1,0 +1,249 @@
+"""Scaling out, against real servers: shard groups on two Redis, durable deploys refused when no
+replica acknowledges, a worker whose shards span groups refused, status over every group, the
+shard tools' refusals; and everything through a Sentinel set with passwords on both sides."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from config import Settings
+from config.errors import NotReplicated
+from producer import Client
+from registry import Registries
+from scriptpool import EmbeddedRedis, EmbeddedSentinelSet, main
+from scriptpool._pool_commands import worker_argv
+from tests import guests
+from tests.conftest import ROOT, TEST_ARTIFACT_KEY
+from tests.pool import WorkerProcess, shop_on, worker_env
+from tests.test_cli import FAILED, OK, UNREACHABLE, USAGE, one_line, run_cli
+
+SHARDS = 2
+
+
+@pytest.fixture(scope="module")
+def group_redis() -> Iterator[tuple[EmbeddedRedis, EmbeddedRedis]]:
+    with EmbeddedRedis() as a, EmbeddedRedis() as b:
+        yield a, b
+
+
+@pytest.fixture
+def groups(
+    group_redis: tuple[EmbeddedRedis, EmbeddedRedis], monkeypatch: pytest.MonkeyPatch
+) -> tuple[Settings, redis.Redis, redis.Redis]:
+    """Settings with shard 0 on Redis A and shard 1 on Redis B (both flushed), in the CLI's
+    environment too."""
+    a, b = group_redis
+    clients = redis.Redis.from_url(a.url), redis.Redis.from_url(b.url)
+    for client in clients:
+        client.flushall()
+    settings = Settings(artifact_key=TEST_ARTIFACT_KEY, shards=SHARDS, shard_groups=f"0={a.url};1={b.url}")
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    return settings, *clients
+
+
+def test_definitions_go_to_every_group_and_a_deploy_to_its_shops_group(
+    groups: tuple[Settings, redis.Redis, redis.Redis], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, a, b = groups
+    keys = settings.keys
+    module = tmp_path / "echo.wasm"
+    module.write_bytes(guests.ECHO)
+    shop_a, shop_b = shop_on(0, SHARDS), shop_on(1, SHARDS)
+    assert main(["ep", "define", "test"]) == OK
+    assert main(["deploy", "test", shop_a, str(module)]) == OK
+    assert main(["deploy", "test", shop_b, str(module)]) == OK
+    assert a.exists(keys.extension_point("test")) and b.exists(keys.extension_point("test"))
+    assert a.exists(keys.binding("test", shop_a)) and not b.exists(keys.binding("test", shop_a))
+    assert b.exists(keys.binding("test", shop_b)) and not a.exists(keys.binding("test", shop_b))
+    capsys.readouterr()
+    assert main(["history", "test", shop_b, "--json"]) == OK
+    assert json.loads(capsys.readouterr().out)["versions"][0]["version"] == 1
+
+
+def test_status_names_a_group_missing_a_definition_and_a_define_heals_it(
+    groups: tuple[Settings, redis.Redis, redis.Redis],
+    group_redis: tuple[EmbeddedRedis, EmbeddedRedis],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A define while one group's Redis is down reaches the others and says which group missed
+    it (exit 4); status then lists the gap (exit 3); running the define again heals it."""
+    _, _, b = groups
+    _, server_b = group_redis
+    server_b.stop(kill=True)
+    try:
+        line = one_line(capsys, ["ep", "define", "late"], UNREACHABLE)
+    finally:
+        server_b.start()
+    assert "broker_unavailable: cannot reach Redis of group 1" in line
+    assert "done in group(s) 0" in line and "group(s) 1 miss it" in line
+    b.flushall()  # the restarted Redis has no persistence: B lacks it
+    capsys.readouterr()
+    assert main(["status", "--json"]) == 3  # no worker either, but the gap is what we look at
+    gaps = json.loads(capsys.readouterr().out)["registry_gaps"]
+    assert gaps == [{"group": "1", "kind": "extension point", "name": "late", "problem": "missing"}]
+    main(["status"])
+    out = capsys.readouterr().out
+    assert "warning: group 1 lacks extension point late" in out and "scriptpool ep define late" in out
+    assert main(["ep", "define", "late"]) == OK
+    capsys.readouterr()
+    main(["status", "--json"])
+    assert json.loads(capsys.readouterr().out)["registry_gaps"] == []
+
+
+def test_a_deploy_no_replica_acknowledges_is_refused_with_not_replicated(
+    groups: tuple[Settings, redis.Redis, redis.Redis],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """With SCRIPTPOOL_DEPLOY_REPLICAS=1 and no replica, a deploy waits SCRIPTPOOL_DEPLOY_WAIT_MS,
+    then exits 1 with one line saying it is live but not durable and what to do; the binding is
+    in place on the primary, exactly as the message says."""
+    settings, a, _ = groups
+    module = tmp_path / "echo.wasm"
+    module.write_bytes(guests.ECHO)
+    shop = shop_on(0, SHARDS, skip=3)
+    assert main(["ep", "define", "test"]) == OK
+    monkeypatch.setenv("SCRIPTPOOL_DEPLOY_REPLICAS", "1")
+    monkeypatch.setenv("SCRIPTPOOL_DEPLOY_WAIT_MS", "200")
+    started = time.monotonic()
+    line = one_line(capsys, ["deploy", "test", shop, str(module)], FAILED)
+    assert 0.2 <= time.monotonic() - started < 2
+    assert line.startswith("scriptpool: not_replicated: the deploy of")
+    assert "is live on the primary of group 0" in line and "only 0 of 1 replica(s) acknowledged" in line
+    assert "deploy the same module again" in line
+    assert a.exists(settings.keys.binding("test", shop))
+    assert "not_replicated" in one_line(capsys, ["ep", "define", "again"], FAILED)
+    main(["deploy", "test", shop, str(module), "--json"])
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert (error["code"], error["exit_code"]) == ("not_replicated", FAILED)
+    # The library says the same with the class, and its detail.
+    durable = Registries(Settings.from_env())
+    with pytest.raises(NotReplicated) as caught, durable.on_shop(shop, what="x", again="y") as registry:
+        registry.deploy("test", shop, guests.ECHO)
+    assert caught.value.detail == {"acknowledged": 0, "required": 1, "timeout_ms": 200, "group": "0"}
+
+
+def test_a_worker_whose_shards_span_groups_is_refused(
+    groups: tuple[Settings, redis.Redis, redis.Redis],
+) -> None:
+    """`scriptpool worker` and plain `celery worker` alike refuse, with one line and exit 2."""
+    settings, _, _ = groups
+    env = worker_env(settings)
+    result = run_cli(["worker", "--shards", "0,1"], env)
+    assert result.returncode == USAGE and len(result.stderr.strip().splitlines()) == 1
+    assert "shards must all be in one group of SCRIPTPOOL_SHARD_GROUPS" in result.stderr
+    argv = worker_argv(settings, [0, 1], name="spanning@test")
+    plain = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    lines = plain.stderr.strip().splitlines()
+    assert plain.returncode == USAGE, plain.stderr[-2000:]
+    assert lines[-1].startswith(
+        "scriptpool worker: configuration_error: a worker's shards must all be in one group"
+    )
+
+
+def test_shard_tools_refuse_what_would_go_wrong(
+    groups: tuple[Settings, redis.Redis, redis.Redis],
+    group_redis: tuple[EmbeddedRedis, EmbeddedRedis],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings, a, _ = groups
+    url_a, url_b = group_redis[0].url, group_redis[1].url
+    assert "is already served by" in one_line(capsys, ["shard", "move", "0", "--to", url_a], USAGE)
+    assert "--to must use one of" in one_line(capsys, ["shard", "move", "0", "--to", "http://x"], USAGE)
+    assert "shard must be in 0..1" in one_line(capsys, ["shard", "move", "5", "--to", url_b], USAGE)
+    assert "drain runs with the new map" in one_line(capsys, ["shard", "drain", "0", "--from", url_a], USAGE)
+    # A message left in the old queue with nobody to take it: the drain gives up, named.
+    a.lpush(settings.keys.queue(1), b"{}")
+    line = one_line(
+        capsys, ["shard", "drain", "1", "--from", url_a, "--quiet-s", "0.5", "--timeout-s", "1"], FAILED
+    )
+    assert (
+        line.startswith("scriptpool: shard_not_drained: shard 1's old queue")
+        and "1 message(s) queued" in line
+    )
+
+
+# -- through a Sentinel set ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sentinels() -> Iterator[EmbeddedSentinelSet]:
+    """Passwords on the data nodes and on the sentinels, so both reach every component."""
+    with EmbeddedSentinelSet(password="data-pw", sentinel_password="sentinel-pw") as found:
+        yield found
+
+
+def test_everything_runs_through_one_sentinel_url(
+    sentinels: EmbeddedSentinelSet,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """The CLI, a worker (kombu's Sentinel transport, its registry, heartbeat and invalidations)
+    and the client (publisher, reply reader, asyncio path) all through the sentinel:// URL; a
+    deploy is acknowledged by the replica; with the replica frozen, the next deploy is refused."""
+    settings = Settings(redis_url=sentinels.url, artifact_key=TEST_ARTIFACT_KEY, shards=1, deploy_wait_ms=300)
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    v1, v2 = tmp_path / "v1.wasm", tmp_path / "v2.wasm"
+    v1.write_bytes(guests.writes(b'{"v": 1}'))
+    v2.write_bytes(guests.writes(b'{"v": 2}'))
+    assert main(["ep", "define", "test"]) == OK
+    assert main(["deploy", "test", "7", str(v1)]) == OK  # WAIT 1: the replica has it
+    replica = sentinels.replica_ports()[0]
+    with sentinels.data_client(replica) as client:
+        assert client.exists(settings.keys.binding("test", "7"))
+    worker = WorkerProcess(settings, [0], "sentinel").wait_ready()
+    try:
+        with Client(settings) as client:
+            assert client.run("test", "7", {}, timeout=5).output == {"v": 1}
+            assert main(["deploy", "test", "7", str(v2)]) == OK
+            deadline = time.monotonic() + 3  # the invalidation reaches the worker through Sentinel
+            while client.run("test", "7", {}, timeout=5).output != {"v": 2}:
+                assert time.monotonic() < deadline, "the worker kept the old binding"
+                time.sleep(0.05)
+
+            async def both() -> list[object]:
+                outcomes = await asyncio.gather(
+                    *(client.run_async("test", "7", {}, timeout=5) for _ in range(20))
+                )
+                return [o.output for o in outcomes]
+
+            assert asyncio.run(both()) == [{"v": 2}] * 20
+        time.sleep(2.5)  # a heartbeat
+        capsys.readouterr()
+        assert main(["status", "--json"]) == OK
+        status = json.loads(capsys.readouterr().out)
+        assert status["redis"].startswith("sentinel://127.0.0.1:") and "pw" not in json.dumps(status)
+        assert status["shard_table"][0]["workers"] == ["sentinel@test"]
+    finally:
+        worker.stop()
+    sentinels.freeze(replica)
+    try:
+        line = one_line(capsys, ["deploy", "test", "7", str(v1)], FAILED)
+    finally:
+        sentinels.thaw(replica)
+    assert "not_replicated" in line and "only 0 of 1 replica(s) acknowledged it within 300 ms" in line
+    assert sentinels.data_client(sentinels.primary_port()).get(settings.keys.binding("test", "7")) is not None
+
+
+def test_a_wrong_sentinel_password_is_one_line(sentinels: EmbeddedSentinelSet) -> None:
+    url = sentinels.url.replace("sentinel_password=sentinel-pw", "sentinel_password=wrong")
+    result = run_cli(["ep", "list"], {"SCRIPTPOOL_REDIS_URL": url, **_no_groups()})
+    assert result.returncode == UNREACHABLE and len(result.stderr.strip().splitlines()) == 1
+    assert "broker_unavailable" in result.stderr and "wrong" not in result.stderr
+
+
+def _no_groups() -> dict[str, str]:
+    return {"SCRIPTPOOL_SHARD_GROUPS": "", "PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]}
