@@ -84,6 +84,7 @@ class _GroupLink:
     def close(self) -> None:
         self.replies.close(self.redis)
         self.redis.close()
+        self.redis.connection_pool.disconnect()  # the pool is ours: its sockets close now, not at GC
 
 
 class Client:
@@ -238,11 +239,12 @@ class Client:
         """Stop the reply reader, delete this client's reply list and release connections.
 
         Calls still waiting get their fallback at their deadline. Also called on leaving a
-        ``with Client(...) as client:`` block.
+        ``with Client(...) as client:`` block. A publish in flight finishes first (at most its
+        1 s socket timeout, on a Redis that does not answer); queued ones are dropped.
         """
+        self._publisher.shutdown(wait=True, cancel_futures=True)
         for link in self._groups:
             link.close()
-        self._publisher.shutdown(wait=False)
 
     def __enter__(self) -> Client:
         return self

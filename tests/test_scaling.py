@@ -17,7 +17,7 @@ import redis
 
 from config import Settings
 from config.errors import NotReplicated
-from producer import Client
+from producer import BreakerPolicy, Client
 from registry import Registries
 from scriptpool import EmbeddedRedis, EmbeddedSentinelSet, main
 from scriptpool._pool_commands import worker_argv
@@ -247,3 +247,33 @@ def test_a_wrong_sentinel_password_is_one_line(sentinels: EmbeddedSentinelSet) -
 
 def _no_groups() -> dict[str, str]:
     return {"SCRIPTPOOL_SHARD_GROUPS": "", "PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]}
+
+
+def test_callers_of_a_frozen_redis_are_answered_by_their_deadline() -> None:
+    """A Redis that stops answering with its connections open (SIGSTOP: frozen, or cut off):
+    every caller gets its fallback by its deadline + 50 ms, not after the 1 s socket timeout, the
+    first one included; calls go out directly again once it answers."""
+    import signal
+
+    with EmbeddedRedis() as server:
+        settings = Settings(redis_url=server.url, artifact_key=TEST_ARTIFACT_KEY, shards=1)
+        Registries(settings).everywhere(lambda r: r.define_extension_point("test"), what="t", again="t")
+        with Client(settings, breaker=BreakerPolicy(error_threshold=10**9)) as client:  # every call tries
+            assert client.run("test", "1", {}, timeout=0.2).error_code == "timeout"  # no worker
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                late = []
+                for _ in range(30):
+                    started = time.monotonic()
+                    outcome = client.run("test", "1", {}, timeout=0.1)
+                    late.append((time.monotonic() - started - 0.1) * 1000)
+                    # broker_unavailable once its publish failed, timeout if still in flight
+                    assert outcome.error_code in ("broker_unavailable", "timeout"), outcome
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            assert max(late) <= 50, late
+            deadline = time.monotonic() + 5
+            while client.run("test", "1", {}, timeout=0.2).error_code != "timeout":
+                assert time.monotonic() < deadline  # enqueued again (and timed out: no worker)
+            assert not client._groups[0].failing
