@@ -158,11 +158,13 @@ def test_celery_broker_settings_for_a_sentinel_url() -> None:
     )
     options = broker["broker_transport_options"]
     assert options["master_name"] == "pool" and options["min_other_sentinels"] == 1
-    assert options["sentinel_kwargs"] == {
-        "socket_timeout": 0.5,
-        "socket_connect_timeout": 0.25,
-        "password": "sentpw",
-    }
+    kwargs = options["sentinel_kwargs"]
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"], kwargs["password"]) == (
+        0.5,
+        0.25,
+        "sentpw",
+    )
+    assert kwargs["retry"].get_retries() == 0  # the next sentinel is the retry
     assert options["health_check_interval"] == 2 and options["socket_timeout"] == 1.0
     assert broker["broker_channel_error_retry"] is True and broker["broker_use_ssl"] is None
     tls = celery_broker("sentinel://h/m/0?ssl=true&ssl_ca_certs=/ca.pem", timeout=1.0, connect_timeout=0.25)
