@@ -85,12 +85,26 @@ class EmbeddedSentinelSet:
         sentinel_password: str | None = None,
         appendonly: bool = False,
         master_name: str = MASTER_NAME,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
+        """``tls``: (CA certificate, server certificate, server key) to serve TLS only, on every
+        data node and sentinel, replication and the sentinels' own links included."""
         self.password = password
+        self.tls = tls
         self.sentinel_password = sentinel_password
         self.master_name = master_name
         self.dir = Path(tempfile.mkdtemp(prefix="scriptpool-sentinel-"))
         server = find_redis_server()
+        tls_lines: list[str] = []
+        if tls:
+            ca, cert, key = tls
+            tls_lines = [
+                f"tls-ca-cert-file {ca}",
+                f"tls-cert-file {cert}",
+                f"tls-key-file {key}",
+                "tls-auth-clients no",
+                "tls-replication yes",
+            ]
         self.data: dict[int, _Node] = {}
         first_port = 0
         for index in range(1 + replicas):
@@ -99,7 +113,7 @@ class EmbeddedSentinelSet:
             node_dir = self.dir / f"redis-{port}"
             node_dir.mkdir()
             lines = [
-                f"port {port}",
+                *(["port 0", f"tls-port {port}", *tls_lines] if tls else [f"port {port}"]),
                 "bind 127.0.0.1",
                 "protected-mode no",
                 f"dir {node_dir}",
@@ -124,7 +138,7 @@ class EmbeddedSentinelSet:
             node_dir = self.dir / f"sentinel-{port}"
             node_dir.mkdir()
             lines = [
-                f"port {port}",
+                *(["port 0", f"tls-port {port}", *tls_lines] if tls else [f"port {port}"]),
                 "bind 127.0.0.1",
                 "protected-mode no",
                 f"dir {node_dir}",
@@ -149,18 +163,27 @@ class EmbeddedSentinelSet:
         """The ``sentinel://`` URL of this set (database 0)."""
         auth = f":{quote(self.password, safe='')}@" if self.password else ""
         hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinels)
-        query = ""
+        options = []
         if self.sentinel_password:
-            query = f"?sentinel_password={quote(self.sentinel_password, safe='')}"
+            options.append(f"sentinel_password={quote(self.sentinel_password, safe='')}")
+        if self.tls:
+            options.append(f"ssl=true&ssl_ca_certs={quote(str(self.tls[0]))}")
+        query = f"?{'&'.join(options)}" if options else ""
         return f"sentinel://{auth}{hosts}/{self.master_name}/0{query}"
 
     def direct_url(self, port: int | None = None) -> str:
-        """A plain ``redis://`` URL of one data node (the current primary by default)."""
+        """A plain ``redis://`` (``rediss://``) URL of one data node (the current primary by default)."""
         auth = f":{quote(self.password, safe='')}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{port or self.primary_port()}/0"
+        scheme, query = ("rediss", f"?ssl_ca_certs={quote(str(self.tls[0]))}") if self.tls else ("redis", "")
+        return f"{scheme}://{auth}127.0.0.1:{port or self.primary_port()}/0{query}"
+
+    def _tls(self) -> dict[str, Any]:
+        return {"ssl": True, "ssl_ca_certs": str(self.tls[0])} if self.tls else {}
 
     def data_client(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, password=self.password, socket_timeout=2, socket_connect_timeout=0.5)
+        return redis.Redis(
+            port=port, password=self.password, socket_timeout=2, socket_connect_timeout=0.5, **self._tls()
+        )
 
     def sentinel_client(self, port: int) -> redis.Redis:
         return redis.Redis(
@@ -169,6 +192,7 @@ class EmbeddedSentinelSet:
             socket_timeout=1,
             socket_connect_timeout=0.5,
             decode_responses=True,
+            **self._tls(),
         )
 
     def primary_port(self) -> int:

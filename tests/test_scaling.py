@@ -277,3 +277,37 @@ def test_callers_of_a_frozen_redis_are_answered_by_their_deadline() -> None:
             while client.run("test", "1", {}, timeout=0.2).error_code != "timeout":
                 assert time.monotonic() < deadline  # enqueued again (and timed out: no worker)
             assert not client._groups[0].failing
+
+
+def test_a_tls_only_sentinel_set_end_to_end_and_after_a_failover(tmp_path: Path) -> None:
+    """Sentinels and data nodes that speak only TLS: ``?ssl=true`` gives TLS to both kinds of link
+    (kombu needs broker_use_ssl for the data link and sentinel_kwargs for the sentinels: either
+    alone fails); a deploy, a worker and a client work, and keep working after a failover."""
+    import shutil
+
+    from tests.faults.test_security import _make_certificates
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl CLI to make a throwaway CA")
+    _make_certificates(tmp_path, "ours", roles=("server",))
+    tls = (tmp_path / "ours-ca.crt", tmp_path / "ours-server.crt", tmp_path / "ours-server.key")
+    with EmbeddedSentinelSet(tls=tls) as sentinels:
+        assert "ssl=true" in sentinels.url
+        settings = Settings(redis_url=sentinels.url, artifact_key=TEST_ARTIFACT_KEY, shards=1)
+        registries = Registries(settings)
+        registries.everywhere(lambda r: r.define_extension_point("test"), what="t", again="t")
+        with registries.on_shop("1", what="deploy", again="again") as registry:  # WAIT 1 over TLS
+            registry.deploy("test", "1", guests.ECHO)
+        worker = WorkerProcess(settings, [0], "tls-sentinel").wait_ready()
+        try:
+            with Client(settings) as client:
+                assert client.run("test", "1", {"a": 1}, timeout=5).output == {"a": 1}
+                old = sentinels.primary_port()
+                sentinels.kill(old)
+                sentinels.wait_for_new_primary(old)
+                deadline = time.monotonic() + 10
+                while not client.run("test", "1", {"a": 2}, timeout=0.5).ok:
+                    assert time.monotonic() < deadline, worker.log()[-3000:]
+                    time.sleep(0.1)
+        finally:
+            worker.stop()
