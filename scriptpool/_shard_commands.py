@@ -43,10 +43,11 @@ from config import (
     render_shard_groups,
     shard_for,
 )
-from config.errors import InvalidArgument, NotReplicated, ShardNotDrained
+from config.errors import BrokerUnavailable, InvalidArgument, NotReplicated, ShardNotDrained
 from scriptpool._output import ExitCode, add_json_flag, print_json
 
 _BATCH = 200  # keys per pipelined round trip
+_TRANSPORT = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
 def add_parsers(sub: Any) -> None:
@@ -176,7 +177,18 @@ def _copy(source: redis.Redis, target: redis.Redis, names: list[str], *, replace
 
 def copy_shard(settings: Settings, shard: int, source_url: str, target_url: str) -> CopyReport:
     """Copy what shard ``shard``'s shops need from one Redis to another (step 1 and the late copy
-    of step 4 of the procedure), then wait for the target's replicas."""
+    of step 4 of the procedure), then wait for the target's replicas. A Redis lost on the way is
+    one ``BrokerUnavailable`` naming both ends: the copy is safe to run again."""
+    try:
+        return _copy_shard(settings, shard, source_url, target_url)
+    except _TRANSPORT as exc:
+        raise BrokerUnavailable(
+            f"lost Redis while copying shard {shard} from {describe_redis_url(source_url)} to "
+            f"{describe_redis_url(target_url)} ({exc}); run it again: it copies what is missing"
+        ) from None
+
+
+def _copy_shard(settings: Settings, shard: int, source_url: str, target_url: str) -> CopyReport:
     keys = settings.keys
     report = CopyReport(shard, describe_redis_url(source_url), describe_redis_url(target_url))
     source = redis_client(source_url, timeout=10, connect_timeout=2)
@@ -380,9 +392,15 @@ def cmd_drain(args: argparse.Namespace, settings: Settings) -> int:
     source = check_redis_url(args.source, "--from")
     if not args.quiet_s > 0 or not args.timeout_s > 0:
         raise InvalidArgument("--quiet-s and --timeout-s must be positive")
-    report = drain_shard(
-        settings, args.shard, source, quiet_s=args.quiet_s, timeout_s=args.timeout_s, delete=args.delete
-    )
+    try:
+        report = drain_shard(
+            settings, args.shard, source, quiet_s=args.quiet_s, timeout_s=args.timeout_s, delete=args.delete
+        )
+    except _TRANSPORT as exc:
+        raise BrokerUnavailable(
+            f"lost Redis while draining shard {args.shard} ({describe_redis_url(source)} to "
+            f"{describe_redis_url(settings.group_of(args.shard).url)}): {exc}; run it again"
+        ) from None
     if args.json:
         print_json(asdict(report))
         return ExitCode.OK

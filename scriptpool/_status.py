@@ -194,7 +194,7 @@ def _print_table(
     for row in shards:
         lead: list[Any] = [row["shard"], row["group"]] if several else [row["shard"]]
         if not reachable[row["group"]]:
-            table.row(*lead, None, "NONE: its group's Redis is unreachable", None, None, None, None)
+            table.row(*lead, None, "NONE: its Redis is unreachable", None, None, None, None)
             continue
         if not row["workers"]:
             table.row(*lead, row["queue_depth"], "NONE: callers get fallbacks", None, None, None, None)

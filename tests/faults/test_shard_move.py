@@ -24,7 +24,7 @@ from tests.pool import WorkerProcess, shops_on, start_workers
 
 SHARDS = 2
 MOVED = 1
-JOBS = 4_500
+JOBS = 3_900
 RATE = 300
 TIMEOUT_S = 0.5
 V1, V2 = guests.writes(b'{"v": 1}'), guests.writes(b'{"v": 2}')
