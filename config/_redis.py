@@ -23,6 +23,7 @@ master, are the exception: :class:`PrimaryCheck` and the process-wide watch belo
 
 from __future__ import annotations
 
+import os
 import ssl
 import threading
 import time
@@ -476,7 +477,8 @@ class PrimaryCheck:
 class _PrimaryWatch:
     """Asks the sentinels every second where the primary of each Sentinel pool of this process
     is, so pooled connections left on a node that stopped being primary are closed (by redis-py,
-    when the address changes) instead of writing into a node the sentinels will wipe."""
+    when the address changes) instead of writing into a node the sentinels will wipe. One
+    question per Sentinel set and second, however many pools share it."""
 
     def __init__(self) -> None:
         self._pools: weakref.WeakSet[SentinelConnectionPool] = weakref.WeakSet()
@@ -484,8 +486,6 @@ class _PrimaryWatch:
         self._pid = 0
 
     def add(self, pool: SentinelConnectionPool) -> None:
-        import os
-
         with self._lock:
             self._pools.add(pool)
             if self._pid != os.getpid():  # first pool, or a forked child without the thread
@@ -497,12 +497,23 @@ class _PrimaryWatch:
             time.sleep(PRIMARY_CHECK_S)
             with self._lock:
                 pools = list(self._pools)
+            named: dict[tuple[int, str], tuple[str, int] | None] = {}
             for pool in pools:
+                key = (id(pool.sentinel_manager), pool.service_name)
+                if key not in named:
+                    try:
+                        found = pool.sentinel_manager.discover_master(pool.service_name)
+                        named[key] = (str(found[0]), int(found[1]))
+                    except (redis.RedisError, OSError):
+                        named[key] = None  # no sentinel names one now: leave the pools be
+                address = named[key]
                 before = pool.master_address
-                after = primary_address(pool)
-                if after is not None and before is not None and tuple(after) != tuple(before):
-                    primary = f"{after[0]}:{after[1]}"
-                    log.warning("redis_primary_moved", service=pool.service_name, primary=primary)
+                if address is None or (before is not None and tuple(before) == address):
+                    continue
+                primary_address(pool)  # records the new address, closes idle connections
+                if before is not None:
+                    moved = f"{address[0]}:{address[1]}"
+                    log.warning("redis_primary_moved", service=pool.service_name, primary=moved)
 
 
 _watch = _PrimaryWatch()
