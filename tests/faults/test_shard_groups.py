@@ -113,12 +113,13 @@ def test_killing_one_groups_redis_leaves_the_other_group_fully_served(
     assert all(c.status == "ok" for c in b_calls), timeline(
         [c for c in b_calls if c.status != "ok"], killed_at
     )
-    # Within noise, with the bounds of the hostile-shop scenario (6): these 2 cores are shared
-    # with A's failing callers, the status command and, in CI, whatever else runs, and a single
-    # run's p95 moved between 2 and 14 ms with nothing failing. A B call that waited on anything
-    # of A's would wait for A's timeouts: hundreds of milliseconds, far outside these bounds.
+    # Within noise: these 2 cores are shared with A's failing callers, the status command and,
+    # in CI, whatever else runs; one run's B p95 moved between 2 and 14 ms with nothing failing,
+    # and to 40 ms in a run beside other suites. What isolation rules out is a B call waiting
+    # on anything of A's: A's deadline (500 ms) or socket timeout (1 s), or a fallback.
     assert down_p50 <= max(3 * base_p50, base_p50 + 10), (base_p50, down_p50)
-    assert down_p95 <= max(3 * base_p95, base_p95 + 25), (base_p95, down_p95)
+    assert down_p95 <= max(3 * base_p95, base_p95 + 50), (base_p95, down_p95)
+    assert max(b_during) < TIMEOUT_S * 1000, max(b_during)
     assert breaker_samples and max(b for _, b in breaker_samples) == 0  # B's breakers never open
     assert max(a for a, _ in breaker_samples) > 0  # A's do: its callers get circuit_open at once
     assert a_during and all(c.status == "fallback" for c in a_during)
@@ -136,15 +137,16 @@ def test_killing_one_groups_redis_leaves_the_other_group_fully_served(
         f"its own Redis) and 4 of group B (shard 1, another Redis), interleaved; one solo worker per "
         f"shard; one Client; deadline {TIMEOUT_S * 1000:.0f} ms",
         fault=f"SIGKILL group A's Redis after {JOBS // 4:,} jobs; restart it (AOF) {DOWN_S:.0f} s later",
-        asserted="every B call ok; B's p50 <= max(3x, +10 ms) and p95 <= max(3x, +25 ms) of its "
-        "baseline; B's breakers never open, A's do; every A call during the outage falls back by its "
-        "deadline + 50 ms; A's throughput back within 5 s of the restart; status names group A "
-        "unreachable (exit 4) and shard 1 served",
+        asserted="every B call ok; B's p50 <= max(3x, +10 ms) and p95 <= max(3x, +50 ms) of its "
+        "baseline, no B call as slow as the deadline; B's breakers never open, A's do; every A call "
+        "during the outage falls back by its deadline + 50 ms; A's throughput back within 5 s of the "
+        "restart; status names group A unreachable (exit 4) and shard 1 served",
         figures={
             **answered_figures(calls, JOBS),
             "B calls ok": f"{sum(c.status == 'ok' for c in b_calls):,} of {len(b_calls):,}",
             "B p50 before / while A is down (ms)": f"{base_p50:.2f} / {down_p50:.2f}",
             "B p95 before / while A is down (ms)": f"{base_p95:.2f} / {down_p95:.2f}",
+            "slowest B call while A is down (ms)": round(max(b_during), 2),
             "B breakers open, most seen at once": max(b for _, b in breaker_samples),
             "A breakers open, most seen at once (of 4)": max(a for a, _ in breaker_samples),
             "A calls during the outage: fallbacks": f"{len(a_during):,} ({', '.join(codes_a)})",
