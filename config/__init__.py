@@ -14,13 +14,28 @@ from config._extension_points import (
     ExtensionPoint,
     ExtensionPointReader,
 )
+from config._groups import ShardGroup, parse_shard_groups, ranges_text, render_shard_groups
 from config._heartbeats import WorkerHeartbeat, live_workers, shard_count_disagreement
 from config._keys import Keys
 from config._limits import Limits, check_input_size
 from config._logging import EventLogger, configure_logging, get_logger
 from config._names import check_app, check_ep, check_export, check_provider, check_shop_id
 from config._reconnect import Reconnector
-from config._redis import check_redis_url, redis_client, redis_pool, redis_tls_options
+from config._redis import (
+    PrimaryCheck,
+    SentinelURL,
+    WriteSession,
+    celery_broker,
+    check_redis_url,
+    describe_redis_url,
+    is_sentinel,
+    parse_sentinel_url,
+    primary_address,
+    redact,
+    redis_client,
+    redis_pool,
+    redis_tls_options,
+)
 from config._settings import Settings
 from config._sharding import jump_hash, shard_for
 from config._wire import (
@@ -64,12 +79,17 @@ __all__ = [
     "Keys",
     "Limits",
     "Part",
+    "PrimaryCheck",
     "Reconnector",
     "Reply",
+    "SentinelURL",
     "Settings",
+    "ShardGroup",
     "Taken",
     "Variable",
     "WorkerHeartbeat",
+    "WriteSession",
+    "celery_broker",
     "check_app",
     "check_ep",
     "check_export",
@@ -78,16 +98,24 @@ __all__ = [
     "check_redis_url",
     "check_shop_id",
     "configure_logging",
+    "describe_redis_url",
     "encode_input",
     "errors",
     "get_logger",
+    "is_sentinel",
     "jump_hash",
     "live_workers",
     "markdown_table",
+    "parse_sentinel_url",
+    "parse_shard_groups",
+    "primary_address",
+    "ranges_text",
+    "redact",
     "redis_client",
     "redis_command",
     "redis_pool",
     "redis_tls_options",
+    "render_shard_groups",
     "shard_count_disagreement",
     "shard_for",
 ]

@@ -16,6 +16,8 @@ class Variable:
 
     ``field`` is a :class:`~config.Settings` attribute, or ``limits.<name>`` for a default limit.
     ``scale`` converts units: the variable's number times ``scale`` is the field's value.
+    ``auto``: the text ``auto`` means None, which the setting resolves itself (``auto`` says how,
+    for the README).
     """
 
     name: str
@@ -24,9 +26,12 @@ class Variable:
     doc: str
     scale: int = 1
     unit: str = ""
+    auto: str = ""
 
     def parse(self, text: str) -> Any:
         """The field's value for the variable's text; a malformed one names the variable."""
+        if self.auto and text.strip().lower() == "auto":
+            return None
         if self.kind is str:
             return text
         if self.kind is bytes:
@@ -35,6 +40,8 @@ class Variable:
             number = self.kind(text.strip())
         except ValueError:
             kind = "an integer" if self.kind is int else "a number"
+            if self.auto:
+                kind += " or auto"
             raise ConfigurationError(
                 f"{self.name} must be {kind}, got {text!r}", variable=self.name
             ) from None
@@ -42,6 +49,8 @@ class Variable:
 
     def render(self, value: Any) -> str:
         """The variable's text for a field value (the inverse of :meth:`parse`)."""
+        if value is None and self.auto:
+            return "auto"
         if isinstance(value, bytes):
             return value.decode()
         if self.scale != 1:
@@ -65,7 +74,31 @@ VARIABLES: tuple[Variable, ...] = (
         "SCRIPTPOOL_REDIS_URL",
         "redis_url",
         str,
-        "Redis URL: `redis://`, `rediss://` for TLS, password in the URL",
+        "Redis URL: `redis://`, `rediss://` for TLS, password in the URL; "
+        "`sentinel://[:password@]h1:26379,h2:26379,h3:26379/MASTER/DB` for a Sentinel set "
+        "(options in README, Scaling out)",
+    ),
+    Variable(
+        "SCRIPTPOOL_SHARD_GROUPS",
+        "shard_groups",
+        str,
+        "shards per Redis, `0-7=URL;8-15=URL` (each URL as above); every process must agree. "
+        "Empty: every shard on `SCRIPTPOOL_REDIS_URL`",
+    ),
+    Variable(
+        "SCRIPTPOOL_DEPLOY_REPLICAS",
+        "deploy_replicas",
+        int,
+        "replicas that must have a deploy, rollback or definition before it is acknowledged "
+        "(`WAIT`); `auto`: 1 on a `sentinel://` URL, 0 on a direct one",
+        auto="1 on sentinel://, 0 otherwise",
+    ),
+    Variable(
+        "SCRIPTPOOL_DEPLOY_WAIT_MS",
+        "deploy_wait_ms",
+        int,
+        "how long a deploy waits for those replicas before failing with `not_replicated`",
+        unit="ms",
     ),
     Variable(
         "SCRIPTPOOL_ARTIFACT_KEY",
@@ -158,6 +191,10 @@ def markdown_table(defaults: Mapping[str, Any]) -> str:
         default = defaults[variable.field]
         if variable.kind is bytes:
             shown = "none"
+        elif default is None and variable.auto:
+            shown = f"auto ({variable.auto})"
+        elif default == "":
+            shown = "empty"
         elif isinstance(default, int) and not isinstance(default, bool):
             shown = f"{default // variable.scale:,}"
         else:

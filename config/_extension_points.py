@@ -142,6 +142,12 @@ class ExtensionPointReader(Generic[T]):
             raise UnknownExtensionPoint(f"extension point {name!r} is not defined", ep=name)
         return entry[0]
 
+    def peek(self, name: str) -> T | None:
+        """What ``prepare`` last made of EP ``name``, expired or not, without asking Redis (None:
+        never read, or not defined). For a caller that must not wait on a Redis not answering."""
+        entry = self._entries.get(name)
+        return None if entry is None else entry[0]
+
     def invalidate(self, name: str | None = None) -> None:
         """Forget EP ``name``, or every EP."""
         with self._lock:

@@ -31,6 +31,8 @@ class WorkerHeartbeat:
     dropped_stale: int = 0
     cache: dict[str, int] = field(default_factory=dict)
     at: float = 0.0
+    # Jobs taken per shard (run or dropped as stale): `shard drain` watches them stop growing.
+    shard_jobs: dict[int, int] = field(default_factory=dict)
 
     def to_json(self, **extra: Any) -> str:
         """The value stored in Redis; ``extra`` adds fields readers ignore (the claim token)."""
@@ -45,6 +47,7 @@ class WorkerHeartbeat:
                 "dropped_stale": self.dropped_stale,
                 "cache": self.cache,
                 "at": self.at,
+                "shard_jobs": {str(k): v for k, v in self.shard_jobs.items()},
                 **extra,
             }
         )
@@ -64,6 +67,7 @@ class WorkerHeartbeat:
                 dropped_stale=int(data.get("dropped_stale", 0)),
                 cache={str(k): int(v) for k, v in (data.get("cache") or {}).items()},
                 at=float(data.get("at", 0.0)),
+                shard_jobs={int(k): int(v) for k, v in (data.get("shard_jobs") or {}).items()},
             )
         except (ValueError, TypeError, KeyError, AttributeError):
             return None

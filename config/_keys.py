@@ -76,6 +76,51 @@ class Keys:
         """The set of installed provider names."""
         return f"{self.prefix}:providers"
 
+    def artifacts_pattern(self, sha256: str) -> str:
+        """SCAN pattern matching the artifacts of one module, for every engine fingerprint."""
+        return f"{self.prefix}:artifact:*:{sha256}"
+
+    # -- what belongs to one shop (moves with it when its shard changes group) ---------------
+    # Keep these in step with the per-shop keys above: `scriptpool shard move` copies exactly the
+    # keys they match, and a per-shop key they miss would be left behind in the old group.
+    _SHOP_KINDS: ClassVar[tuple[str, ...]] = ("binding", "history", "rollout", "rollout-samples")
+
+    def shop_key_patterns(self, shop_id: str = "*") -> tuple[str, ...]:
+        """SCAN patterns matching every key of ``shop_id`` (``*``: of every shop): its bindings,
+        their apps' history and its rollouts' state and samples. Transient keys (deploy locks) and
+        the set of rollouts under way (``rollouts_under_way``, rebuilt by the copy) are not
+        among them."""
+        patterns = [f"{self.prefix}:{kind}:*:{shop_id}" for kind in self._SHOP_KINDS]
+        return (*patterns, f"{self.prefix}:history:*:{shop_id}#*")
+
+    def shop_of_key(self, key: str) -> str | None:
+        """The shop a key matched by :meth:`shop_key_patterns` belongs to (None: not such a key)."""
+        parsed = self._parse_shop_key(key)
+        return parsed[2] if parsed else None
+
+    def binding_of_key(self, key: str) -> str | None:
+        """The binding a key matched by :meth:`shop_key_patterns` goes with: its history and its
+        rollout's keys change with it, and move with it."""
+        parsed = self._parse_shop_key(key)
+        return self.binding(parsed[1], parsed[2]) if parsed else None
+
+    def is_binding(self, key: str) -> bool:
+        """Whether ``key`` (one of :meth:`shop_key_patterns`) is a current binding."""
+        return key.startswith(f"{self.prefix}:binding:")
+
+    def _parse_shop_key(self, key: str) -> tuple[str, str, str] | None:
+        """(kind, EP, shop) of a per-shop key."""
+        for kind in self._SHOP_KINDS:
+            head = f"{self.prefix}:{kind}:"
+            if not key.startswith(head):
+                continue
+            ep, colon, shop = key[len(head) :].partition(":")
+            if kind == "history":
+                shop = shop.partition("#")[0]  # an app's history: <shop>#<app>
+            if colon and ep and shop and ":" not in shop:
+                return kind, ep, shop
+        return None
+
     def deploy_lock(self, ep: str, shop_id: str) -> str:
         """Serialises deploys and rollbacks of one (EP, shop)."""
         return f"{self.prefix}:lock:{ep}:{shop_id}"

@@ -5,15 +5,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from config import _environment
+from config._groups import ShardGroup, parse_shard_groups, ranges_text
 from config._keys import Keys
 from config._limits import Limits
-from config._redis import check_redis_url
+from config._redis import check_redis_url, is_sentinel
 from config.errors import ConfigurationError
+
+# A deploy waits this long for its replicas by default: loopback replicas acknowledge in 0.3 ms,
+# and a replica across a data centre or busy writing its AOF in tens of ms; seconds mean the
+# replica is not there, and the person deploying should hear so while still at the keyboard.
+DEPLOY_WAIT_MS = 2000
 
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.:{}]{0,63}")
 
@@ -26,6 +32,10 @@ class Settings:
     """
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    shard_groups: str = ""
+    # None: 1 on a sentinel:// group, 0 on a direct one (see deploy_replicas_for).
+    deploy_replicas: int | None = None
+    deploy_wait_ms: int = DEPLOY_WAIT_MS
     artifact_key: bytes = b""
     shards: int = 2
     key_prefix: str = "sp"
@@ -38,9 +48,18 @@ class Settings:
     binding_cache_ttl_s: float = 5.0
     join_threads: int = 1
     metrics_port: int = 0
+    # The parsed shard_groups (or one group on redis_url), derived by __post_init__.
+    groups: tuple[ShardGroup, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_redis_url(self.redis_url)
+        if self.shards >= 1:
+            groups = parse_shard_groups(self.shard_groups, self.shards, self.redis_url)
+            object.__setattr__(self, "groups", groups)
+        if self.deploy_replicas is not None and self.deploy_replicas < 0:
+            _invalid("deploy_replicas", f"must be 0 or more (or auto), got {self.deploy_replicas}")
+        if not 0 < self.deploy_wait_ms <= 600_000:
+            _invalid("deploy_wait_ms", f"must lie in 1..600000 ms, got {self.deploy_wait_ms}")
         if not _PREFIX.fullmatch(self.key_prefix):
             _invalid("key_prefix", f"must be 1-64 letters, digits or _-.:{{}}, got {self.key_prefix!r}")
         if self.shards < 1:
@@ -65,6 +84,43 @@ class Settings:
     def keys(self) -> Keys:
         """Redis key names under this deployment's prefix."""
         return Keys(self.key_prefix)
+
+    def group_of(self, shard: int) -> ShardGroup:
+        """The group that serves ``shard``."""
+        for group in self.groups:
+            if shard in group.shards:
+                return group
+        raise ConfigurationError(f"shard {shard} is not one of 0..{self.shards - 1}")
+
+    def group_of_shards(self, shards: Iterable[int]) -> ShardGroup:
+        """The one group serving all of ``shards``; a worker's shards must share their Redis."""
+        chosen = sorted(set(shards))
+        found = {self.group_of(shard) for shard in chosen}
+        if len(found) != 1:
+            spread = "; ".join(
+                f"{ranges_text([s for s in chosen if s in g.shards])} in {g.describe()}"
+                for g in sorted(found, key=lambda g: g.shards[0])
+            )
+            raise ConfigurationError(
+                f"a worker's shards must all be in one group of SCRIPTPOOL_SHARD_GROUPS, got {spread}: "
+                "start one worker per group",
+                variable="SCRIPTPOOL_SHARD_GROUPS",
+            )
+        return found.pop()
+
+    def for_group(self, group: ShardGroup) -> Settings:
+        """These settings for a process that serves only ``group`` (a worker): its Redis,
+        ``redis_url``, is the group's."""
+        return self.replace(redis_url=group.url)
+
+    def deploy_replicas_for(self, url: str) -> int:
+        """How many replicas must acknowledge a deploy to the Redis at ``url``: the setting, or by
+        default 1 behind Sentinel (a Sentinel set exists to survive losing its primary, and a
+        deploy only the primary has is lost by exactly that failover) and 0 on a direct URL (a
+        lone Redis has no replica to wait for; AOF is what keeps its deploys)."""
+        if self.deploy_replicas is not None:
+            return self.deploy_replicas
+        return 1 if is_sentinel(url) else 0
 
     def require_artifact_key(self) -> bytes:
         """Return the HMAC key for AOT artifacts, or fail clearly if none is configured."""
@@ -102,7 +158,7 @@ class Settings:
 
     def field_values(self) -> dict[str, Any]:
         """Every field by its ``config.VARIABLES`` name (``limits.fuel`` for a limit)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         values.update({f"limits.{k}": v for k, v in self.limits.as_dict().items()})
         return values
 

@@ -29,6 +29,7 @@ __all__ = [
     "InvalidOutput",
     "MemoryLimitExceeded",
     "ModuleTooLarge",
+    "NotReplicated",
     "NothingToRollBack",
     "OutputTooLarge",
     "PoolError",
@@ -37,6 +38,7 @@ __all__ = [
     "RolloutConflict",
     "ScriptNotFound",
     "ScriptpoolError",
+    "ShardNotDrained",
     "StackOverflow",
     "TooManyApps",
     "UnknownExtensionPoint",
@@ -140,6 +142,14 @@ class NothingToRollBack(RegistryError):
     """Raised when a rollback is asked for but no earlier version exists."""
 
     code = "nothing_to_roll_back"
+
+
+class NotReplicated(RegistryError):
+    """Raised when a write (a deploy, rollback or definition) reached the primary but fewer
+    replicas than required acknowledged it in time: it is live, but not known to survive a
+    failover. ``detail`` holds ``acknowledged``, ``required``, ``timeout_ms`` and ``group``."""
+
+    code = "not_replicated"
 
 
 class ArtifactRejected(RegistryError):
@@ -255,6 +265,16 @@ class WorkerFailed(PoolError):
 
     code = "worker_error"
     trips_breaker = True
+
+
+# -- operations -----------------------------------------------------------------------------------
+
+
+class ShardNotDrained(ScriptpoolError):
+    """Raised when ``scriptpool shard drain`` finds the shard's old queue still in use when its
+    time is up: some client still publishes there with the old shard map."""
+
+    code = "shard_not_drained"
 
 
 def _all_subclasses(cls: type[ScriptpoolError]) -> list[type[ScriptpoolError]]:

@@ -178,30 +178,33 @@ class Lane:
         self._background(lambda: self._send(batch, announce))
 
     def _send(self, batch: list[Pending], announce: bool) -> None:
-        """Publish ``batch``, which holds one slot; on failure, fail it and go on with what waits."""
-        while batch:
-            message = Message(self, len(batch))
+        """Publish ``batch``, which holds one slot; on failure, fail it and pass the slot to what
+        waits, published from a background thread: the thread that failed may be a caller's,
+        and a caller must not go on publishing other callers' jobs past its own deadline (each
+        may wait out a Redis that does not answer)."""
+        message = Message(self, len(batch))
+        for call in batch:
+            call.waiter.listener = message
+        try:
+            self._publish(batch, announce)
+        except self._errors as exc:
+            with self._lock:
+                # Callers that gave up meanwhile were counted already (and may have passed
+                # the slot on, if all of them did).
+                message.failed = True
+                self._outstanding -= message.outstanding
+                released, message.released = message.released, True
             for call in batch:
-                call.waiter.listener = message
-            try:
-                self._publish(batch, announce)
-            except self._errors as exc:
-                with self._lock:
-                    # Callers that gave up meanwhile were counted already (and may have passed
-                    # the slot on, if all of them did).
-                    message.failed = True
-                    self._outstanding -= message.outstanding
-                    released, message.released = message.released, True
-                for call in batch:
-                    call.waiter.listener = None
-                self._fail(batch, exc)
-                with self._lock:
-                    batch, announce = ([], False) if released else self._next_batch()
-            else:
-                with self._lock:
-                    self.messages += 1
-                    self.jobs += len(batch)
-                return
+                call.waiter.listener = None
+            self._fail(batch, exc)
+            with self._lock:
+                batch, announce = ([], False) if released else self._next_batch()
+            if batch:
+                self._publish_later(batch, announce)
+        else:
+            with self._lock:
+                self.messages += 1
+                self.jobs += len(batch)
 
     def _next_batch(self) -> tuple[list[Pending], bool]:
         """Take the next message's calls from the queue (lock held); the freed slot passes to

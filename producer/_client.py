@@ -20,6 +20,7 @@ from config import (
     Limits,
     Reply,
     Settings,
+    ShardGroup,
     check_ep,
     check_input_size,
     check_shop_id,
@@ -54,6 +55,36 @@ _SHARD_COUNT_RECHECK_S = 30.0
 # Callers wait in checkout paths; anything longer is a mistake (inf would overflow the wait).
 MAX_TIMEOUT_S = 600
 _SHARD_CACHE = 100_000
+# A publish waits for Redis's acknowledgement at most this long (the client's socket timeout),
+# and at least this long, however little time its caller has left.
+_PUBLISH_TIMEOUT_S = 1.0
+_PUBLISH_MIN_S = 0.001
+
+
+class _GroupLink:
+    """This client's connections to one shard group's Redis: the publisher, the reply reader
+    and the EP reader. Groups share nothing, so one group's Redis failing slows no other's calls.
+
+    ``failing``: the last publish or EP read on this group failed. Until one succeeds again,
+    callers publish from the background threads and wait only on their own deadline, since a
+    Redis that froze (or a primary cut off before Sentinel replaces it) keeps connections open
+    and silent, and a new connection's handshake would wait out the socket timeout (1 s) on it.
+    """
+
+    def __init__(self, group: ShardGroup, keys: Keys, client_id: str, settings: Settings) -> None:
+        self.group = group
+        self.failing = False
+        self.redis = redis_client(group.url, timeout=1.0, connect_timeout=0.25)
+        self.tasks = TaskPublisher(self.redis, Keys.TASK)
+        self.replies = ReplyDispatcher(group.url, keys.replies(client_id))
+        self.limits: ExtensionPointReader[Limits] = ExtensionPointReader(
+            self.redis, keys, lambda ep: ep.limits(settings.limits), ttl_s=_EP_CACHE_S
+        )
+
+    def close(self) -> None:
+        self.replies.close(self.redis)
+        self.redis.close()
+        self.redis.connection_pool.disconnect()  # the pool is ours: its sockets close now, not at GC
 
 
 class Client:
@@ -62,6 +93,9 @@ class Client:
     ``run``/``run_async`` never raise for runtime failures: they return an :class:`Outcome`
     whose ``output`` is the fallback. Mistakes in the call itself (bad shop id, unknown EP,
     input that is not JSON or too large, a non-positive timeout) raise before anything is enqueued.
+
+    A call goes shop -> shard -> shard group (``SCRIPTPOOL_SHARD_GROUPS``): the client keeps one
+    set of connections per group and publishes to, and hears replies from, the shop's group.
     """
 
     def __init__(
@@ -74,13 +108,10 @@ class Client:
         self.settings = settings
         self.client_id = os.urandom(16).hex()
         self._keys = settings.keys
-        self._redis = redis_client(settings.redis_url, timeout=1.0, connect_timeout=0.25)
-        self._tasks = TaskPublisher(self._redis, Keys.TASK)
-        self._replies = ReplyDispatcher(settings.redis_url, self._keys.replies(self.client_id))
+        self._groups = [_GroupLink(group, self._keys, self.client_id, settings) for group in settings.groups]
+        by_url = {link.group.url: link for link in self._groups}
+        self._link_of_shard = [by_url[settings.group_of(shard).url] for shard in range(settings.shards)]
         self._breakers = BreakerBoard(breaker or BreakerPolicy())
-        self._limits: ExtensionPointReader[Limits] = ExtensionPointReader(
-            self._redis, self._keys, lambda ep: ep.limits(settings.limits), ttl_s=_EP_CACHE_S
-        )
         self._shards: dict[str, int] = {}  # shop -> shard, a cache: hashing costs 2 us a call
         self._publisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scriptpool-publish")
         self.batching = batching or BatchPolicy()
@@ -108,8 +139,12 @@ class Client:
         call = self._prepare(ep, shop_id, input, timeout, fallback)
         if isinstance(call, Outcome):
             return self._finish(call, strict)
-        call.waiter = self._replies.expect(call.job.id)
-        self._lanes[call.shard].submit(call)  # publishes now, or joins the shard's next message
+        link = self._link_of_shard[call.shard]
+        call.waiter = link.replies.expect(call.job.id)
+        if not link.failing:
+            self._lanes[call.shard].submit(call)  # publishes now, or joins the shard's next message
+        elif not self._lanes[call.shard].try_queue(call):
+            self._background(lambda: self._submit(call))  # this thread waits only on its deadline
         reply = call.waiter.wait(call.job.deadline - time.time())
         return self._finish(self._conclude(call, reply), strict)
 
@@ -127,7 +162,8 @@ class Client:
         call = self._prepare(ep, shop_id, input, timeout, fallback)
         if isinstance(call, Outcome):
             return self._finish(call, strict)
-        call.waiter = self._replies.expect(call.job.id, asyncio.get_running_loop())
+        link = self._link_of_shard[call.shard]
+        call.waiter = link.replies.expect(call.job.id, asyncio.get_running_loop())
         # Publishing is a Redis round trip: off the event loop. Whatever happens to it reaches
         # the waiter, and the wait below ends at the deadline regardless. Joining a busy lane's
         # next message needs no I/O, so it takes no thread either.
@@ -141,6 +177,11 @@ class Client:
             self._publisher.submit(work)
 
     def _submit(self, call: _Call) -> None:
+        if time.time() >= call.job.deadline:
+            # Its caller has its fallback already: the publishing threads were busy (waiting on a
+            # Redis that does not answer), and a job nobody waits for is not worth enqueueing.
+            call.waiter.fail("the deadline passed before the job could be enqueued")
+            return
         try:
             self._lanes[call.shard].submit(call)
         except Exception as exc:  # a bug, not Redis (the lane reports those): still wake the caller
@@ -148,23 +189,24 @@ class Client:
             call.waiter.fail(f"cannot enqueue: {exc!r}")
 
     def _warm_publisher(self) -> None:
-        try:
-            self._redis.ping()
-        except _TRANSPORT_ERRORS as exc:
-            log.warning("publisher_warmup_failed", error=str(exc))
-            return
+        for link in self._groups:
+            try:
+                link.redis.ping()
+            except _TRANSPORT_ERRORS as exc:
+                log.warning("publisher_warmup_failed", group=link.group.name, error=str(exc))
         self._check_shard_count()
 
     def _check_shard_count(self) -> None:
         """Log once if live workers run with another SCRIPTPOOL_SHARDS than this client: their
         queues differ, so some shops' calls would only ever time out."""
         self._shard_count_checked = time.monotonic()
-        try:
-            disagreement = shard_count_disagreement(
-                live_workers(self._redis, self._keys), self.settings.shards
-            )
-        except _TRANSPORT_ERRORS:
-            return
+        beats = []
+        for link in self._groups:
+            try:
+                beats.extend(live_workers(link.redis, self._keys))
+            except _TRANSPORT_ERRORS:
+                continue  # that group's calls fall back; the others are still worth checking
+        disagreement = shard_count_disagreement(beats, self.settings.shards)
         if disagreement and not self._shard_count_warned:
             self._shard_count_warned = True
             log.error(
@@ -179,8 +221,15 @@ class Client:
 
     def limits(self, ep: str) -> Limits:
         """The limits scripts at ``ep`` run under, as this client knows them (cached for a few
-        seconds). Raises :class:`UnknownExtensionPoint`, or redis-py's error if Redis is down."""
-        return self._limits.get(check_ep(ep))
+        seconds), from the first group that answers. Raises :class:`UnknownExtensionPoint`, or
+        redis-py's error if no group's Redis answers."""
+        ep = check_ep(ep)
+        for link in self._groups[:-1]:
+            try:
+                return link.limits.get(ep)
+            except _TRANSPORT_ERRORS:
+                continue
+        return self._groups[-1].limits.get(ep)
 
     def breaker_state(self, shop_id: str | int, ep: str) -> str:
         """The breaker state of (shop, EP): ``closed``, ``open`` or ``half_open``."""
@@ -190,11 +239,12 @@ class Client:
         """Stop the reply reader, delete this client's reply list and release connections.
 
         Calls still waiting get their fallback at their deadline. Also called on leaving a
-        ``with Client(...) as client:`` block.
+        ``with Client(...) as client:`` block. A publish in flight finishes first (at most its
+        1 s socket timeout, on a Redis that does not answer); queued ones are dropped.
         """
-        self._replies.close(self._redis)
-        self._publisher.shutdown(wait=False)
-        self._redis.close()
+        self._publisher.shutdown(wait=True, cancel_futures=True)
+        for link in self._groups:
+            link.close()
 
     def __enter__(self) -> Client:
         return self
@@ -227,29 +277,62 @@ class Client:
         breaker = self._breakers.get(shop, ep)
         call = _Call(job, self._shard_of(shop), breaker, fallback, started)
         call.validated, call.serialized = validated, serialized
-        try:
-            limits = self._limits.get(ep)
-        except _TRANSPORT_ERRORS as exc:
-            breaker.failure()
-            return call.fallback_outcome(BrokerUnavailable, f"cannot reach Redis: {exc}")
+        link = self._link_of_shard[call.shard]
+        if link.failing:
+            # Do not wait on that Redis here: the limits last read serve, or the call falls back.
+            cached = link.limits.peek(ep)
+            if cached is None:
+                self._background(lambda: self._read_limits(link, ep))
+                breaker.failure()
+                return call.fallback_outcome(
+                    BrokerUnavailable, f"Redis of group {link.group.name} does not answer"
+                )
+            limits = cached
+        else:
+            try:
+                limits = link.limits.get(ep)
+            except _TRANSPORT_ERRORS as exc:
+                link.failing = True
+                breaker.failure()
+                return call.fallback_outcome(BrokerUnavailable, f"cannot reach Redis: {exc}")
         check_input_size(payload, limits)
         if not breaker.allow():
             return call.fallback_outcome(CircuitOpen, f"circuit for {shop}/{ep} is open")
         return call
+
+    def _read_limits(self, link: _GroupLink, ep: str) -> None:
+        """Read an EP's limits off the caller's path, for a group that failed: once it answers,
+        its callers publish directly again."""
+        try:
+            link.limits.get(ep)
+        except _TRANSPORT_ERRORS:
+            return
+        except ScriptpoolError:
+            pass  # an unknown EP: still an answer
+        link.failing = False
 
     def _publish(self, calls: list[Any], announce: bool) -> None:
         """One task message carrying ``calls`` (one or more jobs for the same shard); with
         ``announce`` the worker says when it takes it (``producer._batching``)."""
         first = calls[0].job
         argsrepr = f"[job {first.ep}/{first.shop_id}]" if len(calls) == 1 else f"[{len(calls)} jobs]"
-        self._tasks.publish(
-            first.id,
-            [call.job.to_wire() for call in calls],
-            {"announce": True} if announce else {},
-            queue=self._keys.queue(calls[0].shard),
-            reply_to=self._replies.reply_key,
-            argsrepr=argsrepr,
-        )
+        link = self._link_of_shard[calls[0].shard]
+        # Wait for Redis's acknowledgement no longer than the latest caller of the message waits.
+        remaining = max(call.job.deadline for call in calls) - time.time()
+        try:
+            link.tasks.publish(
+                first.id,
+                [call.job.to_wire() for call in calls],
+                {"announce": True} if announce else {},
+                queue=self._keys.queue(calls[0].shard),
+                reply_to=link.replies.reply_key,
+                argsrepr=argsrepr,
+                timeout=min(_PUBLISH_TIMEOUT_S, max(remaining, _PUBLISH_MIN_S)),
+            )
+        except _TRANSPORT_ERRORS:
+            link.failing = True
+            raise
+        link.failing = False
         now = time.perf_counter()
         for call in calls:
             call.enqueued = now
@@ -260,7 +343,7 @@ class Client:
 
     def _conclude(self, call: _Call, raw: dict[str, Any] | None) -> Outcome:
         if raw is None:
-            self._replies.forget(call.job.id)
+            self._link_of_shard[call.shard].replies.forget(call.job.id)
             call.breaker.failure()
             failure = call.waiter.failure
             if failure is not None:

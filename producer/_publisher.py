@@ -142,9 +142,14 @@ class TaskPublisher:
         queue: str,
         reply_to: str,
         argsrepr: str,
+        timeout: float | None = None,
     ) -> None:
         """Build the message and LPUSH it: one Redis round trip, no retry (the caller's deadline
-        decides), raising ``redis.RedisError`` or ``OSError`` when Redis cannot take it."""
+        decides), raising ``redis.RedisError`` or ``OSError`` when Redis cannot take it.
+
+        ``timeout``: wait at most this long for Redis to acknowledge (the caller's remaining time),
+        so a Redis that froze with the connection open costs the caller its deadline, not the
+        socket timeout; the connection is then dropped."""
         envelope = self.encode(task_id, args, kwargs, queue=queue, reply_to=reply_to, argsrepr=argsrepr)
         packed = redis_command(b"LPUSH", queue, envelope)
         # A pooled connection and a packed command: a third of redis-py's per-command CPU.
@@ -152,7 +157,10 @@ class TaskPublisher:
         connection: Any = pool.get_connection()  # redis-py types these partly
         try:
             connection.send_packed_command([packed], check_health=False)
-            connection.read_response()
+            if timeout is None:
+                connection.read_response()
+            else:
+                connection.read_response(timeout=timeout)
         except BaseException:
             connection.disconnect()  # a half-read reply must not reach the next user
             raise

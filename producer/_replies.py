@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import msgpack
 import redis
 
-from config import Reconnector, Taken, get_logger, redis_command, redis_pool
+from config import PrimaryCheck, Reconnector, Taken, get_logger, redis_command, redis_pool
 
 log = get_logger("client")
 
@@ -126,8 +126,10 @@ class ReplyDispatcher:
         self._blpop = redis_command(b"BLPOP", reply_key, _BLOCK_S)
         self._lpop = redis_command(b"LPOP", reply_key, _DRAIN)
         self._use_multi_pop = self.multi_pop
+        # A short cap: replies resume at most 0.25 s after Redis (or a promoted replica) answers
+        # again, for one refused connect per 0.25 s while it does not.
         self._loop = Reconnector(
-            "reply_dispatcher", self._session, initial_backoff_s=0.01, max_backoff_s=1.0, logger=log
+            "reply_dispatcher", self._session, initial_backoff_s=0.01, max_backoff_s=0.25, logger=log
         )
         self._loop.start()
 
@@ -160,9 +162,16 @@ class ReplyDispatcher:
     def _session(self, loop: Reconnector) -> None:
         pool = redis_pool(self._url, timeout=2.0, connect_timeout=0.5)
         connection: Any = pool.make_connection()  # redis-py types these partly
+        primary = PrimaryCheck(pool)
         try:
-            connection.connect()  # now, and through the pool's own address lookup
+            # Now, and through the pool's own address lookup: on a Sentinel pool only connect()
+            # asks the sentinels, a packed command would dial an old or default address.
+            connection.connect()
             while not loop.stopping.is_set():
+                if primary.moved(connection):
+                    # A primary that froze and came back still answers, but workers now reply to
+                    # the promoted one: read there.
+                    raise redis.ConnectionError("Sentinel moved the primary: reading replies there")
                 if self._use_multi_pop:
                     try:
                         items = self._pop_many(connection)

@@ -2,6 +2,7 @@
 
 from registry._bindings import DEFAULT_APP, BindingSet, Deployment
 from registry._candidate import ABORTED, CANARY, PROMOTED, SHADOWING, Candidate, RolloutRules
+from registry._groups import Registries
 from registry._registry import Provider, Registry
 from registry._rollouts import CANDIDATE_ERROR, MATCH, MISMATCH, Rollouts, RolloutStatus, Tally
 from registry._schemas import check_schema, compile_validator
@@ -19,6 +20,7 @@ __all__ = [
     "Candidate",
     "Deployment",
     "Provider",
+    "Registries",
     "Registry",
     "RolloutRules",
     "RolloutStatus",

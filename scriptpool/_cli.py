@@ -21,7 +21,13 @@ Command = Callable[[argparse.Namespace, Settings], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from scriptpool import _pool_commands, _registry_commands, _rollout_commands, _tool_commands
+    from scriptpool import (
+        _pool_commands,
+        _registry_commands,
+        _rollout_commands,
+        _shard_commands,
+        _tool_commands,
+    )
 
     parser = Parser(
         prog="scriptpool",
@@ -35,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _registry_commands.add_parsers(sub)
     _pool_commands.add_parsers(sub)
     _rollout_commands.add_parsers(sub)
+    _shard_commands.add_parsers(sub)
     _tool_commands.add_parsers(sub)
     return parser
 

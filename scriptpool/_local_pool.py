@@ -49,6 +49,12 @@ def local_pool(
             say("using the Redis in SCRIPTPOOL_REDIS_URL and its running workers")
             settings = Settings.from_env(env)
             settings.require_artifact_key()  # deploys must be signed with the workers' key
+            if len(settings.groups) > 1:
+                raise ConfigurationError(
+                    f"--external runs on one Redis, and SCRIPTPOOL_SHARD_GROUPS names {len(settings.groups)} "
+                    "groups: run it with SCRIPTPOOL_SHARD_GROUPS unset and SCRIPTPOOL_REDIS_URL set to one",
+                    variable="SCRIPTPOOL_SHARD_GROUPS",
+                )
         else:
             say("starting a private Redis on a free loopback port")
             server = EmbeddedRedis().start()

@@ -89,6 +89,17 @@ def report(error: ScriptpoolError, exit_code: ExitCode, *, json_output: bool) ->
 
 
 def redis_address() -> str:
-    """Where SCRIPTPOOL_REDIS_URL points, without its password."""
+    """Where SCRIPTPOOL_REDIS_URL points, without its passwords (or where every group's Redis
+    is, with SCRIPTPOOL_SHARD_GROUPS)."""
+    from config import describe_redis_url, parse_shard_groups
+
     url = os.environ.get("SCRIPTPOOL_REDIS_URL", Settings().redis_url)
-    return url.split("@")[-1]
+    groups_text = os.environ.get("SCRIPTPOOL_SHARD_GROUPS", "")
+    if groups_text.strip():
+        try:
+            shards = int(os.environ.get("SCRIPTPOOL_SHARDS", Settings().shards))
+            groups = parse_shard_groups(groups_text, shards, url)
+        except (ValueError, ConfigurationError):
+            return "the Redis of SCRIPTPOOL_SHARD_GROUPS"
+        return ", ".join(f"{g.name}: {describe_redis_url(g.url)}" for g in groups)
+    return describe_redis_url(url)

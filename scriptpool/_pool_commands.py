@@ -8,10 +8,11 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
-from config import Settings, live_workers, redis_client, shard_count_disagreement
+from config import Settings, describe_redis_url
 from config.errors import ConfigurationError, InputTooLarge, InvalidArgument
 from scriptpool._files import read_json
-from scriptpool._output import ExitCode, add_json_flag, exit_code_for, print_json, redis_address, report
+from scriptpool._output import ExitCode, add_json_flag, exit_code_for, print_json, report
+from scriptpool._status import cmd_status
 
 if TYPE_CHECKING:
     from producer import Outcome
@@ -37,7 +38,9 @@ def add_parsers(sub: Any) -> None:
     add_json_flag(run)
     run.set_defaults(func=cmd_run)
 
-    status = sub.add_parser("status", help="shards, live workers, queue depths and cache hit ratios")
+    status = sub.add_parser(
+        "status", help="shard groups, shards, live workers, queue depths, cache hit ratios, registry gaps"
+    )
     status.add_argument("ep", nargs="?", help="with SHOP: also where this (EP, shop) runs and its apps")
     status.add_argument("shop", nargs="?", help="shop id (with EP)")
     add_json_flag(status)
@@ -85,8 +88,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         from config.errors import BrokerUnavailable
 
         message = outcome.error.message if outcome.error else ""
+        group = settings.group_of(outcome.shard) if outcome.shard is not None else settings.groups[0]
         return report(
-            BrokerUnavailable(f"cannot reach Redis at {redis_address()}: {message}"),
+            BrokerUnavailable(f"cannot reach Redis at {describe_redis_url(group.url)}: {message}"),
             exit_code,
             json_output=False,
         )
@@ -122,151 +126,6 @@ def _print_outcome(outcome: Outcome) -> None:
         f"timings: enqueue {t.enqueue_ms:.2f} ms | queue wait {t.queue_wait_ms:.2f} | "
         f"execute {t.execute_ms:.2f} | result {t.result_ms:.2f} | total {t.total_ms:.2f} ms"
     )
-
-
-def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    client = redis_client(settings.redis_url, timeout=5, connect_timeout=2)
-    keys = settings.keys
-    beats = live_workers(client, keys)
-    depths = [int(client.llen(keys.queue(shard))) for shard in range(settings.shards)]
-    mismatch = shard_count_disagreement(beats, settings.shards)
-    shards: list[dict[str, Any]] = []
-    for shard in range(settings.shards):
-        serving = [b for b in beats if shard in b.shards and b.shard_count in (0, settings.shards)]
-        shards.append({"shard": shard, "queue_depth": depths[shard], "workers": [b.name for b in serving]})
-    unserved = [s["shard"] for s in shards if not s["workers"]]
-    exit_code = ExitCode.FALLBACK if unserved or mismatch else ExitCode.OK
-    pair = _pair_status(args, settings, shards) if args.ep else None
-    rollouts = _rollouts_under_way(settings)
-    if args.json:
-        print_json(
-            {
-                "redis": redis_address(),
-                "shards": settings.shards,
-                "shard_table": shards,
-                "unserved_shards": unserved,
-                "shard_count_mismatch": {str(count): names for count, names in mismatch.items()},
-                "workers": [_beat(b) for b in beats],
-                "rollouts": rollouts,
-                **({"binding": pair} if pair is not None else {}),
-            }
-        )
-        return exit_code
-    from scriptpool._table import LiveTable
-
-    print(f"redis {redis_address()}  shards {settings.shards}  live workers {len(beats)}")
-    table = LiveTable(
-        [
-            ("shard", 5),
-            ("queue depth", 11),
-            ("worker", 36),
-            ("executed", 9),
-            ("dropped", 7),
-            ("modules", 7),
-            ("cache hit %", 11),
-        ]
-    )
-    by_name = {b.name: b for b in beats}
-    for row in shards:
-        if not row["workers"]:
-            table.row(row["shard"], row["queue_depth"], "NONE: callers get fallbacks", None, None, None, None)
-        for name in row["workers"]:
-            beat = by_name[name]
-            lookups = beat.cache.get("hits", 0) + beat.cache.get("misses", 0)
-            ratio = 100.0 * beat.cache.get("hits", 0) / lookups if lookups else None
-            table.row(
-                row["shard"],
-                row["queue_depth"],
-                name,
-                beat.executed,
-                beat.dropped_stale,
-                beat.cache.get("entries"),
-                ratio,
-            )
-    if pair is not None:
-        workers = ", ".join(pair["workers"]) or "NONE"
-        print(f"\n{pair['ep']}/{pair['shop']} ({pair['combine']}): shard {pair['shard']}, workers {workers}")
-        for app in pair["apps"]:
-            blocking = ", blocks on failure" if app["block_on_failure"] else ""
-            print(f"  app {app['app']}: version {app['version']} (sha256 {app['sha256'][:12]}){blocking}")
-        if not pair["apps"]:
-            print("  nothing deployed")
-    for rollout in rollouts:
-        print(
-            f"rollout at {rollout['ep']}/{rollout['shop']} (app {rollout['app']}): {rollout['state']}, "
-            f"{rollout['compared']} compared, {rollout['mismatch']} mismatch(es)"
-        )
-    for count, names in sorted(mismatch.items()):
-        print(
-            f"warning: {len(names)} live worker(s) run with SCRIPTPOOL_SHARDS={count}, this status with "
-            f"{settings.shards}: {', '.join(names)}. Every process must agree, or calls time out."
-        )
-    return exit_code
-
-
-def _pair_status(
-    args: argparse.Namespace, settings: Settings, shards: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """Where one (EP, shop) runs, and every app's script bound there."""
-    from config import shard_for
-    from config.errors import ScriptNotFound
-    from scriptpool._registry_commands import open_registry
-
-    if args.shop is None:
-        raise InvalidArgument("status EP SHOP: give both, or neither")
-    registry = open_registry(settings)
-    definition = registry.extension_point(args.ep)
-    shard = shard_for(args.shop, settings.shards)
-    try:
-        apps = registry.bindings(args.ep, str(args.shop)).apps
-    except ScriptNotFound:
-        apps = {}
-    return {
-        "ep": args.ep,
-        "shop": str(args.shop),
-        "combine": definition.combine,
-        "shard": shard,
-        "workers": shards[shard]["workers"],
-        "apps": [
-            {
-                "app": name,
-                "version": d.version,
-                "sha256": d.sha256,
-                "block_on_failure": d.block_on_failure,
-                "deployed_at": d.deployed_at,
-            }
-            for name, d in sorted(apps.items())
-        ],
-    }
-
-
-def _rollouts_under_way(settings: Settings) -> list[dict[str, Any]]:
-    from scriptpool._registry_commands import open_registry
-
-    return [
-        {
-            "ep": r.ep,
-            "shop": r.shop,
-            "app": r.app,
-            "state": r.state,
-            "compared": int(r.counts.get("compared", 0)),
-            "mismatch": int(r.counts.get("mismatch", 0)),
-        }
-        for r in open_registry(settings).rollouts.under_way()
-    ]
-
-
-def _beat(beat: Any) -> dict[str, Any]:
-    return {
-        "name": beat.name,
-        "host": beat.host,
-        "pid": beat.pid,
-        "shards": list(beat.shards),
-        "shard_count": beat.shard_count,
-        "executed": beat.executed,
-        "dropped_stale": beat.dropped_stale,
-        "cache": beat.cache,
-    }
 
 
 def parse_shards(text: str, shards: int) -> list[int]:
@@ -308,6 +167,7 @@ def worker_argv(
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_artifact_key()
     shards = parse_shards(args.shards, settings.shards)
+    settings.group_of_shards(shards)  # one group's Redis per worker (the worker checks again)
     port = settings.metrics_port if args.metrics_port is None else args.metrics_port
     if port:
         _check_port_free(port)

@@ -7,23 +7,44 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from config import Limits, Settings, redis_client
-from config.errors import InvalidArgument
+import redis
+
+from config import Limits, Settings
+from config.errors import BrokerUnavailable, InvalidArgument
 from scriptpool._files import SCHEMA_LIMIT, read_json, read_module
 from scriptpool._output import ExitCode, add_json_flag, print_json
 
 if TYPE_CHECKING:
-    from registry import Deployment, Registry
+    from registry import Deployment, Registries, Registry
 
 LIMIT_NAMES = ", ".join(Limits().as_dict())
+_TRANSPORT = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+def open_registries(settings: Settings) -> Registries:
+    """The registry of every shard group, with its own sandbox for validating and compiling.
+    Writes go through ``durable``/``on_shop``/``everywhere`` (acknowledged once the replicas
+    ``SCRIPTPOOL_DEPLOY_REPLICAS`` asks for have them); reads through ``reader``."""
+    from registry import Registries
+
+    return Registries(settings)
 
 
 def open_registry(settings: Settings) -> Registry:
-    """A registry on the configured Redis, with its own sandbox for validating and compiling."""
-    from engine import Sandbox
-    from registry import Registry
-
-    return Registry(redis_client(settings.redis_url, timeout=5, connect_timeout=2), settings, Sandbox())
+    """A registry for reading extension points and providers (kept in every group): the first
+    group whose Redis answers."""
+    registries = open_registries(settings)
+    failure: BrokerUnavailable | None = None
+    for group in registries.groups:
+        registry = registries.reader(group)
+        try:
+            registry.extension_points()  # one round trip: is this group's Redis there?
+        except _TRANSPORT as exc:
+            failure = failure or BrokerUnavailable(f"cannot reach Redis of {group.describe()}: {exc}")
+            continue
+        return registry
+    assert failure is not None
+    raise failure
 
 
 def add_parsers(sub: Any) -> None:
@@ -118,12 +139,14 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
-    registry = open_registry(settings)
-    limits = registry.extension_point(args.ep).limits(settings.limits)  # an unknown EP before any read
-    wasm = read_module(args.module, limits.module_bytes)
-    deployment = registry.deploy(
-        args.ep, args.shop, wasm, export=args.export, app=args.app, block_on_failure=args.block_on_failure
-    )
+    registries = open_registries(settings)
+    what = f"the deploy of {args.module} to {args.ep}/{args.shop}"
+    with registries.on_shop(args.shop, what=what, again="deploy the same module again") as registry:
+        limits = registry.extension_point(args.ep).limits(settings.limits)  # an unknown EP before any read
+        wasm = read_module(args.module, limits.module_bytes)
+        deployment = registry.deploy(
+            args.ep, args.shop, wasm, export=args.export, app=args.app, block_on_failure=args.block_on_failure
+        )
     if args.json:
         print_json(_deployment(deployment, len(wasm), active=True))
     else:
@@ -137,8 +160,10 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_undeploy(args: argparse.Namespace, settings: Settings) -> int:
     from config.errors import ScriptNotFound
 
-    registry = open_registry(settings)
-    if not registry.undeploy(args.ep, args.shop, app=args.app):
+    what = f"the undeploy of app {args.app} from {args.ep}/{args.shop}"
+    with open_registries(settings).on_shop(args.shop, what=what, again="undeploy it again") as registry:
+        removed = registry.undeploy(args.ep, args.shop, app=args.app)
+    if not removed:
         raise ScriptNotFound(f"app {args.app!r} has no script at {args.ep}/{args.shop}", app=args.app)
     if args.json:
         print_json({"ep": args.ep, "shop": str(args.shop), "app": args.app, "undeployed": True})
@@ -148,10 +173,17 @@ def cmd_undeploy(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
-    registry = open_registry(settings)
-    deployment = registry.rollback(args.ep, args.shop, app=args.app)
+    registries = open_registries(settings)
+    again = (
+        f"see the active version with `scriptpool history {args.ep} {args.shop}` and, if it is not the "
+        "one you want, deploy that module (a second rollback would go one version further back)"
+    )
+    what = f"the rollback of {args.ep}/{args.shop}"
+    with registries.on_shop(args.shop, what=what, again=again) as registry:
+        deployment = registry.rollback(args.ep, args.shop, app=args.app)
+        size = registry.module_size(deployment.sha256)
     if args.json:
-        print_json(_deployment(deployment, registry.module_size(deployment.sha256), active=True))
+        print_json(_deployment(deployment, size, active=True))
     else:
         print(f"rolled back {_where(deployment)} to version {deployment.version}")
     return ExitCode.OK
@@ -160,7 +192,7 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
     from config.errors import ScriptNotFound
 
-    registry = open_registry(settings)
+    registry = open_registries(settings).reader_for_shop(args.shop)
     registry.extension_point(args.ep)
     shop = str(args.shop)
     try:
@@ -201,9 +233,13 @@ def _where(deployment: Deployment) -> str:
 
 
 def cmd_providers_add(args: argparse.Namespace, settings: Settings) -> int:
-    registry = open_registry(settings)
     wasm = read_module(args.module, settings.provider_max_bytes, what="provider")
-    provider = registry.add_provider(args.name, wasm)
+    # Every group: any shop may import it. The same bytes land in each group's Redis.
+    provider = open_registries(settings).everywhere(
+        lambda registry: registry.add_provider(args.name, wasm),
+        what=f"provider {args.name}",
+        again=f"run `scriptpool providers add {args.name}` again",
+    )[0]
     if args.json:
         print_json({"name": provider.name, "sha256": provider.sha256, "bytes": len(wasm)})
     else:
@@ -245,15 +281,20 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
     output_schema = (
         read_json(args.output_schema, SCHEMA_LIMIT, InvalidArgument, "schema") if args.output_schema else None
     )
-    ep = open_registry(settings).define_extension_point(
-        args.name,
-        limits=limits,
-        input_schema=input_schema,
-        output_schema=output_schema,
-        input_validation_rate=args.input_validation_rate,
-        combine=args.combine,
-        reducer=args.reducer,
-    )
+    # Every group holds every extension point: a worker reads its EPs from its own group's Redis.
+    ep = open_registries(settings).everywhere(
+        lambda registry: registry.define_extension_point(
+            args.name,
+            limits=limits,
+            input_schema=input_schema,
+            output_schema=output_schema,
+            input_validation_rate=args.input_validation_rate,
+            combine=args.combine,
+            reducer=args.reducer,
+        ),
+        what=f"extension point {args.name}",
+        again=f"run `scriptpool ep define {args.name}` again",
+    )[0]
     if args.json:
         print_json(_extension_point(ep, settings))
     else:

@@ -10,7 +10,7 @@ from typing import Any
 from config import Settings
 from scriptpool._files import read_module
 from scriptpool._output import ExitCode, add_json_flag, print_json
-from scriptpool._registry_commands import open_registry
+from scriptpool._registry_commands import open_registries
 
 # The flags of a rollout's rules (registry.RolloutRules, field by field), with its defaults.
 _RULES: tuple[tuple[str, type, float, str, str], ...] = (
@@ -85,10 +85,12 @@ def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
 
     fields = [flag[2:].replace("-", "_") for flag, *_ in _RULES]
     rules = RolloutRules(**{field: getattr(args, field) for field in fields})
-    registry = open_registry(settings)
-    limits = registry.extension_point(args.ep).limits(settings.limits)
-    wasm = read_module(args.module, limits.module_bytes)
-    candidate = registry.start_rollout(args.ep, args.shop, wasm, rules, export=args.export, app=args.app)
+    what = f"the rollout of {args.module} at {args.ep}/{args.shop}"
+    again = f"see `scriptpool rollout status {args.ep} {args.shop}`, and start it again if it is not there"
+    with open_registries(settings).on_shop(args.shop, what=what, again=again) as registry:
+        limits = registry.extension_point(args.ep).limits(settings.limits)
+        wasm = read_module(args.module, limits.module_bytes)
+        candidate = registry.start_rollout(args.ep, args.shop, wasm, rules, export=args.export, app=args.app)
     if args.json:
         print_json(
             {
@@ -110,7 +112,7 @@ def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    status = open_registry(settings).rollouts.status(args.ep, str(args.shop))
+    status = open_registries(settings).reader_for_shop(args.shop).rollouts.status(args.ep, str(args.shop))
     if args.json:
         print_json(
             {
@@ -160,8 +162,10 @@ def cmd_decide(args: argparse.Namespace, settings: Settings) -> int:
     from registry import ABORTED, PROMOTED
 
     state = PROMOTED if args.decision == "promote" else ABORTED
-    registry = open_registry(settings)
-    ended = registry.rollouts.decide(args.ep, str(args.shop), state, f"{args.decision}d by hand")
+    what = f"the {args.decision} of the rollout at {args.ep}/{args.shop}"
+    again = f"see `scriptpool rollout status {args.ep} {args.shop}`"
+    with open_registries(settings).on_shop(args.shop, what=what, again=again) as registry:
+        ended = registry.rollouts.decide(args.ep, str(args.shop), state, f"{args.decision}d by hand")
     if args.json:
         print_json({"ep": args.ep, "shop": str(args.shop), "state": ended})
     else:

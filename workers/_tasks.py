@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
@@ -37,6 +38,7 @@ class WorkerCounters:
 
     executed: int = 0
     dropped_stale: int = 0
+    by_shard: dict[int, int] = field(default_factory=dict)  # jobs taken, run or dropped
 
 
 class WorkerState:
@@ -69,6 +71,7 @@ class WorkerState:
         the caller does not wait for them."""
         received = time.time()
         job = Job.from_wire(wire)
+        self.counters.by_shard[shard] = self.counters.by_shard.get(shard, 0) + 1
         if received > job.deadline:
             self.counters.dropped_stale += 1
             telemetry.record_dropped()
@@ -113,6 +116,7 @@ class WorkerState:
                 self.executor.cache_stats(),
                 self.counters.executed,
                 self.counters.dropped_stale,
+                dict(self.counters.by_shard),
             ),
         )
         heartbeat.claim()
@@ -188,6 +192,24 @@ def register(app: Celery) -> None:
         for name in ("celery.app.trace", "celery.worker.strategy"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
+    def choose_group(options: Any = None, **_: Any) -> None:
+        """Before the worker is set up: its shards (``-Q``) must all be in one shard group, whose
+        Redis it then uses for everything, its broker included; else it refuses to start.
+        Logging is not configured yet, so the refusal is one line on stderr."""
+        keys = app.settings.keys
+        queues = (options or {}).get("queues") or []
+        if isinstance(queues, str):
+            queues = queues.split(",")
+        named = [keys.shard_of_queue(q.strip()) for q in queues]
+        shards = [n for n in named if n is not None] if queues else list(range(app.settings.shards))
+        if not shards:
+            return  # none of our queues: nothing to choose by
+        try:
+            app.use_group(app.settings.group_of_shards(shards))
+        except ConfigurationError as exc:
+            print(f"scriptpool worker: {exc.code}: {exc.message}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_MISCONFIGURED) from None
+
     def init(sender: Any = None, instance: Any = None, **_: Any) -> None:
         """After logging is set up and before consuming: claim the name and metrics port, or
         refuse to start (a SystemExit here is the worker's exit code)."""
@@ -213,6 +235,7 @@ def register(app: Celery) -> None:
         if _state is not None:
             _state.shutdown()
 
+    signals.celeryd_init.connect(choose_group, weak=False)
     signals.setup_logging.connect(setup_logging, weak=False)
     signals.celeryd_after_setup.connect(init, weak=False)
     # Prefork children start here; solo and threads pools run in the main process.

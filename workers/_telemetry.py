@@ -176,7 +176,13 @@ def _alive(pid: int) -> bool:
 
 
 def describe_worker(
-    name: str, shards: list[int], shard_count: int, stats: CacheStats, executed: int, dropped: int
+    name: str,
+    shards: list[int],
+    shard_count: int,
+    stats: CacheStats,
+    executed: int,
+    dropped: int,
+    shard_jobs: dict[int, int] | None = None,
 ) -> WorkerHeartbeat:
     """The heartbeat payload. ``shard_count`` is the worker's ``SCRIPTPOOL_SHARDS``: clients and
     ``status`` compare it with their own."""
@@ -198,4 +204,5 @@ def describe_worker(
         dropped,
         cache,
         time.time(),
+        dict(shard_jobs or {}),
     )

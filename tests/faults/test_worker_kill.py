@@ -45,8 +45,10 @@ def test_worker_sigkilled_while_a_second_serves_its_shard(
             load = Load(client, plan, threads=8, timeout_s=TIMEOUT_S, rate=RATE).start()
             load.wait_for(JOBS // 4)
             executed_before_kill = len(victim.executed_jobs())
-            killed_at = time.monotonic()
             victim.kill()
+            # After the process is reaped: a call that started while the SIGKILL was on its way
+            # could still be served by the victim (seen once).
+            killed_at = time.monotonic()
             calls = load.join()
         assert survivor.alive and other.alive
     finally:

@@ -1,0 +1,301 @@
+"""``scriptpool status``: every shard group's Redis, shards, live workers and queue depths, and
+whether every group holds every extension point and provider."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from config import (
+    Settings,
+    ShardGroup,
+    WorkerHeartbeat,
+    describe_redis_url,
+    live_workers,
+    redis_client,
+    shard_count_disagreement,
+)
+from config.errors import BrokerUnavailable
+from scriptpool._output import ExitCode, print_json
+
+_TRANSPORT = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+@dataclass
+class GroupView:
+    """What one group's Redis says, or why it said nothing."""
+
+    group: ShardGroup
+    error: str | None = None
+    beats: list[WorkerHeartbeat] = field(default_factory=list)
+    depths: dict[int, int] = field(default_factory=dict)
+    extension_points: dict[str, str] = field(default_factory=dict)  # name -> definition JSON
+    providers: dict[str, str] = field(default_factory=dict)  # name -> module sha256
+    rollouts: list[dict[str, Any]] = field(default_factory=list)  # under way
+
+    @property
+    def reachable(self) -> bool:
+        return self.error is None
+
+
+def read_group(settings: Settings, group: ShardGroup, *, definitions: bool) -> GroupView:
+    """One round of reads on ``group``'s Redis; a Redis that does not answer is noted, not raised
+    (other groups still have something to say). A ``ResponseError`` (a database Redis lacks)
+    propagates: that is a configuration mistake, not an outage."""
+    keys = settings.keys
+    view = GroupView(group)
+    client = redis_client(group.url, timeout=5, connect_timeout=2)
+    try:
+        view.beats = live_workers(client, keys)
+        with client.pipeline(transaction=False) as pipe:
+            for shard in group.shards:
+                pipe.llen(keys.queue(shard))
+            view.depths = dict(zip(group.shards, (int(n) for n in pipe.execute()), strict=True))
+        if definitions:
+            names = sorted(_text(n) for n in client.smembers(keys.extension_points()))
+            raws = client.mget([keys.extension_point(name) for name in names]) if names else []
+            view.extension_points = {n: _text(raw) for n, raw in zip(names, raws, strict=True) if raw}
+            providers = sorted(_text(n) for n in client.smembers(keys.providers()))
+            raws = client.mget([keys.provider(name) for name in providers]) if providers else []
+            for name, raw in zip(providers, raws, strict=True):
+                if raw:
+                    view.providers[name] = str(json.loads(raw).get("sha256", ""))
+        view.rollouts = _rollouts_under_way(client, settings)
+    except _TRANSPORT as exc:
+        view.error = str(exc)
+    finally:
+        client.close()
+    return view
+
+
+def _rollouts_under_way(client: redis.Redis, settings: Settings) -> list[dict[str, Any]]:
+    from registry import Rollouts
+
+    return [
+        {
+            "ep": r.ep,
+            "shop": r.shop,
+            "app": r.app,
+            "state": r.state,
+            "compared": int(r.counts.get("compared", 0)),
+            "mismatch": int(r.counts.get("mismatch", 0)),
+        }
+        for r in Rollouts(client, settings.keys).under_way()
+    ]
+
+
+def registry_gaps(views: list[GroupView]) -> list[dict[str, Any]]:
+    """Per reachable group: the extension points and providers some other group has and it
+    lacks, or holds in another version. ``ep define`` and ``providers add`` write to every
+    group, so running them again heals each gap."""
+    reachable = [v for v in views if v.reachable]
+    gaps: list[dict[str, Any]] = []
+    for kind, attribute in (("extension point", "extension_points"), ("provider", "providers")):
+        every: dict[str, set[str]] = {}
+        for view in reachable:
+            for name, version in getattr(view, attribute).items():
+                every.setdefault(name, set()).add(version)
+        for view in reachable:
+            held: dict[str, str] = getattr(view, attribute)
+            for name in sorted(every):
+                if name not in held:
+                    gaps.append({"group": view.group.name, "kind": kind, "name": name, "problem": "missing"})
+                elif len(every[name]) > 1:
+                    gaps.append({"group": view.group.name, "kind": kind, "name": name, "problem": "differs"})
+    return gaps
+
+
+def _heal_command(gap: dict[str, Any]) -> str:
+    if gap["kind"] == "provider":
+        return f"scriptpool providers add {gap['name']} MODULE"
+    return f"scriptpool ep define {gap['name']} ..."
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    several = len(settings.groups) > 1
+    views = [read_group(settings, group, definitions=several) for group in settings.groups]
+    down = [v for v in views if not v.reachable]
+    if len(down) == len(views):
+        first = down[0]
+        where = first.group.describe() if several else describe_redis_url(first.group.url)
+        raise BrokerUnavailable(f"cannot reach Redis at {where}: {first.error}")
+    beats = [beat for view in views for beat in view.beats]
+    mismatch = shard_count_disagreement(beats, settings.shards)
+    view_of = {shard: view for view in views for shard in view.group.shards}
+    shards: list[dict[str, Any]] = []
+    for shard in range(settings.shards):
+        view = view_of[shard]
+        serving = [b for b in view.beats if shard in b.shards and b.shard_count in (0, settings.shards)]
+        shards.append(
+            {
+                "shard": shard,
+                "group": view.group.name,
+                "queue_depth": view.depths.get(shard),
+                "workers": [b.name for b in serving],
+            }
+        )
+    unserved = [s["shard"] for s in shards if not s["workers"]]
+    gaps = registry_gaps(views)
+    pair = _pair_status(args, settings, shards) if args.ep else None
+    rollouts = [rollout for view in views for rollout in view.rollouts]
+    if down:
+        exit_code = ExitCode.UNREACHABLE
+    elif unserved or mismatch or gaps:
+        exit_code = ExitCode.FALLBACK
+    else:
+        exit_code = ExitCode.OK
+    if args.json:
+        print_json(
+            {
+                "redis": describe_redis_url(settings.groups[0].url) if not several else None,
+                "shards": settings.shards,
+                "groups": [
+                    {
+                        "group": v.group.name,
+                        "redis": describe_redis_url(v.group.url),
+                        "shards": list(v.group.shards),
+                        "reachable": v.reachable,
+                        "error": v.error,
+                        "live_workers": len(v.beats),
+                    }
+                    for v in views
+                ],
+                "shard_table": shards,
+                "unserved_shards": unserved,
+                "shard_count_mismatch": {str(count): names for count, names in mismatch.items()},
+                "registry_gaps": gaps,
+                "workers": [_beat(b) for b in beats],
+                "rollouts": rollouts,
+                **({"binding": pair} if pair is not None else {}),
+            }
+        )
+        return exit_code
+    _print_table(settings, views, shards, beats, several)
+    if pair is not None:
+        workers = ", ".join(pair["workers"]) or "NONE"
+        print(f"\n{pair['ep']}/{pair['shop']} ({pair['combine']}): shard {pair['shard']}, workers {workers}")
+        for app in pair["apps"]:
+            blocking = ", blocks on failure" if app["block_on_failure"] else ""
+            print(f"  app {app['app']}: version {app['version']} (sha256 {app['sha256'][:12]}){blocking}")
+        if not pair["apps"]:
+            print("  nothing deployed")
+    for rollout in rollouts:
+        print(
+            f"rollout at {rollout['ep']}/{rollout['shop']} (app {rollout['app']}): {rollout['state']}, "
+            f"{rollout['compared']} compared, {rollout['mismatch']} mismatch(es)"
+        )
+    for count, names in sorted(mismatch.items()):
+        print(
+            f"warning: {len(names)} live worker(s) run with SCRIPTPOOL_SHARDS={count}, this status with "
+            f"{settings.shards}: {', '.join(names)}. Every process must agree, or calls time out."
+        )
+    for gap in gaps:
+        how = "lacks" if gap["problem"] == "missing" else "holds another version of"
+        print(
+            f"warning: group {gap['group']} {how} {gap['kind']} {gap['name']}: its shops' calls to it "
+            f"fall back or run differently; run `{_heal_command(gap)}` again (it writes to every group)"
+        )
+    return exit_code
+
+
+def _pair_status(
+    args: argparse.Namespace, settings: Settings, shards: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Where one (EP, shop) runs, and every app's script bound there."""
+    from config import shard_for
+    from config.errors import InvalidArgument, ScriptNotFound
+    from scriptpool._registry_commands import open_registries
+
+    if args.shop is None:
+        raise InvalidArgument("status EP SHOP: give both, or neither")
+    registry = open_registries(settings).reader_for_shop(args.shop)
+    definition = registry.extension_point(args.ep)
+    shard = shard_for(args.shop, settings.shards)
+    try:
+        apps = registry.bindings(args.ep, str(args.shop)).apps
+    except ScriptNotFound:
+        apps = {}
+    return {
+        "ep": args.ep,
+        "shop": str(args.shop),
+        "combine": definition.combine,
+        "shard": shard,
+        "workers": shards[shard]["workers"],
+        "apps": [
+            {
+                "app": name,
+                "version": d.version,
+                "sha256": d.sha256,
+                "block_on_failure": d.block_on_failure,
+                "deployed_at": d.deployed_at,
+            }
+            for name, d in sorted(apps.items())
+        ],
+    }
+
+
+def _print_table(
+    settings: Settings,
+    views: list[GroupView],
+    shards: list[dict[str, Any]],
+    beats: list[WorkerHeartbeat],
+    several: bool,
+) -> None:
+    from scriptpool._table import LiveTable
+
+    if several:
+        print(f"shards {settings.shards}  groups {len(views)}  live workers {len(beats)}")
+        for view in views:
+            state = "ok" if view.reachable else f"UNREACHABLE: {view.error}"
+            print(f"group {view.group.name}  redis {describe_redis_url(view.group.url)}  {state}")
+    else:
+        where = describe_redis_url(views[0].group.url)
+        print(f"redis {where}  shards {settings.shards}  live workers {len(beats)}")
+    columns = [("shard", 5), ("queue depth", 11), ("worker", 36), ("executed", 9), ("dropped", 7)]
+    columns += [("modules", 7), ("cache hit %", 11)]
+    if several:
+        columns.insert(1, ("group", 9))
+    table = LiveTable(columns)
+    by_name = {b.name: b for b in beats}
+    reachable = {v.group.name: v.reachable for v in views}
+    for row in shards:
+        lead: list[Any] = [row["shard"], row["group"]] if several else [row["shard"]]
+        if not reachable[row["group"]]:
+            table.row(*lead, None, "NONE: its Redis is unreachable", None, None, None, None)
+            continue
+        if not row["workers"]:
+            table.row(*lead, row["queue_depth"], "NONE: callers get fallbacks", None, None, None, None)
+        for name in row["workers"]:
+            beat = by_name[name]
+            lookups = beat.cache.get("hits", 0) + beat.cache.get("misses", 0)
+            ratio = 100.0 * beat.cache.get("hits", 0) / lookups if lookups else None
+            table.row(
+                *lead,
+                row["queue_depth"],
+                name,
+                beat.executed,
+                beat.dropped_stale,
+                beat.cache.get("entries"),
+                ratio,
+            )
+
+
+def _beat(beat: WorkerHeartbeat) -> dict[str, Any]:
+    return {
+        "name": beat.name,
+        "host": beat.host,
+        "pid": beat.pid,
+        "shards": list(beat.shards),
+        "shard_count": beat.shard_count,
+        "executed": beat.executed,
+        "dropped_stale": beat.dropped_stale,
+        "cache": beat.cache,
+    }
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
