@@ -4,8 +4,11 @@ the naive design, where both versions run before the reply (a two-app join), and
 request-reply floor. Capacity: the worker's CPU time per call, and the shadow runs it compared or
 dropped.
 
-Run: .venv/bin/python scripts/bench_rollout.py [--calls 1000]
-Starts a private Redis and one worker; prints one JSON object (ms, CPU ms per call).
+Every mode runs for ``--rounds`` short rounds, the modes in turn (this machine drifts); each
+figure is the median over the rounds, and ratios are to shadowing off in the same run.
+
+Run: .venv/bin/python scripts/bench_rollout.py [--calls 400] [--rounds 5]
+Starts a private Redis and one worker; prints one JSON object (ms, CPU ms per call, MiB).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +32,7 @@ from config import Settings
 from engine import Sandbox
 from producer import Client
 from registry import ABORTED, Registry, RolloutRules
-from scriptpool import EmbeddedRedis, percentiles
+from scriptpool import EmbeddedRedis, percentiles, rss_mb
 from scriptpool._pool_commands import worker_argv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,84 +104,101 @@ def phase(
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--calls", type=int, default=1000)
-    args = parser.parse_args()
-    result: dict[str, Any] = {}
-    with EmbeddedRedis() as server:
-        settings = Settings(redis_url=server.url, artifact_key=KEY.encode(), shards=1)
-        registry = Registry(redis.Redis.from_url(server.url), settings, Sandbox())
+class Modes:
+    """The ways a phase runs: what is deployed at the live shop, and a rollout beside it or not."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.serial = 0
         registry.define_extension_point("discount")
         registry.define_extension_point("naive", combine="join", reducer="first")
         registry.deploy("discount", "live", DISCOUNT)
         registry.deploy("naive", "live", DISCOUNT, app="a-live")
         registry.deploy("naive", "live", renamed(DISCOUNT, b"naive"), app="b-candidate")
-        result["floor"] = floor(server.url, args.calls)
+        heavy = {"fuel": 1_000_000_000, "wall_ms": 2000}
+        registry.define_extension_point("heavy", limits=heavy)
+        registry.define_extension_point("heavy-naive", limits=heavy, combine="join", reducer="first")
+        registry.deploy("heavy", "live", DONE)
+        registry.deploy("heavy-naive", "live", DONE, app="a-live")
+        registry.deploy("heavy-naive", "live", SLOW, app="b-candidate")
+
+    def begin(self, mode: str) -> tuple[str, Any]:
+        """Set ``mode`` up; the EP to call and its input."""
+        family, _, variant = mode.partition(":")
+        ep, payload = ("heavy", {}) if family == "slow" else ("discount", CART)
+        if variant == "naive":
+            return f"{ep}-naive" if family == "slow" else "naive", payload
+        if variant.startswith("r"):
+            self.serial += 1
+            candidate = SLOW if family == "slow" else renamed(DISCOUNT, b"%d" % self.serial)
+            rules = RolloutRules(shadow_rate=float(variant[1:]), promote_after=10_000_000)
+            self.registry.start_rollout(ep, "live", candidate, rules)
+            time.sleep(0.2)  # the worker hears of it
+        return ep, payload
+
+    def end(self, mode: str, figures: dict[str, Any]) -> None:
+        family, _, variant = mode.partition(":")
+        if variant.startswith("r"):
+            ep = "heavy" if family == "slow" else "discount"
+            figures["compared"] = int(self.registry.rollouts.status(ep, "live").counts["compared"])
+            self.registry.rollouts.decide(ep, "live", ABORTED, "measured")
+
+
+def summary(rounds: list[dict[str, Any]], baseline: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Medians over the rounds, and the p50/p95 ratios to the baseline's medians."""
+    out: dict[str, Any] = {
+        key: round(statistics.median(r[key] for r in rounds), 3) for key in rounds[0] if key != "p99_ms"
+    }
+    if baseline is not None:
+        for key in ("p50_ms", "p95_ms"):
+            out[f"{key[:3]}_ratio"] = round(out[key] / statistics.median(r[key] for r in baseline), 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=400, help="calls per phase")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of every mode, in turn")
+    args = parser.parse_args()
+    result: dict[str, Any] = {}
+    with EmbeddedRedis() as server:
+        settings = Settings(redis_url=server.url, artifact_key=KEY.encode(), shards=1)
+        modes = Modes(Registry(redis.Redis.from_url(server.url), settings, Sandbox()))
+        result["floor"] = floor(server.url, args.calls * 2)
         log = Path(tempfile.mkdtemp()) / "worker.log"
         argv = [*worker_argv(settings, [0], name="rollout-bench@%h"), "--logfile", str(log)]
+        env = {**os.environ, **settings.to_env()}
         worker = subprocess.Popen(
-            argv,
-            env={**os.environ, **settings.to_env()},
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
+        plans = [
+            (1, ["discount:off", "discount:r1.0", "discount:r0.1", "discount:naive"]),
+            (4, ["discount:off", "discount:r1.0", "discount:r0.1", "discount:naive"]),
+            (1, ["slow:off", "slow:r1.0", "slow:naive"]),
+        ]
         try:
             with Client(settings) as client:
                 deadline = time.monotonic() + 30
                 while not client.run("discount", "live", CART, timeout=1).ok:
                     assert time.monotonic() < deadline, log.read_text()
-                for threads in (1, 4):
-                    runs: dict[str, Any] = {}
-                    runs["shadowing_off"] = phase(
-                        client, "discount", "live", CART, args.calls, threads, worker.pid
-                    )
-                    rules = RolloutRules(shadow_rate=1.0, promote_after=10_000_000)
-                    registry.start_rollout("discount", "live", renamed(DISCOUNT, b"%d" % threads), rules)
-                    time.sleep(0.2)  # the workers hear of it
-                    runs["shadowing_r1"] = phase(
-                        client, "discount", "live", CART, args.calls, threads, worker.pid
-                    )
-                    status = registry.rollouts.status("discount", "live")
-                    registry.rollouts.decide("discount", "live", ABORTED, "measured")
-                    runs["shadowing_r1"]["compared"] = int(status.counts["compared"])
-                    runs["shadowing_r1"]["mismatch"] = int(status.counts["mismatch"])
-                    rules = RolloutRules(shadow_rate=0.1, promote_after=10_000_000)
-                    registry.start_rollout("discount", "live", renamed(DISCOUNT, b"r%d" % threads), rules)
-                    time.sleep(0.2)
-                    runs["shadowing_r0.1"] = phase(
-                        client, "discount", "live", CART, args.calls, threads, worker.pid
-                    )
-                    runs["shadowing_r0.1"]["compared"] = int(
-                        registry.rollouts.status("discount", "live").counts["compared"]
-                    )
-                    registry.rollouts.decide("discount", "live", ABORTED, "measured")
-                    runs["naive_inline"] = phase(
-                        client, "naive", "live", CART, args.calls, threads, worker.pid
-                    )
-                    result[f"threads={threads}"] = runs
-                # A slow candidate (examples/slow, tens of ms a run): most shadow runs are dropped.
-                registry.define_extension_point("heavy", limits={"fuel": 1_000_000_000, "wall_ms": 2000})
-                registry.deploy("heavy", "live", DONE)
-                registry.define_extension_point(
-                    "heavy-naive",
-                    limits={"fuel": 1_000_000_000, "wall_ms": 2000},
-                    combine="join",
-                    reducer="first",
-                )
-                registry.deploy("heavy-naive", "live", DONE, app="a-live")
-                registry.deploy("heavy-naive", "live", SLOW, app="b-candidate")
-                heavy: dict[str, Any] = {"off": phase(client, "heavy", "live", {}, args.calls, 1, worker.pid)}
-                registry.start_rollout("heavy", "live", SLOW, RolloutRules(promote_after=10_000_000))
-                time.sleep(0.2)
-                heavy["r1"] = phase(client, "heavy", "live", {}, args.calls, 1, worker.pid)
-                heavy["r1"]["compared"] = int(registry.rollouts.status("heavy", "live").counts["compared"])
-                registry.rollouts.decide("heavy", "live", ABORTED, "measured")
-                heavy["naive_inline"] = phase(
-                    client, "heavy-naive", "live", {}, args.calls // 10, 1, worker.pid
-                )
-                result["slow_candidate_serial"] = heavy
+                for threads, names in plans:
+                    seen: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+                    for turn in range(args.rounds):
+                        for name in names[turn % len(names) :] + names[: turn % len(names)]:
+                            ep, payload = modes.begin(name)
+                            calls = args.calls // 10 if name == "slow:naive" else args.calls
+                            figures = phase(client, ep, "live", payload, calls, threads, worker.pid)
+                            modes.end(name, figures)
+                            seen[name].append(figures)
+                    off = seen[names[0]]
+                    for name, rounds in seen.items():
+                        key = f"{name} threads={threads}"
+                        result[key] = summary(rounds, off if rounds is not off else None)
+                shadow = shadow_pid(worker.pid)
+                result["rss_mb"] = {
+                    "worker": rss_mb(worker.pid),
+                    "shadow_process": rss_mb(shadow) if shadow else None,
+                }
         finally:
             worker.terminate()
             worker.wait()
@@ -185,4 +206,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -4,10 +4,13 @@ by every worker at once, hostile candidates, and a worker killed in the middle o
 from __future__ import annotations
 
 import json
+import os
+import signal
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -317,3 +320,47 @@ def test_a_worker_killed_mid_shadow_loses_no_reply_and_corrupts_no_count(
     assert status.state == PROMOTED, status
     assert counts["compared"] == counts["match"] + counts["mismatch"] + counts["candidate_error"] >= 20
     assert counts["compared"] < made
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def test_the_shadow_process_starts_with_the_first_rollout_call_and_ends_with_its_worker(
+    pool_settings: Settings, deployer: Registry, workers: dict[str, WorkerProcess]
+) -> None:
+    """A worker has no shadow process until a call of a rollout reaches it; it has one, at idle
+    priority, after; and when the worker is SIGKILLed (alone, not its process group) the shadow
+    process sees its socket close and exits."""
+    shop = shop_on(1, SHARDS, skip=6)
+    deployer.deploy("test", shop, guests.ECHO)
+    worker = start_workers(pool_settings, {"ro1solo": [1]})[0]
+    try:
+        with Client(pool_settings) as client:
+            while not run_ok(client, shop, {}).worker.startswith("ro1solo@"):
+                pass
+            assert _children(worker.process.pid) == []
+            deployer.start_rollout("test", shop, guests.echo(burn=10), RolloutRules(promote_after=1_000))
+            time.sleep(INVALIDATION_S)
+            while not run_ok(client, shop, {}).worker.startswith("ro1solo@"):
+                pass
+            deadline = time.monotonic() + 10
+            while not (shadow := _children(worker.process.pid)):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            (pid,) = shadow
+            while os.sched_getscheduler(pid) != os.SCHED_IDLE:  # its first step
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            os.kill(worker.process.pid, signal.SIGKILL)
+            worker.process.wait(timeout=10)
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+                assert time.monotonic() < deadline, "the shadow process outlived its worker"
+                time.sleep(0.05)
+    finally:
+        worker.kill()
+        deployer.rollouts.decide("test", shop, ABORTED, "test over")
