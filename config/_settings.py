@@ -38,6 +38,11 @@ class Settings:
     binding_cache_ttl_s: float = 5.0
     join_threads: int = 1
     metrics_port: int = 0
+    # Captured runs (workers/_capture.py): the kill switch, and the store's bounds.
+    capture: bool = True
+    capture_per_shop: int = 50
+    capture_max_bytes: int = 64 * 1024 * 1024
+    capture_ttl_s: int = 3 * 24 * 3600
 
     def __post_init__(self) -> None:
         check_redis_url(self.redis_url)
@@ -53,6 +58,9 @@ class Settings:
             "provider_max_bytes",
             "epoch_tick_ms",
             "join_threads",
+            "capture_per_shop",
+            "capture_max_bytes",
+            "capture_ttl_s",
         ):
             if getattr(self, name) <= 0:
                 _invalid(name, f"must be positive, got {getattr(self, name)}")

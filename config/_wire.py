@@ -109,6 +109,8 @@ class ExecutionReport:
     sha256: str = ""
     version: int = 0
     codec: str = ""  # what the script reads and writes: "json" or "msgpack" (output decoded to JSON)
+    # How much the EP's scale rules raised the instruction, input and output limits (1: not at all).
+    scale_factor: float = 1.0
 
     def to_wire(self) -> dict[str, Any]:
         # Written out: dataclasses.asdict deep-copies recursively (a test holds the two equal).
@@ -126,6 +128,7 @@ class ExecutionReport:
             "sha256": self.sha256,
             "version": self.version,
             "codec": self.codec,
+            "scale_factor": self.scale_factor,
         }
 
     @classmethod

@@ -34,6 +34,7 @@ __all__ = [
     "PoolError",
     "ProviderNotFound",
     "RegistryError",
+    "RunNotFound",
     "ScriptNotFound",
     "ScriptpoolError",
     "StackOverflow",
@@ -133,6 +134,13 @@ class NothingToRollBack(RegistryError):
     """Raised when a rollback is asked for but no earlier version exists."""
 
     code = "nothing_to_roll_back"
+
+
+class RunNotFound(RegistryError):
+    """Raised when a captured run is not in the store: never captured, evicted, expired, or
+    unreadable."""
+
+    code = "run_not_found"
 
 
 class ArtifactRejected(RegistryError):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -25,8 +27,11 @@ from config import (
     check_shop_id,
     encode_input,
     get_logger,
+    largest_input_bytes,
     live_workers,
     redis_client,
+    scale_factor,
+    scaled_limits,
     shard_count_disagreement,
     shard_for,
 )
@@ -78,8 +83,11 @@ class Client:
         self._tasks = TaskPublisher(self._redis, Keys.TASK)
         self._replies = ReplyDispatcher(settings.redis_url, self._keys.replies(self.client_id))
         self._breakers = BreakerBoard(breaker or BreakerPolicy())
-        self._limits: ExtensionPointReader[Limits] = ExtensionPointReader(
-            self._redis, self._keys, lambda ep: ep.limits(settings.limits), ttl_s=_EP_CACHE_S
+        self._limits: ExtensionPointReader[_EpLimits] = ExtensionPointReader(
+            self._redis,
+            self._keys,
+            lambda ep: _EpLimits(ep.limits(settings.limits), dict(ep.scale)),
+            ttl_s=_EP_CACHE_S,
         )
         self._shards: dict[str, int] = {}  # shop -> shard, a cache: hashing costs 2 us a call
         self._publisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scriptpool-publish")
@@ -180,7 +188,7 @@ class Client:
     def limits(self, ep: str) -> Limits:
         """The limits scripts at ``ep`` run under, as this client knows them (cached for a few
         seconds). Raises :class:`UnknownExtensionPoint`, or redis-py's error if Redis is down."""
-        return self._limits.get(check_ep(ep))
+        return self._limits.get(check_ep(ep)).limits
 
     def breaker_state(self, shop_id: str | int, ep: str) -> str:
         """The breaker state of (shop, EP): ``closed``, ``open`` or ``half_open``."""
@@ -232,7 +240,7 @@ class Client:
         except _TRANSPORT_ERRORS as exc:
             breaker.failure()
             return call.fallback_outcome(BrokerUnavailable, f"cannot reach Redis: {exc}")
-        check_input_size(payload, limits)
+        check_input_size(payload, limits.for_input(input, payload))
         if not breaker.allow():
             return call.fallback_outcome(CircuitOpen, f"circuit for {shop}/{ep} is open")
         return call
@@ -318,6 +326,29 @@ class Client:
                 self._shards.clear()
             shard = self._shards[shop] = shard_for(shop, self.settings.shards)
         return shard
+
+
+@dataclass(frozen=True, slots=True)
+class _EpLimits:
+    """What the client knows of an EP: its limits, and its scale rules."""
+
+    limits: Limits
+    scale: dict[str, float]
+
+    def for_input(self, value: Any, payload: bytes) -> Limits:
+        """The limits an input is checked against: an input over the base limit gets the limits
+        its scale factor gives (decoding it only then), so the client never refuses an input
+        that the worker's scaling would allow."""
+        if not self.scale or len(payload) <= self.limits.input_bytes:
+            return self.limits
+        if len(payload) > largest_input_bytes(self.limits):
+            return self.limits
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            try:
+                value = json.loads(payload)
+            except (ValueError, RecursionError):
+                return self.limits  # not JSON: refused by size here, or by the worker
+        return scaled_limits(self.limits, scale_factor(value, self.scale))
 
 
 class _Call:

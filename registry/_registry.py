@@ -21,6 +21,7 @@ from config import (
     check_app,
     check_ep,
     check_export,
+    check_scale_rules,
     check_shop_id,
     get_logger,
 )
@@ -85,9 +86,13 @@ class Registry:
         input_validation_rate: float | None = None,
         combine: str = SINGLE,
         reducer: str | None = None,
+        scale: dict[str, float] | None = None,
+        capture_rate: float = 0.0,
     ) -> ExtensionPoint:
         """Create or replace an extension point definition: its limit overrides and schemas, and
-        how several apps' scripts combine (``single``, ``join`` with a ``reducer``, ``chain``)."""
+        how several apps' scripts combine (``single``, ``join`` with a ``reducer``, ``chain``);
+        ``scale`` rules that raise limits with the input, and the share of successful runs that
+        workers capture for replay."""
         check_ep(name)
         self._settings.limits.with_overrides(limits)  # fails early on unknown or bad limits
         check_schema(input_schema, "input_schema")
@@ -95,7 +100,15 @@ class Registry:
         if input_validation_rate is not None and not 0.0 <= input_validation_rate <= 1.0:
             raise ConfigurationError("input_validation_rate must lie in [0, 1]")
         ep = ExtensionPoint(
-            name, dict(limits or {}), input_schema, output_schema, input_validation_rate, combine, reducer
+            name,
+            dict(limits or {}),
+            input_schema,
+            output_schema,
+            input_validation_rate,
+            combine,
+            reducer,
+            check_scale_rules(scale),
+            capture_rate,
         )
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.extension_point(name), ep.to_json())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -11,27 +12,34 @@ from typing import TYPE_CHECKING, Any
 import wasmtime
 
 from config import (
+    PART_SINGLE,
     SINGLE,
     ErrorInfo,
     Execution,
+    ExecutionReport,
     ExtensionPoint,
     Settings,
     check_ep,
     check_input_size,
     check_shop_id,
     encode_input,
+    largest_input_bytes,
+    scale_factor,
+    scaled_limits,
 )
-from config.errors import InvalidInput, ScriptpoolError
-from engine import CODEC_JSON, CODEC_MSGPACK, Sandbox
+from config.errors import InputTooLarge, InvalidInput, ScriptpoolError
+from engine import CODEC_JSON, Sandbox
 from registry import compile_validator
 from workers._cache import ByteLRU, CacheStats
-from workers._codec import json_value, to_msgpack
+from workers._codec import json_value
 from workers._combine import PartsRunner
 from workers._reducers import Reducer
 from workers._script import (
     EpRuntime,
     LoadedScript,
     ScriptRun,
+    ScriptTrace,
+    encode_for,
     loads_input,
     ms,
     run_script,
@@ -70,27 +78,41 @@ class Executor:
 
     # -- public --------------------------------------------------------------------------------
     def execute(
-        self, ep: str, shop_id: str | int, payload: Any, *, deadline: float | None = None
+        self,
+        ep: str,
+        shop_id: str | int,
+        payload: Any,
+        *,
+        deadline: float | None = None,
+        trace: list[ScriptTrace] | None = None,
     ) -> Execution:
         """Run what is bound to (``ep``, ``shop_id``) on ``payload`` (JSON value or bytes).
 
         ``deadline`` (Unix seconds) is the caller's: the parts of a join or chain are never run
-        past it (a single script runs under its EP's limits alone).
+        past it (a single script runs under its EP's limits alone). With ``trace``, each script
+        that ran (or was about to) is appended to it, for capture after the reply.
         """
         started = time.perf_counter()
         script: LoadedScript | None = None
+        runtime: EpRuntime | None = None
         lookup_ms: float | None = None
         input_bytes = 0
+        factor = 1.0
+        value: Any = None
         outcome: ScriptRun | None = None
         try:
             runtime, bindings = self._lookup(check_ep(ep), check_shop_id(shop_id))
+            if runtime.scale:
+                runtime, factor, value = _scaled(runtime, payload)
             if runtime.combine == SINGLE:
                 script = self._load(bindings.only(), runtime)
             lookup_ms = ms(time.perf_counter() - started)
             if script is None:  # each part encodes the input in its own codec
-                stdin = self._prepare_input(payload, runtime, CODEC_JSON)
-                return self._parts.execute(runtime, bindings, stdin, lookup_ms, deadline)
-            stdin = self._prepare_input(payload, runtime, script.deployment.codec)
+                stdin = self._prepare_input(payload, runtime, CODEC_JSON, value)
+                return self._parts.execute(
+                    runtime, bindings, stdin, lookup_ms, deadline, scale_factor=factor, trace=trace
+                )
+            stdin = self._prepare_input(payload, runtime, script.deployment.codec, value)
             input_bytes = len(stdin)
             outcome = run_script(self._sandbox, script, stdin, runtime.limits, runtime.output_validator)
             if outcome.error is not None:
@@ -98,9 +120,14 @@ class Executor:
         except ScriptpoolError as exc:
             if lookup_ms is None:
                 lookup_ms = ms(time.perf_counter() - started)
-            report = script_report(script, lookup_ms, input_bytes, outcome)
+            report = script_report(script, lookup_ms, input_bytes, outcome, factor)
+            if trace is not None and script is not None and runtime is not None:
+                trace.append(_trace(script, runtime, payload, exc, outcome, report))
             return Execution(False, None, ErrorInfo.from_exception(exc), report)
-        return Execution(True, outcome.output, None, script_report(script, lookup_ms, input_bytes, outcome))
+        report = script_report(script, lookup_ms, input_bytes, outcome, factor)
+        if trace is not None:
+            trace.append(_trace(script, runtime, payload, None, outcome, report))
+        return Execution(True, outcome.output, None, report)
 
     def invalidate(self, ep: str | None = None, shop_id: str | None = None) -> None:
         """Forget cached bindings (of one pair, one EP, or all) and EP definitions."""
@@ -146,6 +173,8 @@ class Executor:
             input_validation_rate=self._settings.input_validation_rate if rate is None else rate,
             combine=ep.combine,
             reducer=Reducer.parse(ep.reducer) if ep.reducer else None,
+            scale=dict(ep.scale),
+            capture_rate=ep.capture_rate,
         )
 
     def _module(self, sha256: str, stack_bytes: int) -> tuple[wasmtime.Module, str]:
@@ -158,17 +187,12 @@ class Executor:
         return module, source
 
     # -- input ---------------------------------------------------------------------------------
-    def _prepare_input(self, payload: Any, ep: EpRuntime, codec: str) -> bytes:
-        value: Any = _UNSET
-        if codec == CODEC_MSGPACK:
-            value = json_value(payload)
-            stdin = to_msgpack(value)
-        else:
-            stdin = encode_input(payload)
+    def _prepare_input(self, payload: Any, ep: EpRuntime, codec: str, value: Any = None) -> bytes:
+        stdin, value = encode_for(payload, codec, value)
         check_input_size(stdin, ep.limits)
         # Validation only sharpens error messages for script authors, so it is sampled.
         if ep.input_validator is not None and self._sample() < ep.input_validation_rate:
-            if value is _UNSET:
+            if value is None:
                 value = (
                     payload if not isinstance(payload, (bytes, bytearray, memoryview)) else loads_input(stdin)
                 )
@@ -176,4 +200,49 @@ class Executor:
         return stdin
 
 
-_UNSET: Any = object()
+def _scaled(runtime: EpRuntime, payload: Any) -> tuple[EpRuntime, float, Any]:
+    """The EP with its limits scaled for this input, the factor, and the input's JSON value.
+
+    The input is decoded to count its lists, so an input larger than any factor allows is
+    refused before that."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        largest = largest_input_bytes(runtime.limits)
+        if len(payload) > largest:
+            raise InputTooLarge(
+                f"input is {len(payload)} bytes; even scaled the limit is {largest}",
+                size=len(payload),
+                limit=largest,
+            )
+        value = json_value(payload)
+        factor = scale_factor(value, runtime.scale)
+    else:  # a host value: counted as it is, encoded (and normalised) later as without scaling
+        value, factor = None, scale_factor(payload, runtime.scale)
+    if factor == 1.0:
+        return runtime, factor, value
+    return dataclasses.replace(runtime, limits=scaled_limits(runtime.limits, factor)), factor, value
+
+
+def _trace(
+    script: LoadedScript,
+    runtime: EpRuntime,
+    payload: Any,
+    error: ScriptpoolError | None,
+    outcome: ScriptRun | None,
+    report: ExecutionReport,
+) -> ScriptTrace:
+    json_input = bytes(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else b""
+    if not json_input:
+        try:
+            json_input = encode_input(payload)
+        except InvalidInput:  # what failed the run: nothing to replay it with
+            json_input = b""
+    return ScriptTrace(
+        script.deployment,
+        json_input,
+        runtime.limits,
+        PART_SINGLE,
+        runtime.capture_rate,
+        error,
+        outcome,
+        report,
+    )

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import wasmtime
 
-from config import ExecutionReport, Limits
+from config import ExecutionReport, Limits, encode_input
 from config.errors import ExecutionError, InvalidInput, InvalidOutput, ScriptpoolError
 from engine import CODEC_JSON, CODEC_MSGPACK, Sandbox, SandboxRun
-from workers._codec import from_msgpack
+from workers._codec import from_msgpack, json_value, to_msgpack
 
 if TYPE_CHECKING:
     from registry import Deployment
@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class EpRuntime:
     """An extension point prepared for the hot path: limits merged, schemas compiled once, and
-    how its apps' scripts combine."""
+    how its apps' scripts combine; its scale rules (empty: fixed limits) and the share of its
+    successful runs that are captured."""
 
     limits: Limits
     input_validator: Any
@@ -32,6 +33,8 @@ class EpRuntime:
     input_validation_rate: float
     combine: str
     reducer: Reducer | None
+    scale: dict[str, float] = field(default_factory=dict)
+    capture_rate: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,17 @@ def run_script(
     except ScriptpoolError as exc:
         return ScriptRun(None, exc, run, ms(time.perf_counter() - started))
     return ScriptRun(output, None, run, ms(time.perf_counter() - started))
+
+
+def encode_for(payload: Any, codec: str, value: Any = None) -> tuple[bytes, Any]:
+    """A payload (JSON bytes or a JSON value) as the bytes a script of ``codec`` reads, and its
+    JSON value when it had to be decoded for that (else None). ``value``, if given, is the
+    payload already decoded. The pool, local runs and replays all encode input here."""
+    if codec == CODEC_MSGPACK:
+        if value is None:
+            value = json_value(payload)
+        return to_msgpack(value), value
+    return encode_input(payload), value
 
 
 def decode_output(stdout: bytes, validator: Any, codec: str = CODEC_JSON) -> Any:
@@ -110,11 +124,15 @@ def ms(seconds: float) -> float:
 
 
 def script_report(
-    script: LoadedScript | None, lookup_ms: float, input_bytes: int, outcome: ScriptRun | None
+    script: LoadedScript | None,
+    lookup_ms: float,
+    input_bytes: int,
+    outcome: ScriptRun | None,
+    scale_factor: float = 1.0,
 ) -> ExecutionReport:
     """The report of whatever stages ran; the fields of stages that did not run keep defaults."""
     if script is None:
-        return ExecutionReport(lookup_ms=lookup_ms)
+        return ExecutionReport(lookup_ms=lookup_ms, scale_factor=scale_factor)
     deployment = script.deployment
     run = outcome.run if outcome is not None else None
     if run is None:
@@ -125,6 +143,7 @@ def script_report(
             sha256=deployment.sha256,
             version=deployment.version,
             codec=deployment.codec,
+            scale_factor=scale_factor,
         )
     return ExecutionReport(
         instructions=run.instructions,
@@ -140,4 +159,25 @@ def script_report(
         sha256=deployment.sha256,
         version=deployment.version,
         codec=deployment.codec,
+        scale_factor=scale_factor,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptTrace:
+    """One script's run in a call, kept when the caller of ``Executor.execute`` asks (a worker
+    does, to capture failed and sampled runs after the reply). Holds what was there anyway: the
+    JSON input the script got, the limits it ran under, and how it went."""
+
+    deployment: Deployment
+    input: bytes
+    limits: Limits
+    part: str  # config.PART_SINGLE, PART_JOIN, PART_CHAIN or PART_REDUCER
+    capture_rate: float
+    error: ScriptpoolError | None
+    outcome: ScriptRun | None
+    report: ExecutionReport
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
