@@ -40,8 +40,9 @@ class ExtensionPoint:
     ``combine`` says how the scripts of several apps combine: ``single`` (one script per shop),
     ``join`` (each gets the input; ``reducer`` combines their outputs) or ``chain`` (in app
     order, each gets the input and the previous script's output). ``scale`` maps JSON paths of
-    lists to rates (``config._scale``); ``capture_rate`` is the share of successful runs a worker
-    captures for replay (failed runs are always captured, unless capture is off).
+    lists to rates (``config._scale``). Workers capture this EP's failed runs for replay, and the
+    share ``capture_rate`` of its successful ones, unless ``capture`` is off (or
+    ``SCRIPTPOOL_CAPTURE`` is, everywhere).
     """
 
     name: str
@@ -53,6 +54,7 @@ class ExtensionPoint:
     reducer: str | None = None
     scale: dict[str, float] = field(default_factory=dict)
     capture_rate: float = 0.0
+    capture: bool = True
 
     def __post_init__(self) -> None:
         check_scale_rules(self.scale)
@@ -99,6 +101,7 @@ class ExtensionPoint:
                 "reducer": self.reducer,
                 "scale": self.scale,
                 "capture_rate": self.capture_rate,
+                "capture": self.capture,
             },
             sort_keys=True,
         )
@@ -116,6 +119,7 @@ class ExtensionPoint:
             reducer=data.get("reducer"),
             scale=data.get("scale") or {},
             capture_rate=data.get("capture_rate") or 0.0,
+            capture=bool(data.get("capture", True)),
         )
 
 

@@ -53,3 +53,5 @@ build chain/step_a.wasm                    chain/chain_step.c                com
 build chain/step_b.wasm                    chain/chain_step.c                common/json.c -DSTEP='"b"' -DADD=10
 build reducer/best_per_target.wasm         reducer/best_per_target.c         common/json.c
 build chain/step_c.wasm                    chain/chain_step.c                common/json.c -DSTEP='"c"' -DADD=100
+build replay/bulk_discount.wasm            replay/bulk_discount.c            common/json.c
+build replay/bulk_discount_fixed.wasm      replay/bulk_discount.c            common/json.c -DFIXED

@@ -88,11 +88,12 @@ class Registry:
         reducer: str | None = None,
         scale: dict[str, float] | None = None,
         capture_rate: float = 0.0,
+        capture: bool = True,
     ) -> ExtensionPoint:
         """Create or replace an extension point definition: its limit overrides and schemas, and
         how several apps' scripts combine (``single``, ``join`` with a ``reducer``, ``chain``);
-        ``scale`` rules that raise limits with the input, and the share of successful runs that
-        workers capture for replay."""
+        ``scale`` rules that raise limits with the input; whether workers capture its runs for
+        replay (failed ones always, successful ones at ``capture_rate``)."""
         check_ep(name)
         self._settings.limits.with_overrides(limits)  # fails early on unknown or bad limits
         check_schema(input_schema, "input_schema")
@@ -109,6 +110,7 @@ class Registry:
             reducer,
             check_scale_rules(scale),
             capture_rate,
+            capture,
         )
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.extension_point(name), ep.to_json())

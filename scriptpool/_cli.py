@@ -21,7 +21,7 @@ Command = Callable[[argparse.Namespace, Settings], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from scriptpool import _pool_commands, _registry_commands, _tool_commands
+    from scriptpool import _pool_commands, _registry_commands, _runs_commands, _tool_commands
 
     parser = Parser(
         prog="scriptpool",
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _registry_commands.add_parsers(sub)
     _pool_commands.add_parsers(sub)
+    _runs_commands.add_parsers(sub)
     _tool_commands.add_parsers(sub)
     return parser
 

@@ -7,7 +7,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from config import Limits, Settings, redis_client
+from config import Limits, Settings, parse_scale_rule, redis_client
 from config.errors import InvalidArgument
 from scriptpool._files import SCHEMA_LIMIT, read_json, read_module
 from scriptpool._output import ExitCode, add_json_flag, print_json
@@ -105,6 +105,28 @@ def add_parsers(sub: Any) -> None:
         metavar="R",
         help="share of inputs checked against the input schema, in [0, 1] "
         "(default SCRIPTPOOL_INPUT_VALIDATION_RATE)",
+    )
+    define.add_argument(
+        "--scale",
+        action="append",
+        metavar="PATH=RATE",
+        help="raise the instruction, input and output limits with the input, as Shopify's "
+        "@scaleLimits: PATH names a list in the input (keys joined by dots), each item counts RATE; "
+        "the largest sum over the rules, clamped to [1, 10], multiplies the limits "
+        "(e.g. cart.lines=0.005: 400 lines double them); repeat for several",
+    )
+    define.add_argument(
+        "--capture-rate",
+        type=float,
+        metavar="R",
+        default=0.0,
+        help="share of successful runs that workers capture for `runs` and `replay`, in [0, 1] "
+        "(failed runs are always captured; default 0)",
+    )
+    define.add_argument(
+        "--no-capture",
+        action="store_true",
+        help="never capture this EP's runs, failed ones included (its inputs must not be stored)",
     )
     add_json_flag(define)
     define.set_defaults(func=cmd_ep_define)
@@ -253,6 +275,9 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
         input_validation_rate=args.input_validation_rate,
         combine=args.combine,
         reducer=args.reducer,
+        scale=dict(parse_scale_rule(rule) for rule in args.scale or ()),
+        capture_rate=args.capture_rate,
+        capture=not args.no_capture,
     )
     if args.json:
         print_json(_extension_point(ep, settings))
@@ -290,6 +315,12 @@ def cmd_ep_show(args: argparse.Namespace, settings: Settings) -> int:
         f"  input schema  {'yes' if shown['input_schema'] else 'none'} (checked for a share {rate} of inputs)"
     )
     print(f"  output schema {'yes' if shown['output_schema'] else 'none'}")
+    scale = ", ".join(f"{path} x {rate}" for path, rate in shown["scale"].items())
+    print(f"  scale         {scale or 'none (fixed limits)'}")
+    capture = (
+        f"failed runs and a share {shown['capture_rate']} of successful ones" if shown["capture"] else "off"
+    )
+    print(f"  capture       {capture}")
     return ExitCode.OK
 
 
@@ -316,6 +347,9 @@ def _extension_point(ep: Any, settings: Settings) -> dict[str, Any]:
         "input_validation_rate": settings.input_validation_rate if rate is None else rate,
         "combine": ep.combine,
         "reducer": ep.reducer,
+        "scale": ep.scale,
+        "capture": ep.capture,
+        "capture_rate": ep.capture_rate,
     }
 
 

@@ -35,7 +35,9 @@ RATE = {"cart.lines": 0.005}  # Shopify's cart-line rate
         ([1, 2, 3], RATE, 1.0),
     ],
 )
-def test_scale_factor_follows_function_runner(value: object, rules: dict[str, float], expected: float) -> None:
+def test_scale_factor_follows_function_runner(
+    value: object, rules: dict[str, float], expected: float
+) -> None:
     assert scale_factor(value, rules) == pytest.approx(expected)
 
 

@@ -196,7 +196,7 @@ class _Call:
         outcome: ScriptRun | None,
         report: ExecutionReport,
     ) -> None:
-        if self.trace is None:
+        if self.trace is None or not self.ep.capture:
             return
         part = PART_REDUCER if not usable else PART_JOIN if self.ep.combine == JOIN else PART_CHAIN
         rate = self.ep.capture_rate

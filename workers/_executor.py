@@ -121,11 +121,11 @@ class Executor:
             if lookup_ms is None:
                 lookup_ms = ms(time.perf_counter() - started)
             report = script_report(script, lookup_ms, input_bytes, outcome, factor)
-            if trace is not None and script is not None and runtime is not None:
+            if trace is not None and script is not None and runtime is not None and runtime.capture:
                 trace.append(_trace(script, runtime, payload, exc, outcome, report))
             return Execution(False, None, ErrorInfo.from_exception(exc), report)
         report = script_report(script, lookup_ms, input_bytes, outcome, factor)
-        if trace is not None:
+        if trace is not None and runtime.capture:
             trace.append(_trace(script, runtime, payload, None, outcome, report))
         return Execution(True, outcome.output, None, report)
 
@@ -175,6 +175,7 @@ class Executor:
             reducer=Reducer.parse(ep.reducer) if ep.reducer else None,
             scale=dict(ep.scale),
             capture_rate=ep.capture_rate,
+            capture=ep.capture,
         )
 
     def _module(self, sha256: str, stack_bytes: int) -> tuple[wasmtime.Module, str]:

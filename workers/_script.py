@@ -17,6 +17,7 @@ from engine import CODEC_JSON, CODEC_MSGPACK, Sandbox, SandboxRun
 from workers._codec import from_msgpack, json_value, to_msgpack
 
 if TYPE_CHECKING:
+    from engine import GuestProfiler
     from registry import Deployment
     from workers._reducers import Reducer
 
@@ -24,8 +25,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class EpRuntime:
     """An extension point prepared for the hot path: limits merged, schemas compiled once, and
-    how its apps' scripts combine; its scale rules (empty: fixed limits) and the share of its
-    successful runs that are captured."""
+    how its apps' scripts combine; its scale rules (empty: fixed limits), whether its runs are
+    traced for capture at all, and the share of its successful runs that are captured."""
 
     limits: Limits
     input_validator: Any
@@ -35,6 +36,7 @@ class EpRuntime:
     reducer: Reducer | None
     scale: dict[str, float] = field(default_factory=dict)
     capture_rate: float = 0.0
+    capture: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +60,22 @@ class ScriptRun:
 
 
 def run_script(
-    sandbox: Sandbox, script: LoadedScript, stdin: bytes, limits: Limits, validator: Any
+    sandbox: Sandbox,
+    script: LoadedScript,
+    stdin: bytes,
+    limits: Limits,
+    validator: Any,
+    *,
+    profiler: GuestProfiler | None = None,
 ) -> ScriptRun:
     """Run ``script`` on ``stdin`` and decode its output; never raises for what the script did."""
     run = sandbox.run(
-        script.module, stdin, limits, export=script.deployment.export, providers=script.providers
+        script.module,
+        stdin,
+        limits,
+        export=script.deployment.export,
+        providers=script.providers,
+        profiler=profiler,
     )
     if run.error is not None:
         return ScriptRun(None, run.error, run, 0.0)

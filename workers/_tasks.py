@@ -21,8 +21,10 @@ from workers._backend import ReplyPusher, ReplySession, failure_reply
 if TYPE_CHECKING:
     from celery import Celery
 
+    from workers._capture import CaptureWriter
     from workers._executor import Executor
     from workers._invalidation import InvalidationListener
+    from workers._script import ScriptTrace
 
 log = get_logger("worker")
 
@@ -44,6 +46,7 @@ class WorkerState:
     def __init__(self, settings: Settings) -> None:
         from engine import Sandbox
         from registry import Registry
+        from workers._capture import CaptureWriter
         from workers._executor import Executor
         from workers._invalidation import InvalidationListener
 
@@ -58,6 +61,8 @@ class WorkerState:
         ).start()
         self.heartbeat: telemetry.Heartbeat | None = None
         self.replies = ReplyPusher(settings)
+        # Failed and sampled runs, written by a thread of their own after the replies.
+        self.capture: CaptureWriter | None = CaptureWriter(settings) if settings.capture else None
 
     def run_job(
         self, wire: dict[str, Any], replies: ReplySession, request: Any, shard: int, worker: str
@@ -78,8 +83,11 @@ class WorkerState:
                 late_ms=round((received - job.deadline) * 1000, 3),
             )
             return
+        trace: list[ScriptTrace] | None = [] if self.capture is not None else None
         try:
-            execution = self.executor.execute(job.ep, job.shop_id, job.input, deadline=job.deadline)
+            execution = self.executor.execute(
+                job.ep, job.shop_id, job.input, deadline=job.deadline, trace=trace
+            )
         except Exception as exc:  # the worker failed (e.g. Redis lost mid-lookup), not the script
             log.warning("job_failed", job=job.id, ep=job.ep, shop=job.shop_id, error=repr(exc))
             replies.push(failure_reply(job.id, exc, request, shard))
@@ -93,6 +101,8 @@ class WorkerState:
         telemetry.record_execution(
             execution, job=job.id, shop=job.shop_id, ep=job.ep, shard=shard, worker=worker
         )
+        if trace and self.capture is not None:
+            self.capture.offer(job, trace, worker)
 
     def announce(self, name: str, shards: list[int]) -> None:
         """Claim the worker's name and open its metrics port, or raise ConfigurationError; then
@@ -125,6 +135,8 @@ class WorkerState:
             self.heartbeat.stop()
             self.heartbeat = None
         self.listener.stop()
+        if self.capture is not None:
+            self.capture.close()
 
 
 _state: WorkerState | None = None
