@@ -13,17 +13,20 @@ from scriptpool._files import SCHEMA_LIMIT, read_json, read_module
 from scriptpool._output import ExitCode, add_json_flag, print_json
 
 if TYPE_CHECKING:
+    from engine import Sandbox
     from registry import Deployment, Registry
 
 LIMIT_NAMES = ", ".join(Limits().as_dict())
 
 
-def open_registry(settings: Settings) -> Registry:
-    """A registry on the configured Redis, with its own sandbox for validating and compiling."""
+def open_registry(settings: Settings, sandbox: Sandbox | None = None) -> Registry:
+    """A registry on the configured Redis, with a sandbox for validating and compiling (its own
+    unless given: modules it compiles run only on that sandbox's engines)."""
     from engine import Sandbox
     from registry import Registry
 
-    return Registry(redis_client(settings.redis_url, timeout=5, connect_timeout=2), settings, Sandbox())
+    client = redis_client(settings.redis_url, timeout=5, connect_timeout=2)
+    return Registry(client, settings, sandbox or Sandbox())
 
 
 def add_parsers(sub: Any) -> None:

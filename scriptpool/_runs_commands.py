@@ -159,8 +159,8 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
     run = _store(settings).get(args.run_id)
     module = read_module(args.module, Limits(**run.limits).module_bytes) if args.module else None
-    registry = open_registry(settings)
-    replayed = replay(run, registry, Sandbox(settings.epoch_tick_ms), module=module)
+    sandbox = Sandbox(settings.epoch_tick_ms)
+    replayed = replay(run, open_registry(settings, sandbox), sandbox, module=module)
     result = replayed.result
     engine_differs = run.engine != engine_fingerprint()
     if args.json:

@@ -117,12 +117,14 @@ def run(
     else:
         output_bytes = (scratch / "stdout").read_bytes()
         log_bytes = (scratch / "stderr").read_bytes()
-    logs = log_bytes.decode("utf-8", errors="replace")
+    logs = script_logs = log_bytes.decode("utf-8", errors="replace")
     if error is not None:
         logs += error
+    invalid = False
     try:
         output = msgpack.unpackb(output_bytes) if packed else json.loads(output_bytes)
     except ValueError as exc:
+        invalid = True
         output = {"error": str(exc), "stdout": output_bytes.decode("utf-8", errors="replace")}
     peak = max((m.data_len(store) for m in memories), default=0)
     return {
@@ -134,6 +136,10 @@ def run(
         "input": input_value,
         "output": output,
         "success": error is None,
+        # Not a report field: on failure, wasmtime's own text of the error follows these in
+        # ``logs`` (a backtrace), where we put our one-line message.
+        "script_logs": script_logs,
+        "invalid_output": invalid,  # nor this: the output did not decode
     }
 
 

@@ -134,7 +134,8 @@ def replay(
 ) -> Replayed:
     """Run a captured run again in this process, on the same module version (loaded from the
     registry by its sha256) and its providers, the same input and the same limits; or, with
-    ``module``, on that module instead (checked as a deploy checks it)."""
+    ``module``, on that module instead (checked as a deploy checks it). ``registry`` must
+    compile on ``sandbox`` (a module runs only on the engine it was compiled for)."""
     limits = Limits(**run.limits)
     providers = {name: (registry.compile_module(sha, limits.stack_bytes), sha) for name, sha in run.providers}
     if module is None:
