@@ -23,8 +23,8 @@ class CapturedRun:
 
     ``input`` is the JSON the script was given (a MessagePack script got it as MessagePack);
     ``limits`` are the limits in force, after scaling (``scale_factor``) and, for a part, after
-    its wall clock was cut to the caller's deadline. ``stdout`` is the raw output, ``output`` its
-    decoded value when it decoded.
+    its wall clock was cut to the caller's deadline. ``stdout`` is the raw output (what a
+    successful run's output decodes from: it is not stored twice).
     """
 
     id: str
@@ -43,7 +43,6 @@ class CapturedRun:
     scale_factor: float
     ok: bool
     error: ErrorInfo | None
-    output: Any
     stdout: bytes
     report: ExecutionReport
     job_id: str
@@ -77,7 +76,6 @@ class CapturedRun:
             "scale_factor": self.scale_factor,
             "ok": self.ok,
             "error": None if self.error is None else self.error.to_wire(),
-            "output": self.output,
             "stdout": self.stdout,
             "report": self.report.to_wire(),
             "job_id": self.job_id,
@@ -108,7 +106,6 @@ class CapturedRun:
             scale_factor=float(data["scale_factor"]),
             ok=bool(data["ok"]),
             error=ErrorInfo.from_wire(error) if error else None,
-            output=data["output"],
             stdout=bytes(data["stdout"]),
             report=ExecutionReport.from_wire(data["report"]),
             job_id=str(data["job_id"]),

@@ -119,7 +119,7 @@ def cmd_runs_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_runs_show(args: argparse.Namespace, settings: Settings) -> int:
-    from workers import describe
+    from workers import describe, recorded_output
 
     run = _store(settings).get(args.run_id)
     if args.json:
@@ -132,7 +132,7 @@ def cmd_runs_show(args: argparse.Namespace, settings: Settings) -> int:
     part = "" if run.part == PART_SINGLE else f", a {run.part} part"
     print(f"script:       {where}{part}: sha256 {run.sha256}, export {run.export}, codec {run.codec}")
     if run.ok:
-        print(f"outcome:      ok, output {_cut(json.dumps(run.output))}")
+        print(f"outcome:      ok, output {_cut(json.dumps(recorded_output(run)))}")
     elif run.error is not None:
         print(f"outcome:      error {run.error.code}: {run.error.message}")
     print(
@@ -177,14 +177,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     elif result.error is not None:
         print(f"outcome:      error {result.error.code}: {result.error.message}")
     recorded = run.error_code or "ok"
-    print(
-        _same(
-            "output",
-            replayed.same_output,
-            _cut(run.stdout.decode(errors="replace"), 80),
-            _cut(result.stdout.decode(errors="replace"), 80),
-        )
-    )
+    print(_same("output", replayed.same_output, _shown(run.stdout), _shown(result.stdout)))
     print(_same("error code", replayed.same_error_code, recorded, result.error_code or "ok"))
     print(
         _same(
@@ -207,6 +200,8 @@ def _same(what: str, same: bool, recorded: str, now: str) -> str:
 
 
 def _replay_json(replayed: Replayed, engine_differs: bool) -> dict[str, Any]:
+    from workers import recorded_output
+
     run, result = replayed.run, replayed.result
     return {
         "run": run.id,
@@ -223,7 +218,7 @@ def _replay_json(replayed: Replayed, engine_differs: bool) -> dict[str, Any]:
         },
         "recorded": {
             "status": run.status,
-            "output": run.output,
+            "output": recorded_output(run),
             "error_code": run.error_code,
             "instructions": run.report.instructions,
             "stdout": run.stdout.decode("utf-8", errors="replace"),
@@ -236,6 +231,13 @@ def _replay_json(replayed: Replayed, engine_differs: bool) -> dict[str, Any]:
         },
         "engine_differs": engine_differs,
     }
+
+
+def _shown(stdout: bytes) -> str:
+    """Raw output on one line: none, or its text, cut."""
+    if not stdout:
+        return "none"
+    return _cut(stdout.decode("utf-8", errors="replace").strip().replace("\n", "\\n"), 80)
 
 
 def _cut(text: str, limit: int = SHOWN_CHARS) -> str:

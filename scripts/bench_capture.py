@@ -1,11 +1,13 @@
 """Caller latency with every run captured, against capture off, in the same run, interleaved.
 
-Run: .venv/bin/python scripts/bench_capture.py [--calls 1000] [--rounds 5]
+Run: .venv/bin/python scripts/bench_capture.py [--calls 1000] [--rounds 6]
 Starts a private Redis and two solo workers: shard 0's with capture on, shard 1's with
-SCRIPTPOOL_CAPTURE=0. The EP captures every successful run (capture_rate 1), so every call to
-shard 0 is captured. One client calls a shop on each shard in turn (which goes first alternates),
-serially, for each input size; each round's p50 and p95 are taken per side, and the medians of
-the rounds are printed as one JSON object, with the captures the store holds afterwards.
+SCRIPTPOOL_CAPTURE=0. One client calls a shop on each shard in turn (which goes first
+alternates), serially. Rounds alternate the EP's capture_rate between 1 (shard 0 captures every
+run) and 0 (it captures none: both workers do the same work, an A/A control for whatever else
+differs between the two processes). Per input size it prints, as one JSON object, the medians
+over rounds of each side's p50 and p95, and the capture cost: the on-off difference with
+capture_rate 1 less the same difference with capture_rate 0.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def cart(lines: int) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=1000, help="calls per side per round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per input size, half of them A/A")
     args = parser.parse_args()
     out: dict[str, object] = {"calls_per_round": args.calls, "rounds": args.rounds}
     with EmbeddedRedis() as server:
@@ -69,7 +71,8 @@ def main() -> None:
             log = Path(tempfile.mkdtemp()) / f"worker{shard}.log"
             argv = [*worker_argv(settings, [shard], name=f"bench{shard}@%h"), "--logfile", str(log)]
             argv[argv.index("INFO")] = "WARNING"  # no log line per execution on either side
-            processes.append(subprocess.Popen(argv, env=env, cwd=ROOT))
+            quiet = subprocess.DEVNULL  # its banner would mix with the JSON on stdout
+            processes.append(subprocess.Popen(argv, env=env, cwd=ROOT, stdout=quiet, stderr=quiet))
         try:
             with Client(settings, breaker=BreakerPolicy(error_threshold=10**9)) as client:
                 deadline = time.monotonic() + 60
@@ -79,11 +82,14 @@ def main() -> None:
                 for lines in (3, 300):
                     payload = cart(lines)
                     size = len(json.dumps(payload, separators=(",", ":")))
-                    rounds: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
-                    for _ in range(100):  # warm both sides
-                        client.run("bench", shops[0], payload, timeout=2)
-                        client.run("bench", shops[1], payload, timeout=2)
-                    for _ in range(args.rounds):
+                    rounds: dict[tuple[float, str], list[dict[str, float]]] = {}
+                    for round_number in range(args.rounds):
+                        rate = 1.0 if round_number % 2 == 0 else 0.0
+                        registry.define_extension_point("bench", capture_rate=rate)
+                        time.sleep(0.3)  # every worker has dropped the old definition
+                        for _ in range(100):  # warm both sides
+                            client.run("bench", shops[0], payload, timeout=2)
+                            client.run("bench", shops[1], payload, timeout=2)
                         samples: dict[str, list[float]] = {"on": [], "off": []}
                         for i in range(args.calls):
                             order = ((0, "on"), (1, "off")) if i % 2 == 0 else ((1, "off"), (0, "on"))
@@ -91,17 +97,25 @@ def main() -> None:
                                 outcome = client.run("bench", shops[shard], payload, timeout=2)
                                 assert outcome.ok, outcome.error
                                 samples[side].append(outcome.timings.total_ms)
-                        for side in rounds:
-                            rounds[side].append(percentiles(samples[side]))
-                    out[f"input_{size}_bytes"] = {
-                        side: {
+                        for side, values in samples.items():
+                            rounds.setdefault((rate, side), []).append(percentiles(values))
+                    summary: dict[str, object] = {}
+                    for (rate, side), results in sorted(rounds.items()):
+                        summary[f"rate_{rate:g}_{side}"] = {
                             "p50_ms": round(statistics.median(r["p50"] for r in results), 3),
                             "p95_ms": round(statistics.median(r["p95"] for r in results), 3),
                             "p50_per_round": [r["p50"] for r in results],
                             "p95_per_round": [r["p95"] for r in results],
                         }
-                        for side, results in rounds.items()
+
+                    def gap(rate: float, q: str, summary: dict[str, object] = summary) -> float:
+                        on, off = summary[f"rate_{rate:g}_on"], summary[f"rate_{rate:g}_off"]
+                        return float(on[q]) - float(off[q])  # type: ignore[index]
+
+                    summary["capture_cost_ms"] = {
+                        q: round(gap(1.0, q) - gap(0.0, q), 3) for q in ("p50_ms", "p95_ms")
                     }
+                    out[f"input_{size}_bytes"] = summary
             time.sleep(0.5)  # the capture thread writes what is left
             store = CaptureStore(redis.Redis.from_url(server.url), settings)
             out["captured_runs_kept"] = len(store.summaries(limit=10_000))

@@ -26,7 +26,7 @@ from tests import guests
 from tests.conftest import EXAMPLES, TEST_ARTIFACT_KEY
 from tests.faults._proxy import FORWARD, HALF_THEN_CUT, FaultProxy
 from tests.pool import WorkerProcess, shops_on, start_workers
-from workers import CaptureStore
+from workers import CaptureStore, recorded_output
 
 OK, FAILED = 0, 1
 BUGGY = (EXAMPLES / "replay" / "bulk_discount.wasm").read_bytes()
@@ -109,6 +109,17 @@ def client_of(settings: Settings) -> Client:
     return Client(settings, breaker=BreakerPolicy(error_threshold=1_000_000))
 
 
+def inputs_of(store: CaptureStore, **filters: Any) -> list[Any]:
+    """The inputs of the runs listed, newest first (a run evicted meanwhile is left out)."""
+    found = []
+    for summary in store.summaries(limit=100, **filters):
+        try:
+            found.append(json.loads(store.get(summary.id).input))
+        except RunNotFound:
+            continue
+    return found
+
+
 def wait_until(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -188,7 +199,7 @@ def test_sampling_at_zero_keeps_no_success_and_at_one_keeps_every_one(
     assert [s.status for s in store.summaries(shop_id=quiet)] == ["error"]  # the failure only
     runs = [store.get(s.id) for s in store.summaries(shop_id=sampled)]
     assert sorted(json.loads(r.input)["n"] for r in runs) == [0, 1, 2]
-    assert all(r.ok and r.output == json.loads(r.input) for r in runs)
+    assert all(r.ok and recorded_output(r) == json.loads(r.input) for r in runs)
 
 
 def test_caps_evict_the_oldest(deployer: Registry, settings: Settings, store: CaptureStore) -> None:
@@ -198,19 +209,15 @@ def test_caps_evict_the_oldest(deployer: Registry, settings: Settings, store: Ca
     with client_of(settings) as client:
         for n in range(PER_SHOP + 3):
             assert client.run("discount", busy, {"n": n}, timeout=5).error_code == GuestRuntimeError.code
-        wait_until(
-            lambda: (
-                {json.loads(store.get(s.id).input)["n"] for s in store.summaries(shop_id=busy)}
-                == set(range(3, PER_SHOP + 3))
-            )
-        )
+        newest = list(reversed(range(3, PER_SHOP + 3)))
+        wait_until(lambda: [i["n"] for i in inputs_of(store, shop_id=busy)] == newest)
         # Runs of about 10 KiB each, one per shop: the byte cap (40 KiB) keeps the newest three.
         padding = "x" * 10_000
         for n, shop in enumerate(others):
             deployer.deploy("discount", shop, guests.TRAP)
             assert client.run("discount", shop, {"n": n, "pad": padding}, timeout=5).error_code
             wait_until(lambda shop=shop: store.summaries(shop_id=shop))  # type: ignore[misc]
-    kept = [json.loads(store.get(s.id).input)["n"] for s in store.summaries(limit=100)]
+    kept = [i["n"] for i in inputs_of(store)]
     assert kept == sorted(kept, reverse=True)  # newest first
     assert kept[:3] == [len(others) - 1, len(others) - 2, len(others) - 3]
     assert store.total_bytes() <= MAX_BYTES
@@ -373,3 +380,33 @@ def test_each_part_of_a_chain_is_captured_with_its_own_input(
     assert json.loads(run.input) == {"input": {"base": 1000}, "previous": outcome.output}  # step a's
     code, out, _ = cli("replay", found.id, "--json")
     assert code == FAILED and json.loads(out)["identical"]["all"] is True
+
+
+def test_what_waits_for_the_writer_is_bounded_and_a_run_past_the_byte_cap_is_not_stored(
+    redis_client: redis.Redis, registry: Registry, executor: Any, settings: Settings
+) -> None:
+    """In process: traces past the writer's pending bound are dropped (never blocking the task),
+    a run larger than the whole byte cap is not stored, and the next ordinary run is."""
+    from config import Job
+    from workers import CaptureWriter
+
+    registry.deploy("test", "big", guests.TRAP)
+    store = CaptureStore(redis_client, settings)
+    writer = CaptureWriter(settings, client=redis_client, max_pending_bytes=1000)
+    try:
+        huge: list[Any] = []
+        executor.execute("test", "big", {"pad": "x" * 5000}, trace=huge)
+        job = Job("j1", "test", "big", b"{}", time.time() + 5, time.time())
+        writer.offer(job, huge, "w")  # 5 kB > the 1 kB bound: dropped at once
+        past_cap: list[Any] = []
+        executor.execute("test", "big", {"pad": "x" * (MAX_BYTES + 1000)}, trace=past_cap)
+        roomy = CaptureWriter(settings, client=redis_client)
+        roomy.offer(job, past_cap, "w")  # queued, then refused by the store: larger than the cap
+        small: list[Any] = []
+        executor.execute("test", "big", {"small": True}, trace=small)
+        roomy.offer(job, small, "w")
+        roomy.close()
+        (kept,) = store.summaries()
+        assert json.loads(store.get(kept.id).input) == {"small": True}
+    finally:
+        writer.close()

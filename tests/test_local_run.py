@@ -200,6 +200,18 @@ def test_every_limit_holds_locally_and_a_good_run_follows(
     assert json.loads(capsys.readouterr().out)["output"] == {"message": "hello from WAT"}
 
 
+def test_the_instruction_limit_holds_while_profiling(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SCRIPTPOOL_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    loop = _write(tmp_path, "loop.wasm", guests.INFINITE_LOOP)
+    argv = ["run", "--local", loop, "--input", str(EXAMPLES / "wat/input.json"), "--json"]
+    assert main([*argv, "--profile", str(tmp_path / "loop.json")]) == FAILED
+    report = json.loads(capsys.readouterr().out)
+    assert report["error_code"] == InstructionLimitExceeded.code and report["profile"]["same_run"]
+    assert report["instructions"] == 11_000_000
+
+
 def test_wall_clock_holds_locally_with_a_raised_fuel_limit(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -66,6 +66,14 @@ def test_malformed_scale_rules_are_named(rule: str) -> None:
         parse_scale_rule(rule)
 
 
+def test_too_many_rules_are_refused() -> None:
+    from config import check_scale_rules
+
+    with pytest.raises(ConfigurationError):
+        check_scale_rules({f"list{n}": 0.01 for n in range(17)})
+    assert len(check_scale_rules({f"list{n}": 0.01 for n in range(16)})) == 16
+
+
 def test_rules_are_kept_in_the_ep_definition(registry: Registry) -> None:
     assert parse_scale_rule("cart.lines=0.005") == ("cart.lines", 0.005)
     defined = registry.define_extension_point("cart", scale=RATE, capture_rate=0.25)
@@ -134,3 +142,21 @@ def test_client_checks_input_against_the_scaled_limit(registry: Registry, settin
         with pytest.raises(InputTooLarge):
             client.run("cart", "1", json.dumps(padded).encode() + b" " * 30_000, timeout=0.05)
         assert client.limits("cart").input_bytes == 2000
+
+
+def test_a_null_input_is_a_value_when_validated_for_a_msgpack_script(
+    registry: Registry, executor: Executor
+) -> None:
+    """The input's JSON value, decoded once for a MessagePack script, is reused by the sampled
+    schema check; JSON's null is such a value (not "nothing decoded"), scaled EP or not."""
+    from tests import abi
+
+    registry.add_provider("shopify_functions_javy_v3", abi.wasm("memory_io_provider"))
+    module = abi.wasm("memory_io_echo", "shopify_functions_javy_v3")
+    for name, scale in (("nulls", None), ("scaled-nulls", RATE)):
+        registry.define_extension_point(
+            name, input_schema={"type": "null"}, input_validation_rate=1.0, scale=scale
+        )
+        registry.deploy(name, "1", module)
+        result = executor.execute(name, "1", b"null")
+        assert result.ok and result.output is None, result.error

@@ -42,9 +42,9 @@ import redis
 from prometheus_client import Counter
 
 from config import CapturedRun, ErrorInfo, Job, Settings, check_shop_id, get_logger
-from config.errors import InvalidArgument, RunNotFound
+from config.errors import InvalidArgument, RunNotFound, ScriptpoolError
 from engine import CODEC_MSGPACK, engine_fingerprint
-from workers._script import ScriptTrace
+from workers._script import ScriptTrace, decode_output
 
 log = get_logger("worker")
 
@@ -298,7 +298,6 @@ def captured_run(trace: ScriptTrace, *, job_id: str, worker: str, engine: str, n
         scale_factor=trace.report.scale_factor,
         ok=trace.ok,
         error=ErrorInfo.from_exception(trace.error) if trace.error is not None else None,
-        output=outcome.output if trace.ok and outcome is not None else None,
         stdout=run.stdout if run is not None else b"",
         report=trace.report,
         job_id=job_id,
@@ -392,12 +391,24 @@ def _stdout_bytes(trace: ScriptTrace) -> int:
     return len(outcome.run.stdout) if outcome is not None and outcome.run is not None else 0
 
 
+def recorded_output(run: CapturedRun) -> Any:
+    """A successful run's output, decoded from its stdout as the worker decoded it (None for a
+    failed run)."""
+    if not run.ok:
+        return None
+    try:
+        return decode_output(run.stdout, None, run.codec)
+    except ScriptpoolError:  # a successful run's output decoded once: this is not expected
+        return None
+
+
 def describe(run: CapturedRun) -> dict[str, Any]:
     """A run as ``runs show --json`` prints it: the record, with the input and output as JSON
     values where they are JSON, and the raw bytes as text otherwise."""
     data = run.to_wire()
     data.pop("format")
     data["status"] = run.status
+    data["output"] = recorded_output(run)
     value = run.input_value()
     data["input"] = value if value is not None else run.input.decode("utf-8", errors="replace")
     data["stdout"] = (

@@ -35,6 +35,7 @@ from workers._codec import json_value
 from workers._combine import PartsRunner
 from workers._reducers import Reducer
 from workers._script import (
+    UNDECODED,
     EpRuntime,
     LoadedScript,
     ScriptRun,
@@ -98,7 +99,7 @@ class Executor:
         lookup_ms: float | None = None
         input_bytes = 0
         factor = 1.0
-        value: Any = None
+        value: Any = UNDECODED
         outcome: ScriptRun | None = None
         try:
             runtime, bindings = self._lookup(check_ep(ep), check_shop_id(shop_id))
@@ -188,12 +189,12 @@ class Executor:
         return module, source
 
     # -- input ---------------------------------------------------------------------------------
-    def _prepare_input(self, payload: Any, ep: EpRuntime, codec: str, value: Any = None) -> bytes:
+    def _prepare_input(self, payload: Any, ep: EpRuntime, codec: str, value: Any = UNDECODED) -> bytes:
         stdin, value = encode_for(payload, codec, value)
         check_input_size(stdin, ep.limits)
         # Validation only sharpens error messages for script authors, so it is sampled.
         if ep.input_validator is not None and self._sample() < ep.input_validation_rate:
-            if value is None:
+            if value is UNDECODED:
                 value = (
                     payload if not isinstance(payload, (bytes, bytearray, memoryview)) else loads_input(stdin)
                 )
@@ -217,7 +218,7 @@ def _scaled(runtime: EpRuntime, payload: Any) -> tuple[EpRuntime, float, Any]:
         value = json_value(payload)
         factor = scale_factor(value, runtime.scale)
     else:  # a host value: counted as it is, encoded (and normalised) later as without scaling
-        value, factor = None, scale_factor(payload, runtime.scale)
+        value, factor = UNDECODED, scale_factor(payload, runtime.scale)
     if factor == 1.0:
         return runtime, factor, value
     return dataclasses.replace(runtime, limits=scaled_limits(runtime.limits, factor)), factor, value

@@ -87,12 +87,16 @@ def run_script(
     return ScriptRun(output, None, run, ms(time.perf_counter() - started))
 
 
-def encode_for(payload: Any, codec: str, value: Any = None) -> tuple[bytes, Any]:
+# No JSON value at hand (JSON's null is one, so None cannot say it).
+UNDECODED: Any = object()
+
+
+def encode_for(payload: Any, codec: str, value: Any = UNDECODED) -> tuple[bytes, Any]:
     """A payload (JSON bytes or a JSON value) as the bytes a script of ``codec`` reads, and its
-    JSON value when it had to be decoded for that (else None). ``value``, if given, is the
-    payload already decoded. The pool, local runs and replays all encode input here."""
+    JSON value when it had to be decoded for that (else :data:`UNDECODED`). ``value``, if
+    given, is the payload already decoded. The pool, local runs and replays all encode here."""
     if codec == CODEC_MSGPACK:
-        if value is None:
+        if value is UNDECODED:
             value = json_value(payload)
         return to_msgpack(value), value
     return encode_input(payload), value
