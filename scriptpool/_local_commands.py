@@ -240,3 +240,5 @@ def _print(report: dict[str, Any]) -> None:
     if profile:
         top = ", ".join(f"{t['function']} {t['instructions']:,}" for t in profile["top"][:3])
         print(f"profile:      {profile['path']} ({profile['format']}, {profile['samples']} samples): {top}")
+        if not profile["same_run"]:
+            print("warning:      the sampled run went differently from the one above (profiled: that one)")

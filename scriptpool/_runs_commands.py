@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from config import PART_SINGLE, Limits, Settings, redis_client
+from config.errors import InvalidArgument
 from scriptpool._files import read_module
 from scriptpool._output import ExitCode, add_json_flag, exit_code_for, print_json
 
@@ -33,6 +34,12 @@ def add_parsers(sub: Any) -> None:
     add_json_flag(show)
     show.set_defaults(func=cmd_runs_show)
 
+    delete = runs_sub.add_parser("delete", help="delete captured runs now (they also expire by themselves)")
+    delete.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to delete")
+    delete.add_argument("--shop", help="delete every captured run of this shop")
+    add_json_flag(delete)
+    delete.set_defaults(func=cmd_runs_delete)
+
     replay = sub.add_parser(
         "replay",
         help="run a captured run again in this process, on the same module version, input and limits, "
@@ -57,7 +64,6 @@ def _store(settings: Settings) -> CaptureStore:
 
 def cmd_runs_list(args: argparse.Namespace, settings: Settings) -> int:
     from config import check_ep, check_shop_id
-    from config.errors import InvalidArgument
 
     if args.ep is not None:
         check_ep(args.ep)
@@ -149,6 +155,21 @@ def cmd_runs_show(args: argparse.Namespace, settings: Settings) -> int:
     shown = ", ".join(f"{k} {v:,}" for k, v in limits.items())
     print(f"limits:       {shown}")
     print(f"replay it:    scriptpool replay {run.id}")
+    return ExitCode.OK
+
+
+def cmd_runs_delete(args: argparse.Namespace, settings: Settings) -> int:
+    from workers import valid_run_id
+
+    if not args.run_ids and args.shop is None:
+        raise InvalidArgument("runs delete needs RUN_ID ... or --shop SHOP")
+    for run_id in args.run_ids:
+        valid_run_id(run_id)
+    deleted = _store(settings).forget(args.run_ids, shop_id=args.shop)
+    if args.json:
+        print_json({"deleted": deleted})
+    else:
+        print(f"deleted {deleted} captured run(s)")
     return ExitCode.OK
 
 

@@ -1,13 +1,14 @@
 """Caller latency with every run captured, against capture off, in the same run, interleaved.
 
-Run: .venv/bin/python scripts/bench_capture.py [--calls 1000] [--rounds 6]
+Run: .venv/bin/python scripts/bench_capture.py [--calls 400] [--rounds 16]
 Starts a private Redis and two solo workers: shard 0's with capture on, shard 1's with
 SCRIPTPOOL_CAPTURE=0. One client calls a shop on each shard in turn (which goes first
 alternates), serially. Rounds alternate the EP's capture_rate between 1 (shard 0 captures every
 run) and 0 (it captures none: both workers do the same work, an A/A control for whatever else
 differs between the two processes). Per input size it prints, as one JSON object, the medians
-over rounds of each side's p50 and p95, and the capture cost: the on-off difference with
-capture_rate 1 less the same difference with capture_rate 0.
+over rounds of each side's p50 and p95, and the capture cost: for each capture round and the
+A/A round after it, the on-off difference with capture_rate 1 less the same difference with
+capture_rate 0; their median, and each pair's.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def cart(lines: int) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--calls", type=int, default=1000, help="calls per side per round")
-    parser.add_argument("--rounds", type=int, default=6, help="rounds per input size, half of them A/A")
+    parser.add_argument("--calls", type=int, default=400, help="calls per side per round")
+    parser.add_argument("--rounds", type=int, default=16, help="rounds per input size, half of them A/A")
     args = parser.parse_args()
     out: dict[str, object] = {"calls_per_round": args.calls, "rounds": args.rounds}
     with EmbeddedRedis() as server:
@@ -82,12 +83,12 @@ def main() -> None:
                 for lines in (3, 300):
                     payload = cart(lines)
                     size = len(json.dumps(payload, separators=(",", ":")))
-                    rounds: dict[tuple[float, str], list[dict[str, float]]] = {}
+                    rounds: list[tuple[float, dict[str, dict[str, float]]]] = []
                     for round_number in range(args.rounds):
                         rate = 1.0 if round_number % 2 == 0 else 0.0
                         registry.define_extension_point("bench", capture_rate=rate)
                         time.sleep(0.3)  # every worker has dropped the old definition
-                        for _ in range(100):  # warm both sides
+                        for _ in range(50):  # warm both sides
                             client.run("bench", shops[0], payload, timeout=2)
                             client.run("bench", shops[1], payload, timeout=2)
                         samples: dict[str, list[float]] = {"on": [], "off": []}
@@ -97,23 +98,24 @@ def main() -> None:
                                 outcome = client.run("bench", shops[shard], payload, timeout=2)
                                 assert outcome.ok, outcome.error
                                 samples[side].append(outcome.timings.total_ms)
-                        for side, values in samples.items():
-                            rounds.setdefault((rate, side), []).append(percentiles(values))
+                        rounds.append((rate, {side: percentiles(v) for side, v in samples.items()}))
                     summary: dict[str, object] = {}
-                    for (rate, side), results in sorted(rounds.items()):
-                        summary[f"rate_{rate:g}_{side}"] = {
-                            "p50_ms": round(statistics.median(r["p50"] for r in results), 3),
-                            "p95_ms": round(statistics.median(r["p95"] for r in results), 3),
-                            "p50_per_round": [r["p50"] for r in results],
-                            "p95_per_round": [r["p95"] for r in results],
-                        }
-
-                    def gap(rate: float, q: str, summary: dict[str, object] = summary) -> float:
-                        on, off = summary[f"rate_{rate:g}_on"], summary[f"rate_{rate:g}_off"]
-                        return float(on[q]) - float(off[q])  # type: ignore[index]
-
+                    for rate in (1.0, 0.0):
+                        for side in ("on", "off"):
+                            results = [r[side] for rr, r in rounds if rr == rate]
+                            summary[f"rate_{rate:g}_{side}"] = {
+                                q: round(statistics.median(r[q] for r in results), 3) for q in ("p50", "p95")
+                            }
+                    # Each capture round against the A/A round after it: the on-off gap with every
+                    # run captured, less the gap when neither side captures anything.
+                    costs: dict[str, list[float]] = {"p50": [], "p95": []}
+                    for (_, captured), (_, control) in zip(rounds[::2], rounds[1::2], strict=False):
+                        for q in costs:
+                            gap = captured["on"][q] - captured["off"][q]
+                            control_gap = control["on"][q] - control["off"][q]
+                            costs[q].append(round(gap - control_gap, 4))
                     summary["capture_cost_ms"] = {
-                        q: round(gap(1.0, q) - gap(0.0, q), 3) for q in ("p50_ms", "p95_ms")
+                        q: {"median": round(statistics.median(v), 3), "per_pair": v} for q, v in costs.items()
                     }
                     out[f"input_{size}_bytes"] = summary
             time.sleep(0.5)  # the capture thread writes what is left

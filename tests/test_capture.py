@@ -410,3 +410,24 @@ def test_what_waits_for_the_writer_is_bounded_and_a_run_past_the_byte_cap_is_not
         assert json.loads(store.get(kept.id).input) == {"small": True}
     finally:
         writer.close()
+
+
+def test_runs_are_deleted_on_request(
+    deployer: Registry, settings: Settings, store: CaptureStore, cli: Callable[..., Any]
+) -> None:
+    shop = SHOPS[27]
+    deployer.deploy("discount", shop, guests.TRAP)
+    with client_of(settings) as client:
+        for n in range(2):
+            assert client.run("discount", shop, {"n": n}, timeout=5).error_code
+    first, second = wait_until(
+        lambda: len(store.summaries(shop_id=shop)) == 2 and store.summaries(shop_id=shop)
+    )
+    code, out, _ = cli("runs", "delete", first.id, "--json")
+    assert (code, json.loads(out)) == (OK, {"deleted": 1})
+    assert [s.id for s in store.summaries()] == [second.id]
+    code, out, _ = cli("runs", "delete", "--shop", shop)
+    assert (code, out.strip()) == (OK, "deleted 1 captured run(s)")
+    assert store.summaries() == [] and store.total_bytes() == 0
+    assert cli("runs", "delete")[2].startswith(f"scriptpool: {InvalidArgument.code}: ")
+    assert cli("runs", "delete", "xyz")[2].startswith(f"scriptpool: {InvalidArgument.code}: ")

@@ -7,7 +7,14 @@ captured runs workers keep (``CaptureStore``), and runs outside the pool on the 
 
 from workers._app import create_app
 from workers._cache import ByteLRU, CacheStats
-from workers._capture import CaptureStore, CaptureWriter, RunSummary, describe, recorded_output
+from workers._capture import (
+    CaptureStore,
+    CaptureWriter,
+    RunSummary,
+    describe,
+    recorded_output,
+    valid_run_id,
+)
 from workers._executor import Executor
 from workers._local import LocalRun, Replayed, local_script, replay, run_loaded
 from workers._script import decode_output
@@ -28,4 +35,5 @@ __all__ = [
     "recorded_output",
     "replay",
     "run_loaded",
+    "valid_run_id",
 ]

@@ -56,6 +56,8 @@ _WRITTEN, _DROPPED, _TOO_LARGE, _FAILED = (
 _RUN_ID = re.compile(r"[0-9a-f]{16}")
 # Inputs, outputs and logs waiting for the writer thread, at most (beyond: dropped, counted).
 MAX_PENDING_BYTES = 32 * 1024 * 1024
+# How long after its reply a capture is written, at the earliest.
+DEFER_S = 0.003
 # A failing writer logs once per this many seconds, not once per run.
 _WARN_EVERY_S = 10.0
 
@@ -166,6 +168,13 @@ class RunSummary:
         )
 
 
+def valid_run_id(run_id: object) -> str:
+    """``run_id`` if it is one (16 hex digits), else :class:`InvalidArgument`."""
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise InvalidArgument(f"invalid run id {run_id!r}: 16 hex digits, as `runs list` shows them")
+    return run_id
+
+
 class CaptureStore:
     """Writes and reads captured runs in Redis, within the bounds ``settings`` give."""
 
@@ -212,9 +221,7 @@ class CaptureStore:
 
     def get(self, run_id: str) -> CapturedRun:
         """The captured run ``run_id``, or :class:`RunNotFound`."""
-        if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
-            raise InvalidArgument(f"invalid run id {run_id!r}: 16 hex digits, as `runs list` shows them")
-        raw = self._redis.get(self._keys.run(run_id))
+        raw = self._redis.get(self._keys.run(valid_run_id(run_id)))
         if raw is None:
             raise RunNotFound(
                 f"run {run_id} is not captured (never, or evicted, or expired: runs are kept "
@@ -357,6 +364,12 @@ class CaptureWriter:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             job, traces, worker, now, size = item
+            # The reply has just gone out and is on its way to the caller: keep this thread's
+            # CPU (and its Redis command) out of that window, which a 2-core machine felt.
+            # Under load items wait longer than this anyway, and nothing sleeps.
+            wait = now + DEFER_S - time.time()
+            if wait > 0:
+                time.sleep(wait)
             try:
                 for trace in traces:
                     self._write(
