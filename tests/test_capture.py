@@ -386,7 +386,8 @@ def test_what_waits_for_the_writer_is_bounded_and_a_run_past_the_byte_cap_is_not
     redis_client: redis.Redis, registry: Registry, executor: Any, settings: Settings
 ) -> None:
     """In process: traces past the writer's pending bound are dropped (never blocking the task),
-    a run larger than the whole byte cap is not stored, and the next ordinary run is."""
+    a run larger than the whole byte cap is not stored, and the next ordinary run is, even after
+    Redis forgot the write script."""
     from config import Job
     from workers import CaptureWriter
 
@@ -404,6 +405,7 @@ def test_what_waits_for_the_writer_is_bounded_and_a_run_past_the_byte_cap_is_not
         roomy.offer(job, past_cap, "w")  # queued, then refused by the store: larger than the cap
         small: list[Any] = []
         executor.execute("test", "big", {"small": True}, trace=small)
+        redis_client.script_flush()  # a restarted Redis: the writer sends its script again
         roomy.offer(job, small, "w")
         roomy.close()
         (kept,) = store.summaries()

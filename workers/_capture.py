@@ -26,6 +26,8 @@ that, captures are dropped and counted.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import queue
@@ -41,7 +43,17 @@ import msgpack
 import redis
 from prometheus_client import Counter
 
-from config import CapturedRun, ErrorInfo, Job, Settings, check_shop_id, get_logger
+from config import (
+    CapturedRun,
+    ErrorInfo,
+    Job,
+    Limits,
+    Settings,
+    check_shop_id,
+    get_logger,
+    redis_command,
+    redis_pool,
+)
 from config.errors import InvalidArgument, RunNotFound, ScriptpoolError
 from engine import CODEC_MSGPACK, engine_fingerprint
 from workers._script import ScriptTrace, decode_output
@@ -54,10 +66,9 @@ _WRITTEN, _DROPPED, _TOO_LARGE, _FAILED = (
 )
 
 _RUN_ID = re.compile(r"[0-9a-f]{16}")
+_LIMIT_NAMES = tuple(field.name for field in dataclasses.fields(Limits))
 # Inputs, outputs and logs waiting for the writer thread, at most (beyond: dropped, counted).
 MAX_PENDING_BYTES = 32 * 1024 * 1024
-# How long after its reply a capture is written, at the earliest.
-DEFER_S = 0.003
 # A failing writer logs once per this many seconds, not once per run.
 _WARN_EVERY_S = 10.0
 
@@ -195,6 +206,14 @@ class CaptureStore:
     def write(self, run: CapturedRun) -> int | None:
         """Store ``run``, evicting what the bounds say; how many runs were evicted, or None when
         the run alone is larger than the byte cap (it is not stored)."""
+        command = self.write_command(run)
+        if command is None:
+            return None
+        keys, args = command
+        return int(self._write(keys=keys, args=args))
+
+    def write_command(self, run: CapturedRun) -> tuple[list[str], list[bytes | str | int]] | None:
+        """The keys and arguments of the write script for ``run`` (None: larger than the cap)."""
         record = msgpack.packb(run.to_wire(), use_bin_type=True)
         ttl_ms = self._settings.capture_ttl_s * 1000
         summary = run.summary(0, run.captured_at + self._settings.capture_ttl_s)
@@ -202,22 +221,19 @@ class CaptureStore:
         summary["bytes"] = size
         if size > self._settings.capture_max_bytes:
             return None
-        now_us = int(run.captured_at * 1_000_000)
-        evicted = self._write(
-            keys=[*self._indexes, self._keys.runs_of_shop(run.shop_id), self._keys.run(run.id)],
-            args=[
-                *self._prefixes,
-                run.id,
-                record,
-                json.dumps(summary),
-                now_us,
-                ttl_ms,
-                self._settings.capture_per_shop,
-                self._settings.capture_max_bytes,
-                size,
-            ],
-        )
-        return int(evicted)
+        keys = [*self._indexes, self._keys.runs_of_shop(run.shop_id), self._keys.run(run.id)]
+        args: list[bytes | str | int] = [
+            *self._prefixes,
+            run.id,
+            record,
+            json.dumps(summary),
+            int(run.captured_at * 1_000_000),
+            ttl_ms,
+            self._settings.capture_per_shop,
+            self._settings.capture_max_bytes,
+            size,
+        ]
+        return keys, args
 
     def get(self, run_id: str) -> CapturedRun:
         """The captured run ``run_id``, or :class:`RunNotFound`."""
@@ -301,7 +317,7 @@ def captured_run(trace: ScriptTrace, *, job_id: str, worker: str, engine: str, n
         providers=tuple(deployment.providers),
         part=trace.part,
         input=trace.input,
-        limits=trace.limits.as_dict(),
+        limits={name: getattr(trace.limits, name) for name in _LIMIT_NAMES},  # asdict is slow
         scale_factor=trace.report.scale_factor,
         ok=trace.ok,
         error=ErrorInfo.from_exception(trace.error) if trace.error is not None else None,
@@ -330,6 +346,7 @@ class CaptureWriter:
         self._store = CaptureStore(
             client or redis_client(settings.redis_url, timeout=2, connect_timeout=1), settings
         )
+        self._sender = _ScriptSender(settings.redis_url, _WRITE)
         self._sample = sample
         self._engine = engine_fingerprint()
         self._max_pending = max_pending_bytes
@@ -364,12 +381,6 @@ class CaptureWriter:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             job, traces, worker, now, size = item
-            # The reply has just gone out and is on its way to the caller: keep this thread's
-            # CPU (and its Redis command) out of that window, which a 2-core machine felt.
-            # Under load items wait longer than this anyway, and nothing sleeps.
-            wait = now + DEFER_S - time.time()
-            if wait > 0:
-                time.sleep(wait)
             try:
                 for trace in traces:
                     self._write(
@@ -381,7 +392,8 @@ class CaptureWriter:
 
     def _write(self, run: CapturedRun) -> None:
         try:
-            evicted = self._store.write(run)
+            command = self._store.write_command(run)
+            evicted = None if command is None else self._sender.call(*command)
         except Exception as exc:  # Redis down, a bug: the run is lost, the worker carries on
             _FAILED.inc()
             if time.monotonic() - self._warned_at > _WARN_EVERY_S:
@@ -393,6 +405,45 @@ class CaptureWriter:
             log.info("capture_too_large", run=run.id, ep=run.ep, shop=run.shop_id, input_bytes=len(run.input))
             return
         _WRITTEN.inc()
+
+
+class _ScriptSender:
+    """Runs one Lua script by its SHA1 on a pooled connection, as one packed command.
+
+    redis-py's ``Script`` call packs and encodes each argument in Python, about 100 µs of CPU
+    for a capture's ten, which the capture thread would take from the worker's next call (the
+    GIL); ``redis_command`` packs them in a few µs, as the reply path does. A server that does
+    not know the script yet (NOSCRIPT: restarted, or flushed) is sent it once, then the call
+    again."""
+
+    def __init__(self, url: str, script: str) -> None:
+        self._pool = redis_pool(url, timeout=2, connect_timeout=1)
+        self._script = script.encode()
+        self._sha = hashlib.sha1(self._script).hexdigest().encode()
+
+    def call(self, keys: list[str], args: list[bytes | str | int]) -> int:
+        words = [a if isinstance(a, (bytes, str)) else str(a) for a in args]
+        command = redis_command(b"EVALSHA", self._sha, str(len(keys)), *keys, *words)
+        try:
+            return int(self._send(command))
+        except redis.exceptions.NoScriptError:
+            self._send(redis_command(b"SCRIPT", b"LOAD", self._script))
+            return int(self._send(command))
+
+    def _send(self, command: bytes) -> Any:
+        connection: Any = self._pool.get_connection()  # redis-py types its connections partly
+        try:
+            connection.send_packed_command([command], check_health=False)
+            answer = connection.read_response()
+        except redis.ResponseError:
+            self._pool.release(connection)  # a whole answer was read: the connection is sound
+            raise
+        except BaseException:
+            connection.disconnect()  # half-read answers must not reach the next user
+            self._pool.release(connection)
+            raise
+        self._pool.release(connection)
+        return answer
 
 
 def _text(value: Any) -> str:
