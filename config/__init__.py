@@ -4,6 +4,14 @@ Everything else imports from here; this package imports nothing of ours.
 """
 
 from config import errors
+from config._captured import (
+    CAPTURE_FORMAT,
+    PART_CHAIN,
+    PART_JOIN,
+    PART_REDUCER,
+    PART_SINGLE,
+    CapturedRun,
+)
 from config._environment import VARIABLES, Variable, markdown_table
 from config._extension_points import (
     CHAIN,
@@ -36,6 +44,14 @@ from config._redis import (
     redis_pool,
     redis_tls_options,
 )
+from config._scale import (
+    MAX_SCALE_FACTOR,
+    check_scale_rules,
+    largest_input_bytes,
+    parse_scale_rule,
+    scale_factor,
+    scaled_limits,
+)
 from config._settings import Settings
 from config._sharding import jump_hash, shard_for
 from config._wire import (
@@ -58,17 +74,24 @@ from config._wire import (
 
 __all__ = [
     "BODY_ENCODING",
+    "CAPTURE_FORMAT",
     "CHAIN",
     "CONTENT_ENCODING",
     "CONTENT_TYPE",
     "JOIN",
     "MAX_APPS",
+    "MAX_SCALE_FACTOR",
+    "PART_CHAIN",
     "PART_ERROR",
+    "PART_JOIN",
     "PART_OK",
+    "PART_REDUCER",
+    "PART_SINGLE",
     "PART_SKIPPED",
     "REDUCER_APP",
     "SINGLE",
     "VARIABLES",
+    "CapturedRun",
     "ErrorInfo",
     "EventLogger",
     "Execution",
@@ -96,6 +119,7 @@ __all__ = [
     "check_input_size",
     "check_provider",
     "check_redis_url",
+    "check_scale_rules",
     "check_shop_id",
     "configure_logging",
     "describe_redis_url",
@@ -104,8 +128,10 @@ __all__ = [
     "get_logger",
     "is_sentinel",
     "jump_hash",
+    "largest_input_bytes",
     "live_workers",
     "markdown_table",
+    "parse_scale_rule",
     "parse_sentinel_url",
     "parse_shard_groups",
     "primary_address",
@@ -116,6 +142,8 @@ __all__ = [
     "redis_pool",
     "redis_tls_options",
     "render_shard_groups",
+    "scale_factor",
+    "scaled_limits",
     "shard_count_disagreement",
     "shard_for",
 ]

@@ -34,6 +34,13 @@ class Variable:
             return None
         if self.kind is str:
             return text
+        if self.kind is bool:
+            word = text.strip().lower()
+            if word not in _BOOLEANS:
+                raise ConfigurationError(
+                    f"{self.name} must be 1 or 0 (on/off, true/false), got {text!r}", variable=self.name
+                )
+            return _BOOLEANS[word]
         if self.kind is bytes:
             return text.encode()
         try:
@@ -53,10 +60,23 @@ class Variable:
             return "auto"
         if isinstance(value, bytes):
             return value.decode()
+        if isinstance(value, bool):
+            return "1" if value else "0"
         if self.scale != 1:
             return str(value // self.scale)
         return str(value)
 
+
+_BOOLEANS = {
+    "1": True,
+    "on": True,
+    "true": True,
+    "yes": True,
+    "0": False,
+    "off": False,
+    "false": False,
+    "no": False,
+}
 
 _LIMIT_DOCS = {
     "fuel": ("instructions (wasmtime fuel) a run may execute", ""),
@@ -158,6 +178,34 @@ VARIABLES: tuple[Variable, ...] = (
         int,
         "worker Prometheus /metrics port (0: off); a worker refuses to start if it cannot open it",
     ),
+    Variable(
+        "SCRIPTPOOL_CAPTURE",
+        "capture",
+        bool,
+        "workers capture failed runs (and each EP's sampled share of successful ones) for `runs` "
+        "and `replay`; 0 turns capture off",
+    ),
+    Variable(
+        "SCRIPTPOOL_CAPTURE_PER_SHOP",
+        "capture_per_shop",
+        int,
+        "captured runs kept per shop, the oldest evicted first",
+    ),
+    Variable(
+        "SCRIPTPOOL_CAPTURE_MAX_KB",
+        "capture_max_bytes",
+        int,
+        "bytes all captured runs may take in Redis, the oldest evicted first",
+        scale=1024,
+        unit="KiB",
+    ),
+    Variable(
+        "SCRIPTPOOL_CAPTURE_TTL_S",
+        "capture_ttl_s",
+        int,
+        "how long a captured run (input, output and logs) is kept",
+        unit="s",
+    ),
     *(
         Variable(
             f"SCRIPTPOOL_LIMIT_{name.upper()}", f"limits.{name}", int, f"default limit: {doc}", unit=unit
@@ -195,6 +243,8 @@ def markdown_table(defaults: Mapping[str, Any]) -> str:
             shown = f"auto ({variable.auto})"
         elif default == "":
             shown = "empty"
+        elif isinstance(default, bool):
+            shown = "on" if default else "off"
         elif isinstance(default, int) and not isinstance(default, bool):
             shown = f"{default // variable.scale:,}"
         else:

@@ -14,6 +14,7 @@ import redis
 
 from config._keys import Keys
 from config._limits import Limits
+from config._scale import check_scale_rules
 from config.errors import ConfigurationError, UnknownExtensionPoint
 
 T = TypeVar("T")
@@ -38,7 +39,10 @@ class ExtensionPoint:
 
     ``combine`` says how the scripts of several apps combine: ``single`` (one script per shop),
     ``join`` (each gets the input; ``reducer`` combines their outputs) or ``chain`` (in app
-    order, each gets the input and the previous script's output).
+    order, each gets the input and the previous script's output). ``scale`` maps JSON paths of
+    lists to rates (``config._scale``). Workers capture this EP's failed runs for replay, and the
+    share ``capture_rate`` of its successful ones, unless ``capture`` is off (or
+    ``SCRIPTPOOL_CAPTURE`` is, everywhere).
     """
 
     name: str
@@ -48,8 +52,18 @@ class ExtensionPoint:
     input_validation_rate: float | None = None
     combine: str = SINGLE
     reducer: str | None = None
+    scale: dict[str, float] = field(default_factory=dict)
+    capture_rate: float = 0.0
+    capture: bool = True
 
     def __post_init__(self) -> None:
+        check_scale_rules(self.scale)
+        if (
+            not isinstance(self.capture_rate, (int, float))
+            or isinstance(self.capture_rate, bool)
+            or not 0.0 <= self.capture_rate <= 1.0
+        ):
+            raise ConfigurationError(f"capture_rate must lie in [0, 1], got {self.capture_rate!r}")
         if self.combine not in COMBINES:
             raise ConfigurationError(f"combine must be one of {', '.join(COMBINES)}, got {self.combine!r}")
         if self.combine == JOIN and self.reducer is None:
@@ -85,6 +99,9 @@ class ExtensionPoint:
                 "input_validation_rate": self.input_validation_rate,
                 "combine": self.combine,
                 "reducer": self.reducer,
+                "scale": self.scale,
+                "capture_rate": self.capture_rate,
+                "capture": self.capture,
             },
             sort_keys=True,
         )
@@ -100,6 +117,9 @@ class ExtensionPoint:
             input_validation_rate=data.get("input_validation_rate"),
             combine=data.get("combine") or SINGLE,
             reducer=data.get("reducer"),
+            scale=data.get("scale") or {},
+            capture_rate=data.get("capture_rate") or 0.0,
+            capture=bool(data.get("capture", True)),
         )
 
 

@@ -152,3 +152,28 @@ class Keys:
     def invalidations(self) -> str:
         """Pub/sub channel on which deploys and rollbacks announce changed bindings."""
         return f"{self.prefix}:invalidate"
+
+    # -- captured runs (workers/_capture.py) --------------------------------------------------
+    def run(self, run_id: str) -> str:
+        """One captured run (MessagePack), expiring with the capture TTL."""
+        return f"{self.prefix}:run:{run_id}"
+
+    def runs(self) -> str:
+        """Every captured run's id, scored by capture time (ms): the order eviction follows."""
+        return f"{self.prefix}:runs"
+
+    def runs_expiry(self) -> str:
+        """Every captured run's id, scored by when it expires (ms)."""
+        return f"{self.prefix}:runs:expiry"
+
+    def runs_summary(self) -> str:
+        """A hash of run id -> what ``runs list`` shows (JSON: EP, shop, app, status, sizes)."""
+        return f"{self.prefix}:runs:summary"
+
+    def runs_bytes(self) -> str:
+        """The bytes every captured run takes, summed (what the byte cap bounds)."""
+        return f"{self.prefix}:runs:bytes"
+
+    def runs_of_shop(self, shop_id: str) -> str:
+        """One shop's captured runs, scored by capture time (what the per-shop cap bounds)."""
+        return f"{self.prefix}:runs:shop:{shop_id}"

@@ -48,6 +48,11 @@ class Settings:
     binding_cache_ttl_s: float = 5.0
     join_threads: int = 1
     metrics_port: int = 0
+    # Captured runs (workers/_capture.py): the kill switch, and the store's bounds.
+    capture: bool = True
+    capture_per_shop: int = 50
+    capture_max_bytes: int = 64 * 1024 * 1024
+    capture_ttl_s: int = 3 * 24 * 3600
     # The parsed shard_groups (or one group on redis_url), derived by __post_init__.
     groups: tuple[ShardGroup, ...] = field(init=False, repr=False, compare=False)
 
@@ -72,6 +77,9 @@ class Settings:
             "provider_max_bytes",
             "epoch_tick_ms",
             "join_threads",
+            "capture_per_shop",
+            "capture_max_bytes",
+            "capture_ttl_s",
         ):
             if getattr(self, name) <= 0:
                 _invalid(name, f"must be positive, got {getattr(self, name)}")

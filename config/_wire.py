@@ -113,6 +113,8 @@ class ExecutionReport:
     # the rollout's id.
     rollout: str = ""
     rollout_id: str = ""
+    # How much the EP's scale rules raised the instruction, input and output limits (1: not at all).
+    scale_factor: float = 1.0
 
     def to_wire(self) -> dict[str, Any]:
         # Written out: dataclasses.asdict deep-copies recursively (a test holds the two equal).
@@ -132,6 +134,7 @@ class ExecutionReport:
             "codec": self.codec,
             "rollout": self.rollout,
             "rollout_id": self.rollout_id,
+            "scale_factor": self.scale_factor,
         }
 
     @classmethod

@@ -36,6 +36,7 @@ __all__ = [
     "ProviderNotFound",
     "RegistryError",
     "RolloutConflict",
+    "RunNotFound",
     "ScriptNotFound",
     "ScriptpoolError",
     "ShardNotDrained",
@@ -150,6 +151,13 @@ class NotReplicated(RegistryError):
     failover. ``detail`` holds ``acknowledged``, ``required``, ``timeout_ms`` and ``group``."""
 
     code = "not_replicated"
+
+
+class RunNotFound(RegistryError):
+    """Raised when a captured run is not in the store: never captured, evicted, expired, or
+    unreadable."""
+
+    code = "run_not_found"
 
 
 class ArtifactRejected(RegistryError):

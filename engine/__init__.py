@@ -11,6 +11,7 @@ from engine._abi import (
 )
 from engine._engine import engine_fingerprint
 from engine._link import Resolution, check_memory_io_provider, resolve
+from engine._profile import GuestProfiler, interval_for
 from engine._run import Sandbox, SandboxRun
 from engine._wasi import FIXED_TIME_NS, provided_signatures
 from engine._wasi import MODULE as WASI_MODULE
@@ -22,12 +23,14 @@ __all__ = [
     "GUEST_MEMORY_MODULE",
     "GUEST_MEMORY_NAME",
     "WASI_MODULE",
+    "GuestProfiler",
     "Resolution",
     "Sandbox",
     "SandboxRun",
     "check_memory_io_provider",
     "codec_for",
     "engine_fingerprint",
+    "interval_for",
     "is_memory_io_provider",
     "needs_glue",
     "provided_signatures",

@@ -104,6 +104,35 @@ linker_get = _c_function(
     "wasmtime_linker_get", ctypes.c_bool, _P, _P, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
     ctypes.c_size_t, _P,
 )  # fmt: skip
+# ... and those a profiled run makes (``engine/_profile.py``): an async call that yields every N
+# instructions, the epoch callback that samples the guest's stack, and wasmtime's guest profiler.
+EPOCH_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_size_t,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(ctypes.c_uint8),
+)
+EPOCH_FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+func_call_async = _c_function(
+    "wasmtime_func_call_async", _P, _P, _P, _P, ctypes.c_size_t, _P, ctypes.c_size_t, _P, _P
+)
+call_future_poll = _c_function("wasmtime_call_future_poll", ctypes.c_bool, _P)
+call_future_delete = _c_function("wasmtime_call_future_delete", None, _P)
+context_fuel_async_yield_interval = _c_function(
+    "wasmtime_context_fuel_async_yield_interval", _P, _P, ctypes.c_uint64
+)
+store_epoch_deadline_callback = _c_function(
+    "wasmtime_store_epoch_deadline_callback", None, _P, EPOCH_CALLBACK, _P, EPOCH_FINALIZER
+)
+engine_increment_epoch = _c_function("wasmtime_engine_increment_epoch", None, _P)
+guestprofiler_new = _c_function(
+    "wasmtime_guestprofiler_new", _P, _P, _P, ctypes.c_uint64, _P, ctypes.c_size_t
+)
+guestprofiler_sample = _c_function("wasmtime_guestprofiler_sample", None, _P, _P, ctypes.c_uint64)
+guestprofiler_finish = _c_function("wasmtime_guestprofiler_finish", _P, _P, _P)
+guestprofiler_delete = _c_function("wasmtime_guestprofiler_delete", None, _P)
+error_new = _c_function("wasmtime_error_new", _P, ctypes.c_char_p)
 _OURS = {
     "wasmtime_store_new": store_new,
     "wasmtime_store_context": store_context,
@@ -129,6 +158,17 @@ _OURS = {
     "wasmtime_memory_data_size": memory_data_size,
     "wasmtime_trap_new": trap_new,
     "wasmtime_linker_define_func_unchecked": linker_define_func_unchecked,
+    "wasmtime_func_call_async": func_call_async,
+    "wasmtime_call_future_poll": call_future_poll,
+    "wasmtime_call_future_delete": call_future_delete,
+    "wasmtime_context_fuel_async_yield_interval": context_fuel_async_yield_interval,
+    "wasmtime_store_epoch_deadline_callback": store_epoch_deadline_callback,
+    "wasmtime_engine_increment_epoch": engine_increment_epoch,
+    "wasmtime_guestprofiler_new": guestprofiler_new,
+    "wasmtime_guestprofiler_sample": guestprofiler_sample,
+    "wasmtime_guestprofiler_finish": guestprofiler_finish,
+    "wasmtime_guestprofiler_delete": guestprofiler_delete,
+    "wasmtime_error_new": error_new,
 }
 
 # wasmtime-py's generated bindings and private helpers used as they are (as ``Func.__call__`` does).
@@ -142,6 +182,10 @@ _USED_AS_IS = {
         "WASMTIME_EXTERN_FUNC",
         "WASMTIME_EXTERN_MEMORY",
         "WASMTIME_I32",
+        "wasm_byte_vec_t",
+        "wasm_byte_vec_new",
+        "wasm_byte_vec_delete",
+        "wasmtime_guestprofiler_modules_t",
         "wasmtime_pooling_allocation_config_new",
         "wasmtime_pooling_allocation_config_delete",
         "wasmtime_pooling_allocation_strategy_set",
@@ -205,6 +249,13 @@ def internals_problems() -> list[str]:
         have = [_shape(t) for t in (HOST_CALLBACK._restype_, *HOST_CALLBACK._argtypes_)]
         if want != have:
             problems.append(f"host callback: wasmtime-py declares {want}, we define {have}")
+    epoch = getattr(_generated, "_wasmtime_store_epoch_deadline_callback", None)
+    if epoch is not None:
+        theirs = epoch.argtypes[1]
+        want = [_shape(t) for t in (theirs._restype_, *theirs._argtypes_)]
+        have = [_shape(t) for t in (EPOCH_CALLBACK._restype_, *EPOCH_CALLBACK._argtypes_)]
+        if want != have:
+            problems.append(f"epoch callback: wasmtime-py declares {want}, we define {have}")
     if ffi.wasmtime_extern_t.of.offset != EXTERN_ITEM_OFFSET:
         problems.append(f"wasmtime_extern_t keeps its item at {ffi.wasmtime_extern_t.of.offset}, not 8")
     if hasattr(ffi, "wasmtime_val_raw_t") and ctypes.sizeof(ffi.wasmtime_val_raw_t) != 4 * VAL_RAW_WORDS:

@@ -63,6 +63,7 @@ from engine._capi import (
 )
 from engine._engine import EpochTicker, new_engine
 from engine._link import WASI, resolve
+from engine._profile import GuestProfiler
 from engine._wasi import IDLE, GuestExit, GuestIO, HostState, WasiSubset
 from engine._wasi import MODULE as WASI_MODULE
 
@@ -183,6 +184,7 @@ class _Thread(HostState):
 
     def __init__(self) -> None:
         super().__init__()
+        self.profiler: GuestProfiler | None = None  # set for the length of a profiled run
         self.scratch = _Scratch()
         base = ctypes.addressof(self.scratch)  # where each out-parameter lives:
         self.instance_at = base + _Scratch.instance.offset
@@ -274,11 +276,13 @@ class Sandbox:
         *,
         export: str = "_start",
         providers: Mapping[str, wasmtime.Module] | None = None,
+        profiler: GuestProfiler | None = None,
     ) -> SandboxRun:
         """Run ``export`` of ``module`` with ``stdin`` as input; never raises for guest faults.
 
         With a memory-I/O provider among ``providers``, ``stdin`` is written into the provider's
-        memory instead, and the output and logs are read from it.
+        memory instead, and the output and logs are read from it. With ``profiler``, the entry
+        is sampled (``engine/_profile.py``); the run is otherwise the same, only slower.
         """
         self.engine(limits.stack_bytes)
         t = self._thread
@@ -286,6 +290,11 @@ class Sandbox:
         store = store_new(self._engine_addresses[limits.stack_bytes], None, None)
         context = store_context(store)
         io = GuestIO(stdin, limits.output_bytes, limits.log_bytes)
+        instructions = 0
+        if profiler is not None:
+            named = [("script", module), *(providers or {}).items()]
+            profiler.attach(self._engine_addresses[limits.stack_bytes], store, named, limits.wall_ms)
+            t.profiler = profiler
         try:
             store_limiter(store, limits.memory_bytes, -1, -1, -1, -1)
             if providers:
@@ -298,6 +307,9 @@ class Sandbox:
                 instructions = limits.fuel - t.scratch.fuel
         finally:
             t.io = IDLE
+            if profiler is not None:
+                t.profiler = None
+                profiler.finish(instructions)
             # Free the store (and give its pool slots back) now, on every path, even an
             # unexpected exception, whatever still refers to it.
             store_delete(store)
@@ -604,7 +616,12 @@ def _call_i32(t: _Thread, context: int, io: GuestIO, instance: int, name: bytes,
         t.scratch.args[0].of.i32 = arg
         nargs = 1
     t.scratch.trap = None
-    failure = func_call(context, t.item_at, t.args_at, nargs, t.results_at, 1, t.trap_at)
+    if t.profiler is None:
+        failure = func_call(context, t.item_at, t.args_at, nargs, t.results_at, 1, t.trap_at)
+    else:  # a profiled store takes async calls only, once its entry was called
+        failure = t.profiler.call(
+            context, t.item_at, t.args_at, nargs, t.results_at, 1, t.trap_at, entry=False
+        )
     _check(io, failure, t.scratch.trap)
     return int(t.scratch.results[0].of.i32) & 0xFFFFFFFF
 
@@ -669,7 +686,10 @@ def _call_entry(t: _Thread, context: int, prepared: _Prepared, export: str, io: 
     # Results are dropped with the store (no unrooting needed); more than 4 go to a fresh array.
     results = t.results_at if nresults <= 4 else ctypes.addressof((ffi.wasmtime_val_t * nresults)())
     t.scratch.trap = None
-    failure = func_call(context, t.item_at, None, 0, results, nresults, t.trap_at)
+    if t.profiler is None:
+        failure = func_call(context, t.item_at, None, 0, results, nresults, t.trap_at)
+    else:
+        failure = t.profiler.call(context, t.item_at, None, 0, results, nresults, t.trap_at, entry=True)
     _check(io, failure, t.scratch.trap)
 
 

@@ -59,3 +59,5 @@ CFLAGS_V2=("${CFLAGS[@]/-O2/-Os}")
 echo "+ $CLANG ${CFLAGS_V2[*]} -o rollout/discount_v2.wasm discount/discount.c common/json.c"
 "$CLANG" "${CFLAGS_V2[@]}" -o rollout/discount_v2.wasm discount/discount.c common/json.c
 build rollout/discount_off_by_one.wasm     discount/discount.c               common/json.c -DOFF_BY_ONE
+build replay/bulk_discount.wasm            replay/bulk_discount.c            common/json.c
+build replay/bulk_discount_fixed.wasm      replay/bulk_discount.c            common/json.c -DFIXED

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -26,8 +28,11 @@ from config import (
     check_shop_id,
     encode_input,
     get_logger,
+    largest_input_bytes,
     live_workers,
     redis_client,
+    scale_factor,
+    scaled_limits,
     shard_count_disagreement,
     shard_for,
 )
@@ -77,8 +82,11 @@ class _GroupLink:
         self.redis = redis_client(group.url, timeout=1.0, connect_timeout=0.25)
         self.tasks = TaskPublisher(self.redis, Keys.TASK)
         self.replies = ReplyDispatcher(group.url, keys.replies(client_id))
-        self.limits: ExtensionPointReader[Limits] = ExtensionPointReader(
-            self.redis, keys, lambda ep: ep.limits(settings.limits), ttl_s=_EP_CACHE_S
+        self.limits: ExtensionPointReader[_EpLimits] = ExtensionPointReader(
+            self.redis,
+            keys,
+            lambda ep: _EpLimits(ep.limits(settings.limits), dict(ep.scale)),
+            ttl_s=_EP_CACHE_S,
         )
 
     def close(self) -> None:
@@ -226,10 +234,10 @@ class Client:
         ep = check_ep(ep)
         for link in self._groups[:-1]:
             try:
-                return link.limits.get(ep)
+                return link.limits.get(ep).limits
             except _TRANSPORT_ERRORS:
                 continue
-        return self._groups[-1].limits.get(ep)
+        return self._groups[-1].limits.get(ep).limits
 
     def breaker_state(self, shop_id: str | int, ep: str) -> str:
         """The breaker state of (shop, EP): ``closed``, ``open`` or ``half_open``."""
@@ -295,7 +303,7 @@ class Client:
                 link.failing = True
                 breaker.failure()
                 return call.fallback_outcome(BrokerUnavailable, f"cannot reach Redis: {exc}")
-        check_input_size(payload, limits)
+        check_input_size(payload, limits.for_input(input, payload))
         if not breaker.allow():
             return call.fallback_outcome(CircuitOpen, f"circuit for {shop}/{ep} is open")
         return call
@@ -401,6 +409,29 @@ class Client:
                 self._shards.clear()
             shard = self._shards[shop] = shard_for(shop, self.settings.shards)
         return shard
+
+
+@dataclass(frozen=True, slots=True)
+class _EpLimits:
+    """What the client knows of an EP: its limits, and its scale rules."""
+
+    limits: Limits
+    scale: dict[str, float]
+
+    def for_input(self, value: Any, payload: bytes) -> Limits:
+        """The limits an input is checked against: an input over the base limit gets the limits
+        its scale factor gives (decoding it only then), so the client never refuses an input
+        that the worker's scaling would allow."""
+        if not self.scale or len(payload) <= self.limits.input_bytes:
+            return self.limits
+        if len(payload) > largest_input_bytes(self.limits):
+            return self.limits
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            try:
+                value = json.loads(payload)
+            except (ValueError, RecursionError):
+                return self.limits  # not JSON: refused by size here, or by the worker
+        return scaled_limits(self.limits, scale_factor(value, self.scale))
 
 
 class _Call:

@@ -2,6 +2,7 @@
 
 from registry._bindings import DEFAULT_APP, BindingSet, Deployment
 from registry._candidate import ABORTED, CANARY, PROMOTED, SHADOWING, Candidate, RolloutRules
+from registry._compile import CompiledScript, compile_provider, compile_script
 from registry._groups import Registries
 from registry._registry import Provider, Registry
 from registry._rollouts import CANDIDATE_ERROR, MATCH, MISMATCH, Rollouts, RolloutStatus, Tally
@@ -18,6 +19,7 @@ __all__ = [
     "SHADOWING",
     "BindingSet",
     "Candidate",
+    "CompiledScript",
     "Deployment",
     "Provider",
     "Registries",
@@ -27,5 +29,7 @@ __all__ = [
     "Rollouts",
     "Tally",
     "check_schema",
+    "compile_provider",
+    "compile_script",
     "compile_validator",
 ]

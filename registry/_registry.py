@@ -21,7 +21,7 @@ from config import (
     check_app,
     check_ep,
     check_export,
-    check_provider,
+    check_scale_rules,
     check_shop_id,
     get_logger,
 )
@@ -37,17 +37,15 @@ from engine import (
     GUEST_MEMORY_MODULE,
     WASI_MODULE,
     Sandbox,
-    check_memory_io_provider,
-    codec_for,
     engine_fingerprint,
 )
 from registry import _artifact
 from registry._bindings import DEFAULT_APP, Bindings, BindingSet, Deployment
 from registry._candidate import Candidate, RolloutRules
+from registry._compile import compile_provider, compile_script
 from registry._rewrite import linkable
 from registry._rollouts import Rollouts
 from registry._schemas import check_schema
-from registry._validate import check_entry, check_imports, check_memory_export, check_size
 
 log = get_logger("registry")
 
@@ -91,9 +89,14 @@ class Registry:
         input_validation_rate: float | None = None,
         combine: str = SINGLE,
         reducer: str | None = None,
+        scale: dict[str, float] | None = None,
+        capture_rate: float = 0.0,
+        capture: bool = True,
     ) -> ExtensionPoint:
         """Create or replace an extension point definition: its limit overrides and schemas, and
-        how several apps' scripts combine (``single``, ``join`` with a ``reducer``, ``chain``)."""
+        how several apps' scripts combine (``single``, ``join`` with a ``reducer``, ``chain``);
+        ``scale`` rules that raise limits with the input; whether workers capture its runs for
+        replay (failed ones always, successful ones at ``capture_rate``)."""
         check_ep(name)
         self._settings.limits.with_overrides(limits)  # fails early on unknown or bad limits
         check_schema(input_schema, "input_schema")
@@ -101,7 +104,16 @@ class Registry:
         if input_validation_rate is not None and not 0.0 <= input_validation_rate <= 1.0:
             raise ConfigurationError("input_validation_rate must lie in [0, 1]")
         ep = ExtensionPoint(
-            name, dict(limits or {}), input_schema, output_schema, input_validation_rate, combine, reducer
+            name,
+            dict(limits or {}),
+            input_schema,
+            output_schema,
+            input_validation_rate,
+            combine,
+            reducer,
+            check_scale_rules(scale),
+            capture_rate,
+            capture,
         )
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.extension_point(name), ep.to_json())
@@ -131,12 +143,9 @@ class Registry:
     # -- providers -----------------------------------------------------------------------------
     def add_provider(self, name: str, wasm: bytes) -> Provider:
         """Install a provider module that scripts may import by ``name``."""
-        check_provider(name)
-        check_size(wasm, self._settings.provider_max_bytes, "provider")
-        module = self._sandbox.compile(wasm, self._settings.limits.stack_bytes)
-        check_imports(module, {})  # providers import only our WASI subset
-        check_memory_export(module)
-        check_memory_io_provider(name, module)  # ... and memory-I/O providers nothing at all
+        module = compile_provider(
+            self._sandbox, name, wasm, self._settings.provider_max_bytes, self._settings.limits.stack_bytes
+        )
         sha = self._store_module(wasm, module)
         provider = Provider(name, sha, time.time())
         with self._redis.pipeline(transaction=True) as pipe:
@@ -209,20 +218,11 @@ class Registry:
                 app=app,
             )
         limits = definition.limits(self._settings.limits)
-        check_size(wasm, limits.module_bytes)
-        module = self._sandbox.compile(wasm, limits.stack_bytes)
-        codec = codec_for([imp.module for imp in module.imports])
-        linked = linkable(wasm)  # an untrampolined Wasm API module imports its memory instead
-        if linked is not wasm:
-            module = self._sandbox.compile(linked, limits.stack_bytes)
-        installed = self._installed_providers(module, limits.stack_bytes)
-        resolution = check_imports(module, {n: m for n, (m, _) in installed.items()})
-        if resolution.memory_io is not None:  # installed before memory I/O was checked, maybe
-            check_memory_io_provider(resolution.memory_io, installed[resolution.memory_io][0])
-        used = [(name, installed[name][1]) for name in resolution.providers]
-        check_entry(module, export)
-        check_memory_export(module)
-        sha = self._store_module(wasm, module)
+        compiled = compile_script(
+            self._sandbox, wasm, limits, export, lambda m: self._installed_providers(m, limits.stack_bytes)
+        )
+        codec, resolution, used = compiled.codec, compiled.resolution, [list(p) for p in compiled.providers]
+        sha = self._store_module(wasm, compiled.module)
         template = {
             "ep": ep,
             "shop_id": shop,
@@ -365,9 +365,13 @@ class Registry:
             artifact = None
         if artifact is not None:
             return self._sandbox.deserialize(artifact, stack_bytes), "deserialized", len(artifact)
-        # The same rewrite as at deploy, so the module is the one its artifact was compiled from.
-        module = self._sandbox.compile(linkable(self.module_bytes(sha256)), stack_bytes)
+        module = self.compile_module(sha256, stack_bytes)
         return module, "compiled", len(module.serialize())
+
+    def compile_module(self, sha256: str, stack_bytes: int) -> wasmtime.Module:
+        """Compile a stored module from its hash-checked bytes, with the deploy's rewrite, so it
+        is the module its artifact was compiled from (no artifact key needed: a replay uses it)."""
+        return self._sandbox.compile(linkable(self.module_bytes(sha256)), stack_bytes)
 
 
 def _text(value: bytes | str) -> str:

@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         _pool_commands,
         _registry_commands,
         _rollout_commands,
+        _runs_commands,
         _shard_commands,
         _tool_commands,
     )
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pool_commands.add_parsers(sub)
     _rollout_commands.add_parsers(sub)
     _shard_commands.add_parsers(sub)
+    _runs_commands.add_parsers(sub)
     _tool_commands.add_parsers(sub)
     return parser
 

@@ -123,7 +123,9 @@ class Scratch:
 
     With a ``prefix`` (a borrowed Redis) every extension point and shop gets it, so nothing the
     user has is overwritten, and cleanup removes exactly what was created: bindings, histories,
-    EP definitions, and modules that were not stored before.
+    EP definitions, and modules that were not stored before. Its EPs are defined with capture
+    off there, so the user's workers store no captured runs of ours (some would come late: a
+    slow script's run ends after its caller gave up).
     """
 
     def __init__(self, registry: Registry, prefix: str = "") -> None:
@@ -138,6 +140,8 @@ class Scratch:
 
     def define(self, name: str, **options: Any) -> str:
         ep = self.name(name)
+        if self.prefix:
+            options.setdefault("capture", False)
         self.registry.define_extension_point(ep, **options)
         self._eps.append(ep)
         return ep

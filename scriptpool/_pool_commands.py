@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from config import Settings, describe_redis_url
 from config.errors import ConfigurationError, InputTooLarge, InvalidArgument
+from scriptpool import _local_commands
 from scriptpool._files import read_json
 from scriptpool._output import ExitCode, add_json_flag, exit_code_for, print_json, report
 from scriptpool._status import cmd_status
@@ -25,16 +26,23 @@ INPUT_TEXT_FACTOR = 4
 
 
 def add_parsers(sub: Any) -> None:
-    run = sub.add_parser("run", help="run a script through the pool and print its outcome")
-    run.add_argument("ep", help="extension point")
-    run.add_argument("shop", help="shop id")
-    run.add_argument("--input", metavar="FILE|-", help="JSON input, a file or - for stdin (default {})")
+    run = sub.add_parser(
+        "run", help="run a script through the pool and print its outcome (or, with --local, a module here)"
+    )
+    run.add_argument("ep", nargs="?", help="extension point (not with --local)")
+    run.add_argument("shop", nargs="?", help="shop id (not with --local)")
+    run.add_argument(
+        "--input",
+        metavar="FILE|-",
+        help="JSON input, a file or - for stdin (default {}; needed with --local)",
+    )
     run.add_argument(
         "--timeout-ms",
         type=float,
         metavar="MS",
         help="the caller's deadline in ms, in (0, 600000] (default SCRIPTPOOL_DEADLINE_MS)",
     )
+    _local_commands.add_arguments(run)
     add_json_flag(run)
     run.set_defaults(func=cmd_run)
 
@@ -63,9 +71,18 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.local is not None:
+        return _local_commands.cmd_run_local(args, settings)
     import redis
 
     from producer import Client
+
+    if args.ep is None or args.shop is None:
+        raise InvalidArgument("run needs EP SHOP (or --local MODULE to run a module in this process)")
+    local_only = [flag for flag, given in (("--ep", args.limits_ep), ("--provider", args.provider),
+                  ("--profile", args.profile), ("--export", args.export != "_start")) if given]  # fmt: skip
+    if local_only:
+        raise InvalidArgument(f"{', '.join(local_only)} go with --local MODULE only")
 
     timeout_ms = settings.default_deadline_ms if args.timeout_ms is None else args.timeout_ms
     if not 0 < timeout_ms <= MAX_TIMEOUT_MS:  # NaN fails this too

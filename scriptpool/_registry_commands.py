@@ -9,31 +9,33 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from config import Limits, Settings
+from config import Limits, Settings, parse_scale_rule
 from config.errors import BrokerUnavailable, InvalidArgument
 from scriptpool._files import SCHEMA_LIMIT, read_json, read_module
 from scriptpool._output import ExitCode, add_json_flag, print_json
 
 if TYPE_CHECKING:
+    from engine import Sandbox
     from registry import Deployment, Registries, Registry
 
 LIMIT_NAMES = ", ".join(Limits().as_dict())
 _TRANSPORT = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
-def open_registries(settings: Settings) -> Registries:
+def open_registries(settings: Settings, sandbox: Sandbox | None = None) -> Registries:
     """The registry of every shard group, with its own sandbox for validating and compiling.
     Writes go through ``durable``/``on_shop``/``everywhere`` (acknowledged once the replicas
     ``SCRIPTPOOL_DEPLOY_REPLICAS`` asks for have them); reads through ``reader``."""
     from registry import Registries
 
-    return Registries(settings)
+    return Registries(settings, sandbox)
 
 
-def open_registry(settings: Settings) -> Registry:
+def open_registry(settings: Settings, sandbox: Sandbox | None = None) -> Registry:
     """A registry for reading extension points and providers (kept in every group): the first
-    group whose Redis answers."""
-    registries = open_registries(settings)
+    group whose Redis answers. Modules it compiles run only on ``sandbox``'s engines (its own
+    sandbox unless given)."""
+    registries = open_registries(settings, sandbox)
     failure: BrokerUnavailable | None = None
     for group in registries.groups:
         registry = registries.reader(group)
@@ -126,6 +128,28 @@ def add_parsers(sub: Any) -> None:
         metavar="R",
         help="share of inputs checked against the input schema, in [0, 1] "
         "(default SCRIPTPOOL_INPUT_VALIDATION_RATE)",
+    )
+    define.add_argument(
+        "--scale",
+        action="append",
+        metavar="PATH=RATE",
+        help="raise the instruction, input and output limits with the input, as Shopify's "
+        "@scaleLimits: PATH names a list in the input (keys joined by dots), each item counts RATE; "
+        "the largest sum over the rules, clamped to [1, 10], multiplies the limits "
+        "(e.g. cart.lines=0.005: 400 lines double them); repeat for several",
+    )
+    define.add_argument(
+        "--capture-rate",
+        type=float,
+        metavar="R",
+        default=0.0,
+        help="share of successful runs that workers capture for `runs` and `replay`, in [0, 1] "
+        "(failed runs are always captured; default 0)",
+    )
+    define.add_argument(
+        "--no-capture",
+        action="store_true",
+        help="never capture this EP's runs, failed ones included (its inputs must not be stored)",
     )
     add_json_flag(define)
     define.set_defaults(func=cmd_ep_define)
@@ -291,6 +315,9 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
             input_validation_rate=args.input_validation_rate,
             combine=args.combine,
             reducer=args.reducer,
+            scale=dict(parse_scale_rule(rule) for rule in args.scale or ()),
+            capture_rate=args.capture_rate,
+            capture=not args.no_capture,
         ),
         what=f"extension point {args.name}",
         again=f"run `scriptpool ep define {args.name}` again",
@@ -331,6 +358,12 @@ def cmd_ep_show(args: argparse.Namespace, settings: Settings) -> int:
         f"  input schema  {'yes' if shown['input_schema'] else 'none'} (checked for a share {rate} of inputs)"
     )
     print(f"  output schema {'yes' if shown['output_schema'] else 'none'}")
+    scale = ", ".join(f"{path} x {rate}" for path, rate in shown["scale"].items())
+    print(f"  scale         {scale or 'none (fixed limits)'}")
+    capture = (
+        f"failed runs and a share {shown['capture_rate']} of successful ones" if shown["capture"] else "off"
+    )
+    print(f"  capture       {capture}")
     return ExitCode.OK
 
 
@@ -357,6 +390,9 @@ def _extension_point(ep: Any, settings: Settings) -> dict[str, Any]:
         "input_validation_rate": settings.input_validation_rate if rate is None else rate,
         "combine": ep.combine,
         "reducer": ep.reducer,
+        "scale": ep.scale,
+        "capture": ep.capture,
+        "capture_rate": ep.capture_rate,
     }
 
 

@@ -336,3 +336,50 @@ def wasi_errnos(calls: list[tuple[str, tuple[int, ...]]]) -> bytes:
         (i32.store (i32.const 68) (i32.sub (global.get $out) (i32.const 4096)))
         (drop (call $fd_write (i32.const 1) (i32.const 64) (i32.const 1) (i32.const 72)))))
     """)
+
+
+def per_byte_work(rounds: int) -> bytes:
+    """Reads its input (up to 1 MiB) and reads every byte ``rounds`` times, then prints ``{}``:
+    its instruction count grows with the input, as a script looping over cart lines does."""
+    return wasm(f"""
+    (module
+      (import "{WASI}" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+      (import "{WASI}" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 17)
+      (data (i32.const 16) "{{}}")
+      (global $sink (mut i32) (i32.const 0))
+      (func (export "_start") (local $total i32) (local $n i32) (local $i i32) (local $k i32)
+        (block $done (loop $more
+          (i32.store (i32.const 0) (i32.add (i32.const 1024) (local.get $total)))
+          (i32.store (i32.const 4) (i32.sub (i32.const 1048576) (local.get $total)))
+          (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+          (local.set $n (i32.load (i32.const 8)))
+          (br_if $done (i32.eqz (local.get $n)))
+          (local.set $total (i32.add (local.get $total) (local.get $n)))
+          (br $more)))
+        (block $bytes_done (loop $bytes
+          (br_if $bytes_done (i32.ge_u (local.get $i) (local.get $total)))
+          (local.set $k (i32.const 0))
+          (loop $round
+            (global.set $sink (i32.add (global.get $sink)
+              (i32.load8_u (i32.add (i32.const 1024) (local.get $i)))))
+            (local.set $k (i32.add (local.get $k) (i32.const 1)))
+            (br_if $round (i32.lt_u (local.get $k) (i32.const {rounds}))))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br $bytes)))
+        (i32.store (i32.const 0) (i32.const 16))
+        (i32.store (i32.const 4) (i32.const 2))
+        (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+    """)
+
+
+def cart(lines: int) -> dict[str, object]:
+    """A checkout input with ``lines`` cart lines (about 60 bytes each)."""
+    return {
+        "cart": {
+            "lines": [
+                {"id": f"gid://shopify/CartLine/{n}", "quantity": 1, "cost": {"amount": "10.0"}}
+                for n in range(lines)
+            ]
+        }
+    }

@@ -30,8 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 from config import (
     JOIN,
+    PART_CHAIN,
     PART_ERROR,
+    PART_JOIN,
     PART_OK,
+    PART_REDUCER,
     PART_SKIPPED,
     REDUCER_APP,
     ErrorInfo,
@@ -42,9 +45,17 @@ from config import (
     check_input_size,
 )
 from config.errors import DeadlineExceeded, InvalidOutput, ScriptNotFound, ScriptpoolError
-from engine import CODEC_MSGPACK, Sandbox
-from workers._codec import json_value, to_msgpack
-from workers._script import EpRuntime, LoadedScript, ScriptRun, run_script, script_report, validate
+from engine import Sandbox
+from workers._script import (
+    EpRuntime,
+    LoadedScript,
+    ScriptRun,
+    ScriptTrace,
+    encode_for,
+    run_script,
+    script_report,
+    validate,
+)
 
 if TYPE_CHECKING:
     from registry import BindingSet, Deployment
@@ -78,12 +89,20 @@ class PartsRunner:
         )
 
     def execute(
-        self, ep: EpRuntime, bindings: BindingSet, stdin: bytes, lookup_ms: float, deadline: float | None
+        self,
+        ep: EpRuntime,
+        bindings: BindingSet,
+        stdin: bytes,
+        lookup_ms: float,
+        deadline: float | None,
+        *,
+        scale_factor: float = 1.0,
+        trace: list[ScriptTrace] | None = None,
     ) -> Execution:
         contributors = bindings.contributors()
         if not contributors:
             raise ScriptNotFound("no app's script is deployed here, only the reducer")
-        call = _Call(self, ep, stdin, deadline)
+        call = _Call(self, ep, stdin, deadline, scale_factor, trace)
         if ep.combine == JOIN:
             if self._pool is not None:
                 for attempt in self._pool.map(lambda d: call.attempt(d, stdin), contributors):
@@ -118,11 +137,21 @@ class _Attempt:
 class _Call:
     """The state of one call's parts as they run."""
 
-    def __init__(self, runner: PartsRunner, ep: EpRuntime, stdin: bytes, deadline: float | None) -> None:
+    def __init__(
+        self,
+        runner: PartsRunner,
+        ep: EpRuntime,
+        stdin: bytes,
+        deadline: float | None,
+        scale_factor: float = 1.0,
+        trace: list[ScriptTrace] | None = None,
+    ) -> None:
         self.runner = runner
         self.ep = ep
         self.stdin = stdin
         self.deadline = deadline
+        self.scale_factor = scale_factor
+        self.trace = trace
         self.parts: list[Part] = []
         self.outputs: list[Any] = []  # of the parts that succeeded, in app order
         self.blocked: ErrorInfo | None = None
@@ -138,10 +167,10 @@ class _Call:
             return _Attempt(deployment, PART_SKIPPED, late, ExecutionReport())
         script: LoadedScript | None = None
         outcome: ScriptRun | None = None
+        given = stdin  # the JSON this part gets, as captured
         try:
             script = self.runner.load(deployment, self.ep)
-            if deployment.codec == CODEC_MSGPACK:  # the call's input is JSON; this part reads MessagePack
-                stdin = to_msgpack(json_value(stdin))
+            stdin = encode_for(stdin, deployment.codec)[0]  # the call's input is JSON, the part's its codec
             check_input_size(stdin, limits)
             outcome = run_script(self.runner.sandbox, script, stdin, limits, self.ep.output_validator)
             if outcome.error is not None:
@@ -149,10 +178,29 @@ class _Call:
             if usable and self.ep.reducer is not None:
                 self.ep.reducer.check(outcome.output)
         except ScriptpoolError as exc:
-            report = script_report(script, 0.0, len(stdin), outcome)
+            report = script_report(script, 0.0, len(stdin), outcome, self.scale_factor)
+            if script is not None:
+                self._traced(deployment, given, limits, usable, exc, outcome, report)
             return _Attempt(deployment, PART_ERROR, exc, report, source=script.source if script else None)
-        report = script_report(script, 0.0, len(stdin), outcome)
+        report = script_report(script, 0.0, len(stdin), outcome, self.scale_factor)
+        self._traced(deployment, given, limits, usable, None, outcome, report)
         return _Attempt(deployment, PART_OK, None, report, outcome.output, script.source)
+
+    def _traced(
+        self,
+        deployment: Deployment,
+        given: bytes,
+        limits: Limits,
+        usable: bool,
+        error: ScriptpoolError | None,
+        outcome: ScriptRun | None,
+        report: ExecutionReport,
+    ) -> None:
+        if self.trace is None or not self.ep.capture:
+            return
+        part = PART_REDUCER if not usable else PART_JOIN if self.ep.combine == JOIN else PART_CHAIN
+        rate = self.ep.capture_rate
+        self.trace.append(ScriptTrace(deployment, given, limits, part, rate, error, outcome, report))
 
     def record(self, attempt: _Attempt) -> _Attempt:
         """Add one part to the call: its entry, its output, and whether it blocks the call."""
@@ -238,4 +286,5 @@ class _Call:
             decode_ms=round(sum(r.decode_ms for r in reports), 4),
             module_source=_SOURCES[coldest],
             version=generation,
+            scale_factor=self.scale_factor,
         )

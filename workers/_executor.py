@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import wasmtime
 
 from config import (
+    PART_SINGLE,
     SINGLE,
     ErrorInfo,
     Execution,
@@ -22,18 +23,24 @@ from config import (
     check_input_size,
     check_shop_id,
     encode_input,
+    largest_input_bytes,
+    scale_factor,
+    scaled_limits,
 )
-from config.errors import InvalidInput, ScriptpoolError
-from engine import CODEC_JSON, CODEC_MSGPACK, Sandbox
+from config.errors import InputTooLarge, InvalidInput, ScriptpoolError
+from engine import CODEC_JSON, Sandbox
 from registry import CANARY, Candidate, compile_validator
 from workers._cache import ByteLRU, CacheStats
-from workers._codec import json_value, to_msgpack
+from workers._codec import json_value
 from workers._combine import PartsRunner
 from workers._reducers import Reducer
 from workers._script import (
+    UNDECODED,
     EpRuntime,
     LoadedScript,
     ScriptRun,
+    ScriptTrace,
+    encode_for,
     loads_input,
     ms,
     run_script,
@@ -72,13 +79,21 @@ class Executor:
 
     # -- public --------------------------------------------------------------------------------
     def execute(
-        self, ep: str, shop_id: str | int, payload: Any, *, deadline: float | None = None
+        self,
+        ep: str,
+        shop_id: str | int,
+        payload: Any,
+        *,
+        deadline: float | None = None,
+        trace: list[ScriptTrace] | None = None,
     ) -> Execution:
         """Run what is bound to (``ep``, ``shop_id``) on ``payload`` (JSON value or bytes).
 
         ``deadline`` (Unix seconds) is the caller's: the parts of a join or chain are never run
-        past it (a single script runs under its EP's limits alone). During a rollout's canary, a
-        share of inputs is served by the candidate (``report.rollout`` says which served).
+        past it (a single script runs under its EP's limits alone). With ``trace``, each script
+        that ran (or was about to) is appended to it, for capture after the reply. During a
+        rollout, ``report.rollout`` says which version served and whether the candidate shadows
+        the call.
         """
         started = time.perf_counter()
         try:
@@ -88,13 +103,13 @@ class Executor:
             return Execution(False, None, ErrorInfo.from_exception(exc), report)
         candidate = bindings.candidate
         if candidate is None:
-            return self._run(runtime, bindings, payload, started, deadline)
+            return self._run(runtime, bindings, payload, started, deadline, trace)
         if candidate.state == CANARY:
             served = CANARY if candidate.in_canary(_json_bytes(payload)) else CONTROL
         else:
             served = SHADOWED if self._sample() < candidate.rules.shadow_rate else LIVE
         runs = bindings.with_candidate() if served == CANARY else bindings
-        execution = self._run(runtime, runs, payload, started, deadline)
+        execution = self._run(runtime, runs, payload, started, deadline, trace)
         report = dataclasses.replace(execution.report, rollout=served, rollout_id=candidate.id)
         return dataclasses.replace(execution, report=report)
 
@@ -110,7 +125,8 @@ class Executor:
         runtime, bindings = self._lookup(ep, shop_id)
         if bindings.candidate != candidate:  # changed in between: too late for this call
             return None
-        return candidate, self._run(runtime, bindings.with_candidate(), payload, time.perf_counter(), None)
+        shadow = self._run(runtime, bindings.with_candidate(), payload, time.perf_counter(), None, None)
+        return candidate, shadow
 
     def candidate(self, ep: str, shop_id: str, rollout_id: str) -> Candidate | None:
         """The candidate of rollout ``rollout_id`` at (``ep``, ``shop_id``), or None once that
@@ -123,20 +139,32 @@ class Executor:
         return candidate if candidate is not None and candidate.id == rollout_id else None
 
     def _run(
-        self, runtime: EpRuntime, bindings: BindingSet, payload: Any, started: float, deadline: float | None
+        self,
+        runtime: EpRuntime,
+        bindings: BindingSet,
+        payload: Any,
+        started: float,
+        deadline: float | None,
+        trace: list[ScriptTrace] | None,
     ) -> Execution:
         script: LoadedScript | None = None
         lookup_ms: float | None = None
         input_bytes = 0
+        factor = 1.0
+        value: Any = UNDECODED
         outcome: ScriptRun | None = None
         try:
+            if runtime.scale:
+                runtime, factor, value = _scaled(runtime, payload)
             if runtime.combine == SINGLE:
                 script = self._load(bindings.only(), runtime)
             lookup_ms = ms(time.perf_counter() - started)
             if script is None:  # each part encodes the input in its own codec
-                stdin = self._prepare_input(payload, runtime, CODEC_JSON)
-                return self._parts.execute(runtime, bindings, stdin, lookup_ms, deadline)
-            stdin = self._prepare_input(payload, runtime, script.deployment.codec)
+                stdin = self._prepare_input(payload, runtime, CODEC_JSON, value)
+                return self._parts.execute(
+                    runtime, bindings, stdin, lookup_ms, deadline, scale_factor=factor, trace=trace
+                )
+            stdin = self._prepare_input(payload, runtime, script.deployment.codec, value)
             input_bytes = len(stdin)
             outcome = run_script(self._sandbox, script, stdin, runtime.limits, runtime.output_validator)
             if outcome.error is not None:
@@ -144,9 +172,14 @@ class Executor:
         except ScriptpoolError as exc:
             if lookup_ms is None:
                 lookup_ms = ms(time.perf_counter() - started)
-            report = script_report(script, lookup_ms, input_bytes, outcome)
+            report = script_report(script, lookup_ms, input_bytes, outcome, factor)
+            if trace is not None and script is not None and runtime.capture:
+                trace.append(_trace(script, runtime, payload, exc, outcome, report))
             return Execution(False, None, ErrorInfo.from_exception(exc), report)
-        return Execution(True, outcome.output, None, script_report(script, lookup_ms, input_bytes, outcome))
+        report = script_report(script, lookup_ms, input_bytes, outcome, factor)
+        if trace is not None and runtime.capture:
+            trace.append(_trace(script, runtime, payload, None, outcome, report))
+        return Execution(True, outcome.output, None, report)
 
     def invalidate(self, ep: str | None = None, shop_id: str | None = None) -> None:
         """Forget cached bindings (of one pair, one EP, or all) and EP definitions."""
@@ -192,6 +225,9 @@ class Executor:
             input_validation_rate=self._settings.input_validation_rate if rate is None else rate,
             combine=ep.combine,
             reducer=Reducer.parse(ep.reducer) if ep.reducer else None,
+            scale=dict(ep.scale),
+            capture_rate=ep.capture_rate,
+            capture=ep.capture,
         )
 
     def _module(self, sha256: str, stack_bytes: int) -> tuple[wasmtime.Module, str]:
@@ -204,17 +240,12 @@ class Executor:
         return module, source
 
     # -- input ---------------------------------------------------------------------------------
-    def _prepare_input(self, payload: Any, ep: EpRuntime, codec: str) -> bytes:
-        value: Any = _UNSET
-        if codec == CODEC_MSGPACK:
-            value = json_value(payload)
-            stdin = to_msgpack(value)
-        else:
-            stdin = encode_input(payload)
+    def _prepare_input(self, payload: Any, ep: EpRuntime, codec: str, value: Any = UNDECODED) -> bytes:
+        stdin, value = encode_for(payload, codec, value)
         check_input_size(stdin, ep.limits)
         # Validation only sharpens error messages for script authors, so it is sampled.
         if ep.input_validator is not None and self._sample() < ep.input_validation_rate:
-            if value is _UNSET:
+            if value is UNDECODED:
                 value = (
                     payload if not isinstance(payload, (bytes, bytearray, memoryview)) else loads_input(stdin)
                 )
@@ -235,3 +266,51 @@ def _json_bytes(payload: Any) -> bytes:
     """The call's input as JSON text: what a canary hashes, so the same input always gets the
     same version."""
     return bytes(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else encode_input(payload)
+
+
+def _scaled(runtime: EpRuntime, payload: Any) -> tuple[EpRuntime, float, Any]:
+    """The EP with its limits scaled for this input, the factor, and the input's JSON value.
+
+    The input is decoded to count its lists, so an input larger than any factor allows is
+    refused before that."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        largest = largest_input_bytes(runtime.limits)
+        if len(payload) > largest:
+            raise InputTooLarge(
+                f"input is {len(payload)} bytes; even scaled the limit is {largest}",
+                size=len(payload),
+                limit=largest,
+            )
+        value = json_value(payload)
+        factor = scale_factor(value, runtime.scale)
+    else:  # a host value: counted as it is, encoded (and normalised) later as without scaling
+        value, factor = UNDECODED, scale_factor(payload, runtime.scale)
+    if factor == 1.0:
+        return runtime, factor, value
+    return dataclasses.replace(runtime, limits=scaled_limits(runtime.limits, factor)), factor, value
+
+
+def _trace(
+    script: LoadedScript,
+    runtime: EpRuntime,
+    payload: Any,
+    error: ScriptpoolError | None,
+    outcome: ScriptRun | None,
+    report: ExecutionReport,
+) -> ScriptTrace:
+    json_input = bytes(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else b""
+    if not json_input:
+        try:
+            json_input = encode_input(payload)
+        except InvalidInput:  # what failed the run: nothing to replay it with
+            json_input = b""
+    return ScriptTrace(
+        script.deployment,
+        json_input,
+        runtime.limits,
+        PART_SINGLE,
+        runtime.capture_rate,
+        error,
+        outcome,
+        report,
+    )

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import wasmtime
 
-from config import ExecutionReport, Limits
+from config import ExecutionReport, Limits, encode_input
 from config.errors import ExecutionError, InvalidInput, InvalidOutput, ScriptpoolError
 from engine import CODEC_JSON, CODEC_MSGPACK, Sandbox, SandboxRun
-from workers._codec import from_msgpack
+from workers._codec import from_msgpack, json_value, to_msgpack
 
 if TYPE_CHECKING:
+    from engine import GuestProfiler
     from registry import Deployment
     from workers._reducers import Reducer
 
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class EpRuntime:
     """An extension point prepared for the hot path: limits merged, schemas compiled once, and
-    how its apps' scripts combine."""
+    how its apps' scripts combine; its scale rules (empty: fixed limits), whether its runs are
+    traced for capture at all, and the share of its successful runs that are captured."""
 
     limits: Limits
     input_validator: Any
@@ -32,6 +34,9 @@ class EpRuntime:
     input_validation_rate: float
     combine: str
     reducer: Reducer | None
+    scale: dict[str, float] = field(default_factory=dict)
+    capture_rate: float = 0.0
+    capture: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +60,22 @@ class ScriptRun:
 
 
 def run_script(
-    sandbox: Sandbox, script: LoadedScript, stdin: bytes, limits: Limits, validator: Any
+    sandbox: Sandbox,
+    script: LoadedScript,
+    stdin: bytes,
+    limits: Limits,
+    validator: Any,
+    *,
+    profiler: GuestProfiler | None = None,
 ) -> ScriptRun:
     """Run ``script`` on ``stdin`` and decode its output; never raises for what the script did."""
     run = sandbox.run(
-        script.module, stdin, limits, export=script.deployment.export, providers=script.providers
+        script.module,
+        stdin,
+        limits,
+        export=script.deployment.export,
+        providers=script.providers,
+        profiler=profiler,
     )
     if run.error is not None:
         return ScriptRun(None, run.error, run, 0.0)
@@ -69,6 +85,21 @@ def run_script(
     except ScriptpoolError as exc:
         return ScriptRun(None, exc, run, ms(time.perf_counter() - started))
     return ScriptRun(output, None, run, ms(time.perf_counter() - started))
+
+
+# No JSON value at hand (JSON's null is one, so None cannot say it).
+UNDECODED: Any = object()
+
+
+def encode_for(payload: Any, codec: str, value: Any = UNDECODED) -> tuple[bytes, Any]:
+    """A payload (JSON bytes or a JSON value) as the bytes a script of ``codec`` reads, and its
+    JSON value when it had to be decoded for that (else :data:`UNDECODED`). ``value``, if
+    given, is the payload already decoded. The pool, local runs and replays all encode here."""
+    if codec == CODEC_MSGPACK:
+        if value is UNDECODED:
+            value = json_value(payload)
+        return to_msgpack(value), value
+    return encode_input(payload), value
 
 
 def decode_output(stdout: bytes, validator: Any, codec: str = CODEC_JSON) -> Any:
@@ -110,11 +141,15 @@ def ms(seconds: float) -> float:
 
 
 def script_report(
-    script: LoadedScript | None, lookup_ms: float, input_bytes: int, outcome: ScriptRun | None
+    script: LoadedScript | None,
+    lookup_ms: float,
+    input_bytes: int,
+    outcome: ScriptRun | None,
+    scale_factor: float = 1.0,
 ) -> ExecutionReport:
     """The report of whatever stages ran; the fields of stages that did not run keep defaults."""
     if script is None:
-        return ExecutionReport(lookup_ms=lookup_ms)
+        return ExecutionReport(lookup_ms=lookup_ms, scale_factor=scale_factor)
     deployment = script.deployment
     run = outcome.run if outcome is not None else None
     if run is None:
@@ -125,6 +160,7 @@ def script_report(
             sha256=deployment.sha256,
             version=deployment.version,
             codec=deployment.codec,
+            scale_factor=scale_factor,
         )
     return ExecutionReport(
         instructions=run.instructions,
@@ -140,4 +176,25 @@ def script_report(
         sha256=deployment.sha256,
         version=deployment.version,
         codec=deployment.codec,
+        scale_factor=scale_factor,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptTrace:
+    """One script's run in a call, kept when the caller of ``Executor.execute`` asks (a worker
+    does, to capture failed and sampled runs after the reply). Holds what was there anyway: the
+    JSON input the script got, the limits it ran under, and how it went."""
+
+    deployment: Deployment
+    input: bytes
+    limits: Limits
+    part: str  # config.PART_SINGLE, PART_JOIN, PART_CHAIN or PART_REDUCER
+    capture_rate: float
+    error: ScriptpoolError | None
+    outcome: ScriptRun | None
+    report: ExecutionReport
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

@@ -22,8 +22,10 @@ from workers._backend import ReplyPusher, ReplySession, failure_reply
 if TYPE_CHECKING:
     from celery import Celery
 
+    from workers._capture import CaptureWriter
     from workers._executor import Executor
     from workers._invalidation import InvalidationListener
+    from workers._script import ScriptTrace
     from workers._shadow import ShadowRunner
 
 log = get_logger("worker")
@@ -47,6 +49,7 @@ class WorkerState:
     def __init__(self, settings: Settings) -> None:
         from engine import Sandbox
         from registry import Registry
+        from workers._capture import CaptureWriter
         from workers._executor import Executor
         from workers._invalidation import InvalidationListener
         from workers._shadow import ShadowRunner
@@ -63,6 +66,8 @@ class WorkerState:
         ).start()
         self.heartbeat: telemetry.Heartbeat | None = None
         self.replies = ReplyPusher(settings)
+        # Failed and sampled runs, written by a thread of their own after the replies.
+        self.capture: CaptureWriter | None = CaptureWriter(settings) if settings.capture else None
 
     def run_job(
         self, wire: dict[str, Any], replies: ReplySession, request: Any, shard: int, worker: str
@@ -84,8 +89,11 @@ class WorkerState:
                 late_ms=round((received - job.deadline) * 1000, 3),
             )
             return
+        trace: list[ScriptTrace] | None = [] if self.capture is not None else None
         try:
-            execution = self.executor.execute(job.ep, job.shop_id, job.input, deadline=job.deadline)
+            execution = self.executor.execute(
+                job.ep, job.shop_id, job.input, deadline=job.deadline, trace=trace
+            )
         except Exception as exc:  # the worker failed (e.g. Redis lost mid-lookup), not the script
             log.warning("job_failed", job=job.id, ep=job.ep, shop=job.shop_id, error=repr(exc))
             replies.push(failure_reply(job.id, exc, request, shard))
@@ -99,6 +107,8 @@ class WorkerState:
         telemetry.record_execution(
             execution, job=job.id, shop=job.shop_id, ep=job.ep, shard=shard, worker=worker
         )
+        if trace and self.capture is not None:
+            self.capture.offer(job, trace, worker)
         self.shadows.offer(job.ep, job.shop_id, job.input, execution)  # a rollout's, after the reply
 
     def announce(self, name: str, shards: list[int]) -> None:
@@ -133,6 +143,8 @@ class WorkerState:
             self.heartbeat.stop()
             self.heartbeat = None
         self.listener.stop()
+        if self.capture is not None:
+            self.capture.close()
         self.shadows.stop()
 
 

@@ -19,6 +19,7 @@ from scriptpool import free_port
 
 _CHUNK = 65536
 FORWARD, DROP, FORWARD_THEN_CUT = "forward", "drop", "forward then cut"
+HALF_THEN_CUT = "half then cut"  # forward the first half of the command's bytes, then cut
 
 
 def split_commands(buffer: bytearray) -> list[bytes]:
@@ -66,7 +67,8 @@ class FaultProxy:
     ``before_command(n, name)`` (optional) is called before the n-th client command (counted over
     all connections) is forwarded, and says what to do with it: ``FORWARD`` it, ``DROP`` it and
     the connection, or ``FORWARD_THEN_CUT``: let Redis run it, then cut the connection so the
-    client never sees the reply.
+    client never sees the reply. ``inspect(n, command)`` (optional, instead) gets the command's
+    bytes and may also say ``HALF_THEN_CUT``: Redis gets only part of the command.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class FaultProxy:
         target_port: int,
         *,
         before_command: Callable[[int, str], str] | None = None,
+        inspect: Callable[[int, bytes], str] | None = None,
         port: int | None = None,
     ) -> None:
         self.target_port = target_port
@@ -81,6 +84,7 @@ class FaultProxy:
         self.latency_s = 0.0
         self.commands = 0
         self._before_command = before_command
+        self._inspect = inspect
         self._flowing = threading.Event()
         self._flowing.set()
         self._closed = False
@@ -159,7 +163,7 @@ class FaultProxy:
         buffer = bytearray()
         try:
             while data := src.recv(_CHUNK):
-                if self._before_command is None:
+                if self._before_command is None and self._inspect is None:
                     self._forward(data, dst)
                     continue
                 buffer += data
@@ -167,8 +171,16 @@ class FaultProxy:
                     with self._lock:
                         self.commands += 1
                         number = self.commands
-                    verdict = self._before_command(number, command_name(command))
+                    if self._inspect is not None:
+                        verdict = self._inspect(number, command)
+                    else:
+                        assert self._before_command is not None
+                        verdict = self._before_command(number, command_name(command))
                     if verdict == DROP:
+                        return
+                    if verdict == HALF_THEN_CUT:
+                        self._forward(command[: len(command) // 2], dst)
+                        time.sleep(0.05)  # Redis has read the half before the connection closes
                         return
                     if verdict == FORWARD_THEN_CUT:
                         replies_cut.set()
