@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -164,12 +164,21 @@ class BindingSet:
     apps: dict[str, Deployment]
     generation: int
     candidate: Candidate | None = None
+    # The candidate's apps, read once with the rest (a shadow run of every call uses them).
+    candidate_apps: dict[str, Deployment] | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def read(cls, apps: dict[str, Deployment], generation: int, candidate: Candidate | None) -> BindingSet:
+        """The set, with the candidate's apps worked out if there is a candidate."""
+        if candidate is None:
+            return cls(apps, generation)
+        deployment = Deployment.from_json(json.dumps(candidate.deployment))
+        return cls(apps, generation, candidate, {**apps, candidate.app: deployment})
 
     def with_candidate(self) -> BindingSet:
         """These apps with the candidate in its app's place: what a shadow or canary run runs."""
-        assert self.candidate is not None
-        deployment = Deployment.from_json(json.dumps(self.candidate.deployment))
-        return BindingSet({**self.apps, self.candidate.app: deployment}, self.generation)
+        assert self.candidate_apps is not None
+        return BindingSet(self.candidate_apps, self.generation)
 
     def contributors(self) -> list[Deployment]:
         """The apps whose scripts a call runs, in app order (by name); the reducer is not one."""
@@ -268,7 +277,7 @@ class Bindings:
             raise ScriptNotFound(f"no script is deployed for {ep}/{shop}", ep=ep, shop=shop)
         candidate = fields.get(CANDIDATE.encode())
         generation = int(fields.get(_GENERATION.encode(), 0))
-        return BindingSet(apps, generation, Candidate.from_json(candidate) if candidate else None)
+        return BindingSet.read(apps, generation, Candidate.from_json(candidate) if candidate else None)
 
     def history(self, ep: str, shop: str, app: str) -> list[Deployment]:
         """Earlier deployments of one app, newest first."""

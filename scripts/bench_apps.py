@@ -105,7 +105,9 @@ def main() -> None:
             env = {**os.environ, **settings.to_env(), "SCRIPTPOOL_JOIN_THREADS": str(threads)}
             log = Path(tempfile.mkdtemp()) / "worker.log"
             argv = [*worker_argv(settings, [0], name=f"apps-{threads}@%h"), "--logfile", str(log)]
-            worker = subprocess.Popen(argv, env=env, cwd=ROOT)
+            worker = subprocess.Popen(
+                argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             try:
                 with Client(settings) as client:
                     deadline = time.monotonic() + 30
