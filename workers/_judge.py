@@ -63,14 +63,20 @@ class ShadowJudge:
         self._executor = executor
         self._rollouts = rollouts
         self._pending: dict[tuple[str, str], tuple[Candidate, Tally]] = {}
+        self._ended: set[str] = set()  # rollouts found over
 
     def judge(self, sample: Sample) -> str | None:
         """Deal with one call a worker handed over: in the canary, count it for the version that
         served it; while shadowing, run the candidate on it and compare. The comparison's
         result, if there was one."""
         live = sample.live
+        if live.report.rollout_id in self._ended:
+            return None
         candidate = self._executor.candidate(sample.ep, sample.shop, live.report.rollout_id)
-        if candidate is None:  # the rollout is over
+        if candidate is None:  # the rollout is over: its calls still queued need no more reads
+            if len(self._ended) > 10_000:
+                self._ended.clear()
+            self._ended.add(live.report.rollout_id)
             return None
         tally = self._tally(sample, candidate)
         served = live.report.rollout

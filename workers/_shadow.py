@@ -39,8 +39,10 @@ COMPARISONS = Counter(
     ["result"],
 )
 _RESULTS = {name: COMPARISONS.labels(name) for name in (MATCH, MISMATCH, CANDIDATE_ERROR, "dropped")}
-# Samples in flight to the shadow process, at most (an input is at most 128 KiB by default).
+# Samples in flight to the shadow process, at most (an input is at most 128 KiB by default), and
+# the largest one: a call with a larger input and output is not judged (and counted dropped).
 BUFFER_BYTES = 4 * 1024 * 1024
+MESSAGE_BYTES = 2 * 1024 * 1024
 RESTART_AFTER_S = 5.0
 
 
@@ -63,8 +65,12 @@ class ShadowRunner:
         if channel is None:
             _RESULTS["dropped"].inc()
             return
+        message = pickle.dumps(Sample(ep, shop, payload, live), protocol=pickle.HIGHEST_PROTOCOL)
+        if len(message) > MESSAGE_BYTES:
+            _RESULTS["dropped"].inc()
+            return
         try:
-            channel.send(pickle.dumps(Sample(ep, shop, payload, live), protocol=pickle.HIGHEST_PROTOCOL))
+            channel.send(message)
         except BlockingIOError:  # behind: this one is not judged
             _RESULTS["dropped"].inc()
         except OSError:  # the shadow process is gone: the reader starts over

@@ -73,6 +73,7 @@ def main(argv: list[str]) -> int:
     from workers._executor import Executor
     from workers._invalidation import InvalidationListener
     from workers._judge import ShadowJudge
+    from workers._shadow import MESSAGE_BYTES
 
     log = get_logger("worker")
     settings = Settings.from_env()
@@ -90,10 +91,10 @@ def main(argv: list[str]) -> int:
         # Idle for a moment: report the tallies; otherwise about every JUDGE_FLUSH_S.
         wait = JUDGE_FLUSH_S if judge.pending or counts else None
         if select.select([channel], [], [], wait)[0]:
-            message = channel.recv(1 << 20)
+            message = channel.recv(MESSAGE_BYTES)
             if not message:
                 break
-            sample = pickle.loads(message)
+            sample = pickle.loads(message)  # whole: the worker sends none larger
             try:
                 result = judge.judge(sample)
             except Exception:  # a bug or Redis lost: this sample is dropped, the next one runs
