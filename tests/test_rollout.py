@@ -269,3 +269,35 @@ def test_status_points_at_the_first_difference() -> None:
     )
     assert (path, live, _short(candidate)) == ("d[1]", {"t": 3}, "(missing)")
     assert first_difference({"a": {"b": 1, "c": 2}}, {"a": {"c": 2, "b": True}})[0] == "a.b"
+
+
+def test_a_shadow_process_that_stops_reading_never_blocks_the_worker(settings: Any) -> None:
+    """The worker's hand-over is one send that never waits: with the shadow process frozen
+    (SIGSTOP), the samples fill the buffer (8 MiB: the kernel doubles the 4 asked for) and every
+    later one is dropped and counted at once; thawed, it carries on."""
+    import os
+    import signal
+    import time
+
+    from config import Execution, ExecutionReport
+    from workers._shadow import _RESULTS, ShadowRunner
+
+    live = Execution(True, {"x": 1}, None, ExecutionReport(rollout="shadowed", rollout_id="r"))
+    runner = ShadowRunner(settings)
+    try:
+        runner.offer("test", "s", b"{}", live)  # starts the shadow process
+        process = runner._process
+        assert process is not None
+        os.kill(process.pid, signal.SIGSTOP)
+        dropped_before = _RESULTS["dropped"]._value.get()
+        slowest = 0.0
+        for _ in range(400):  # 400 x 64 KiB: three times the buffer
+            started = time.perf_counter()
+            runner.offer("test", "s", b"x" * 65536, live)
+            slowest = max(slowest, time.perf_counter() - started)
+        assert _RESULTS["dropped"]._value.get() - dropped_before >= 200
+        assert slowest < 0.05, slowest
+        os.kill(process.pid, signal.SIGCONT)
+        assert process.poll() is None
+    finally:
+        runner.stop()

@@ -39,8 +39,9 @@ COMPARISONS = Counter(
     ["result"],
 )
 _RESULTS = {name: COMPARISONS.labels(name) for name in (MATCH, MISMATCH, CANDIDATE_ERROR, "dropped")}
-# Samples in flight to the shadow process, at most (an input is at most 128 KiB by default), and
-# the largest one: a call with a larger input and output is not judged (and counted dropped).
+# Samples in flight to the shadow process, at most (the kernel doubles it; an input is at most
+# 128 KiB by default), and the largest one: a call with a larger input and output is not judged
+# (and counted dropped).
 BUFFER_BYTES = 4 * 1024 * 1024
 MESSAGE_BYTES = 2 * 1024 * 1024
 RESTART_AFTER_S = 5.0
@@ -70,7 +71,8 @@ class ShadowRunner:
             _RESULTS["dropped"].inc()
             return
         try:
-            channel.send(message)
+            # MSG_DONTWAIT: the reader thread's copy of this socket blocks, and shares its flags.
+            channel.send(message, socket.MSG_DONTWAIT)
         except BlockingIOError:  # behind: this one is not judged
             _RESULTS["dropped"].inc()
         except OSError:  # the shadow process is gone: the reader starts over
@@ -99,7 +101,6 @@ class ShadowRunner:
             self._started_at = time.monotonic()
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER_BYTES)
-            ours.setblocking(False)
             try:
                 process = subprocess.Popen(
                     [sys.executable, "-m", "workers._shadow_process", str(theirs.fileno())],
@@ -121,8 +122,7 @@ class ShadowRunner:
         return ours
 
     def _read(self, channel: socket.socket, process: subprocess.Popen[bytes]) -> None:
-        reader = channel.dup()  # blocking, for this thread; the worker's copy stays non-blocking
-        reader.setblocking(True)
+        reader = channel.dup()  # for this thread, blocking; the job's thread sends MSG_DONTWAIT
         try:
             while message := reader.recv(1 << 20):
                 kind, body = pickle.loads(message)
