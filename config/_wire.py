@@ -34,11 +34,18 @@ def redis_command(*parts: bytes | str) -> bytes:
 
 
 def encode_input(value: Any) -> bytes:
-    """Serialise host input once, to the JSON bytes a guest reads on stdin (bytes pass as-is)."""
+    """Serialise host input once, to the JSON bytes a guest reads on stdin (bytes pass as-is).
+
+    Minified, with ``/``, U+2028 and U+2029 escaped as Shopify's production JSON writes them, so a
+    module that looks at its input's bytes (or counts them against the input limit) sees what it
+    would see there. All three can only occur inside strings, so replacing them in the text is safe.
+    """
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = text.replace("/", "\\/").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+        return text.encode()  # a lone surrogate fails here: a UnicodeEncodeError is a ValueError
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"input is not JSON-serialisable: {exc}") from None
     except RecursionError:

@@ -10,6 +10,9 @@ wasmtime's own WASI, following function-runner's ``src/engine.rs``, ``src/io.rs`
   module's bytes // 1024; ``name`` = the file name;
 * the codec from the imports (``shopify_function_v*``, ``shopify_functions_javy_v2+``:
   MessagePack), the input minified (or MessagePack), the output decoded with the input's codec;
+  one difference is deliberate: the JSON input has ``/``, U+2028 and U+2029 escaped as Shopify's
+  production writes it (function-runner re-minifies its input file without them), because that
+  is what the pool and ``run --local`` send;
 * ``success`` = the entry returned (or exited 0); on failure the error's text is appended to
   ``logs``.
 
@@ -68,7 +71,11 @@ def run(
     raw_input = (
         msgpack.packb(input_value)
         if packed
-        else json.dumps(input_value, separators=(",", ":"), ensure_ascii=False).encode()
+        else json.dumps(input_value, separators=(",", ":"), ensure_ascii=False)
+        .replace("/", "\\/")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+        .encode()
     )
     linker = wasmtime.Linker(engine)
     memories: list[wasmtime.Memory] = []

@@ -50,7 +50,8 @@ def test_c_discount_script_runs_with_correct_output_and_report(
     report = result.report
     assert report.instructions > 0
     assert report.peak_memory_bytes >= 65536
-    assert report.input_bytes == len(json.dumps(payload, separators=(",", ":")).encode())
+    minified = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    assert report.input_bytes == len(minified.replace("/", "\\/").encode())
     assert report.output_bytes > 0
     assert "qualifying lines: 2" in report.logs
     assert report.version == deployment.version == 1
@@ -96,6 +97,19 @@ def test_input_as_preserialised_bytes(registry: Registry, executor: Executor) ->
     registry.deploy("test", "shop-1", guests.ECHO)
     result = executor.execute("test", "shop-1", b'{"a": 1}')
     assert result.output == {"a": 1}
+
+
+def test_input_reaches_the_guest_minified_and_escaped_as_production_writes_it(
+    registry: Registry, executor: Executor
+) -> None:
+    """A WASI guest reads ``/`` as ``\\/`` and U+2028/U+2029 as escapes, in minified JSON."""
+    registry.deploy("test", "shop-1", guests.ECHO)
+    value = {"url": "https://shop.example/cart", "note": "a\u2028b\u2029c", "n": [1, 2.5]}
+    expected = b'{"url":"https:\\/\\/shop.example\\/cart","note":"a\\u2028b\\u2029c","n":[1,2.5]}'
+    result = executor.execute("test", "shop-1", value)
+    assert result.output == value
+    # The echo guest copies stdin to stdout: the bytes it wrote are the bytes it was given.
+    assert result.report.input_bytes == result.report.output_bytes == len(expected)
 
 
 @pytest.mark.parametrize(
