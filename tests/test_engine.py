@@ -123,9 +123,23 @@ def test_input_reaches_the_guest_minified_and_escaped_as_production_writes_it(
         (guests.writes(b"{}", exit_code=3), "runtime_error", {"exit_code": 3}),
         (guests.writes(b"this is not json"), "invalid_output", {}),
         (guests.writes(b"\xff\xfe{}"), "invalid_output", {}),
+        (guests.writes(b'{"n":NaN}'), "invalid_output", {}),
+        (guests.writes(b"[1e999]"), "invalid_output", {}),
         (guests.OUTPUT_FLOOD, "output_too_large", {}),
     ],
-    ids=["fuel", "stack", "memory-grow", "memory-initial", "trap", "exit", "not-json", "not-utf8", "flood"],
+    ids=[
+        "fuel",
+        "stack",
+        "memory-grow",
+        "memory-initial",
+        "trap",
+        "exit",
+        "not-json",
+        "not-utf8",
+        "nan",
+        "past-float64",
+        "flood",
+    ],
 )
 def test_hostile_module_gets_named_error_then_good_script_runs(
     registry: Registry, executor: Executor, module: bytes, code: str, detail: dict[str, object]

@@ -361,3 +361,52 @@ def test_worker_exports_metrics_and_logs_one_event_per_execution(
         assert ok["shop"] == shop and ok["shard"] == 2
     finally:
         extra.stop()
+
+
+@pytest.mark.parametrize(
+    ("stdout", "code", "output"),
+    [
+        # What serde_json (function-runner's parser) reads as an f64, and so do we.
+        (
+            b'{"n":100000000000000000000000000000,"m":-18446744073709551617}',
+            None,
+            {"n": 1e29, "m": -1.8446744073709552e19},
+        ),
+        (b'{"n":1e400}', "invalid_output", None),  # past float64: no JSON number holds it
+        (b'{"n":' + b"9" * 400 + b"}", "invalid_output", None),
+        (b'{"n":NaN}', "invalid_output", None),  # not JSON, though Python's parser takes it
+        (b'{"n":-Infinity}', "invalid_output", None),
+        (b'{"s":"\\ud800"}', "invalid_output", None),  # a lone surrogate: not text
+        (b'{"\\udc00":1}', "invalid_output", None),
+        (b'{"s":"\\ud83d\\ude00"}', None, {"s": "\U0001f600"}),  # a pair is a character
+    ],
+    ids=[
+        "wide-ints",
+        "exponent-overflow",
+        "400-digits",
+        "nan",
+        "infinity",
+        "lone-surrogate",
+        "lone-in-key",
+        "pair",
+    ],
+)
+def test_numbers_json_cannot_carry_are_named_errors_and_the_worker_carries_on(
+    client: Client, deployer: Registry, stdout: bytes, code: str | None, output: object
+) -> None:
+    """A script printing integers past 64 bits gets them back as floats, as function-runner's
+    parser reads them; one printing numbers past float64, NaN, Infinity or a lone surrogate gets
+    invalid_output. The reply always arrives, and the same worker runs a good script after."""
+    shop = shop_on(1, SHARDS, prefix="numbers")
+    deployer.deploy("test", shop, guests.writes(stdout))
+    outcome = client.run("test", shop, {}, timeout=5)
+    if code is None:
+        assert outcome.status == "ok", outcome.error
+        assert outcome.output == output
+    else:
+        assert outcome.status == "error", (outcome.status, outcome.error)
+        assert outcome.error is not None and outcome.error.code == code
+    deployer.deploy("test", shop, guests.ECHO)
+    good = client.run("test", shop, {"after": 1}, timeout=5)
+    assert (good.status, good.output) == ("ok", {"after": 1})
+    assert good.worker == outcome.worker

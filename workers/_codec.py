@@ -60,6 +60,50 @@ def _wide_ints_as_floats(value: Any) -> Any:
     return value
 
 
+def from_json(text: str) -> Any:
+    """Decode a script's JSON output, reading numbers as function-runner's parser (serde_json)
+    does: an integer past 64 bits is a float64, and a number past float64 is :class:`InvalidOutput`,
+    as are ``NaN`` and ``Infinity``, which are not JSON, and a lone surrogate escape (Python's
+    parser takes all three)."""
+    try:
+        value = _OUTPUT_DECODER.decode(text)
+    except ValueError as exc:
+        raise InvalidOutput(f"output is not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidOutput("output is nested too deeply to decode") from None
+    if "\\ud" in text or "\\uD" in text:  # a surrogate escape: is one of them alone?
+        try:
+            msgpack.packb(value)  # what the reply does with it: UTF-8 refuses a lone surrogate
+        except UnicodeEncodeError:
+            raise InvalidOutput(
+                "output has a lone surrogate (\\uD800 to \\uDFFF), which is not text"
+            ) from None
+    return value
+
+
+def _output_int(text: str) -> int | float:
+    value = int(text)
+    if len(text) < 19 or _INT_MIN <= value <= _UINT_MAX:  # what MessagePack carries to the host
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        raise InvalidOutput(f"output has an integer of {len(text)} digits, past float64") from None
+
+
+def _output_float(text: str) -> float:
+    value = float(text)
+    if not isfinite(value):
+        raise InvalidOutput(f"output has {text[:40]}, past float64")
+    return value
+
+
+# The hooks cost about 0.1 us a number (0.6 us for a typical discount output).
+_OUTPUT_DECODER = json.JSONDecoder(
+    parse_int=_output_int, parse_float=_output_float, parse_constant=_no_constant
+)
+
+
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"extension type {code} is not JSON")
 

@@ -14,7 +14,7 @@ import wasmtime
 from config import ExecutionReport, Limits, encode_input
 from config.errors import ExecutionError, InvalidInput, InvalidOutput, ScriptpoolError
 from engine import CODEC_JSON, CODEC_MSGPACK, Sandbox, SandboxRun
-from workers._codec import from_msgpack, json_value, to_msgpack
+from workers._codec import from_json, from_msgpack, json_value, to_msgpack
 
 if TYPE_CHECKING:
     from engine import GuestProfiler
@@ -113,10 +113,7 @@ def decode_output(stdout: bytes, validator: Any, codec: str = CODEC_JSON) -> Any
             text = stdout.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InvalidOutput(f"output is not UTF-8: {exc.reason} at byte {exc.start}") from None
-        try:
-            output = json.loads(text)
-        except ValueError as exc:
-            raise InvalidOutput(f"output is not JSON: {exc}") from None
+        output = from_json(text)
     if validator is not None:
         validate(validator, output, InvalidOutput, "output")
     return output
