@@ -9,10 +9,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgpack
 import pytest
 import redis
 
-from config import Settings
+from config import Reply, Settings
 from engine import Sandbox
 from producer import BatchPolicy, Client
 from producer._batching import Lane, Message
@@ -20,6 +21,7 @@ from producer._replies import Waiter
 from registry import Registry
 from tests import guests
 from tests.pool import WorkerProcess, pool_fixtures, shop_on
+from workers._backend import ReplyPusher
 
 # -- the lane, with a fake publisher -----------------------------------------------------------
 
@@ -181,6 +183,27 @@ def test_window_zero_turns_batching_off() -> None:
     for name in "abc":
         h.call(name)
     assert [ids for ids, _ in h.published] == [["a"], ["b"], ["c"]]
+
+
+def test_a_reply_the_wire_cannot_carry_is_that_jobs_worker_error_and_the_next_reply_goes_out(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A batch's replies go out one by one on a real Redis: one that MessagePack cannot pack
+    (an integer past 64 bits, which output decoding no longer lets through) becomes that job's
+    ``worker_error`` instead of an exception ending the batch, and the next job's reply follows."""
+    reply_to = settings.keys.replies("unpackable")
+    good = Reply("j2", None, None, 1, "w", 1.0, 2.0).to_wire()
+    bad = {**good, "job_id": "j1", "execution": {"ok": True, "output": 10**30}}
+    with ReplyPusher(settings).session(reply_to) as session:
+        session.push(bad)
+        session.push(good)
+    replies = [Reply.from_wire(msgpack.unpackb(raw)) for raw in redis_client.lrange(reply_to, 0, -1)]
+    assert [(r.job_id, r.error.code if r.error else None) for r in replies] == [
+        ("j1", "worker_error"),
+        ("j2", None),
+    ]
+    assert replies[0].error is not None and "OverflowError" in replies[0].error.message
+    assert redis_client.ttl(reply_to) > 0
 
 
 # -- through real workers ----------------------------------------------------------------------

@@ -125,6 +125,7 @@ def test_input_reaches_the_guest_minified_and_escaped_as_production_writes_it(
         (guests.writes(b"\xff\xfe{}"), "invalid_output", {}),
         (guests.writes(b'{"n":NaN}'), "invalid_output", {}),
         (guests.writes(b"[1e999]"), "invalid_output", {}),
+        (guests.writes(b"[" * 5000 + b"]" * 5000), "invalid_output", {}),
         (guests.OUTPUT_FLOOD, "output_too_large", {}),
     ],
     ids=[
@@ -138,6 +139,7 @@ def test_input_reaches_the_guest_minified_and_escaped_as_production_writes_it(
         "not-utf8",
         "nan",
         "past-float64",
+        "deep-nesting",
         "flood",
     ],
 )

@@ -75,7 +75,15 @@ class ReplySession:
         """Send RPUSH + EXPIRE for ``reply`` without waiting for the answer."""
         if self._key is None:
             return
-        packed = redis_command(b"RPUSH", self._key, msgpack.packb(reply, use_bin_type=True)) + self._expire
+        try:
+            body = msgpack.packb(reply, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            # A value the wire cannot carry (output decoding refuses those it knows of): this
+            # caller hears the worker failed, and the message's other jobs still run and reply.
+            log.error("reply_unpackable", job=reply.get("job_id"), error=repr(exc))
+            failure = failure_reply(str(reply.get("job_id")), exc, None, reply.get("shard", -1))
+            body = msgpack.packb(failure, use_bin_type=True)
+        packed = redis_command(b"RPUSH", self._key, body) + self._expire
         if self._connection is None:
             self._connection = self._pool.get_connection()
         try:
