@@ -301,3 +301,40 @@ def test_a_shadow_process_that_stops_reading_never_blocks_the_worker(settings: A
         assert process.poll() is None
     finally:
         runner.stop()
+
+
+def test_the_worker_takes_what_the_shadow_process_sends_as_data(settings: Any) -> None:
+    """The shadow process runs untrusted code, so the worker unpickles nothing from it: a
+    message that is not MessagePack of the expected shape (pickle included) is refused and
+    logged, unknown counts and negative ones are ignored, a log record cannot overwrite the
+    worker's record attributes, and the reader takes the next message all the same."""
+    import pickle
+    import socket
+    import subprocess
+    import sys
+
+    import msgpack
+
+    from tests.logs import captured_events
+    from workers._shadow import _RESULTS, ShadowRunner
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    matches, mismatches = _RESULTS["match"]._value.get(), _RESULTS["mismatch"]._value.get()
+    for message in (
+        b"\x00 not msgpack",
+        pickle.dumps(("counts", {"match": 100})),
+        msgpack.packb(["counts"]),
+        msgpack.packb(("counts", {"match": 2, "no such result": 5, "mismatch": -3})),
+        msgpack.packb(("log", (30, "scriptpool.worker", "from_shadow", {"msg": "overwrite", "k": 1}))),
+        msgpack.packb(("counts", {"match": 1})),
+    ):
+        theirs.send(message)
+    theirs.close()
+    with captured_events() as events:
+        ShadowRunner(settings)._read(ours, process)  # until the other end is closed
+    assert _RESULTS["match"]._value.get() - matches == 3
+    assert _RESULTS["mismatch"]._value.get() == mismatches
+    assert [e["event"] for e in events].count("shadow_message_refused") == 3
+    forwarded = [e for e in events if e["event"] == "from_shadow"]
+    assert len(forwarded) == 1 and forwarded[0]["k"] == 1

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+
 from config import Execution, get_logger
 from registry import CANARY, CANDIDATE_ERROR, MATCH, MISMATCH, Candidate, Rollouts, Tally
 from workers._executor import CONTROL, Executor
@@ -33,6 +35,16 @@ class Sample:
     shop: str
     payload: bytes
     live: Execution
+
+    def pack(self) -> bytes:
+        """The sample as one MessagePack message (the reply's own wire form of the outcome)."""
+        wire = (self.ep, self.shop, self.payload, self.live.to_wire())
+        return bytes(msgpack.packb(wire, use_bin_type=True))
+
+    @classmethod
+    def unpack(cls, message: bytes) -> Sample:
+        ep, shop, payload, live = msgpack.unpackb(message, raw=False)
+        return cls(ep, shop, payload, Execution.from_wire(live))
 
 
 def compare(live: Execution, candidate: Execution) -> tuple[str, str]:

@@ -16,19 +16,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 import socket
 import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
+import msgpack
 from prometheus_client import Counter
 
 from config import Execution, Settings, get_logger
 from registry import CANDIDATE_ERROR, MATCH, MISMATCH
 from workers._executor import JUDGED
 from workers._judge import Sample
+from workers._shadow_process import MESSAGE_BYTES, RECORD_FIELDS
 
 log = get_logger("worker")
 
@@ -40,10 +42,8 @@ COMPARISONS = Counter(
 )
 _RESULTS = {name: COMPARISONS.labels(name) for name in (MATCH, MISMATCH, CANDIDATE_ERROR, "dropped")}
 # Samples in flight to the shadow process, at most (the kernel doubles it; an input is at most
-# 128 KiB by default), and the largest one: a call with a larger input and output is not judged
-# (and counted dropped).
+# 128 KiB by default). A call whose sample is over MESSAGE_BYTES is not judged (counted dropped).
 BUFFER_BYTES = 4 * 1024 * 1024
-MESSAGE_BYTES = 2 * 1024 * 1024
 RESTART_AFTER_S = 5.0
 
 
@@ -66,7 +66,11 @@ class ShadowRunner:
         if channel is None:
             _RESULTS["dropped"].inc()
             return
-        message = pickle.dumps(Sample(ep, shop, payload, live), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            message = Sample(ep, shop, payload, live).pack()
+        except (TypeError, ValueError, OverflowError):  # as the reply: what the wire cannot carry
+            _RESULTS["dropped"].inc()
+            return
         if len(message) > MESSAGE_BYTES:
             _RESULTS["dropped"].inc()
             return
@@ -125,13 +129,10 @@ class ShadowRunner:
         reader = channel.dup()  # for this thread, blocking; the job's thread sends MSG_DONTWAIT
         try:
             while message := reader.recv(1 << 20):
-                kind, body = pickle.loads(message)
-                if kind == "counts":
-                    for result, n in body.items():
-                        _RESULTS[result].inc(n)
-                elif kind == "log":
-                    level, name, event, fields = body
-                    logging.getLogger(name).log(level, event, extra=fields)
+                try:
+                    _take(msgpack.unpackb(message, raw=False))
+                except Exception as exc:  # the process runs untrusted code: its words are data
+                    log.warning("shadow_message_refused", error=repr(exc)[:200])
         except OSError:
             pass
         finally:
@@ -143,3 +144,16 @@ class ShadowRunner:
         channel.close()
         if not self._stopped:
             log.warning("shadow_process_exited", returncode=code)
+
+
+def _take(message: Any) -> None:
+    """One message from the shadow process: comparison counts, or a log record."""
+    kind, body = message
+    if kind == "counts":
+        for result, n in body.items():
+            if result in _RESULTS and type(n) is int and n > 0:
+                _RESULTS[result].inc(n)
+    elif kind == "log":
+        level, name, event, fields = body
+        extra = {str(k): v for k, v in fields.items() if k not in RECORD_FIELDS}
+        logging.getLogger(str(name)).log(int(level), str(event), extra=extra)

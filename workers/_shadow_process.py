@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 import select
 import socket
 import sys
@@ -25,10 +24,13 @@ import time
 from collections import Counter
 from typing import Any
 
+import msgpack
+
 JUDGE_FLUSH_S = 0.1  # what the judge has tallied reaches Redis about this often
 COUNTS_FLUSH_S = 1.0  # and the worker's metrics
+MESSAGE_BYTES = 2 * 1024 * 1024  # the largest sample the worker sends
 # Log-record attributes of the record itself, not of the event.
-_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 class _Forward(logging.Handler):
@@ -39,10 +41,10 @@ class _Forward(logging.Handler):
         self._channel = channel
 
     def emit(self, record: logging.LogRecord) -> None:
-        fields = {k: _plain(v) for k, v in vars(record).items() if k not in _RECORD_FIELDS}
+        fields = {k: _plain(v) for k, v in vars(record).items() if k not in RECORD_FIELDS}
         if record.exc_info:
             fields["exception"] = logging.Formatter().formatException(record.exc_info)
-        message = pickle.dumps(("log", (record.levelno, record.name, record.getMessage(), fields)))
+        message = msgpack.packb(("log", (record.levelno, record.name, record.getMessage(), fields)))
         with contextlib.suppress(OSError):  # the worker is gone
             self._channel.send(message)
 
@@ -72,8 +74,7 @@ def main(argv: list[str]) -> int:
     from registry import Registry
     from workers._executor import Executor
     from workers._invalidation import InvalidationListener
-    from workers._judge import ShadowJudge
-    from workers._shadow import MESSAGE_BYTES
+    from workers._judge import Sample, ShadowJudge
 
     log = get_logger("worker")
     settings = Settings.from_env()
@@ -94,7 +95,7 @@ def main(argv: list[str]) -> int:
             message = channel.recv(MESSAGE_BYTES)
             if not message:
                 break
-            sample = pickle.loads(message)  # whole: the worker sends none larger
+            sample = Sample.unpack(message)  # whole: the worker sends none larger
             try:
                 result = judge.judge(sample)
             except Exception:  # a bug or Redis lost: this sample is dropped, the next one runs
@@ -113,7 +114,7 @@ def main(argv: list[str]) -> int:
             reported = now
         if counts and now - sent >= COUNTS_FLUSH_S:
             try:
-                channel.send(pickle.dumps(("counts", dict(counts))))
+                channel.send(msgpack.packb(("counts", dict(counts))))
             except OSError:
                 break
             counts.clear()
