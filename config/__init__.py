@@ -12,7 +12,7 @@ from config._captured import (
     PART_SINGLE,
     CapturedRun,
 )
-from config._environment import VARIABLES, Variable, markdown_table
+from config._environment import VARIABLES, Variable, markdown_table, unknown_variables
 from config._extension_points import (
     CHAIN,
     JOIN,
@@ -146,4 +146,5 @@ __all__ = [
     "scaled_limits",
     "shard_count_disagreement",
     "shard_for",
+    "unknown_variables",
 ]

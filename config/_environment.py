@@ -3,6 +3,7 @@ configuration table all come from it, so a variable is spelled once."""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -230,6 +231,24 @@ def read(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
             else:
                 fields[variable.field] = value
     return fields, limits
+
+
+# Names of our own tooling, not settings: the test suite's Redis, the compose check's options.
+_NOT_SETTINGS = ("SCRIPTPOOL_TEST_", "SCRIPTPOOL_COMPOSE_")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``SCRIPTPOOL_*`` variables in ``environ`` that are no setting (a typo is otherwise silently
+    ignored), each with the setting it most resembles, if any."""
+    prefix = "SCRIPTPOOL_"
+    known = [variable.name.removeprefix(prefix) for variable in VARIABLES]
+    found = []
+    for name in sorted(environ):
+        rest = name.removeprefix(prefix)
+        if rest != name and rest not in known and not name.startswith(_NOT_SETTINGS):
+            close = difflib.get_close_matches(rest, known, n=1, cutoff=0.7)  # the prefix matches all
+            found.append((name, prefix + close[0] if close else None))
+    return found
 
 
 def markdown_table(defaults: Mapping[str, Any]) -> str:

@@ -14,6 +14,10 @@ from config.errors import ConfigurationError
 SHADOWING, CANARY, PROMOTED, ABORTED = "shadowing", "canary", "promoted", "aborted"
 
 
+# A rollout's state lasts a week: more runs than this is a typo (and past 2**53 Lua counts inexactly).
+MAX_RUNS = 1_000_000_000
+
+
 @dataclass(frozen=True, slots=True)
 class RolloutRules:
     """When a candidate is promoted, and when it is aborted.
@@ -36,9 +40,9 @@ class RolloutRules:
     def __post_init__(self) -> None:
         if not 0.0 < self.shadow_rate <= 1.0:
             raise ConfigurationError(f"the shadow rate must lie in (0, 1], got {self.shadow_rate}")
-        if self.promote_after < 1 or self.canary_calls < 1:
+        if not (1 <= self.promote_after <= MAX_RUNS and 1 <= self.canary_calls <= MAX_RUNS):
             raise ConfigurationError(
-                "promote-after and canary-calls must be at least 1, "
+                f"promote-after and canary-calls must lie in [1, {MAX_RUNS:,}], "
                 f"got {self.promote_after} and {self.canary_calls}"
             )
         if not 0.0 <= self.max_mismatch_rate < 1.0:

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from config import Settings, configure_logging
+from config import Settings, configure_logging, unknown_variables
 from config.errors import InvalidArgument
 from scriptpool._output import ExitCode, Parser, classify, report
 
@@ -70,6 +70,9 @@ def _main(argv: Sequence[str] | None) -> int:
     configure_logging(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("scriptpool.client").setLevel(logging.ERROR)  # reconnect chatter
     json_output = bool(getattr(args, "json", False))
+    for name, close in unknown_variables(os.environ):
+        hint = f": did you mean {close}?" if close else " (the README's Configuration lists them)"
+        print(f"scriptpool: warning: {name} is not a setting and is ignored{hint}", file=sys.stderr)
     func: Command = args.func
     try:
         code = func(args, Settings.from_env())

@@ -305,6 +305,14 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
     output_schema = (
         read_json(args.output_schema, SCHEMA_LIMIT, InvalidArgument, "schema") if args.output_schema else None
     )
+    scale: dict[str, float] = {}
+    for rule in args.scale or ():
+        path, rate = parse_scale_rule(rule)
+        if path in scale:
+            raise InvalidArgument(f"--scale names {path} twice")
+        scale[path] = rate
+    if args.no_capture and args.capture_rate:
+        raise InvalidArgument("--capture-rate and --no-capture contradict each other: give one")
     # Every group holds every extension point: a worker reads its EPs from its own group's Redis.
     ep = open_registries(settings).everywhere(
         lambda registry: registry.define_extension_point(
@@ -315,7 +323,7 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
             input_validation_rate=args.input_validation_rate,
             combine=args.combine,
             reducer=args.reducer,
-            scale=dict(parse_scale_rule(rule) for rule in args.scale or ()),
+            scale=scale,
             capture_rate=args.capture_rate,
             capture=not args.no_capture,
         ),

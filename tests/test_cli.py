@@ -94,6 +94,10 @@ def test_usage_mistakes_are_one_line_with_one_prefix(
     line = one_line(capsys, ["ep", "define", "x", "--limits", '{"fule": 5}'], USAGE)
     assert "unknown limit(s): fule" in line and "memory_bytes" in line  # the valid names
     assert "positive integer" in one_line(capsys, ["ep", "define", "x", "--limits", '{"fuel": -1}'], USAGE)
+    twice = ["ep", "define", "x", "--scale", "cart.lines=0.005", "--scale", "cart.lines=0.01"]
+    assert "names cart.lines twice" in one_line(capsys, twice, USAGE)
+    contradict = ["ep", "define", "x", "--capture-rate", "0.5", "--no-capture"]
+    assert "contradict" in one_line(capsys, contradict, USAGE)
     assert "0..65535" in one_line(capsys, ["worker", "--shards", "0", "--metrics-port", "99999"], USAGE)
     line = one_line(capsys, ["run", "discount", "1", "--timeout-ms", "0"], USAGE)
     assert "milliseconds" in line and "600000" in line
@@ -130,6 +134,25 @@ def test_bad_settings_name_their_variable_for_every_command(
         assert result.returncode == USAGE, (argv, result.stderr)
         assert len(lines) == 1 and lines[0].startswith("scriptpool: configuration_error: "), (argv, lines)
         assert expected in lines[0], (argv, lines)
+
+
+def test_a_misspelt_setting_is_named_with_the_one_it_resembles(redis_url: str) -> None:
+    """A ``SCRIPTPOOL_*`` variable that is no setting would be silently ignored: every command
+    warns about it on stderr, with the closest setting, and then does its work."""
+    env = {
+        "SCRIPTPOOL_REDIS_URL": redis_url,
+        "SCRIPTPOOL_CAPTURE_MAX_BYTES": "1024",
+        "SCRIPTPOOL_WHATEVER": "1",
+        "SCRIPTPOOL_TEST_ANYTHING": "1",  # the suite's own
+    }
+    result = run_cli(["ep", "list"], env)
+    assert result.returncode == OK, result.stderr
+    assert result.stderr.splitlines() == [
+        "scriptpool: warning: SCRIPTPOOL_CAPTURE_MAX_BYTES is not a setting and is ignored: "
+        "did you mean SCRIPTPOOL_CAPTURE_MAX_KB?",
+        "scriptpool: warning: SCRIPTPOOL_WHATEVER is not a setting and is ignored "
+        "(the README's Configuration lists them)",
+    ]
 
 
 def test_redis_problems_are_one_line_with_their_own_exit_codes(
@@ -361,6 +384,10 @@ def test_rollouts_through_the_command_line(
     assert "invalid_argument" in one_line(
         capsys, ["rollout", "start", "discount", "9", str(candidate), "--promote-after", "ten"], USAGE
     )
+    line = one_line(
+        capsys, ["rollout", "start", "discount", "9", str(candidate), "--promote-after", "9" * 20], USAGE
+    )
+    assert "must lie in [1, 1,000,000,000]" in line
     not_wasm = tmp_path / "bad.wasm"
     not_wasm.write_bytes(guests.NOT_WASM)
     assert "invalid_module" in one_line(capsys, ["rollout", "start", "discount", "9", str(not_wasm)], FAILED)
