@@ -12,10 +12,11 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TextIO, cast
 
 from config import Settings, configure_logging, unknown_variables
 from config.errors import InvalidArgument
-from scriptpool._output import ExitCode, Parser, classify, report
+from scriptpool._output import ExitCode, Parser, TerminalSafe, classify, report
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -74,6 +75,8 @@ def _main(argv: Sequence[str] | None) -> int:
         hint = f": did you mean {close}?" if close else " (the README's Configuration lists them)"
         print(f"scriptpool: warning: {name} is not a setting and is ignored{hint}", file=sys.stderr)
     func: Command = args.func
+    stdout = sys.stdout
+    sys.stdout = cast(TextIO, TerminalSafe(stdout))
     try:
         code = func(args, Settings.from_env())
         sys.stdout.flush()
@@ -83,6 +86,8 @@ def _main(argv: Sequence[str] | None) -> int:
         if error is None:
             raise  # a bug: its traceback is what gets it fixed
         return report(error, exit_code, json_output=json_output)
+    finally:
+        sys.stdout = stdout
 
 
 def _version() -> str:

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from enum import IntEnum
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import redis
 
@@ -78,9 +78,43 @@ def exit_code_for(error_code: str | None) -> ExitCode:
     return classify(error_class_for(error_code)(""))[1]
 
 
+# Control characters (but newline and tab), C1 controls and the bidirectional overrides: a
+# script's logs, or a name in its module, could otherwise move the cursor, retitle the terminal
+# or reorder what an operator reads.
+_UNSAFE = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in (*range(0x20), 0x7F, *range(0x80, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+    if chr(code) not in "\n\t"
+}
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with what a terminal would act on shown as escapes (``\\x1b``)."""
+    return text.translate(_UNSAFE)
+
+
+class TerminalSafe:
+    """A text stream whose writes go through :func:`terminal_safe`: the command line's standard
+    output, so no view of what a script wrote (logs, output bytes, a captured input) can act on
+    the operator's terminal, whichever command prints it. JSON output is ASCII with every control
+    escaped already, so it passes unchanged."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(text.translate(_UNSAFE))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def report(error: ScriptpoolError, exit_code: ExitCode, *, json_output: bool) -> int:
     """Print ``error`` as one line on stderr (or one JSON object on stdout) and return the code."""
     message = " ".join(error.message.split())
+    if not json_output:
+        message = terminal_safe(message)
     if json_output:
         print_json({"error": {"code": error.code, "message": message, "exit_code": int(exit_code)}})
     else:

@@ -176,6 +176,22 @@ def test_text_report_and_no_redis_needed() -> None:
     assert "qualifying lines: 2 of 3" in result.stdout
 
 
+def test_what_a_script_writes_cannot_act_on_the_terminal(tmp_path: Path) -> None:
+    """Escape sequences, carriage returns, C1 controls and bidirectional overrides in a script's
+    logs (and in its raw output, shown when it is not JSON) print as visible escapes in the text
+    report; the JSON report carries them exactly."""
+    logs = "\x1b]0;owned\x07\x1b[2J\rred\x9b\u202eevil\n"
+    module = _write(tmp_path, "ansi.wasm", guests.writes(b"\x1b[8mhidden", stderr=logs.encode()))
+    given = _write(tmp_path, "input.json", "{}")
+    text = local([module, "--input", given])
+    assert text.returncode == FAILED, text.stderr
+    assert not any(char in text.stdout for char in "\x1b\x07\r\x9b\u202e")
+    assert "logs:         \\x1b]0;owned\\x07\\x1b[2J\\x0dred\\x9b\\u202eevil" in text.stdout
+    assert "\\u001b[8mhidden" in text.stdout  # the raw output, as a JSON string
+    report = json.loads(local([module, "--input", given, "--json"]).stdout)
+    assert report["logs"].startswith(logs) and report["output"]["stdout"] == "\x1b[8mhidden"
+
+
 @pytest.mark.parametrize(
     ("module", "code"),
     [
