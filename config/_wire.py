@@ -76,7 +76,24 @@ class Job:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Job:
-        return cls(**data)
+        """The job a message carries; ``ValueError`` naming what is wrong if it is not one (our
+        client never sends such a job, but anyone who can write to Redis can)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a job is a map, got {type(data).__name__}")
+        try:
+            job = cls(**data)
+        except TypeError as exc:
+            raise ValueError(f"not a job: {exc}") from None
+        if not (
+            type(job.id) is str
+            and type(job.ep) is str
+            and type(job.shop_id) is str
+            and type(job.input) is bytes
+            and type(job.deadline) is float
+            and type(job.enqueued_at) is float
+        ):
+            raise ValueError("a job's fields have the wrong types")
+        return job
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from producer._replies import Waiter
 from registry import Registry
 from tests import guests
 from tests.pool import WorkerProcess, pool_fixtures, shop_on
-from workers._backend import ReplyPusher
+from workers._backend import ReplyPusher, failure_reply
 
 # -- the lane, with a fake publisher -----------------------------------------------------------
 
@@ -204,6 +204,24 @@ def test_a_reply_the_wire_cannot_carry_is_that_jobs_worker_error_and_the_next_re
     ]
     assert replies[0].error is not None and "OverflowError" in replies[0].error.message
     assert redis_client.ttl(reply_to) > 0
+
+
+def test_a_task_failure_reads_as_the_exception_celery_encoded() -> None:
+    """What escapes the task reaches the backend as Celery's encoding of the exception (a map):
+    the caller's worker_error says the exception's type and message, not the map."""
+    encoded = {
+        "exc_type": "OverflowError",
+        "exc_message": ("Integer value out of range",),
+        "exc_module": "builtins",
+    }
+    reply = Reply.from_wire(failure_reply("t1", encoded, None))
+    assert reply.error is not None
+    assert (reply.error.code, reply.error.message) == (
+        "worker_error",
+        "OverflowError: Integer value out of range",
+    )
+    plain = Reply.from_wire(failure_reply("t2", KeyError("x"), None)).error
+    assert plain is not None and plain.message == "KeyError: 'x'"
 
 
 # -- through real workers ----------------------------------------------------------------------

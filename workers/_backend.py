@@ -151,9 +151,17 @@ def failure_reply(job_id: str, exc: Any, request: Any, shard: int = -1) -> dict[
     return Reply(
         job_id=job_id,
         execution=None,
-        error=ErrorInfo(getattr(exc, "code", WorkerFailed.code), f"{type(exc).__name__}: {exc}"),
+        error=ErrorInfo(getattr(exc, "code", WorkerFailed.code), _described(exc)),
         shard=shard,
         worker=f"{getattr(request, 'hostname', None) or socket.gethostname()}:{os.getpid()}",
         received_at=now,
         finished_at=now,
     ).to_wire()
+
+
+def _described(exc: Any) -> str:
+    if isinstance(exc, dict) and "exc_type" in exc:  # Celery's encoding of a task's exception
+        message = exc.get("exc_message")
+        text = ", ".join(map(str, message)) if isinstance(message, (list, tuple)) else str(message)
+        return f"{exc['exc_type']}: {text}"
+    return f"{type(exc).__name__}: {exc}"

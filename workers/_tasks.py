@@ -75,7 +75,14 @@ class WorkerState:
         """Run one job and push its reply; the log event and metrics come after the reply, so
         the caller does not wait for them."""
         received = time.time()
-        job = Job.from_wire(wire)
+        try:
+            job = Job.from_wire(wire)
+        except ValueError as exc:  # one bad job of a message: its own reply, and the rest run
+            job_id = wire.get("id") if isinstance(wire, dict) else None
+            log.warning("security_job_refused", shard=shard, job=str(job_id)[:64], problem=str(exc)[:200])
+            if type(job_id) is str:
+                replies.push(failure_reply(job_id, exc, request, shard))
+            return
         self.counters.by_shard[shard] = self.counters.by_shard.get(shard, 0) + 1
         if received > job.deadline:
             self.counters.dropped_stale += 1

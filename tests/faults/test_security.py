@@ -343,6 +343,43 @@ def test_malformed_messages_are_refused_and_the_worker_carries_on(
     )
 
 
+def test_malformed_jobs_in_a_well_formed_message_are_refused_one_by_one(sandbox: Sandbox) -> None:
+    """A well-formed message whose jobs are not jobs (not a map, fields missing, a deadline that
+    is text): each is refused and logged, one with an id is answered ``worker_error`` at once,
+    and the good job behind them in the same message still runs and replies."""
+    with EmbeddedRedis() as server:
+        settings = Settings(redis_url=server.url, artifact_key=TEST_ARTIFACT_KEY, shards=1)
+        store = redis.Redis.from_url(server.url)
+        registry = Registry(store, settings, sandbox)
+        registry.define_extension_point("test")
+        registry.deploy("test", "jobs", guests.ECHO)
+        worker = WorkerProcess(settings, [0], "jobs").wait_ready()
+        try:
+            now = time.time()
+            good = Job("good", "test", "jobs", b'{"control":true}', deadline=now + 10, enqueued_at=now)
+            late = {**good.to_wire(), "id": "text-deadline", "deadline": "soon"}
+            jobs = ["not a map", {"id": "fields-missing"}, late, good.to_wire()]
+            reply_to = settings.keys.replies(uuid.uuid4().hex)
+            body = msgpack.packb((jobs, {}, {}), use_bin_type=True)
+            queue = settings.keys.queue(0)
+            store.lpush(queue, _envelope(body, "application/x-msgpack", queue, reply_to=reply_to))
+            replies: dict[str, dict[str, Any]] = {}
+            deadline = time.monotonic() + 10
+            while len(replies) < 3 and worker.alive and time.monotonic() < deadline:
+                popped = store.blpop([reply_to], timeout=0.2)
+                if popped is not None:
+                    reply = msgpack.unpackb(popped[1])
+                    replies[reply["job_id"]] = reply
+            assert worker.alive, "the worker died on a job"
+            assert sorted(replies) == ["fields-missing", "good", "text-deadline"]
+            assert replies["good"]["execution"]["output"] == {"control": True}
+            for refused in ("fields-missing", "text-deadline"):
+                assert replies[refused]["error"]["code"] == "worker_error", replies[refused]
+            assert worker.log().count("security_job_refused") == 3, worker.log()[-3000:]
+        finally:
+            worker.kill()
+
+
 # -- what a guest can see --------------------------------------------------------------------------
 
 # (name, args) of WASI calls that would reach files, directories or sockets.
