@@ -4,6 +4,7 @@ passwords and TLS, and one shop's hostile script against another shard's latency
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import json
 import os
@@ -301,37 +302,44 @@ BAD_MESSAGES: dict[str, tuple[bytes, str]] = {
 }
 
 
-def test_malformed_messages_are_refused_and_the_worker_carries_on(
-    sandbox: Sandbox, reliability: Recorder
-) -> None:
-    """Raw-typed, untyped and wrongly shaped messages pushed onto a shard queue are each refused
-    and logged, and the same worker process goes on to answer a control job."""
+@contextlib.contextmanager
+def _solo_worker(sandbox: Sandbox, shop: str) -> Iterator[tuple[Settings, redis.Redis, WorkerProcess]]:
+    """A private Redis with ECHO deployed at (test, ``shop``) and one worker on its one shard."""
     with EmbeddedRedis() as server:
         settings = Settings(redis_url=server.url, artifact_key=TEST_ARTIFACT_KEY, shards=1)
         store = redis.Redis.from_url(server.url)
         registry = Registry(store, settings, sandbox)
         registry.define_extension_point("test")
-        registry.deploy("test", "raw", guests.ECHO)
-        worker = WorkerProcess(settings, [0], "raw").wait_ready()
+        registry.deploy("test", shop, guests.ECHO)
+        worker = WorkerProcess(settings, [0], shop).wait_ready()
         try:
-            queue = settings.keys.queue(0)
-            for body, content_type in BAD_MESSAGES.values():
-                store.lpush(queue, _envelope(body, content_type, queue))
-            control, reply_to = _control_job(settings, "raw")
-            store.lpush(queue, control)
-            deadline = time.monotonic() + 10
-            popped = None
-            while popped is None and worker.alive and time.monotonic() < deadline:
-                popped = store.blpop([reply_to], timeout=0.2)
-            deaths = int(not worker.alive)
-            assert deaths == 0, "the worker died on a message"
-            assert popped is not None
-            assert msgpack.unpackb(popped[1])["execution"]["output"] == {"control": True}
-            refused = worker.log().count("security_message_refused")
-            assert refused == len(BAD_MESSAGES), worker.log()[-3000:]
-            assert store.llen(queue) == 0
+            yield settings, store, worker
         finally:
             worker.kill()
+
+
+def test_malformed_messages_are_refused_and_the_worker_carries_on(
+    sandbox: Sandbox, reliability: Recorder
+) -> None:
+    """Raw-typed, untyped and wrongly shaped messages pushed onto a shard queue are each refused
+    and logged, and the same worker process goes on to answer a control job."""
+    with _solo_worker(sandbox, "raw") as (settings, store, worker):
+        queue = settings.keys.queue(0)
+        for body, content_type in BAD_MESSAGES.values():
+            store.lpush(queue, _envelope(body, content_type, queue))
+        control, reply_to = _control_job(settings, "raw")
+        store.lpush(queue, control)
+        deadline = time.monotonic() + 10
+        popped = None
+        while popped is None and worker.alive and time.monotonic() < deadline:
+            popped = store.blpop([reply_to], timeout=0.2)
+        deaths = int(not worker.alive)
+        assert deaths == 0, "the worker died on a message"
+        assert popped is not None
+        assert msgpack.unpackb(popped[1])["execution"]["output"] == {"control": True}
+        refused = worker.log().count("security_message_refused")
+        assert refused == len(BAD_MESSAGES), worker.log()[-3000:]
+        assert store.llen(queue) == 0
 
     reliability(
         6,
@@ -347,37 +355,28 @@ def test_malformed_jobs_in_a_well_formed_message_are_refused_one_by_one(sandbox:
     """A well-formed message whose jobs are not jobs (not a map, fields missing, a deadline that
     is text): each is refused and logged, one with an id is answered ``worker_error`` at once,
     and the good job behind them in the same message still runs and replies."""
-    with EmbeddedRedis() as server:
-        settings = Settings(redis_url=server.url, artifact_key=TEST_ARTIFACT_KEY, shards=1)
-        store = redis.Redis.from_url(server.url)
-        registry = Registry(store, settings, sandbox)
-        registry.define_extension_point("test")
-        registry.deploy("test", "jobs", guests.ECHO)
-        worker = WorkerProcess(settings, [0], "jobs").wait_ready()
-        try:
-            now = time.time()
-            good = Job("good", "test", "jobs", b'{"control":true}', deadline=now + 10, enqueued_at=now)
-            late = {**good.to_wire(), "id": "text-deadline", "deadline": "soon"}
-            jobs = ["not a map", {"id": "fields-missing"}, late, good.to_wire()]
-            reply_to = settings.keys.replies(uuid.uuid4().hex)
-            body = msgpack.packb((jobs, {}, {}), use_bin_type=True)
-            queue = settings.keys.queue(0)
-            store.lpush(queue, _envelope(body, "application/x-msgpack", queue, reply_to=reply_to))
-            replies: dict[str, dict[str, Any]] = {}
-            deadline = time.monotonic() + 10
-            while len(replies) < 3 and worker.alive and time.monotonic() < deadline:
-                popped = store.blpop([reply_to], timeout=0.2)
-                if popped is not None:
-                    reply = msgpack.unpackb(popped[1])
-                    replies[reply["job_id"]] = reply
-            assert worker.alive, "the worker died on a job"
-            assert sorted(replies) == ["fields-missing", "good", "text-deadline"]
-            assert replies["good"]["execution"]["output"] == {"control": True}
-            for refused in ("fields-missing", "text-deadline"):
-                assert replies[refused]["error"]["code"] == "worker_error", replies[refused]
-            assert worker.log().count("security_job_refused") == 3, worker.log()[-3000:]
-        finally:
-            worker.kill()
+    with _solo_worker(sandbox, "jobs") as (settings, store, worker):
+        now = time.time()
+        good = Job("good", "test", "jobs", b'{"control":true}', deadline=now + 10, enqueued_at=now)
+        late = {**good.to_wire(), "id": "text-deadline", "deadline": "soon"}
+        jobs = ["not a map", {"id": "fields-missing"}, late, good.to_wire()]
+        reply_to = settings.keys.replies(uuid.uuid4().hex)
+        body = msgpack.packb((jobs, {}, {}), use_bin_type=True)
+        queue = settings.keys.queue(0)
+        store.lpush(queue, _envelope(body, "application/x-msgpack", queue, reply_to=reply_to))
+        replies: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + 10
+        while len(replies) < 3 and worker.alive and time.monotonic() < deadline:
+            popped = store.blpop([reply_to], timeout=0.2)
+            if popped is not None:
+                reply = msgpack.unpackb(popped[1])
+                replies[reply["job_id"]] = reply
+        assert worker.alive, "the worker died on a job"
+        assert sorted(replies) == ["fields-missing", "good", "text-deadline"]
+        assert replies["good"]["execution"]["output"] == {"control": True}
+        for refused in ("fields-missing", "text-deadline"):
+            assert replies[refused]["error"]["code"] == "worker_error", replies[refused]
+        assert worker.log().count("security_job_refused") == 3, worker.log()[-3000:]
 
 
 # -- what a guest can see --------------------------------------------------------------------------
