@@ -16,7 +16,7 @@ from typing import TextIO, cast
 
 from config import Settings, configure_logging, unknown_variables
 from config.errors import InvalidArgument
-from scriptpool._output import ExitCode, Parser, TerminalSafe, classify, report
+from scriptpool._output import ExitCode, Parser, TerminalSafe, classify, report, terminal_safe
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -73,7 +73,8 @@ def _main(argv: Sequence[str] | None) -> int:
     json_output = bool(getattr(args, "json", False))
     for name, close in unknown_variables(os.environ):
         hint = f": did you mean {close}?" if close else " (the README's Configuration lists them)"
-        print(f"scriptpool: warning: {name} is not a setting and is ignored{hint}", file=sys.stderr)
+        warning = f"scriptpool: warning: {name} is not a setting and is ignored{hint}"
+        print(terminal_safe(warning), file=sys.stderr)
     func: Command = args.func
     stdout = sys.stdout
     sys.stdout = cast(TextIO, TerminalSafe(stdout))

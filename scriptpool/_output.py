@@ -113,12 +113,10 @@ class TerminalSafe:
 def report(error: ScriptpoolError, exit_code: ExitCode, *, json_output: bool) -> int:
     """Print ``error`` as one line on stderr (or one JSON object on stdout) and return the code."""
     message = " ".join(error.message.split())
-    if not json_output:
-        message = terminal_safe(message)
     if json_output:
         print_json({"error": {"code": error.code, "message": message, "exit_code": int(exit_code)}})
-    else:
-        print(f"scriptpool: {error.code}: {message}", file=sys.stderr)
+    else:  # stderr is not wrapped (library warnings are JSON lines): this line is made safe here
+        print(f"scriptpool: {error.code}: {terminal_safe(message)}", file=sys.stderr)
     return exit_code
 
 
