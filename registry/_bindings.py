@@ -66,6 +66,17 @@ local function supersede(app, how, now, retention)
 end
 """
 
+# The apps bound in a binding hash: its fields but the #-named ones (and ``except``, if given).
+_COUNT_APPS = """
+local function count_apps(key, except)
+  local count = 0
+  for _, field in ipairs(redis.call('HKEYS', key)) do
+    if string.sub(field, 1, 1) ~= '#' and field ~= except then count = count + 1 end
+  end
+  return count
+end
+"""
+
 # Turn a binding from before apps (a string) into the hash it is now.
 UPGRADE = """
 if redis.call('TYPE', KEYS[1]).ok == 'string' then
@@ -80,15 +91,12 @@ end
 _BIND = (
     BIND_APP
     + _SUPERSEDE
+    + _COUNT_APPS
     + UPGRADE
     + """
 local app = ARGV[4]
 if redis.call('HEXISTS', KEYS[1], app) == 0 and ARGV[6] == '0' then
-  local count = 0
-  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-    if string.sub(field, 1, 1) ~= '#' and field ~= ARGV[7] then count = count + 1 end
-  end
-  if count >= tonumber(ARGV[5]) then return false end
+  if count_apps(KEYS[1], ARGV[7]) >= tonumber(ARGV[5]) then return false end
 end
 local superseded = supersede(app, 'a deploy', ARGV[8], tonumber(ARGV[9]))
 local encoded = bind_app(KEYS[1], KEYS[2], app, ARGV[1], tonumber(ARGV[2]))
@@ -114,16 +122,13 @@ return {previous, superseded}
 # Unbind one app and drop its history; the hash goes when its last app does.
 _UNBIND = (
     _SUPERSEDE
+    + _COUNT_APPS
     + UPGRADE
     + """
 local superseded = supersede(ARGV[2], 'an undeploy', ARGV[3], tonumber(ARGV[4]))
 local removed = redis.call('HDEL', KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[2])
-local apps = 0
-for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if string.sub(field, 1, 1) ~= '#' then apps = apps + 1 end
-end
-if apps == 0 then redis.call('DEL', KEYS[1])
+if count_apps(KEYS[1]) == 0 then redis.call('DEL', KEYS[1])
 else redis.call('HINCRBY', KEYS[1], '#generation', 1) end
 redis.call('PUBLISH', KEYS[3], ARGV[1])
 return {removed, superseded}

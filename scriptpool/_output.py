@@ -45,6 +45,12 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
+def add_ep_shop(parser: argparse.ArgumentParser, ep_help: str = "extension point") -> None:
+    """The ``EP SHOP`` positionals a command about one (extension point, shop) takes."""
+    parser.add_argument("ep", help=ep_help)
+    parser.add_argument("shop", help="shop id")
+
+
 def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str))
 

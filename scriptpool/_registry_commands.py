@@ -12,7 +12,7 @@ import redis
 from config import Limits, Settings, parse_scale_rule
 from config.errors import BrokerUnavailable, InvalidArgument
 from scriptpool._files import SCHEMA_LIMIT, read_json, read_module
-from scriptpool._output import ExitCode, add_json_flag, print_json
+from scriptpool._output import ExitCode, add_ep_shop, add_json_flag, print_json
 
 if TYPE_CHECKING:
     from engine import Sandbox
@@ -51,8 +51,7 @@ def open_registry(settings: Settings, sandbox: Sandbox | None = None) -> Registr
 
 def add_parsers(sub: Any) -> None:
     deploy = sub.add_parser("deploy", help="validate, compile, sign and bind a module to (EP, shop)")
-    deploy.add_argument("ep", help="extension point (defined with `ep define`)")
-    deploy.add_argument("shop", help="shop id")
+    add_ep_shop(deploy, "extension point (defined with `ep define`)")
     deploy.add_argument("module", metavar="MODULE", help="a .wasm module, or .wat text")
     deploy.add_argument(
         "--export", default="_start", help="entry export, a () -> () function (default _start)"
@@ -67,22 +66,19 @@ def add_parsers(sub: Any) -> None:
     deploy.set_defaults(func=cmd_deploy)
 
     undeploy = sub.add_parser("undeploy", help="remove an app's script (and its history) from (EP, shop)")
-    undeploy.add_argument("ep", help="extension point")
-    undeploy.add_argument("shop", help="shop id")
+    add_ep_shop(undeploy)
     _app_flag(undeploy, "the app whose script to remove")
     add_json_flag(undeploy)
     undeploy.set_defaults(func=cmd_undeploy)
 
     rollback = sub.add_parser("rollback", help="rebind the version deployed before the current one")
-    rollback.add_argument("ep", help="extension point")
-    rollback.add_argument("shop", help="shop id")
+    add_ep_shop(rollback)
     _app_flag(rollback, "the app to roll back")
     add_json_flag(rollback)
     rollback.set_defaults(func=cmd_rollback)
 
     history = sub.add_parser("history", help="every app's versions at (EP, shop), newest first")
-    history.add_argument("ep", help="extension point")
-    history.add_argument("shop", help="shop id")
+    add_ep_shop(history)
     history.add_argument("--app", help="only this app (default: every app bound there)")
     add_json_flag(history)
     history.set_defaults(func=cmd_history)

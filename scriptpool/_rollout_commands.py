@@ -9,7 +9,7 @@ from typing import Any
 
 from config import Settings
 from scriptpool._files import read_module
-from scriptpool._output import ExitCode, add_json_flag, print_json
+from scriptpool._output import ExitCode, add_ep_shop, add_json_flag, print_json
 from scriptpool._registry_commands import open_registries
 
 # The flags of a rollout's rules (registry.RolloutRules, field by field), with its defaults.
@@ -49,8 +49,7 @@ def add_parsers(sub: Any) -> None:
     rollout_sub = rollout.add_subparsers(dest="rollout_command", required=True, metavar="ACTION")
 
     start = rollout_sub.add_parser("start", help="validate, compile and sign a candidate and start shadowing")
-    start.add_argument("ep", help="extension point")
-    start.add_argument("shop", help="shop id")
+    add_ep_shop(start)
     start.add_argument("module", metavar="MODULE", help="the candidate's .wasm (or .wat)")
     start.add_argument("--export", default="_start", help="entry export (default _start)")
     start.add_argument(
@@ -64,8 +63,7 @@ def add_parsers(sub: Any) -> None:
     start.set_defaults(func=cmd_start)
 
     status = rollout_sub.add_parser("status", help="state, counts, reason and mismatch samples")
-    status.add_argument("ep", help="extension point")
-    status.add_argument("shop", help="shop id")
+    add_ep_shop(status)
     add_json_flag(status)
     status.set_defaults(func=cmd_status)
 
@@ -74,8 +72,7 @@ def add_parsers(sub: Any) -> None:
         ("abort", "drop the candidate now"),
     ):
         decide = rollout_sub.add_parser(action, help=text)
-        decide.add_argument("ep", help="extension point")
-        decide.add_argument("shop", help="shop id")
+        add_ep_shop(decide)
         add_json_flag(decide)
         decide.set_defaults(func=cmd_decide, decision=action)
 

@@ -88,6 +88,28 @@ def test_chain_passes_each_output_on_in_app_order(registry: Registry, executor: 
     assert statuses(skipped)[1] == ("step-b", "error", "runtime_error")
 
 
+def test_a_chain_step_and_a_wasm_reducer_read_their_input_as_a_script_reads_the_call_s(
+    registry: Registry, executor: Executor
+) -> None:
+    """The previous output a chain step gets, and the outputs a reducer gets, are minified and
+    escaped as the call's own input is (``/`` as ``\\/``): the echo step and reducer print back
+    exactly the bytes they read."""
+    registry.define_extension_point("chain", combine="chain")
+    registry.deploy("chain", "s", guests.writes(b'{"url": "a/b"}'), app="a")
+    registry.deploy("chain", "s", guests.ECHO, app="b")
+    chained = executor.execute("chain", "s", {"n": 1})
+    assert chained.ok, chained.error
+    assert chained.output == {"input": {"n": 1}, "previous": {"url": "a/b"}}
+    assert chained.parts[1].report.output_bytes == len(b'{"input":{"n":1},"previous":{"url":"a\\/b"}}')
+    registry.define_extension_point("echoed", combine="join", reducer="wasm")
+    registry.deploy("echoed", "s", guests.writes(b'{"url": "a/b"}'), app="a")
+    registry.deploy("echoed", "s", guests.ECHO, app="reducer")
+    reduced = executor.execute("echoed", "s", {})
+    assert reduced.ok, reduced.error
+    assert reduced.output == {"outputs": [{"app": "a", "output": {"url": "a/b"}}]}
+    assert reduced.parts[1].report.output_bytes == len(b'{"outputs":[{"app":"a","output":{"url":"a\\/b"}}]}')
+
+
 def test_wasm_reducer_combines_what_no_builtin_can(registry: Registry, executor: Executor) -> None:
     """The app named ``reducer`` gets every part's output and prints the call's: here the best
     discount per target. It is listed last among the parts."""

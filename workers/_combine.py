@@ -21,7 +21,6 @@ the deadline (less a margin for the reply), and a part with no time left is skip
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +42,7 @@ from config import (
     Limits,
     Part,
     check_input_size,
+    encode_input,
 )
 from config.errors import DeadlineExceeded, InvalidOutput, ScriptNotFound, ScriptpoolError
 from engine import Sandbox
@@ -115,7 +115,7 @@ class PartsRunner:
             output = _NOTHING
             for deployment in contributors:
                 previous = None if output is _NOTHING else output
-                chained = b'{"input":%s,"previous":%s}' % (stdin, json.dumps(previous).encode())
+                chained = b'{"input":%s,"previous":%s}' % (stdin, encode_input(previous))
                 attempt = call.record(call.attempt(deployment, chained))
                 if attempt.status == PART_OK:
                     output = attempt.output
@@ -231,12 +231,12 @@ class _Call:
             )
             return _NOTHING
         apps = [part.app for part in self.parts if part.status == PART_OK]
-        stdin = json.dumps(
+        stdin = encode_input(
             {"outputs": [{"app": a, "output": o} for a, o in zip(apps, self.outputs, strict=True)]}
         )
         before = len(self.outputs)
         reducing = dataclasses.replace(reducer_app, block_on_failure=True)
-        attempt = self.record(self.attempt(reducing, stdin.encode(), usable=False))
+        attempt = self.record(self.attempt(reducing, stdin, usable=False))
         del self.outputs[before:]  # the reducer's output is the call's, not a part to combine
         return attempt.output if attempt.status == PART_OK else _NOTHING
 
