@@ -6,6 +6,8 @@ Starts a private Redis; prints one JSON object.
 ``--baseline REF`` loads the ``workers`` package of git revision REF (e.g. HEAD, before your
 uncommitted changes) under another name into this same process and runs it against the same
 Redis, scripts and inputs, interleaved with the current code in batches whose order alternates.
+Only ``workers`` is REF's: ``config`` and ``engine`` (which had been inside ``workers`` before it
+moved out) are today's for both.
 Both variants see the same machine noise, so compare their medians and p99 with each other.
 ``--profile`` prints a cProfile breakdown of the current code's hot trivial path to stderr.
 """
@@ -119,20 +121,23 @@ def load_baseline(ref: str) -> Any:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     sys.path.insert(0, str(target))
-    return importlib.import_module("baseline_workers")
-
-
-def baseline_telemetry() -> Any:
-    """The baseline's telemetry module. Its metrics have the current ones' names, so they are
-    built without registering them (the bench never serves /metrics)."""
+    # The baseline's metrics (telemetry, capture, shadow runs) have the current ones' names, so
+    # they are built without registering them (the bench never serves /metrics).
     from prometheus_client import REGISTRY
 
     register = REGISTRY.register
     REGISTRY.register = lambda collector: None  # type: ignore[method-assign]
     try:
-        return importlib.import_module("baseline_workers._telemetry")
+        package = importlib.import_module("baseline_workers")
+        importlib.import_module("baseline_workers._telemetry")
+        return package
     finally:
         REGISTRY.register = register  # type: ignore[method-assign]
+
+
+def baseline_telemetry() -> Any:
+    """The baseline's telemetry module (imported with the package by :func:`load_baseline`)."""
+    return importlib.import_module("baseline_workers._telemetry")
 
 
 def interleave(variants: dict[str, Callable[[], float]], runs: int) -> dict[str, list[float]]:
@@ -164,7 +169,8 @@ def main() -> None:
         registry.deploy("bench", "discount", discount)
         executors: dict[str, Any] = {"current": Executor(registry, sandbox, settings)}
         if baseline is not None:
-            old_sandbox = baseline.Sandbox()
+            # Since the engine left the workers package, a baseline's workers run on today's engine.
+            old_sandbox = getattr(baseline, "Sandbox", Sandbox)()
             old_registry = Registry(redis.Redis.from_url(server.url), settings, old_sandbox)
             executors[f"baseline {args.baseline}"] = baseline.Executor(old_registry, old_sandbox, settings)
         out: dict[str, Any] = {"runs": args.runs, "variants": list(executors)}
