@@ -290,7 +290,7 @@ def _manager(url: str, parsed: SentinelURL, timeout: float, connect_timeout: flo
     with _managers_lock:
         manager = _managers.get(key)
         if manager is None:
-            manager = _managers[key] = Sentinel(  # type: ignore[no-untyped-call]
+            manager = _managers[key] = Sentinel(
                 list(parsed.sentinels),
                 min_other_sentinels=parsed.min_other_sentinels,
                 sentinel_kwargs=_sentinel_kwargs(parsed, connect_timeout),
@@ -310,7 +310,7 @@ def _sentinel_pool(
         master_kwargs["password"] = parsed.password
     if parsed.username is not None:
         master_kwargs["username"] = parsed.username
-    client = manager.master_for(parsed.master_name, **master_kwargs)  # type: ignore[no-untyped-call]
+    client = manager.master_for(parsed.master_name, **master_kwargs)
     pool: SentinelConnectionPool = client.connection_pool
     _watch.add(pool)
     return pool

@@ -47,7 +47,7 @@ class InvalidationListener:
     def _session(self, loop: Reconnector) -> None:
         client = redis_client(self._url, timeout=5, connect_timeout=1)
         try:
-            pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
             pubsub.subscribe(self._channel)
             self._invalidate(None, None)  # anything published while we were away is lost
             self._subscribed.set()
