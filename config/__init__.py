@@ -25,7 +25,7 @@ from config._extension_points import (
 from config._groups import ShardGroup, parse_shard_groups, ranges_text, render_shard_groups
 from config._heartbeats import WorkerHeartbeat, live_workers, shard_count_disagreement
 from config._keys import Keys
-from config._limits import Limits, check_input_size
+from config._limits import LIMIT_RANGES, Limits, check_input_size, limit_problem
 from config._logging import EventLogger, configure_logging, get_logger
 from config._names import check_app, check_ep, check_export, check_provider, check_shop_id
 from config._reconnect import Reconnector
@@ -52,7 +52,7 @@ from config._scale import (
     scale_factor,
     scaled_limits,
 )
-from config._settings import Settings
+from config._settings import Settings, artifact_key_problem, check_artifact_key, read_key_file
 from config._sharding import jump_hash, shard_for
 from config._wire import (
     BODY_ENCODING,
@@ -79,6 +79,7 @@ __all__ = [
     "CONTENT_ENCODING",
     "CONTENT_TYPE",
     "JOIN",
+    "LIMIT_RANGES",
     "MAX_APPS",
     "MAX_SCALE_FACTOR",
     "PART_CHAIN",
@@ -112,8 +113,10 @@ __all__ = [
     "Variable",
     "WorkerHeartbeat",
     "WriteSession",
+    "artifact_key_problem",
     "celery_broker",
     "check_app",
+    "check_artifact_key",
     "check_ep",
     "check_export",
     "check_input_size",
@@ -129,6 +132,7 @@ __all__ = [
     "is_sentinel",
     "jump_hash",
     "largest_input_bytes",
+    "limit_problem",
     "live_workers",
     "markdown_table",
     "parse_scale_rule",
@@ -136,6 +140,7 @@ __all__ = [
     "parse_shard_groups",
     "primary_address",
     "ranges_text",
+    "read_key_file",
     "redact",
     "redis_client",
     "redis_command",

@@ -125,8 +125,15 @@ VARIABLES: tuple[Variable, ...] = (
         "SCRIPTPOOL_ARTIFACT_KEY",
         "artifact_key",
         bytes,
-        "HMAC key (16+ bytes) that signs AOT artifacts; needed to deploy and by workers, not by "
-        "`run` or `Client`",
+        "HMAC key that signs AOT artifacts: 32+ random bytes (`scriptpool key generate`), never a "
+        "published one; needed to deploy and by workers, not by `run` or `Client`",
+    ),
+    Variable(
+        "SCRIPTPOOL_ARTIFACT_KEY_FILE",
+        "artifact_key_file",
+        str,
+        "file holding the artifact key instead (`scriptpool key generate --file PATH` writes one; "
+        "whitespace around it is ignored); set this or `SCRIPTPOOL_ARTIFACT_KEY`, not both",
     ),
     Variable("SCRIPTPOOL_SHARDS", "shards", int, "number of shards; every process must agree"),
     Variable("SCRIPTPOOL_KEY_PREFIX", "key_prefix", str, "prefix of every Redis key and queue"),

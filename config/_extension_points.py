@@ -15,7 +15,7 @@ import redis
 from config._keys import Keys
 from config._limits import Limits
 from config._scale import check_scale_rules
-from config.errors import ConfigurationError, UnknownExtensionPoint
+from config.errors import ConfigurationError, ScriptpoolError, UnknownExtensionPoint
 
 T = TypeVar("T")
 
@@ -57,6 +57,22 @@ class ExtensionPoint:
     capture: bool = True
 
     def __post_init__(self) -> None:
+        # A definition is also read back from Redis, where anyone who can write may have put
+        # anything: every field is checked here, so that what a worker cannot honour fails its
+        # jobs by name (configuration_error) instead of deep in wasmtime, ctypes or jsonschema.
+        if not isinstance(self.name, str):
+            raise ConfigurationError(f"an extension point's name is text, got {_shown(self.name)}")
+        Limits().with_overrides(self.limit_overrides)  # names, types and ranges
+        for what, schema in (("input_schema", self.input_schema), ("output_schema", self.output_schema)):
+            if schema is not None and not isinstance(schema, dict):
+                raise ConfigurationError(f"{what} must be a JSON object, got {_shown(schema)}")
+        rate = self.input_validation_rate
+        if rate is not None and (
+            not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate <= 1.0
+        ):
+            raise ConfigurationError(f"input_validation_rate must lie in [0, 1], got {_shown(rate)}")
+        if self.reducer is not None and not isinstance(self.reducer, str):
+            raise ConfigurationError(f"reducer must be text, got {_shown(self.reducer)}")
         check_scale_rules(self.scale)
         if (
             not isinstance(self.capture_rate, (int, float))
@@ -108,19 +124,28 @@ class ExtensionPoint:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> ExtensionPoint:
-        data = json.loads(raw)
-        return cls(
-            name=data["name"],
-            limit_overrides=data.get("limit_overrides") or {},
-            input_schema=data.get("input_schema"),
-            output_schema=data.get("output_schema"),
-            input_validation_rate=data.get("input_validation_rate"),
-            combine=data.get("combine") or SINGLE,
-            reducer=data.get("reducer"),
-            scale=data.get("scale") or {},
-            capture_rate=data.get("capture_rate") or 0.0,
-            capture=bool(data.get("capture", True)),
-        )
+        """The definition stored as ``raw``; :class:`ConfigurationError` for anything that is not
+        a valid one (what a worker or a deploy reads from Redis is not trusted)."""
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ConfigurationError(f"a definition is a JSON object, got {type(data).__name__}")
+            return cls(
+                name=data["name"],
+                limit_overrides=data.get("limit_overrides") or {},
+                input_schema=data.get("input_schema"),
+                output_schema=data.get("output_schema"),
+                input_validation_rate=data.get("input_validation_rate"),
+                combine=data.get("combine") or SINGLE,
+                reducer=data.get("reducer"),
+                scale=data.get("scale") or {},
+                capture_rate=data.get("capture_rate") or 0.0,
+                capture=bool(data.get("capture", True)),
+            )
+        except KeyError as exc:
+            raise ConfigurationError(f"a definition has a name, this one has no {exc}") from None
+        except (ValueError, TypeError, RecursionError) as exc:  # not JSON, too deep, unhashable
+            raise ConfigurationError(f"a definition that is not one: {_shown(exc)}") from None
 
 
 class ExtensionPointReader(Generic[T]):
@@ -154,13 +179,31 @@ class ExtensionPointReader(Generic[T]):
         entry = self._entries.get(name)
         if entry is None or entry[1] <= now:
             raw = self._redis.get(self._keys.extension_point(name))
-            value = self._prepare(ExtensionPoint.from_json(raw)) if raw is not None else None
+            value = self._read(name, raw) if raw is not None else None
             entry = (value, now + (self._ttl_s if value is not None else UNKNOWN_RECHECK_S))
             with self._lock:
                 self._entries[name] = entry
         if entry[0] is None:
             raise UnknownExtensionPoint(f"extension point {name!r} is not defined", ep=name)
         return entry[0]
+
+    def _read(self, name: str, raw: bytes | str) -> T:
+        """What ``prepare`` makes of the record ``raw`` of EP ``name``, or ConfigurationError
+        naming the EP. A record that cannot be used is not kept: it is read again next time, so
+        that redefining the EP mends it."""
+        try:
+            return self._prepare(ExtensionPoint.from_json(raw))
+        except ConfigurationError as exc:
+            raise ConfigurationError(
+                f"extension point {name!r} cannot be used as stored: {exc.message}",
+                **{**exc.detail, "ep": name},
+            ) from None
+        except ScriptpoolError:
+            raise
+        except Exception as exc:  # what prepare builds from it (a schema, a reducer) failed
+            raise ConfigurationError(
+                f"extension point {name!r} cannot be used as stored: {_shown(exc)}", ep=name
+            ) from None
 
     def peek(self, name: str) -> T | None:
         """What ``prepare`` last made of EP ``name``, expired or not, without asking Redis (None:
@@ -175,3 +218,9 @@ class ExtensionPointReader(Generic[T]):
                 self._entries.clear()
             else:
                 self._entries.pop(name, None)
+
+
+def _shown(value: object) -> str:
+    """``value`` for a one-line message: its repr, cut short (a record may hold anything)."""
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."

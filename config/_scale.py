@@ -7,6 +7,11 @@ too, counts 1) times the rate; the counts of one path are summed (``cart.deliver
 sums the options of every delivery group, since lists along the path are walked through); the
 factor is the largest sum over the paths, clamped to [1, 10]. It multiplies the instruction,
 input and output limits, and nothing else (memory, stack, logs and the wall clock stay).
+
+A scaled limit stops at the maximum of its range (``config._limits.LIMIT_RANGES``) rather than
+failing the run: the base limit was checked when the EP was defined, and the factor comes from
+the caller's input, which is no configuration mistake; the maximum is what the engine honours, so
+a run at it is the most any configuration could give.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from config._limits import Limits
+from config._limits import Limits, clamp_limit
 from config.errors import ConfigurationError
 
 MIN_SCALE_FACTOR = 1.0
@@ -111,10 +116,10 @@ def scaled_limits(limits: Limits, factor: float) -> Limits:
     """``limits`` with the instruction, input and output limits multiplied by ``factor``."""
     if factor <= MIN_SCALE_FACTOR:
         return limits
-    changes = {name: int(getattr(limits, name) * factor) for name in SCALED_LIMITS}
+    changes = {name: clamp_limit(name, int(getattr(limits, name) * factor)) for name in SCALED_LIMITS}
     return dataclasses.replace(limits, **changes)
 
 
 def largest_input_bytes(limits: Limits) -> int:
     """The input size no scale factor allows past: inputs above it are refused unread."""
-    return int(limits.input_bytes * MAX_SCALE_FACTOR)
+    return clamp_limit("input_bytes", int(limits.input_bytes * MAX_SCALE_FACTOR))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,72 @@ DEPLOY_WAIT_MS = 2000
 
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.:{}]{0,63}")
 
+# The artifact key signs the native code workers load: whoever has it and can write to Redis runs
+# code on every worker. So a key must be long, look random, and never be one that was published.
+MIN_ARTIFACT_KEY_BYTES = 32
+# Fewer distinct bytes than this is a placeholder ("xxxx...", "0000..."), not a random key; 64 hex
+# digits from `scriptpool key generate` have 16 (fewer than 8 with odds below 10^-40).
+MIN_ARTIFACT_KEY_DISTINCT = 8
+# A key file holds one key; anything longer is not one (and is not read whole).
+MAX_ARTIFACT_KEY_FILE_BYTES = 4096
+# SHA-256 of keys that appeared in this repository's files or docs, refused wherever they are set:
+# the key docker-compose.yml shipped (`change-me-to-32-...`). Shorter published keys (the tests'
+# and benches' old literals, an early README's) are refused by length already.
+PUBLISHED_ARTIFACT_KEYS = frozenset(
+    {
+        "50973d908ee8925d8c284ac1a639e3e029a7711a1f43916b59a434fc51422af8",
+    }
+)
+KEY_HOWTO = (
+    "make one with `scriptpool key generate` (or `python -c 'import secrets; print(secrets.token_hex(32))'`) "
+    "and put it in SCRIPTPOOL_ARTIFACT_KEY, or in a file named by SCRIPTPOOL_ARTIFACT_KEY_FILE "
+    "(`scriptpool key generate --file PATH` writes one)"
+)
+
+
+def artifact_key_problem(key: bytes) -> str | None:
+    """Why ``key`` may not sign artifacts (a phrase: "is 16 bytes: ..."), or None if it may."""
+    if not key:
+        return "is not set: workers and deploys need the key that signs compiled artifacts"
+    if len(key) < MIN_ARTIFACT_KEY_BYTES:
+        return f"is {len(key)} bytes: a key has at least {MIN_ARTIFACT_KEY_BYTES}"
+    if hashlib.sha256(key).hexdigest() in PUBLISHED_ARTIFACT_KEYS:
+        return "is a published key (scriptpool's own files showed it), so anyone can sign artifacts with it"
+    if len(set(key)) < MIN_ARTIFACT_KEY_DISTINCT:
+        return f"has only {len(set(key))} distinct bytes: a placeholder, not a random key"
+    return None
+
+
+def check_artifact_key(key: bytes, source: str = "SCRIPTPOOL_ARTIFACT_KEY") -> bytes:
+    """``key`` if it may sign artifacts, else :class:`ConfigurationError` naming ``source`` (the
+    variable it came from) and saying how to make a good one."""
+    problem = artifact_key_problem(key)
+    if problem is not None:
+        raise ConfigurationError(f"{source} {problem}; {KEY_HOWTO}", variable=source)
+    return key
+
+
+def read_key_file(path: str) -> bytes:
+    """The key in the file at ``path`` (surrounding whitespace, a final newline say, stripped),
+    or :class:`ConfigurationError` naming SCRIPTPOOL_ARTIFACT_KEY_FILE."""
+    variable = "SCRIPTPOOL_ARTIFACT_KEY_FILE"
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_ARTIFACT_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{variable} names {path}, which cannot be read ({exc.strerror or exc}); "
+            f"`scriptpool key generate --file {path}` writes a new key there",
+            variable=variable,
+        ) from None
+    if len(data) > MAX_ARTIFACT_KEY_FILE_BYTES:
+        raise ConfigurationError(
+            f"{variable} names {path}, which holds more than {MAX_ARTIFACT_KEY_FILE_BYTES} bytes: "
+            "not a key file (`scriptpool key generate --file PATH` writes one)",
+            variable=variable,
+        )
+    return data.strip()
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -37,6 +104,7 @@ class Settings:
     deploy_replicas: int | None = None
     deploy_wait_ms: int = DEPLOY_WAIT_MS
     artifact_key: bytes = b""
+    artifact_key_file: str = ""  # read when artifact_key is empty (SCRIPTPOOL_ARTIFACT_KEY_FILE)
     shards: int = 2
     key_prefix: str = "sp"
     default_deadline_ms: int = 50
@@ -131,13 +199,12 @@ class Settings:
         return 1 if is_sentinel(url) else 0
 
     def require_artifact_key(self) -> bytes:
-        """Return the HMAC key for AOT artifacts, or fail clearly if none is configured."""
-        if len(self.artifact_key) < 16:
-            raise ConfigurationError(
-                "SCRIPTPOOL_ARTIFACT_KEY must be set to at least 16 bytes: it signs compiled artifacts",
-                variable="SCRIPTPOOL_ARTIFACT_KEY",
-            )
-        return self.artifact_key
+        """Return the HMAC key for AOT artifacts (``artifact_key``, else the one in
+        ``artifact_key_file``, read now), or :class:`ConfigurationError` if there is none, or it
+        is short, a placeholder or a published one; the message says how to make one."""
+        if self.artifact_key or not self.artifact_key_file:
+            return check_artifact_key(self.artifact_key)
+        return check_artifact_key(read_key_file(self.artifact_key_file), "SCRIPTPOOL_ARTIFACT_KEY_FILE")
 
     def replace(self, **changes: object) -> Settings:
         """Return a copy with ``changes`` applied."""
@@ -150,6 +217,11 @@ class Settings:
         A malformed or out-of-range value raises :class:`ConfigurationError` naming its variable.
         """
         fields, limits = _environment.read(os.environ if environ is None else environ)
+        if fields.get("artifact_key") and fields.get("artifact_key_file"):
+            raise ConfigurationError(
+                "SCRIPTPOOL_ARTIFACT_KEY and SCRIPTPOOL_ARTIFACT_KEY_FILE are both set: set one",
+                variable="SCRIPTPOOL_ARTIFACT_KEY_FILE",
+            )
         try:
             return cls(limits=Limits(**limits), **fields)
         except ConfigurationError as exc:

@@ -8,6 +8,7 @@ here too: the client writes the envelope, the worker checks it); the worker answ
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,7 +114,25 @@ class ErrorInfo:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> ErrorInfo:
-        return cls(data["code"], data["message"], data.get("detail") or {})
+        """The error ``data`` holds; ``ValueError`` naming what is wrong if it is not one: the
+        ``code`` a short string, the ``message`` a string, ``detail`` a map of names (never
+        ``message``: the error is rebuilt as ``cls(message, **detail)``)."""
+        if type(data) is not dict:
+            raise ValueError(f"an error is a map, got {type(data).__name__}")
+        code, message, detail = data.get("code"), data.get("message"), data.get("detail")
+        if type(code) is not str or not 0 < len(code) <= _MAX_CODE:
+            raise ValueError(f"an error's code is a string of 1 to {_MAX_CODE} characters")
+        if type(message) is not str:
+            raise ValueError("an error's message is a string")
+        if not detail:
+            detail = {}
+        elif type(detail) is not dict or "message" in detail or any(type(k) is not str for k in detail):
+            raise ValueError("an error's detail is a map of names other than 'message'")
+        return cls(code, message, detail)
+
+
+# Ours are under 30 characters; a longer "code" is not one (and error_class_for caches each).
+_MAX_CODE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,11 +182,30 @@ class ExecutionReport:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> ExecutionReport:
-        # A field this version does not know (a newer worker's) is left out, not an error.
-        return cls(**{k: v for k, v in data.items() if k in _REPORT_FIELDS})
+        """The report ``data`` holds; ``ValueError`` if a field has the wrong type (an integer
+        passes for a float). A field this version does not know (a newer worker's) is left out,
+        not an error."""
+        if type(data) is not dict:
+            raise ValueError(f"a report is a map, got {type(data).__name__}")
+        if {name: type(value) for name, value in data.items()} == _REPORT_FIELDS:
+            return cls(**data)  # what a worker of this version sends: every field, each its type
+        fields = {}
+        for name, value in data.items():
+            kind = _REPORT_FIELDS.get(name)
+            if kind is None:
+                continue
+            if type(value) is not kind:
+                if kind is not float or type(value) is not int:
+                    raise ValueError(f"report field {name} is {type(value).__name__}, not {kind.__name__}")
+                value = float(value)
+            fields[name] = value
+        return cls(**fields)
 
 
-_REPORT_FIELDS = frozenset(ExecutionReport.__dataclass_fields__)
+# Each field's type, read off its default: every field has one.
+_REPORT_FIELDS: dict[Any, type] = {
+    name: type(spec.default) for name, spec in ExecutionReport.__dataclass_fields__.items()
+}
 
 
 # A part's status: it ran and succeeded, it failed with its named error, or it never ran.
@@ -197,14 +235,25 @@ class Part:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Part:
-        error = data.get("error")
+        """The part ``data`` holds; ``ValueError`` naming what is wrong if it is not one."""
+        if type(data) is not dict:
+            raise ValueError(f"a part is a map, got {type(data).__name__}")
+        app, version, status = data.get("app"), data.get("version"), data.get("status")
+        if type(app) is not str or type(version) is not int:
+            raise ValueError("a part's app is a string and its version an integer")
+        if type(status) is not str or status not in _PART_STATUSES:
+            raise ValueError(f"a part's status is one of {', '.join(sorted(_PART_STATUSES))}")
+        error, report = data.get("error"), data.get("report")
         return cls(
-            app=data["app"],
-            version=data["version"],
-            status=data["status"],
+            app=app,
+            version=version,
+            status=status,
             error=ErrorInfo.from_wire(error) if error else None,
-            report=ExecutionReport.from_wire(data.get("report") or {}),
+            report=ExecutionReport() if report is None else ExecutionReport.from_wire(report),
         )
+
+
+_PART_STATUSES = frozenset((PART_OK, PART_ERROR, PART_SKIPPED))
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,13 +285,21 @@ class Execution:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Execution:
-        error = data.get("error")
+        """The execution ``data`` holds; ``ValueError`` naming what is wrong if it is not one.
+        ``output`` is whatever the wire carried: the worker sends the script's JSON value."""
+        if type(data) is not dict:
+            raise ValueError(f"an execution is a map, got {type(data).__name__}")
+        ok, error, report, parts = data.get("ok"), data.get("error"), data.get("report"), data.get("parts")
+        if type(ok) is not bool:
+            raise ValueError("an execution's ok is true or false")
+        if parts and type(parts) is not list and type(parts) is not tuple:
+            raise ValueError(f"an execution's parts are a list, got {type(parts).__name__}")
         return cls(
-            ok=data["ok"],
+            ok=ok,
             output=data.get("output"),
             error=ErrorInfo.from_wire(error) if error else None,
-            report=ExecutionReport.from_wire(data.get("report") or {}),
-            parts=tuple(Part.from_wire(part) for part in data.get("parts") or ()),
+            report=ExecutionReport() if report is None else ExecutionReport.from_wire(report),
+            parts=tuple(Part.from_wire(part) for part in parts) if parts else (),
         )
 
 
@@ -272,15 +329,31 @@ class Reply:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Reply:
+        """The reply ``data`` holds; ``ValueError`` naming what is wrong if it is not one (our
+        workers never send such a reply, but anyone who can write to Redis can)."""
+        if type(data) is not dict:
+            raise ValueError(f"a reply is a map, got {type(data).__name__}")
+        job_id, shard, worker = data.get("job_id"), data.get("shard"), data.get("worker")
+        received: Any = data.get("received_at")
+        finished: Any = data.get("finished_at")
+        if type(job_id) is not str or type(shard) is not int or type(worker) is not str:
+            raise ValueError("a reply's job_id and worker are strings and its shard an integer")
+        if not (
+            (type(received) is float or type(received) is int)
+            and (type(finished) is float or type(finished) is int)
+            and math.isfinite(received)
+            and math.isfinite(finished)
+        ):
+            raise ValueError("a reply's received_at and finished_at are finite numbers")
         execution, error = data.get("execution"), data.get("error")
         return cls(
-            job_id=data["job_id"],
+            job_id=job_id,
             execution=Execution.from_wire(execution) if execution is not None else None,
             error=ErrorInfo.from_wire(error) if error is not None else None,
-            shard=data["shard"],
-            worker=data["worker"],
-            received_at=data["received_at"],
-            finished_at=data["finished_at"],
+            shard=shard,
+            worker=worker,
+            received_at=float(received),
+            finished_at=float(finished),
         )
 
 
@@ -297,5 +370,6 @@ class Taken:
 
     @staticmethod
     def is_taken(data: dict[str, Any]) -> bool:
-        """Whether a decoded reply-list item is a :class:`Taken` rather than a :class:`Reply`."""
-        return bool(data.get("taken", False))
+        """Whether a decoded reply-list item is a :class:`Taken` rather than a :class:`Reply`:
+        ``taken`` is exactly true (a reply never has it; anything else there is not a notice)."""
+        return data.get("taken") is True

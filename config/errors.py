@@ -27,7 +27,9 @@ __all__ = [
     "InvalidInput",
     "InvalidModule",
     "InvalidOutput",
+    "InvalidReply",
     "MemoryLimitExceeded",
+    "ModuleTooComplex",
     "ModuleTooLarge",
     "NotReplicated",
     "NothingToRollBack",
@@ -100,6 +102,15 @@ class ModuleTooLarge(InvalidModule):
     """Raised when a deployed module exceeds the module size limit."""
 
     code = "module_too_large"
+
+
+class ModuleTooComplex(InvalidModule):
+    """Raised when a module is over a structural cap (functions, locals, nesting, loops, ...), or
+    its compilation needs more time or memory than its bound allows: at deploy, and on a
+    worker that must compile it for a job. ``detail`` names the ``measure`` (or the ``bound``:
+    ``time`` or ``memory``) with its ``value`` and ``cap``."""
+
+    code = "module_too_complex"
 
 
 class ForbiddenImport(InvalidModule):
@@ -273,6 +284,13 @@ class WorkerFailed(PoolError):
 
     code = "worker_error"
     trips_breaker = True
+
+
+class InvalidReply(WorkerFailed):
+    """Raised when the reply to a call cannot be read: not one a worker sends (wrong types,
+    missing fields), so whoever wrote it to the reply list is broken or hostile."""
+
+    code = "invalid_reply"
 
 
 # -- operations -----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from engine._abi import (
     is_memory_io_provider,
     needs_glue,
 )
-from engine._engine import engine_fingerprint
+from engine._engine import compile_engine, engine_fingerprint
 from engine._link import Resolution, check_memory_io_provider, resolve
 from engine._profile import GuestProfiler, interval_for
 from engine._run import Sandbox, SandboxRun
@@ -29,6 +29,7 @@ __all__ = [
     "SandboxRun",
     "check_memory_io_provider",
     "codec_for",
+    "compile_engine",
     "engine_fingerprint",
     "interval_for",
     "is_memory_io_provider",

@@ -11,9 +11,19 @@ import threading
 import wasmtime
 from wasmtime import _ffi as ffi
 
-from config import get_logger
+from config import LIMIT_RANGES, get_logger, limit_problem
+from config.errors import ConfigurationError
 
 log = get_logger("worker")
+
+# The stack of the fiber a guest runs on when it is called asynchronously (a profiled run,
+# engine/_profile.py): the Wasm stack and, below it, our host frames (WASI calls and the profiler's
+# epoch callback are Python, reached through ctypes). wasmtime refuses a Wasm stack larger than
+# this with a panic that aborts the process, and a Wasm stack equal to it overflowed the fiber in
+# a deep recursion, measured. 2 MiB is wasmtime's default, set here so that a new default cannot
+# break the stack_bytes range (config._limits), whose top (1 MiB) leaves half of it to the host.
+ASYNC_STACK_BYTES = 2 << 20
+assert LIMIT_RANGES["stack_bytes"][1] <= ASYNC_STACK_BYTES // 2
 
 # Everything here changes the machine code Cranelift emits, so it is part of the fingerprint an
 # AOT artifact is compiled for. The stack size is not: wasmtime checks it at run time only
@@ -76,13 +86,27 @@ def new_engine(stack_bytes: int, *, pooling: bool = True) -> wasmtime.Engine:
 
     Pooled unless asked otherwise; where the pool's address space cannot be reserved (a tight
     ``ulimit -v``, say) the engine allocates per instance instead, slower but the same otherwise.
+    A stack size out of the ``stack_bytes`` range is :class:`ConfigurationError`: wasmtime would
+    abort the process for some of them.
     """
+    problem = limit_problem("stack_bytes", stack_bytes)
+    if problem is not None:
+        raise ConfigurationError(problem, limit="stack_bytes")
     if pooling:
         # wasmtime aborts the whole process (a Rust panic) when it cannot map the pool, so ask first.
         if _can_reserve(pool_reservation_bytes()):
             return wasmtime.Engine(_config(stack_bytes, pooling=True))
         log.warning("pooling_allocator_unavailable", reservation_bytes=pool_reservation_bytes())
     return wasmtime.Engine(_config(stack_bytes, pooling=False))
+
+
+def compile_engine(stack_bytes: int) -> wasmtime.Engine:
+    """An engine that only compiles (the registry's bounded compile, in a child process): the
+    same codegen, so the same artifacts, without the pool's address-space reservation, and on
+    one thread, so that a compile costs one core and its CPU time is its wall time."""
+    config = _config(stack_bytes, pooling=False)
+    config.parallel_compilation = False
+    return wasmtime.Engine(config)
 
 
 def pool_reservation_bytes() -> int:
@@ -108,6 +132,7 @@ def _config(stack_bytes: int, *, pooling: bool) -> wasmtime.Config:
     for name, value in _CODEGEN.items():
         setattr(config, name, value)
     config.max_wasm_stack = stack_bytes
+    ffi.wasmtime_config_async_stack_size_set(config.ptr(), ASYNC_STACK_BYTES)
     # Deterministic guests: the same input gives the same output on every machine.
     config.cranelift_nan_canonicalization = True
     if pooling:

@@ -74,10 +74,10 @@ from engine._wasi import MODULE as WASI_MODULE
 MEMORY_EXHAUSTION_SLACK = 1024 * 1024
 
 # A provider's own work (instantiating it, and a memory-I/O provider's initialize and finalize)
-# runs outside the script's limits, as in function-runner: with all the fuel there is and not
-# under the script's deadline. Only this backstop bounds it, so that a broken provider cannot
-# hang a worker; it is far past any script's deadline.
-PROVIDER_BACKSTOP_MS = 10_000
+# is not the script's: as in function-runner it runs with all the fuel there is and is not
+# counted in the script's instructions. Time is what it costs the shard, so it is bounded by the
+# script's own wall-clock limit: each of the two stages (instantiate and initialize; finalize)
+# gets that limit afresh, and a provider-linked run ends within three times it.
 _ALL_FUEL = (1 << 64) - 1
 
 # finalize() returns the address of six little-endian u32: output ptr and len, then two log
@@ -343,6 +343,7 @@ class Sandbox:
             if failure:
                 raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(failure, _ErrorPointer))
             context_set_epoch_deadline(context, self._ticker.ticks_for(limits.wall_ms))
+            io.start_clock(limits.wall_ms)
             t.io = io
             prepared = self._prepare(module, export, limits.stack_bytes)
             t.scratch.trap = None
@@ -351,6 +352,8 @@ class Sandbox:
             instantiated_ok = True
             instantiated = time.perf_counter()
             _call_entry(t, context, prepared, export, io)
+            # The epoch is checked in guest code only: time since its last check counts too.
+            io.check_deadline()
         except BaseException as exc:
             error = _translate(exc, (module,), limits)
         finished = time.perf_counter()
@@ -394,7 +397,7 @@ class Sandbox:
             else:
                 linker = linker_new(self._engine_addresses[limits.stack_bytes])
             linker_allow_shadowing(linker, True)  # the glue's names win over the provider's
-            self._unmetered(context)
+            self._provider_budget(context, io, limits)
             for position, provider in enumerate(plan.providers):
                 at = base + position * _INSTANCE_SIZE
                 t.scratch.trap = None
@@ -405,7 +408,7 @@ class Sandbox:
             if plan.memory_io >= 0:
                 _staged("initialize", _initialize, t, context, io, base + plan.memory_io * _INSTANCE_SIZE)
                 initialized = True
-            self._meter(context, limits)
+            self._meter(context, io, limits)
             metered = True
             if plan.glue is not None:
                 self._link_glue(t, context, io, linker, plan, base + len(plan.providers) * _INSTANCE_SIZE)
@@ -418,6 +421,7 @@ class Sandbox:
             live.append((t.instance_at, plan.entry.memories))
             instantiated = time.perf_counter()
             _call_entry(t, context, plan.entry, export, io)
+            io.check_deadline()
         except BaseException as exc:
             error = _translate(exc, plan.modules if plan is not None else (module,), limits)
         finally:
@@ -430,7 +434,7 @@ class Sandbox:
             instantiated = time.perf_counter()
         if initialized and plan is not None:
             # Also after a failed run: the logs written so far are in the provider's memory.
-            self._unmetered(context)
+            self._provider_budget(context, io, limits)
             try:
                 _staged("finalize", _finalize, t, context, io, base + plan.memory_io * _INSTANCE_SIZE)
             except BaseException as exc:
@@ -475,19 +479,22 @@ class Sandbox:
                 raise InvalidModule(f"import {WASI_MODULE}.{name.decode(errors='replace')} is not provided")
             _raise(linker_define(linker, context, _WASI_NAME, len(_WASI_NAME), name, len(name), t.export_at))
 
-    def _meter(self, context: int, limits: Limits) -> None:
-        """From here on, the script's fuel and deadline apply."""
+    def _meter(self, context: int, io: GuestIO, limits: Limits) -> None:
+        """From here on, the script's fuel and deadline apply (afresh), in guest code and host
+        calls alike."""
         failure = context_set_fuel(context, limits.fuel)
         if failure:
             raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(failure, _ErrorPointer))
         context_set_epoch_deadline(context, self._ticker.ticks_for(limits.wall_ms))
+        io.start_clock(limits.wall_ms)
 
-    def _unmetered(self, context: int) -> None:
-        """A provider's own work: all the fuel, and only the backstop deadline."""
+    def _provider_budget(self, context: int, io: GuestIO, limits: Limits) -> None:
+        """A provider stage's own budget: all the fuel, and the script's wall-clock limit."""
         failure = context_set_fuel(context, _ALL_FUEL)
         if failure:
             raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(failure, _ErrorPointer))
-        context_set_epoch_deadline(context, self._ticker.ticks_for(PROVIDER_BACKSTOP_MS))
+        context_set_epoch_deadline(context, self._ticker.ticks_for(limits.wall_ms))
+        io.start_clock(limits.wall_ms)
 
     def _prepare(self, module: wasmtime.Module, export: str, stack_bytes: int) -> _Prepared:
         """The module's ``InstancePre`` and entry type, from the cache or worked out now."""
@@ -668,10 +675,14 @@ def _finalize(t: _Thread, context: int, io: GuestIO, instance: int) -> None:
     out_ptr, out_len, log_ptr1, log_len1, log_ptr2, log_len2 = _RESULTS.unpack(results)
     output = _span(memory, out_ptr, out_len, "output")
     logs = (_span(memory, log_ptr1, log_len1, "logs"), _span(memory, log_ptr2, log_len2, "logs"))
-    io.write_stderr(ctypes.string_at(logs[0], log_len1))
-    if log_len2:
-        io.write_stderr(ctypes.string_at(logs[1], log_len2))
-    io.write_stdout(ctypes.string_at(output, out_len))
+    # Lengths come from the provider: copy no more than the room left under each limit.
+    for address, length in ((logs[0], log_len1), (logs[1], log_len2)):
+        take = min(length, io.log_room())
+        if take:
+            io.stderr += ctypes.string_at(address, take)
+        io.logs_dropped += length - take
+    io.reserve_stdout(out_len)
+    io.stdout += ctypes.string_at(output, out_len)
 
 
 def _call_entry(t: _Thread, context: int, prepared: _Prepared, export: str, io: GuestIO) -> None:
@@ -737,8 +748,19 @@ def _translate(
     if isinstance(exc, wasmtime.Trap):
         return _translate_trap(exc)
     if isinstance(exc, wasmtime.WasmtimeError):
+        if _GC_HEAP_EXHAUSTED in str(exc):
+            return MemoryLimitExceeded(
+                f"script ran out of GC heap (limit {limits.memory_bytes} bytes)",
+                limit=limits.memory_bytes,
+                trap_code="gc_heap_out_of_memory",
+            )
         return _translate_instantiation(exc, modules, limits)
     raise exc
+
+
+# wasmtime gives these two failures no code of their own, only a message: matched here alone.
+_GC_HEAP_EXHAUSTED = "GC heap out of memory"
+_UNCAUGHT_EXCEPTION = "thrown Wasm exception"
 
 
 def _out_of_memory(error: ExecutionError | None, peak: int, limits: Limits) -> ExecutionError | None:
@@ -761,6 +783,10 @@ def _translate_trap(trap: wasmtime.Trap) -> ExecutionError:
         return WallClockExceeded("script ran past its wall-clock deadline")
     if code == wasmtime.TrapCode.STACK_OVERFLOW:
         return StackOverflow("script exhausted its Wasm stack")
+    if code is None and _UNCAUGHT_EXCEPTION in str(trap):
+        return GuestRuntimeError(
+            "script threw a Wasm exception that it did not catch", trap_code="uncaught_exception"
+        )
     name = code.name.lower() if code is not None else "unknown"
     return GuestRuntimeError(f"script trapped: {name}", trap_code=name)
 

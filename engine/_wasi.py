@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 import wasmtime
 from wasmtime import _ffi as ffi
 
-from config.errors import OutputTooLarge
+from config.errors import OutputTooLarge, WallClockExceeded
 from engine._capi import (
     EXTERN_ITEM_OFFSET,
     HOST_CALLBACK,
@@ -46,6 +48,16 @@ FIXED_TIME_NS = 1_767_225_600_000_000_000
 FIXED_CLOCK_RESOLUTION_NS = 1_000
 RANDOM_SEED = b"scriptpool-fixed-random"
 TRUNCATION_MARKER = "\n…[logs truncated: {dropped} bytes dropped]"
+
+# A guest's arguments to a host call are input too: every call does work bounded by what the
+# run may still use. At most IOV_MAX iovecs per fd_read or fd_write (Linux's writev limit: more
+# is EINVAL, as there); bytes copied at most the room left under the output or log limit (stdout
+# past it fails the run before anything is copied, stderr keeps what fits and counts the rest);
+# random bytes produced in slices, between which the run's deadline is checked. Time spent in host
+# calls counts against the wall-clock limit: every call first checks the deadline.
+IOV_MAX = 1024
+SSIZE_MAX = (1 << 31) - 1  # a wasm32 ssize_t: iovecs whose lengths add up past it are EINVAL too
+RANDOM_SLICE_BYTES = 64 * 1024
 
 _SUCCESS, _EBADF, _EFAULT, _EINVAL, _ENOSYS, _ENOTSUP, _ESPIPE = 0, 8, 21, 28, 52, 58, 70
 _STDIN, _STDOUT, _STDERR = 0, 1, 2
@@ -80,22 +92,64 @@ class GuestIO:
     stderr: bytearray = field(default_factory=bytearray)
     logs_dropped: int = 0
     random_counter: int = 0
+    # When the metered part of the run must end (time.perf_counter()); host calls check it.
+    deadline: float = math.inf
+    wall_ms: int = 0
     # The exception a host function raised; the sandbox re-raises it when the guest unwinds.
     raised: BaseException | None = None
 
-    def write_stdout(self, data: bytes) -> None:
-        if len(self.stdout) + len(data) > self.output_limit:
+    def start_clock(self, wall_ms: int) -> None:
+        """From now on, the run (guest code and host calls alike) has ``wall_ms`` to finish."""
+        self.wall_ms = wall_ms
+        self.deadline = time.perf_counter() + wall_ms / 1000
+
+    def check_deadline(self) -> None:
+        """Raise :class:`WallClockExceeded` once the run is past its deadline."""
+        if time.perf_counter() > self.deadline:
+            raise WallClockExceeded(
+                f"script ran past its {self.wall_ms} ms wall-clock deadline", limit=self.wall_ms
+            )
+
+    def reserve_stdout(self, length: int) -> None:
+        """Fail the run, before anything is copied, if ``length`` more bytes of output do not fit."""
+        if length > self.output_limit - len(self.stdout):
             raise OutputTooLarge(
                 f"script wrote more than the {self.output_limit}-byte output limit",
                 limit=self.output_limit,
             )
+
+    def write_stdout(self, data: bytes) -> None:
+        self.reserve_stdout(len(data))
         self.stdout += data
 
+    def append_stdout(self, view: memoryview, vecs: list[tuple[int, int]]) -> int:
+        """Append the buffers ``vecs`` of guest memory to stdout, all or (over the limit) none."""
+        total = sum(length for _, length in vecs)
+        self.reserve_stdout(total)
+        for ptr, length in vecs:
+            self.stdout += view[ptr : ptr + length]
+        return total
+
+    def log_room(self) -> int:
+        return max(0, self.log_limit - len(self.stderr))
+
     def write_stderr(self, data: bytes) -> None:
-        room = self.log_limit - len(self.stderr)
-        if room > 0:
-            self.stderr += data[:room]
-        self.logs_dropped += max(0, len(data) - max(room, 0))
+        room = self.log_room()
+        self.stderr += data[:room]
+        self.logs_dropped += max(0, len(data) - room)
+
+    def append_logs(self, view: memoryview, vecs: list[tuple[int, int]]) -> int:
+        """Append what fits of the buffers ``vecs`` to the logs; count the rest as dropped."""
+        room = self.log_room()
+        total = 0
+        for ptr, length in vecs:
+            take = min(length, room)
+            if take:
+                self.stderr += view[ptr : ptr + take]
+                room -= take
+            self.logs_dropped += length - take
+            total += length
+        return total
 
     def logs(self) -> str:
         text = self.stderr.decode("utf-8", errors="replace")
@@ -104,17 +158,38 @@ class GuestIO:
         return text
 
     def random_bytes(self, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            block = self.random_counter.to_bytes(8, "little")
-            out += hashlib.sha256(RANDOM_SEED + block).digest()
-            self.random_counter += 1
-        return bytes(out[:n])
+        out = bytearray(n)
+        self.random_into(memoryview(out), 0, n)
+        return bytes(out)
+
+    def random_into(self, view: memoryview, at: int, n: int) -> None:
+        """Write the next ``n`` bytes of the fixed random stream to ``view[at:]``, a slice at a
+        time, checking the deadline between slices. Each call starts a new 32-byte block."""
+        base = _SEEDED.copy
+        end = at + n
+        while at < end:
+            self.check_deadline()
+            stop = min(end, at + RANDOM_SLICE_BYTES)
+            counter = self.random_counter
+            blocks = -(-(stop - at) // 32)
+            chunk = b"".join(_digest(base, i) for i in range(counter, counter + blocks))
+            view[at:stop] = chunk[: stop - at]
+            self.random_counter = counter + blocks
+            at = stop
 
     def take_raised(self) -> BaseException | None:
         """The exception a host function raised since the last call, once."""
         raised, self.raised = self.raised, None
         return raised
+
+
+_SEEDED = hashlib.sha256(RANDOM_SEED)
+
+
+def _digest(seeded: Callable[[], Any], counter: int) -> bytes:
+    block = seeded()
+    block.update(counter.to_bytes(8, "little"))
+    return bytes(block.digest())
 
 
 IDLE = GuestIO(b"", 0, 0)  # no run in progress: nothing but the sandbox's runs calls us
@@ -159,12 +234,18 @@ def _in_bounds(view: memoryview, ptr: int, length: int) -> bool:
     return ptr >= 0 and length >= 0 and ptr + length <= len(view)
 
 
-def _iovecs(view: memoryview, iovs: int, count: int) -> list[tuple[int, int]] | None:
+def _iovecs(view: memoryview, iovs: int, count: int) -> list[tuple[int, int]] | int:
+    """The (ptr, len) pairs of an iovec array, or the errno: EINVAL past IOV_MAX (checked before
+    anything is read), EFAULT where the array or a buffer lies outside memory."""
+    if count > IOV_MAX:
+        return _EINVAL
     if not _in_bounds(view, iovs, 8 * count):
-        return None
+        return _EFAULT
     vecs = [struct.unpack_from("<II", view, iovs + 8 * i) for i in range(count)]
     if any(not _in_bounds(view, ptr, length) for ptr, length in vecs):
-        return None
+        return _EFAULT
+    if sum(length for _, length in vecs) > SSIZE_MAX:
+        return _EINVAL
     return vecs
 
 
@@ -194,24 +275,21 @@ def _fd_write(t: HostState, caller: int, a: Any) -> int:
         return _EBADF
     view = _memory(t, caller)
     iovs, count = a[_W], a[2 * _W]
+    vecs: list[tuple[int, int]] | int
     if count == 1:  # what wasi-libc's stdio and most guests pass: skip the list
         if not _in_bounds(view, iovs, 8):
             return _EFAULT
         ptr, length = struct.unpack_from("<II", view, iovs)
         if not _in_bounds(view, ptr, length):
             return _EFAULT
-        data = bytes(view[ptr : ptr + length])
+        vecs = [(ptr, length)]
     else:
         vecs = _iovecs(view, iovs, count)
-        if vecs is None:
-            return _EFAULT
-        data = b"".join(view[ptr : ptr + length] for ptr, length in vecs)
+        if isinstance(vecs, int):
+            return vecs
     io = t.io
-    if fd == _STDOUT:
-        io.write_stdout(data)
-    else:
-        io.write_stderr(data)
-    return _store_u32(view, a[3 * _W], len(data))
+    written = io.append_stdout(view, vecs) if fd == _STDOUT else io.append_logs(view, vecs)
+    return _store_u32(view, a[3 * _W], written)
 
 
 def _fd_read(t: HostState, caller: int, a: Any) -> int:
@@ -219,16 +297,19 @@ def _fd_read(t: HostState, caller: int, a: Any) -> int:
         return _EBADF
     view = _memory(t, caller)
     vecs = _iovecs(view, a[_W], a[2 * _W])
-    if vecs is None:
-        return _EFAULT
+    if isinstance(vecs, int):
+        return vecs
     io = t.io
     total = 0
     for ptr, length in vecs:
-        chunk = io.stdin[io.stdin_offset : io.stdin_offset + length]
-        view[ptr : ptr + len(chunk)] = chunk
-        io.stdin_offset += len(chunk)
-        total += len(chunk)
-        if len(chunk) < length:
+        left = len(io.stdin) - io.stdin_offset
+        if left <= 0:
+            break
+        take = min(length, left)
+        view[ptr : ptr + take] = io.stdin[io.stdin_offset : io.stdin_offset + take]
+        io.stdin_offset += take
+        total += take
+        if take < length:
             break
     return _store_u32(view, a[3 * _W], total)
 
@@ -275,7 +356,7 @@ def _random_get(t: HostState, caller: int, a: Any) -> int:
     buf, length = a[0], a[_W]
     if not _in_bounds(view, buf, length):
         return _EFAULT
-    view[buf : buf + length] = t.io.random_bytes(length)
+    t.io.random_into(view, buf, length)
     return _SUCCESS
 
 
@@ -343,6 +424,7 @@ class WasiSubset:
 
         def callback(env: int | None, caller: int, args: Any, count: int) -> int:
             try:
+                state.io.check_deadline()
                 result = impl(state, caller, args)
                 if has_result:
                     args[0] = result

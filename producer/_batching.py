@@ -1,10 +1,9 @@
 """Coalescing calls for one shard into fewer task messages, clocked by the workers' progress.
 
 Each shard has a :class:`Lane`. A call goes out at once, alone, while fewer than ``window`` of
-the lane's messages wait in the queue untaken. Otherwise it waits in the lane, and everything
-waiting leaves together, as one message (published from a background thread), the moment a
-queued message is taken: when its worker says so (a message asks for that when other calls of the
-lane are in flight), when its first reply arrives, or when all of its callers have given up. So:
+the lane's messages hold a slot (published and not yet known to be taken). Otherwise it waits in
+the lane, and everything waiting leaves together, as one message (published from a background
+thread), the moment a slot frees. So:
 
 * an idle pool adds nothing: a call finds the lane empty and is published by its own thread;
 * a busy pool gets batches exactly as large as what piled up while no message waited in the
@@ -12,11 +11,18 @@ lane are in flight), when its first reply arrives, or when all of its callers ha
   per-message cost (about 0.4 ms of worker CPU);
 * several workers on one shard all stay busy: whichever takes the waiting message makes the
   lane publish the next;
-* a dead shard holds at most ``window`` messages of this client in its queue, not one per call.
+* a dead shard holds at most ``window`` messages of this client in its queue per deadline, not
+  one per call.
 
-With several workers on a shard, ``window`` = their number lets a burst spread over all of them
-at once; the default, 1, measured best with one worker per shard (2465 and 2280 calls/s against
-2088 and 1860 with a window of 2, 12 threads, 2 shards, 20 s runs interleaved).
+A message holds its slot only while its take can still be observed, and every way it can end
+frees it, so no sequence of deadlines, pauses, drops or reconnects leaves a lane waiting for
+good: the worker says it took the message (a message asks for that when other calls of the lane
+are in flight), or its first reply arrives; every caller in it gave up (a caller who gives up
+before its message is sent leaves it, and a message left empty is never sent); its publish
+failed; the reply reader reconnected (replies and take notices may have been lost with the old
+connection: :meth:`Lane.reset`); or, whatever else happened, the deadline of its latest caller
+passed. That last bound needs nobody's help: the client's :class:`LaneClock` fires it, so a
+message whose jobs a worker dropped as stale, without a word, frees its slot all the same.
 
 A call whose deadline passes while it waits in the lane is never published. Workers reply per
 job, and drop each job whose deadline has passed, so batching changes neither what a caller gets
@@ -25,6 +31,10 @@ nor when it gives up.
 
 from __future__ import annotations
 
+import functools
+import heapq
+import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -32,7 +42,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from config import get_logger
 from producer._replies import Waiter
+
+log = get_logger("client")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,31 +81,92 @@ class Pending(Protocol):
 
 
 class Message:
-    """The calls that left a lane together as one task message."""
+    """The calls that leave a lane together as one task message.
 
-    __slots__ = ("failed", "lane", "outstanding", "released")
+    A call belongs to it while its waiter's ``listener`` is this message; it leaves (under the
+    lane's lock, once) when its reply arrives, its caller gives up, or it is not sent after all.
+    """
 
-    def __init__(self, lane: Lane, size: int) -> None:
+    __slots__ = ("calls", "closed", "deadline", "lane", "outstanding", "released")
+
+    def __init__(self, lane: Lane, calls: list[Pending]) -> None:
         self.lane = lane
-        self.outstanding = size  # calls still waiting for a reply
-        self.released = False  # taken by a worker (or given up on): no longer holds a slot
-        self.failed = False  # never enqueued: its calls were failed instead
+        self.calls = calls
+        self.outstanding = len(calls)  # calls still in it (no reply, caller still waiting)
+        # After this, every job in it is dropped by the worker that takes it, unanswered.
+        self.deadline = calls[0].job.deadline if len(calls) == 1 else max(c.job.deadline for c in calls)
+        self.released = False  # no longer holds one of the lane's slots
+        self.closed = False  # nothing more to count: every call left, or its deadline passed
 
     def taken(self) -> None:
         """A worker announced it took this message (dispatcher thread)."""
         self.lane.release(self)
 
-    def replied(self) -> None:
-        """A reply to one of its calls arrived, so a worker has taken it (dispatcher thread)."""
-        self.lane.resolved(self, replied=True)
+    def replied(self, waiter: Waiter) -> None:
+        """The reply to one of its calls arrived, so a worker took it (dispatcher thread)."""
+        self.lane.replied(self, waiter)
 
-    def expired(self) -> None:
-        """One of its callers gave up waiting."""
-        self.lane.resolved(self, replied=False)
+
+class LaneClock:
+    """One thread that runs each scheduled function at its (wall-clock) time: what frees a
+    message's slot at its deadline when nothing else does. A lane arms it only for its
+    earliest open message, so it wakes about once per deadline, not once per call."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[float], None]]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="scriptpool-lane-clock", daemon=True)
+        self._thread.start()
+
+    def schedule(self, when: float, work: Callable[[float], None]) -> None:
+        """Call ``work(when)`` on the clock's thread once ``time.time()`` reaches ``when``."""
+        with self._cond:
+            if self._stopped:
+                return
+            heapq.heappush(self._heap, (when, next(self._order), work))
+            if self._heap[0][2] is work:
+                self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._heap.clear()
+            self._cond.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=3)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopped:
+                        return
+                    if self._heap:
+                        wait = self._heap[0][0] - time.time()
+                        if wait <= 0:
+                            when, _, work = heapq.heappop(self._heap)
+                            break
+                        self._cond.wait(wait)
+                    else:
+                        self._cond.wait()
+            try:
+                work(when)
+            except Exception:  # the clock must outlive any bug in what it runs
+                log.exception("lane_clock_failed")
+
+
+_NOTHING: list[tuple[Message, bool]] = []  # what _fill gives when nothing waits (never changed)
 
 
 class Lane:
-    """The calls of one client for one shard. Thread-safe."""
+    """The calls of one client for one shard. Thread-safe.
+
+    Counters (read them with :meth:`counts`): ``untaken``, the messages holding a slot;
+    ``outstanding``, the calls in open messages; ``open``, the messages still counted; and the
+    calls ``waiting`` in the lane. All four return to zero when the lane is idle.
+    """
 
     def __init__(
         self,
@@ -101,6 +175,7 @@ class Lane:
         fail: Callable[[list[Pending], Exception], None],
         background: Callable[[Callable[[], None]], object],
         errors: tuple[type[Exception], ...],
+        schedule: Callable[[float, Callable[[float], None]], None],
     ) -> None:
         self._policy = policy
         # publish(calls, announce) raises one of ``errors`` when the message cannot be enqueued;
@@ -109,13 +184,17 @@ class Lane:
         self._fail = fail
         self._background = background
         self._errors = errors
+        self._schedule = schedule
         self._lock = threading.Lock()
-        self._untaken = 0  # messages published (or being published) and not yet released
-        self._outstanding = 0  # published calls with no reply yet, of every message
+        self._untaken = 0  # messages holding a slot: published (or being published), not released
+        self._outstanding = 0  # calls in open messages, over all of them
+        self._open: set[Message] = set()  # messages not yet closed
+        self._wake_at = math.inf  # the earliest time the clock is armed for
         self._pending: deque[Pending] = deque()
         self.messages = 0  # published, for stats: jobs / messages is the mean batch
         self.jobs = 0
 
+    # -- calls ---------------------------------------------------------------------------------
     def submit(self, call: Pending) -> None:
         """Publish ``call`` now (in this thread) if the window allows, else queue it. Failures
         reach the call's waiter, never the caller as an exception."""
@@ -123,12 +202,16 @@ class Lane:
             if self._policy.window and self._untaken >= self._policy.window:
                 self._pending.append(call)
                 return
-            self._untaken += 1
             # Ask to hear when it is taken only if others are in flight: then more calls will
             # likely pile up behind it. An idle lane's message is released by its reply.
             announce = self._outstanding > 0
-            self._outstanding += 1
-        self._send([call], announce)
+            message = self._open_message([call])
+            if call.waiter.abandoned:
+                live = None  # (a background submit) its caller gave up: _send lets it go
+            else:
+                live = message.calls
+                message.calls = []
+        self._send(message, announce, live)
 
     def try_queue(self, call: Pending) -> bool:
         """Queue ``call`` if the window is full (no I/O: safe on an event loop); False means it
@@ -139,92 +222,196 @@ class Lane:
                 return True
         return False
 
-    def waiting(self) -> int:
-        """Calls waiting in the lane (not yet published)."""
+    def abandon(self, call: Pending) -> None:
+        """``call``'s caller stopped waiting without a reply (deadline, failure, cancellation):
+        it leaves its message, or is never published if it still waits in the lane."""
         with self._lock:
-            return len(self._pending)
+            waiter = call.waiter
+            waiter.abandoned = True  # the lane skips it when it forms the next message
+            message = waiter.listener
+            if isinstance(message, Message) and message.lane is self:
+                self._leave(waiter, message)
+            batches = self._fill()
+        self._publish_later(batches)
 
+    # -- what the reply reader and the clock report --------------------------------------------
     def release(self, message: Message) -> None:
         """``message`` was taken: its slot goes to what waits, which leaves now as one message."""
         with self._lock:
-            if message.released:
-                return
-            message.released = True
-            batch, announce = self._next_batch()
-        if batch:
-            self._publish_later(batch, announce)
+            self._release(message)
+            batches = self._fill()
+        self._publish_later(batches)
 
-    def resolved(self, message: Message, *, replied: bool) -> None:
-        """One call of ``message`` got its reply, or its caller gave up."""
+    def replied(self, message: Message, waiter: Waiter) -> None:
+        """The reply to ``waiter``'s call arrived: a worker took ``message``."""
         with self._lock:
-            if message.failed:
-                return
-            message.outstanding -= 1
-            self._outstanding -= 1
-            if message.released or (not replied and message.outstanding > 0):
-                return
-            # A reply proves the message was taken; a message whose callers all gave up may
-            # never be (its shard may have no worker), so it stops holding the slot too.
-            message.released = True
-            batch, announce = self._next_batch()
-        if batch:
-            self._publish_later(batch, announce)
+            self._leave(waiter, message)
+            self._release(message)
+            batches = self._fill()
+        self._publish_later(batches)
 
-    def _publish_later(self, batch: list[Pending], announce: bool) -> None:
-        # Off the thread that noticed: the reply dispatcher must keep delivering even when an
-        # LPUSH is slow, and a caller giving up must not wait past its deadline. Measured neutral
-        # against publishing inline from the dispatcher (2018 and 2128 vs 2023 and 1996 calls/s,
-        # 12 threads, 20 s runs interleaved).
-        self._background(lambda: self._send(batch, announce))
+    def sweep(self, when: float) -> None:
+        """The clock's call: close every message whose deadline has passed, taken or not."""
+        now = max(time.time(), when)
+        with self._lock:
+            if when == self._wake_at:
+                self._wake_at = math.inf
+            for message in [m for m in self._open if m.deadline <= now]:
+                self._close(message)
+            batches = self._fill()
+            self._arm()
+        self._publish_later(batches)
 
-    def _send(self, batch: list[Pending], announce: bool) -> None:
-        """Publish ``batch``, which holds one slot; on failure, fail it and pass the slot to what
-        waits, published from a background thread: the thread that failed may be a caller's,
-        and a caller must not go on publishing other callers' jobs past its own deadline (each
-        may wait out a Redis that does not answer)."""
-        message = Message(self, len(batch))
-        for call in batch:
+    def reset(self) -> None:
+        """Forget what the lane waits to hear about its messages: the reply reader reconnected,
+        and replies or take notices read on the lost connection never arrive. Late replies still
+        reach their callers; only the counting stops."""
+        with self._lock:
+            for message in list(self._open):
+                self._close(message)
+            batches = self._fill()
+        self._publish_later(batches)
+
+    def waiting(self) -> int:
+        """Calls waiting in the lane (not yet published; given-up ones until the lane moves)."""
+        with self._lock:
+            return len(self._pending)
+
+    def counts(self) -> dict[str, int]:
+        """The lane's counters (see the class): all zero when it is idle."""
+        with self._lock:
+            return {
+                "untaken": self._untaken,
+                "outstanding": self._outstanding,
+                "open": len(self._open),
+                "waiting": len(self._pending),
+            }
+
+    # -- internals (lock held unless said) ------------------------------------------------------
+    def _open_message(self, calls: list[Pending]) -> Message:
+        message = Message(self, calls)
+        for call in calls:
             call.waiter.listener = message
-        try:
-            self._publish(batch, announce)
-        except self._errors as exc:
-            with self._lock:
-                # Callers that gave up meanwhile were counted already (and may have passed
-                # the slot on, if all of them did).
-                message.failed = True
-                self._outstanding -= message.outstanding
-                released, message.released = message.released, True
-            for call in batch:
-                call.waiter.listener = None
-            self._fail(batch, exc)
-            with self._lock:
-                batch, announce = ([], False) if released else self._next_batch()
-            if batch:
-                self._publish_later(batch, announce)
-        else:
-            with self._lock:
-                self.messages += 1
-                self.jobs += len(batch)
+        self.messages += 1  # counted as published; taken back if it is not, after all
+        self.jobs += len(calls)
+        self._untaken += 1
+        self._outstanding += len(calls)
+        self._open.add(message)
+        if message.deadline < self._wake_at:
+            self._wake_at = message.deadline
+            self._schedule(message.deadline, self.sweep)
+        return message
 
-    def _next_batch(self) -> tuple[list[Pending], bool]:
-        """Take the next message's calls from the queue (lock held); the freed slot passes to
-        them, or is given back when nothing live waits."""
-        now = time.time()
-        batch: list[Pending] = []
-        size = 0
-        while self._pending and len(batch) < self._policy.max_jobs:
-            call = self._pending[0]
-            if call.job.deadline <= now:  # its caller has given up: never enqueue it
-                self._pending.popleft()
-                continue
-            if batch and size + len(call.job.input) > self._policy.max_input_bytes:
-                break
-            self._pending.popleft()
-            batch.append(call)
-            size += len(call.job.input)
-        if not batch:
+    def _leave(self, waiter: Waiter, message: Message) -> None:
+        """``waiter``'s call leaves ``message``, once: whoever comes second finds it gone."""
+        if waiter.listener is not message:
+            return
+        waiter.listener = None
+        if message.closed:
+            return
+        message.outstanding -= 1
+        self._outstanding -= 1
+        if message.outstanding == 0:
+            # Nobody waits for anything from it: a reply would find no caller, and a message on
+            # a shard with no worker may never be taken, so it stops holding the slot.
+            self._close(message)
+
+    def _close(self, message: Message) -> None:
+        if message.closed:
+            return
+        message.closed = True
+        self._outstanding -= message.outstanding
+        message.outstanding = 0
+        self._open.discard(message)
+        self._release(message)
+
+    def _release(self, message: Message) -> None:
+        if not message.released:
+            message.released = True
             self._untaken -= 1
-            return batch, False
-        announce = self._outstanding > 0 or bool(self._pending)
-        self._outstanding += len(batch)
-        return batch, announce
+
+    def _arm(self) -> None:
+        """Arm the clock for the earliest open message, unless it already is."""
+        if self._open:
+            earliest = min(message.deadline for message in self._open)
+            if earliest < self._wake_at:
+                self._wake_at = earliest
+                self._schedule(earliest, self.sweep)
+
+    def _fill(self) -> list[tuple[Message, bool]]:
+        """Give every free slot to the calls waiting in the lane, one message per slot."""
+        if not self._pending:
+            return _NOTHING
+        batches: list[tuple[Message, bool]] = []
+        window = self._policy.window
+        while self._pending and (not window or self._untaken < window):
+            now = time.time()
+            batch: list[Pending] = []
+            size = 0
+            while self._pending and len(batch) < self._policy.max_jobs:
+                call = self._pending[0]
+                if call.job.deadline <= now or call.waiter.abandoned:  # never enqueue it
+                    self._pending.popleft()
+                    continue
+                if batch and size + len(call.job.input) > self._policy.max_input_bytes:
+                    break
+                self._pending.popleft()
+                batch.append(call)
+                size += len(call.job.input)
+            if not batch:
+                break
+            announce = self._outstanding > 0 or bool(self._pending)
+            batches.append((self._open_message(batch), announce))
+        return batches
+
+    def _publish_later(self, batches: list[tuple[Message, bool]]) -> None:
+        """(No lock.) Off the thread that noticed: the reply dispatcher must keep delivering even
+        when an LPUSH is slow, and a caller giving up must not wait past its deadline. Measured
+        neutral against publishing inline from the dispatcher (2018 and 2128 vs 2023 and 1996
+        calls/s, 12 threads, 20 s runs interleaved)."""
+        for message, announce in batches:
+            self._background(functools.partial(self._send, message, announce))
+
+    def _send(self, message: Message, announce: bool, live: list[Pending] | None = None) -> None:
+        """(No lock.) Publish what is still live of ``message`` (``live``, when the caller just
+        checked under the lock). A call whose caller gave up, or whose deadline passed, while the
+        message waited for a publishing thread leaves it first; a message left empty is never
+        sent. On failure its calls fail and leave, and the slot passes to what waits, published
+        from a background thread: the thread that failed may be a caller's, and a caller must
+        not go on publishing other callers' jobs past its own deadline (each may wait out a
+        Redis that does not answer)."""
+        if live is None:
+            now = time.time()
+            with self._lock:
+                live = []
+                for call in message.calls:
+                    waiter = call.waiter
+                    if waiter.listener is not message:
+                        continue  # left already (its caller gave up)
+                    if waiter.abandoned or call.job.deadline <= now:
+                        self._leave(waiter, message)
+                    else:
+                        live.append(call)
+                self.jobs -= len(message.calls) - len(live)
+                message.calls = []  # what it holds is only needed until it is sent
+                if not live:
+                    self._close(message)  # never sent: nothing can come of it
+                    self.messages -= 1
+                    batches = self._fill()
+            if not live:
+                self._publish_later(batches)
+                return
+        try:
+            self._publish(live, announce)
+        except Exception as exc:
+            if not isinstance(exc, self._errors):  # a bug, not Redis: still, nobody is stranded
+                log.exception("publish_failed", jobs=len(live))
+            with self._lock:
+                for call in live:
+                    self._leave(call.waiter, message)
+                self._close(message)
+                self.messages -= 1
+                self.jobs -= len(live)
+                batches = self._fill()
+            self._fail(live, exc)
+            self._publish_later(batches)

@@ -3,6 +3,8 @@
 Closed: calls pass; ``error_threshold`` failures within ``error_window_s`` open it.
 Open: calls get the fallback at once, nothing is enqueued; after ``cooldown_s`` it half-opens.
 Half-open: exactly one probe passes; success closes it, failure re-opens it for another cool-down.
+A probe that never reports (its caller was cancelled) holds the breaker only until its deadline:
+then the next call probes instead, so no lost call can keep a (shop, EP) refused for good.
 
 Why not pybreaker: it wraps a call, and our call is an enqueue plus a wait that may finish on
 another thread or in an asyncio task; it also has no notion of letting exactly one probe through.
@@ -10,6 +12,7 @@ another thread or in an asyncio task; it also has no notion of letting exactly o
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -38,7 +41,7 @@ class CircuitBreaker:
         self._failures: deque[float] = deque()
         self._state = CLOSED
         self._opened_at = 0.0
-        self._probe_out = False
+        self._probe_until = -math.inf  # while a probe is out: when it has given up at the latest
 
     @property
     def state(self) -> str:
@@ -46,22 +49,25 @@ class CircuitBreaker:
             self._maybe_half_open()
             return self._state
 
-    def allow(self) -> bool:
-        """True if a call may go ahead (in half-open, only for the one probe)."""
+    def allow(self, timeout_s: float = math.inf) -> bool:
+        """True if a call may go ahead (in half-open, only for the one probe). ``timeout_s``: how
+        long the call waits at most; a probe that has not reported by then never will."""
         with self._lock:
             self._maybe_half_open()
             if self._state == CLOSED:
                 return True
-            if self._state == HALF_OPEN and not self._probe_out:
-                self._probe_out = True
-                return True
+            if self._state == HALF_OPEN:
+                now = self._clock()
+                if now >= self._probe_until:
+                    self._probe_until = now + timeout_s
+                    return True
             return False
 
     def success(self) -> None:
         with self._lock:
             if self._state == HALF_OPEN:
                 self._state = CLOSED
-                self._probe_out = False
+                self._probe_until = -math.inf
                 self._failures.clear()
 
     def failure(self) -> None:
@@ -79,13 +85,13 @@ class CircuitBreaker:
     def _open(self, now: float) -> None:
         self._state = OPEN
         self._opened_at = now
-        self._probe_out = False
+        self._probe_until = -math.inf
         self._failures.clear()
 
     def _maybe_half_open(self) -> None:
         if self._state == OPEN and self._clock() - self._opened_at >= self._policy.cooldown_s:
             self._state = HALF_OPEN
-            self._probe_out = False
+            self._probe_until = -math.inf
 
 
 class BreakerBoard:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import time
@@ -41,11 +42,12 @@ from config.errors import (
     CircuitOpen,
     DeadlineExceeded,
     InvalidArgument,
+    InvalidReply,
     ScriptpoolError,
     WorkerFailed,
     error_class_for,
 )
-from producer._batching import BatchPolicy, Lane, Message
+from producer._batching import BatchPolicy, Lane, LaneClock
 from producer._breaker import BreakerBoard, BreakerPolicy, CircuitBreaker
 from producer._outcome import ERROR, FALLBACK, OK, Outcome, Timings
 from producer._publisher import TaskPublisher
@@ -76,12 +78,19 @@ class _GroupLink:
     and silent, and a new connection's handshake would wait out the socket timeout (1 s) on it.
     """
 
-    def __init__(self, group: ShardGroup, keys: Keys, client_id: str, settings: Settings) -> None:
+    def __init__(
+        self,
+        group: ShardGroup,
+        keys: Keys,
+        client_id: str,
+        settings: Settings,
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> None:
         self.group = group
         self.failing = False
         self.redis = redis_client(group.url, timeout=1.0, connect_timeout=0.25)
         self.tasks = TaskPublisher(self.redis, Keys.TASK)
-        self.replies = ReplyDispatcher(group.url, keys.replies(client_id))
+        self.replies = ReplyDispatcher(group.url, keys.replies(client_id), on_reconnect)
         self.limits: ExtensionPointReader[_EpLimits] = ExtensionPointReader(
             self.redis,
             keys,
@@ -116,17 +125,35 @@ class Client:
         self.settings = settings
         self.client_id = os.urandom(16).hex()
         self._keys = settings.keys
-        self._groups = [_GroupLink(group, self._keys, self.client_id, settings) for group in settings.groups]
+        self._publisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scriptpool-publish")
+        self.batching = batching or BatchPolicy()
+        self._clock = LaneClock()  # frees a lane's slot at its message's deadline at the latest
+        self._lanes = [
+            Lane(
+                self.batching,
+                self._publish,
+                self._publish_failed,
+                self._background,
+                _TRANSPORT_ERRORS,
+                self._clock.schedule,
+            )
+            for _ in range(settings.shards)
+        ]
+        self._link_of_shard: list[_GroupLink] = []
+        self._groups = [
+            _GroupLink(
+                group,
+                self._keys,
+                self.client_id,
+                settings,
+                functools.partial(self._replies_reconnected, group.url),
+            )
+            for group in settings.groups
+        ]
         by_url = {link.group.url: link for link in self._groups}
         self._link_of_shard = [by_url[settings.group_of(shard).url] for shard in range(settings.shards)]
         self._breakers = BreakerBoard(breaker or BreakerPolicy())
         self._shards: dict[str, int] = {}  # shop -> shard, a cache: hashing costs 2 us a call
-        self._publisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scriptpool-publish")
-        self.batching = batching or BatchPolicy()
-        self._lanes = [
-            Lane(self.batching, self._publish, self._publish_failed, self._background, _TRANSPORT_ERRORS)
-            for _ in range(settings.shards)
-        ]
         self._shard_count_checked = 0.0
         self._shard_count_warned = False
         # redis-py connects lazily; connecting on the first run would spend that caller's deadline.
@@ -153,7 +180,11 @@ class Client:
             self._lanes[call.shard].submit(call)  # publishes now, or joins the shard's next message
         elif not self._lanes[call.shard].try_queue(call):
             self._background(lambda: self._submit(call))  # this thread waits only on its deadline
-        reply = call.waiter.wait(call.job.deadline - time.time())
+        try:
+            reply = call.waiter.wait(call.job.deadline - time.time())
+        except BaseException:  # e.g. KeyboardInterrupt: the call must not hold its lane
+            self._give_up(call)
+            raise
         return self._finish(self._conclude(call, reply), strict)
 
     async def run_async(
@@ -177,7 +208,11 @@ class Client:
         # next message needs no I/O, so it takes no thread either.
         if not self._lanes[call.shard].try_queue(call):
             self._publisher.submit(self._submit, call)
-        reply = await call.waiter.wait_async(call.job.deadline - time.time())
+        try:
+            reply = await call.waiter.wait_async(call.job.deadline - time.time())
+        except BaseException:  # cancelled: the call must not hold its lane, nor its reply slot
+            self._give_up(call)
+            raise
         return self._finish(self._conclude(call, reply), strict)
 
     def _background(self, work: Callable[[], None]) -> None:
@@ -223,6 +258,13 @@ class Client:
                 worker_shards={str(count): names for count, names in disagreement.items()},
             )
 
+    def _replies_reconnected(self, url: str) -> None:
+        """The reply reader of the group at ``url`` connected again: what it was reading may be
+        lost, so its shards' lanes stop waiting to hear about their messages."""
+        for shard, link in enumerate(self._link_of_shard):
+            if link.group.url == url:
+                self._lanes[shard].reset()
+
     def batching_stats(self) -> dict[int, tuple[int, int]]:
         """Per shard: (messages published, jobs they carried) since this client started."""
         return {shard: (lane.messages, lane.jobs) for shard, lane in enumerate(self._lanes)}
@@ -253,6 +295,7 @@ class Client:
         self._publisher.shutdown(wait=True, cancel_futures=True)
         for link in self._groups:
             link.close()
+        self._clock.stop()
 
     def __enter__(self) -> Client:
         return self
@@ -304,7 +347,7 @@ class Client:
                 breaker.failure()
                 return call.fallback_outcome(BrokerUnavailable, f"cannot reach Redis: {exc}")
         check_input_size(payload, limits.for_input(input, payload))
-        if not breaker.allow():
+        if not breaker.allow(timeout):
             return call.fallback_outcome(CircuitOpen, f"circuit for {shop}/{ep} is open")
         return call
 
@@ -349,21 +392,31 @@ class Client:
         for call in calls:
             call.waiter.fail(f"cannot enqueue: {exc}")
 
+    def _give_up(self, call: _Call) -> None:
+        """The caller stops waiting without a reply: nobody reads one for it, and its call leaves
+        the lane's count (which may let the shard's next message go)."""
+        self._link_of_shard[call.shard].replies.forget(call.job.id)
+        self._lanes[call.shard].abandon(call)
+
     def _conclude(self, call: _Call, raw: dict[str, Any] | None) -> Outcome:
         if raw is None:
-            self._link_of_shard[call.shard].replies.forget(call.job.id)
+            self._give_up(call)
             call.breaker.failure()
             failure = call.waiter.failure
             if failure is not None:
                 return call.fallback_outcome(BrokerUnavailable, failure)
-            message = call.waiter.listener
-            if isinstance(message, Message):
-                message.expired()  # may let the shard's next message go
             if time.monotonic() - self._shard_count_checked > _SHARD_COUNT_RECHECK_S:
                 self._shard_count_checked = time.monotonic()
                 self._background(self._check_shard_count)  # off the caller's path
             return call.fallback_outcome(DeadlineExceeded, "no reply before the deadline")
-        reply = Reply.from_wire(raw)
+        try:
+            reply = Reply.from_wire(raw)
+        except ValueError as exc:
+            # The dispatcher hands over any map that names this job: whatever else it holds is
+            # untrusted, and this caller hears so now rather than at its deadline.
+            log.warning("reply_invalid", job=call.job.id, problem=str(exc)[:200])
+            call.breaker.failure()
+            return call.error_outcome(InvalidReply, f"the reply cannot be read: {exc}")
         total_ms = (time.perf_counter() - call.started) * 1000
         validate_ms, serialize_ms, enqueue_ms = call.client_stages_ms()
         # enqueued_at is stamped before the publish, so the publish itself is not queue wait. A
@@ -460,10 +513,17 @@ class _Call:
         )
 
     def fallback_outcome(self, error: type[ScriptpoolError], message: str) -> Outcome:
+        return self._client_side_outcome(FALLBACK, error, message)
+
+    def error_outcome(self, error: type[ScriptpoolError], message: str) -> Outcome:
+        """An ``error`` outcome decided by the client (the reply came but cannot be used)."""
+        return self._client_side_outcome(ERROR, error, message)
+
+    def _client_side_outcome(self, status: str, error: type[ScriptpoolError], message: str) -> Outcome:
         total_ms = round((time.perf_counter() - self.started) * 1000, 4)
         validate_ms, serialize_ms, enqueue_ms = (round(v, 4) for v in self.client_stages_ms())
         return Outcome(
-            FALLBACK,
+            status,
             self.fallback,
             error.code,
             ErrorInfo(error.code, message),

@@ -62,6 +62,18 @@ class Outcome:
         raise exc
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return asdict(self)
+        """The outcome as plain data, for JSON. The output (a script's, or the fallback) is passed
+        as it is: ``dataclasses.asdict`` copied it recursively, and a script's data must never
+        drive the host's recursion."""
+        return {
+            "status": self.status,
+            "output": self.output,
+            "error_code": self.error_code,
+            "error": None if self.error is None else self.error.to_wire(),
+            "report": None if self.report is None else self.report.to_wire(),
+            "timings": {name: getattr(self.timings, name) for name in Timings.__slots__},
+            "shard": self.shard,
+            "worker": self.worker,
+            "job_id": self.job_id,
+            "parts": [part.to_wire() for part in self.parts],
+        }

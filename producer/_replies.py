@@ -1,10 +1,18 @@
-"""One reader per client process delivers replies to the threads and tasks waiting for them."""
+"""One reader per client process delivers replies to the threads and tasks waiting for them.
+
+Every item on a reply list is read as hostile: anyone who can write to Redis can push anything
+there. An item that is not a map with a string ``job_id`` is logged (``reply_malformed``) and
+skipped, and the rest of its read is delivered; an item that names a waiting caller goes to that
+caller as it is, and the caller's ``Reply.from_wire`` decides whether it is a reply (the client
+answers ``invalid_reply`` at once when it is not). Nothing an item holds can stop the reader.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgpack
@@ -26,7 +34,7 @@ class ReplyListener(Protocol):
 
     def taken(self) -> None: ...
 
-    def replied(self) -> None: ...
+    def replied(self, waiter: Waiter) -> None: ...
 
 
 class Waiter:
@@ -38,12 +46,14 @@ class Waiter:
     16% of the client's GIL time with 8 threads, in py-spy). A coroutine awaits a future instead.
     """
 
-    __slots__ = ("_done", "_future", "_gate", "_loop", "failure", "listener", "reply")
+    __slots__ = ("_done", "_future", "_gate", "_loop", "abandoned", "failure", "listener", "reply")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.reply: dict[str, Any] | None = None
         self.failure: str | None = None  # why the job never reached the queue
+        # The message its job went out in, while the job counts there (``producer._batching``).
         self.listener: ReplyListener | None = None
+        self.abandoned = False  # its caller stopped waiting without a reply
         self._loop = loop
         self._done = False
         self._future: asyncio.Future[None] | None = None
@@ -117,14 +127,22 @@ class ReplyDispatcher:
 
     multi_pop = True  # BLMPOP until the server says it does not know it (tests turn it off)
 
-    def __init__(self, redis_url: str, reply_key: str) -> None:
+    def __init__(
+        self, redis_url: str, reply_key: str, on_reconnect: Callable[[], None] | None = None
+    ) -> None:
+        """``on_reconnect`` runs (on the reader's thread) each time the reader connects again
+        after losing its connection: what the lost connection was reading never arrives."""
         self.reply_key = reply_key
+        self.malformed = 0  # items skipped because no job id could be read from them
         self._url = redis_url
+        self._on_reconnect = on_reconnect
+        self._sessions = 0
         self._waiters: dict[str, Waiter] = {}
         self._lock = threading.Lock()
         self._blmpop = redis_command(b"BLMPOP", _BLOCK_S, b"1", reply_key, b"LEFT", b"COUNT", _DRAIN)
         self._blpop = redis_command(b"BLPOP", reply_key, _BLOCK_S)
         self._lpop = redis_command(b"LPOP", reply_key, _DRAIN)
+        self._delete = redis_command(b"DEL", reply_key)
         self._use_multi_pop = self.multi_pop
         # A short cap: replies resume at most 0.25 s after Redis (or a promoted replica) answers
         # again, for one refused connect per 0.25 s while it does not.
@@ -167,25 +185,36 @@ class ReplyDispatcher:
             # Now, and through the pool's own address lookup: on a Sentinel pool only connect()
             # asks the sentinels, a packed command would dial an old or default address.
             connection.connect()
+            self._sessions += 1
+            if self._sessions > 1 and self._on_reconnect is not None:
+                try:
+                    self._on_reconnect()
+                except Exception:  # never let it stop the replies
+                    log.exception("reply_reconnect_hook_failed")
             while not loop.stopping.is_set():
                 if primary.moved(connection):
                     # A primary that froze and came back still answers, but workers now reply to
                     # the promoted one: read there.
                     raise redis.ConnectionError("Sentinel moved the primary: reading replies there")
-                if self._use_multi_pop:
-                    try:
-                        items = self._pop_many(connection)
-                    except redis.ResponseError as exc:
-                        if "unknown command" not in str(exc).lower():
-                            raise
+                try:
+                    items = self._pop_many(connection) if self._use_multi_pop else self._pop_one(connection)
+                except redis.ResponseError as exc:
+                    if self._use_multi_pop and "unknown command" in str(exc).lower():
                         self._use_multi_pop = False  # Redis 6: BLPOP, then LPOP while callers wait
                         continue
-                else:
-                    items = self._pop_one(connection)
+                    if not str(exc).startswith("WRONGTYPE"):
+                        raise
+                    # Anyone who can write to Redis can put another kind of value under this
+                    # client's key: it holds no reply, and workers cannot push any onto it (they
+                    # log reply_rejected) until it is a list again.
+                    log.warning("reply_list_replaced", key=self.reply_key)
+                    connection.send_packed_command([self._delete], check_health=False)
+                    connection.read_response()
+                    continue
                 loop.healthy()
                 wakes: dict[Any, list[Any]] = {}
                 for raw in items:
-                    self._deliver(raw, wakes)
+                    self._deliver_safely(raw, wakes)
                 for event_loop, futures in wakes.items():
                     with contextlib.suppress(RuntimeError):  # that loop is closed
                         event_loop.call_soon_threadsafe(_set_all_done, futures)
@@ -205,33 +234,59 @@ class ReplyDispatcher:
             return []
         # Wake this caller first; draining what queued up behind it costs a round trip, worth it
         # only while other callers wait (replies nobody waits for are read by the next pop).
-        self._deliver(response[1])
+        self._deliver_safely(response[1])
         if not self._waiters:
             return []
         connection.send_packed_command([self._lpop], check_health=False)
         return list(connection.read_response() or [])
 
+    def _deliver_safely(self, raw: bytes, wakes: dict[Any, list[Any]] | None = None) -> None:
+        try:
+            self._deliver(raw, wakes)
+        except Exception:  # a bug: it costs this item, never the rest of the read
+            log.exception("reply_delivery_failed", size=len(raw))
+
     def _deliver(self, raw: bytes, wakes: dict[Any, list[Any]] | None = None) -> None:
         if raw == _STOP:
             return
-        try:
-            reply = msgpack.unpackb(raw, raw=False)
-            job_id = reply["job_id"]
-        except (ValueError, KeyError, TypeError, msgpack.UnpackException):
-            log.warning("reply_malformed", size=len(raw))
+        reply = _readable(raw)
+        job_id = None if reply is None else reply.get("job_id")
+        if reply is None or type(job_id) is not str:
+            self.malformed += 1
+            log.warning("reply_malformed", size=len(raw), problem=_problem(reply))
             return
         taken = Taken.is_taken(reply)  # a worker took the message whose first job this is
         with self._lock:
             waiter = self._waiters.get(job_id) if taken else self._waiters.pop(job_id, None)
         if waiter is None:
             return
+        listener = waiter.listener
         if not taken:
             waiter.resolve(reply, wakes)
-        if waiter.listener is not None:
+        if listener is not None:
             try:
                 if taken:
-                    waiter.listener.taken()
+                    listener.taken()
                 else:
-                    waiter.listener.replied()
+                    listener.replied(waiter)
             except Exception:  # never let a listener stop the deliveries
-                log.exception("reply_listener_failed", job=job_id)
+                log.exception("reply_listener_failed", job=job_id[:64])
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    # Our replies carry no extension types: an item with one is not a reply.
+    raise ValueError(f"extension type {code}")
+
+
+def _readable(raw: bytes) -> dict[Any, Any] | None:
+    """The map ``raw`` holds, or None: not MessagePack (or nested past msgpack's depth limit,
+    or with an extension type), or not a map."""
+    try:
+        item = msgpack.unpackb(raw, raw=False, ext_hook=_refuse_ext)
+    except Exception:  # msgpack raises ValueError and its own kinds; the item is lost either way
+        return None
+    return item if type(item) is dict else None
+
+
+def _problem(reply: dict[Any, Any] | None) -> str:
+    return "not a MessagePack map" if reply is None else "no string job_id"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar, cast
@@ -29,6 +31,8 @@ from config.errors import (
     ArtifactRejected,
     ConfigurationError,
     InvalidArgument,
+    InvalidModule,
+    ModuleTooLarge,
     ProviderNotFound,
     ScriptNotFound,
     UnknownExtensionPoint,
@@ -41,15 +45,24 @@ from engine import (
 )
 from registry import _artifact
 from registry._bindings import DEFAULT_APP, Bindings, BindingSet, Deployment
+from registry._bounded_compile import compile_bounded
 from registry._candidate import Candidate, RolloutRules
-from registry._compile import compile_provider, compile_script
+from registry._compile import check_and_compile_provider, compile_script
 from registry._rewrite import linkable
 from registry._rollouts import Rollouts
 from registry._schemas import check_schema
+from registry._structure import read_structure
+from registry._validate import ModuleShape
 
 log = get_logger("registry")
 
 T = TypeVar("T")
+
+# A module a worker failed to compile (over a cap or a bound, or invalid) is not tried again for
+# this long: each job that names it gets the same error at once instead of another compile.
+# Not forever: a compile that ran out of time on a loaded machine gets another chance.
+REFUSED_TTL_S = 60.0
+_REFUSED_ENTRIES = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +85,9 @@ class Registry:
         self._fingerprint = engine_fingerprint()
         self._bindings = Bindings(client, self._keys)
         self._rollouts = Rollouts(client, self._keys)
+        # (sha256, stack bytes) -> (the error its compile gave, when to try again)
+        self._refused: OrderedDict[tuple[str, int], tuple[InvalidModule, float]] = OrderedDict()
+        self._refused_lock = threading.Lock()
 
     @property
     def fingerprint(self) -> str:
@@ -143,10 +159,10 @@ class Registry:
     # -- providers -----------------------------------------------------------------------------
     def add_provider(self, name: str, wasm: bytes) -> Provider:
         """Install a provider module that scripts may import by ``name``."""
-        module = compile_provider(
+        compiled = check_and_compile_provider(
             self._sandbox, name, wasm, self._settings.provider_max_bytes, self._settings.limits.stack_bytes
         )
-        sha = self._store_module(wasm, module)
+        sha = self._store_module(wasm, compiled.artifact)
         provider = Provider(name, sha, time.time())
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._keys.provider(name), json.dumps(asdict(provider)))
@@ -222,7 +238,7 @@ class Registry:
             self._sandbox, wasm, limits, export, lambda m: self._installed_providers(m, limits.stack_bytes)
         )
         codec, resolution, used = compiled.codec, compiled.resolution, [list(p) for p in compiled.providers]
-        sha = self._store_module(wasm, compiled.module)
+        sha = self._store_module(wasm, compiled.artifact)
         template = {
             "ep": ep,
             "shop_id": shop,
@@ -325,10 +341,10 @@ class Registry:
         return _artifact.verify(key, self._fingerprint, sha256, signed)
 
     # -- internals -----------------------------------------------------------------------------
-    def _store_module(self, wasm: bytes, module: wasmtime.Module) -> str:
+    def _store_module(self, wasm: bytes, artifact: bytes) -> str:
         sha = hashlib.sha256(wasm).hexdigest()
         key = self._settings.require_artifact_key()
-        signed = _artifact.sign(key, self._fingerprint, sha, bytes(module.serialize()))
+        signed = _artifact.sign(key, self._fingerprint, sha, artifact)
         # Bytes and artifact land before any binding names them, so a reader that sees a new
         # binding always finds both; an interrupted deploy leaves only unreferenced blobs.
         with self._redis.pipeline(transaction=True) as pipe:
@@ -338,7 +354,7 @@ class Registry:
         return sha
 
     def _installed_providers(
-        self, module: wasmtime.Module, stack_bytes: int
+        self, module: ModuleShape, stack_bytes: int
     ) -> dict[str, tuple[wasmtime.Module, str]]:
         found: dict[str, tuple[wasmtime.Module, str]] = {}
         for imp in module.imports:
@@ -351,9 +367,11 @@ class Registry:
             found[imp.module] = (self.load_module(provider.sha256, stack_bytes)[0], provider.sha256)
         return found
 
-    def load_module(self, sha256: str, stack_bytes: int) -> tuple[wasmtime.Module, str, int]:
+    def load_module(
+        self, sha256: str, stack_bytes: int, *, max_bytes: int | None = None
+    ) -> tuple[wasmtime.Module, str, int]:
         """Load a module for running: deserialize its verified artifact, compiling only when the
-        artifact is missing or rejected.
+        artifact is missing or rejected (see :meth:`compile_module`).
 
         Returns the module, ``"deserialized"`` or ``"compiled"``, and its artifact size, which
         approximates the code and metadata the module pins in memory.
@@ -365,13 +383,63 @@ class Registry:
             artifact = None
         if artifact is not None:
             return self._sandbox.deserialize(artifact, stack_bytes), "deserialized", len(artifact)
-        module = self.compile_module(sha256, stack_bytes)
-        return module, "compiled", len(module.serialize())
+        module, size = self._compile_stored(sha256, stack_bytes, max_bytes)
+        return module, "compiled", size
 
-    def compile_module(self, sha256: str, stack_bytes: int) -> wasmtime.Module:
+    def compile_module(
+        self, sha256: str, stack_bytes: int, *, max_bytes: int | None = None
+    ) -> wasmtime.Module:
         """Compile a stored module from its hash-checked bytes, with the deploy's rewrite, so it
-        is the module its artifact was compiled from (no artifact key needed: a replay uses it)."""
-        return self._sandbox.compile(linkable(self.module_bytes(sha256)), stack_bytes)
+        is the module its artifact was compiled from (no artifact key needed: a replay uses it).
+
+        As a deploy compiles: a module larger than ``max_bytes`` (by default the provider size
+        limit, the largest anything is installed at) is :class:`ModuleTooLarge` before it is
+        read, then the structural caps and the bounded compile apply; what they refuse is
+        refused again at once for :data:`REFUSED_TTL_S`.
+        """
+        return self._compile_stored(sha256, stack_bytes, max_bytes)[0]
+
+    def _compile_stored(
+        self, sha256: str, stack_bytes: int, max_bytes: int | None
+    ) -> tuple[wasmtime.Module, int]:
+        key = (sha256, stack_bytes)
+        with self._refused_lock:
+            refused = self._refused.get(key)
+        if refused is not None and refused[1] > time.monotonic():
+            error = refused[0]
+            raise type(error)(error.message, **error.detail, repeated=True)
+        limit = max_bytes if max_bytes is not None else self._settings.provider_max_bytes
+        size = self.module_size(sha256)
+        if size > limit:  # asked before the bytes are fetched: a planted giant costs nothing
+            raise ModuleTooLarge(
+                f"module {sha256} is {size} bytes; the limit is {limit}",
+                size=size,
+                limit=limit,
+                sha256=sha256,
+            )
+        wasm = linkable(self.module_bytes(sha256))
+        started = time.monotonic()
+        try:
+            read_structure(wasm)
+            compiled = compile_bounded(wasm, stack_bytes)
+        except InvalidModule as exc:
+            exc.detail.setdefault("sha256", sha256)
+            log.warning(
+                "module_refused_on_compile", sha256=sha256, code=exc.code, error=exc.message,
+                seconds=round(time.monotonic() - started, 3),
+            )  # fmt: skip
+            with self._refused_lock:
+                self._refused[key] = (exc, time.monotonic() + REFUSED_TTL_S)
+                self._refused.move_to_end(key)
+                while len(self._refused) > _REFUSED_ENTRIES:
+                    self._refused.popitem(last=False)
+            raise
+        log.info(
+            "module_compiled", sha256=sha256, bytes=len(wasm), seconds=round(compiled.seconds, 3),
+            peak_rss_bytes=compiled.peak_rss_bytes,
+        )  # fmt: skip
+        # Fresh from our own compile child, as at deploy (registry/_compile.py).
+        return self._sandbox.deserialize(compiled.artifact, stack_bytes), len(compiled.artifact)
 
 
 def _text(value: bytes | str) -> str:

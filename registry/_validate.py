@@ -1,15 +1,48 @@
-"""Deploy-time checks of a module: size, validity, import allowlist and entry export."""
+"""Deploy-time checks of a module: size, validity, import allowlist and entry export.
+
+The checks of imports, entry and memory take a compiled module or the :class:`Structure` read
+from its bytes (``registry/_structure.py``): a deploy runs them on the structure before anything
+compiles, and again on what wasmtime compiled.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Protocol, cast
 
 import wasmtime
 
 from config.errors import ForbiddenImport, InvalidModule, ModuleTooLarge
-from engine import WASI_MODULE, Resolution, provided_signatures, resolve
+from engine import WASI_MODULE, Resolution, check_memory_io_provider, provided_signatures, resolve
 
 _WASI = provided_signatures()
+
+
+class _Export(Protocol):
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def type(self) -> object: ...
+
+
+class _Import(_Export, Protocol):
+    @property
+    def module(self) -> str: ...
+
+
+class ModuleShape(Protocol):
+    """What the checks read of a module: its imports and exports with their wasmtime types. A
+    ``wasmtime.Module`` is one, and so is a :class:`registry._structure.Structure`."""
+
+    @property
+    def imports(self) -> Sequence[_Import]: ...
+    @property
+    def exports(self) -> Sequence[_Export]: ...
+
+
+def _as_module(module: ModuleShape) -> wasmtime.Module:
+    """``module`` for the engine's linking rules, which read only its imports and exports."""
+    return cast("wasmtime.Module", module)
 
 
 def check_size(wasm: bytes, limit: int, what: str = "module") -> None:
@@ -26,7 +59,7 @@ def _signature(ty: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]
     return tuple(str(p) for p in ty.params), tuple(str(r) for r in ty.results)
 
 
-def check_imports(module: wasmtime.Module, providers: Mapping[str, wasmtime.Module]) -> Resolution:
+def check_imports(module: ModuleShape, providers: Mapping[str, wasmtime.Module]) -> Resolution:
     """Check every import is ours or an installed provider's, and that the module links the way
     its ABI says (memory I/O, the Wasm API); return how it links."""
     for imp in module.imports:
@@ -38,14 +71,19 @@ def check_imports(module: wasmtime.Module, providers: Mapping[str, wasmtime.Modu
             raise ForbiddenImport(f"import {where} is not provided by the sandbox", name=where)
         if not isinstance(imp.type, wasmtime.FuncType) or _signature(imp.type) != wanted:
             raise ForbiddenImport(f"import {where} has the wrong type", name=where)
-    return resolve(module, providers)
+    return resolve(_as_module(module), providers)
+
+
+def check_provider_shape(name: str, module: ModuleShape) -> None:
+    """A memory-I/O provider's imports and exports (``engine.check_memory_io_provider``)."""
+    check_memory_io_provider(name, _as_module(module))
 
 
 # WASI calls that pass buffers: they read and write the caller's exported memory.
 _NEEDS_MEMORY = frozenset({"fd_write", "fd_read", "fd_fdstat_get", "random_get", "clock_time_get"})
 
 
-def check_memory_export(module: wasmtime.Module) -> None:
+def check_memory_export(module: ModuleShape) -> None:
     """Refuse a module that passes buffers to WASI but exports no memory named ``memory``: every
     such call would trap at run time."""
     calls = sorted({i.name for i in module.imports if i.module == WASI_MODULE and i.name in _NEEDS_MEMORY})
@@ -59,7 +97,7 @@ def check_memory_export(module: wasmtime.Module) -> None:
         )
 
 
-def check_entry(module: wasmtime.Module, export: str) -> None:
+def check_entry(module: ModuleShape, export: str) -> None:
     """Fail unless ``export`` is a function taking and returning nothing (like ``_start``)."""
     for exp in module.exports:
         if exp.name == export:

@@ -12,6 +12,7 @@ from config import Settings, redis_client, shard_for
 from producer import Client
 from scriptpool._files import read_module
 from scriptpool._local_pool import Scratch, local_pool, scratch_prefix
+from scriptpool._output import dumps
 from scriptpool._table import LiveTable
 
 # Shipped inside the tool package, so the demo runs from any install (not only a checkout).
@@ -58,8 +59,8 @@ def _shop_on(shard: int, shards: int, taken: set[str], prefix: str) -> str:
 
 def _summary(outcome: Any) -> str:
     if outcome.ok:
-        return json.dumps(outcome.output, separators=(",", ":"))[:60]
-    return f"{outcome.error_code} -> fallback {json.dumps(outcome.output)}"
+        return dumps(outcome.output, separators=(",", ":"))[:60]
+    return f"{outcome.error_code} -> fallback {dumps(outcome.output)}"
 
 
 def run_demo(*, external: bool = False) -> int:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from config import Settings, encode_input, largest_input_bytes, scale_factor, scaled_limits
 from config.errors import InputTooLarge, InvalidArgument, InvalidOutput, ScriptpoolError
 from scriptpool._files import read_json, read_module
-from scriptpool._output import exit_code_for, print_json
+from scriptpool._output import dumps, exit_code_for, print_json
 
 if TYPE_CHECKING:
     from engine import GuestProfiler
@@ -226,7 +226,7 @@ def _print(report: dict[str, Any]) -> None:
     print(f"module:       {report['name']} ({report['size']} KiB, sha256 {report['sha256'][:12]}), "
           f"export {report['export']}, codec {report['codec']}")  # fmt: skip
     print(f"outcome:      {status}")
-    print(f"output:       {json.dumps(report['output'])[:2000]}")
+    print(f"output:       {dumps(report['output'])[:2000]}")
     if report["logs"]:
         print("logs:         " + report["logs"].rstrip().replace("\n", "\n              "))
     scaled = f" (limits scaled x{report['scale_factor']:g})" if report["scale_factor"] != 1.0 else ""

@@ -52,7 +52,18 @@ def add_ep_shop(parser: argparse.ArgumentParser, ep_help: str = "extension point
 
 
 def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=str))
+    print(dumps(value, indent=2, default=str))
+
+
+def dumps(value: Any, **options: Any) -> str:
+    """``json.dumps`` for data that came from a script or from Redis: nested deeper than the
+    encoder recurses, it is one :class:`InvalidOutput` line, not a traceback."""
+    try:
+        return json.dumps(value, **options)
+    except RecursionError:
+        from config.errors import InvalidOutput
+
+        raise InvalidOutput("the result is nested too deeply to print as JSON") from None
 
 
 def classify(exc: BaseException) -> tuple[ScriptpoolError | None, ExitCode]:

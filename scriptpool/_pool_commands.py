@@ -12,7 +12,7 @@ from config import Settings, describe_redis_url
 from config.errors import ConfigurationError, InputTooLarge, InvalidArgument
 from scriptpool import _local_commands
 from scriptpool._files import read_json
-from scriptpool._output import ExitCode, add_json_flag, exit_code_for, print_json, report
+from scriptpool._output import ExitCode, add_json_flag, dumps, exit_code_for, print_json, report
 from scriptpool._status import cmd_status
 
 if TYPE_CHECKING:
@@ -119,10 +119,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 def _print_outcome(outcome: Outcome) -> None:
     where = f"shard {outcome.shard}, worker {outcome.worker}" if outcome.worker else f"shard {outcome.shard}"
     print(f"status:  {outcome.status}  ({where})")
-    import json
 
     if outcome.ok:
-        print(f"output:  {json.dumps(outcome.output)}")
+        print(f"output:  {dumps(outcome.output)}")
     else:
         message = outcome.error.message if outcome.error else ""
         print(f"error:   {outcome.error_code}: {message}")

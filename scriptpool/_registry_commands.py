@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from config import Limits, Settings, parse_scale_rule
-from config.errors import BrokerUnavailable, InvalidArgument
+from config.errors import BrokerUnavailable, ConfigurationError, InvalidArgument
 from scriptpool._files import SCHEMA_LIMIT, read_json, read_module
 from scriptpool._output import ExitCode, add_ep_shop, add_json_flag, print_json
 
@@ -101,7 +101,8 @@ def add_parsers(sub: Any) -> None:
     define.add_argument(
         "--limits",
         metavar="JSON",
-        help=f'limit overrides, a JSON object such as {{"fuel": 5000000}}; names: {LIMIT_NAMES}',
+        help=f'limit overrides, a JSON object such as {{"fuel": 5000000}}; names: {LIMIT_NAMES}; each a '
+        "whole number within its range (README, Limits and named errors)",
     )
     define.add_argument(
         "--combine",
@@ -380,6 +381,10 @@ def _parse_limits(text: str | None) -> dict[str, int] | None:
         raise InvalidArgument(f'--limits is not JSON: {exc}; e.g. {{"fuel": 5000000}}') from None
     if not isinstance(limits, dict):
         raise InvalidArgument(f"--limits must be a JSON object of limit names to integers ({LIMIT_NAMES})")
+    try:
+        Limits().with_overrides(limits)  # every limit's range, before anything is written
+    except ConfigurationError as exc:
+        raise InvalidArgument(f"--limits: {exc.message}", **exc.detail) from None
     return limits
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
 from config import Settings
 from scriptpool._files import read_module
-from scriptpool._output import ExitCode, add_ep_shop, add_json_flag, print_json
+from scriptpool._output import ExitCode, add_ep_shop, add_json_flag, dumps, print_json
 from scriptpool._registry_commands import open_registries
 
 # The flags of a rollout's rules (registry.RolloutRules, field by field), with its defaults.
@@ -191,11 +190,11 @@ def first_difference(live: Any, candidate: Any, path: str = "") -> tuple[str, An
 
 
 def _differ(a: Any, b: Any) -> bool:
-    return a is _MISSING or b is _MISSING or json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True)
+    return a is _MISSING or b is _MISSING or dumps(a, sort_keys=True) != dumps(b, sort_keys=True)
 
 
 def _short(value: Any) -> str:
     if value is _MISSING:
         return "(missing)"
-    text = json.dumps(value)
+    text = dumps(value)
     return text if len(text) <= 100 else text[:97] + "..."

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
 from config import PART_SINGLE, Limits, Settings, redis_client, shard_for
 from config.errors import InvalidArgument, RunNotFound
 from scriptpool._files import read_module
-from scriptpool._output import ExitCode, add_json_flag, exit_code_for, print_json
+from scriptpool._output import ExitCode, add_json_flag, dumps, exit_code_for, print_json
 
 if TYPE_CHECKING:
     from config import CapturedRun
@@ -164,7 +163,7 @@ def cmd_runs_show(args: argparse.Namespace, settings: Settings) -> int:
     part = "" if run.part == PART_SINGLE else f", a {run.part} part"
     print(f"script:       {where}{part}: sha256 {run.sha256}, export {run.export}, codec {run.codec}")
     if run.ok:
-        print(f"outcome:      ok, output {_cut(json.dumps(recorded_output(run)))}")
+        print(f"outcome:      ok, output {_cut(dumps(recorded_output(run)))}")
     elif run.error is not None:
         print(f"outcome:      error {run.error.code}: {run.error.message}")
     print(
@@ -221,7 +220,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         f"replayed run {run.id} ({run.ep}/{run.shop_id} app {run.app} v{run.version}) on {what}, in process"
     )
     if result.ok:
-        print(f"outcome:      ok, output {_cut(json.dumps(result.output))}")
+        print(f"outcome:      ok, output {_cut(dumps(result.output))}")
     elif result.error is not None:
         print(f"outcome:      error {result.error.code}: {result.error.message}")
     recorded = run.error_code or "ok"

@@ -1,13 +1,16 @@
-"""The demo and the benchmark: each brings up a pool of its own, or borrows a running one."""
+"""The demo and the benchmark: each brings up a pool of its own, or borrows a running one; and
+``key generate``, the artifact key a pool signs with."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 from typing import Any
 
-from config import Settings
-from config.errors import InvalidArgument
-from scriptpool._output import add_json_flag
+from config import Settings, artifact_key_problem, read_key_file
+from config.errors import ConfigurationError, InvalidArgument
+from scriptpool._output import ExitCode, add_json_flag
 
 
 def add_parsers(sub: Any) -> None:
@@ -50,6 +53,19 @@ def add_parsers(sub: Any) -> None:
     add_json_flag(bench)
     bench.set_defaults(func=cmd_bench)
 
+    key = sub.add_parser("key", help="the artifact key that deploys sign and workers verify with")
+    key_sub = key.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    generate = key_sub.add_parser(
+        "generate", help="print a new random key (64 hex digits) for SCRIPTPOOL_ARTIFACT_KEY"
+    )
+    generate.add_argument(
+        "--file",
+        metavar="PATH",
+        help="write it to PATH instead (mode 0600), for SCRIPTPOOL_ARTIFACT_KEY_FILE; a valid key "
+        "already there is kept, so every start of a stack uses the same one",
+    )
+    generate.set_defaults(func=cmd_key_generate)
+
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from scriptpool._demo import run_demo
@@ -77,3 +93,31 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             use_asyncio=args.use_asyncio,
         )
     )
+
+
+def cmd_key_generate(args: argparse.Namespace, settings: Settings) -> int:
+    # 32 random bytes as hex: 64 bytes of key text, printable in any environment file.
+    key = secrets.token_hex(32)
+    if args.file is None:
+        print(key)
+        return ExitCode.OK
+    try:
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        # Kept only if it is a key we would use: a bad one is reported, never silently replaced
+        # (a file someone wrote on purpose) nor silently used.
+        problem = artifact_key_problem(read_key_file(args.file))
+        if problem is not None:
+            raise ConfigurationError(
+                f"the key in {args.file} {problem}: remove the file and run this again for a new "
+                "one (workers recompile what the old key signed)",
+                variable="SCRIPTPOOL_ARTIFACT_KEY_FILE",
+            ) from None
+        print(f"kept the artifact key in {args.file}")
+        return ExitCode.OK
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write a key to {args.file}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "w") as file:
+        file.write(key + "\n")
+    print(f"wrote a new artifact key to {args.file}")
+    return ExitCode.OK

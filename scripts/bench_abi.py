@@ -25,6 +25,7 @@ import argparse
 import ctypes
 import functools
 import json
+import secrets
 import statistics
 import struct
 import sys
@@ -277,7 +278,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000, help="log calls per run in the glue comparison")
     args = parser.parse_args()
     with EmbeddedRedis() as server:
-        settings = Settings(redis_url=server.url, artifact_key=b"bench-key-0123456789abcdef")
+        settings = Settings(redis_url=server.url, artifact_key=secrets.token_hex(32).encode())
         sandbox = Sandbox()
         registry = Registry(redis.Redis.from_url(server.url), settings, sandbox)
         registry.define_extension_point("bench")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from scriptpool import EmbeddedRedis, percentiles
 from scriptpool._pool_commands import worker_argv
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY = "bench-key-0123456789abcdef"
+KEY = secrets.token_hex(32)  # random: a published key signs nothing
 DISCOUNT = (ROOT / "examples" / "discount" / "discount.wasm").read_bytes()
 CART = json.loads((ROOT / "examples" / "discount" / "input.json").read_text())
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from scriptpool import EmbeddedRedis, percentiles  # noqa: E402
 from scriptpool._pool_commands import worker_argv  # noqa: E402
 from workers import CaptureStore  # noqa: E402
 
-KEY = "bench-key-0123456789abcdef"
+KEY = secrets.token_hex(32)  # random: a published key signs nothing
 DISCOUNT = ROOT / "examples" / "discount"
 
 

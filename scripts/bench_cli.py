@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -24,7 +25,7 @@ def main() -> int:
     runs = parser.parse_args().runs
     with EmbeddedRedis() as server:
         env = {**os.environ, "SCRIPTPOOL_REDIS_URL": server.url, "SCRIPTPOOL_SHARDS": "1"}
-        env["SCRIPTPOOL_ARTIFACT_KEY"] = "bench-cli-key-0123456789"
+        env["SCRIPTPOOL_ARTIFACT_KEY"] = secrets.token_hex(32)
         subprocess.run([SCRIPTPOOL, "ep", "define", "hello"], env=env, check=True, capture_output=True)
         worker = subprocess.Popen(
             [SCRIPTPOOL, "worker", "--shards", "0"],

@@ -7,6 +7,7 @@ Starts a private Redis and no worker; each call uses its own shop so no breaker 
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--deadline-ms", type=float, default=20)
     args = parser.parse_args()
     with EmbeddedRedis() as server:
-        settings = Settings(redis_url=server.url, artifact_key=b"bench-key-0123456789abcdef", shards=1)
+        settings = Settings(redis_url=server.url, artifact_key=secrets.token_hex(32).encode(), shards=1)
         registry = Registry(redis.Redis.from_url(server.url), settings, Sandbox())
         registry.define_extension_point("t")
         for i in range(args.calls):

@@ -26,6 +26,7 @@ import logging
 import os
 import pstats
 import re
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -161,7 +162,7 @@ def main() -> None:
     discount_input = json.loads((ROOT / "examples/discount/input.json").read_text())
     baseline = load_baseline(args.baseline) if args.baseline else None
     with EmbeddedRedis() as server:
-        settings = Settings(redis_url=server.url, artifact_key=b"bench-key-0123456789abcdef")
+        settings = Settings(redis_url=server.url, artifact_key=secrets.token_hex(32).encode())
         sandbox = Sandbox()
         registry = Registry(redis.Redis.from_url(server.url), settings, sandbox)
         registry.define_extension_point("bench")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from scriptpool._pool_commands import worker_argv  # noqa: E402
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_engine import TRIVIAL  # noqa: E402
 
-KEY = "bench-key-0123456789abcdef"
+KEY = secrets.token_hex(32)  # random: a published key signs nothing
 
 
 def pct(samples: list[float], q: float) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ from registry import Registries  # noqa: E402
 from scriptpool import EmbeddedRedis, EmbeddedSentinelSet, percentiles  # noqa: E402
 from scriptpool._pool_commands import worker_argv  # noqa: E402
 
-KEY = b"bench-key-0123456789abcdef"
+KEY = secrets.token_hex(32).encode()  # random: a published key signs nothing
 
 
 @contextmanager

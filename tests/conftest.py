@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from workers import Executor
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-TEST_ARTIFACT_KEY = b"test-artifact-key-0123456789"
+# Random per test session: no key the repository shows may sign anything (config._settings).
+TEST_ARTIFACT_KEY = secrets.token_hex(32).encode()
 
 
 @pytest.fixture(autouse=True)

@@ -383,3 +383,41 @@ def cart(lines: int) -> dict[str, object]:
             ]
         }
     }
+
+
+def iovec_flood(
+    call: str, fd: int, count: int, length: int, *, pages: int = 156, forever: bool = False
+) -> bytes:
+    """A guest that writes ``count`` iovecs at address 0, each naming the first ``length`` bytes
+    of its ``pages``-page memory, passes them all to one ``call`` (fd_write or fd_read) on ``fd``
+    and exits with the errno it got; with ``forever``, it makes the same call again and again."""
+    again = "(br $again)" if forever else ""
+    return wasm(f"""
+    (module
+      (import "{WASI}" "{call}" (func $io (param i32 i32 i32 i32) (result i32)))
+      (import "{WASI}" "proc_exit" (func $exit (param i32)))
+      (memory (export "memory") {pages})
+      (func (export "_start") (local $i i32) (local $errno i32)
+        (block $done (loop $fill
+          (br_if $done (i32.ge_u (local.get $i) (i32.const {count})))
+          (i32.store (i32.mul (local.get $i) (i32.const 8)) (i32.const 0))
+          (i32.store offset=4 (i32.mul (local.get $i) (i32.const 8)) (i32.const {length}))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br $fill)))
+        (loop $again
+          (local.set $errno
+            (call $io (i32.const {fd}) (i32.const 0) (i32.const {count}) (i32.const {pages * 65536 - 4})))
+          {again})
+        (call $exit (local.get $errno))))
+    """)
+
+
+def random_flood(length: int, *, pages: int = 156) -> bytes:
+    """A guest that asks ``random_get`` for ``length`` bytes at address 0 and exits with the errno."""
+    return wasm(f"""
+    (module
+      (import "{WASI}" "random_get" (func $random (param i32 i32) (result i32)))
+      (import "{WASI}" "proc_exit" (func $exit (param i32)))
+      (memory (export "memory") {pages})
+      (func (export "_start") (call $exit (call $random (i32.const 0) (i32.const {length})))))
+    """)

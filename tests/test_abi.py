@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+import time
+import tracemalloc
 
 import msgpack
 import pytest
 import redis
 import wasmtime
 
-from config import Settings
+from config import Limits, Settings
 from config.errors import ForbiddenImport, InvalidInput, InvalidModule, InvalidOutput
 from engine import CODEC_JSON, CODEC_MSGPACK, GUEST_MEMORY_MODULE, Sandbox, codec_for, is_memory_io_provider
 from engine._link import GLUE, PROVIDER, resolve
@@ -285,18 +287,43 @@ def test_hostile_memory_io_providers_get_their_named_error(
     healthy(registry, executor)
 
 
-def test_a_provider_that_never_returns_meets_the_backstop(
-    registry: Registry, executor: Executor, monkeypatch: pytest.MonkeyPatch
+def test_finalize_copies_no_more_than_the_room_under_the_limits(
+    registry: Registry, executor: Executor
 ) -> None:
-    """initialize is not under the script's deadline, but a backstop stops a provider that
-    loops forever, so the worker stays healthy."""
-    from engine import _run
+    """A provider naming 9 MB of logs and 9 MB of output in its 9.8 MB memory: the host copies
+    the log limit's worth of logs and none of the output (output_too_large), where it copied
+    all 18 MB before applying the limits."""
+    provider = hostile_provider(results=(0, 9_000_000, 0, 9_000_000, 0, 0), pages=150)
+    tracemalloc.start()
+    try:
+        result = run_with(registry, executor, provider)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.error is not None  # type: ignore[attr-defined]
+    assert result.error.code == "output_too_large"  # type: ignore[attr-defined]
+    assert result.error.detail["stage"] == "finalize"  # type: ignore[attr-defined]
+    assert peak < 2 << 20
+    healthy(registry, executor)
 
-    monkeypatch.setattr(_run, "PROVIDER_BACKSTOP_MS", 50)
-    result = run_with(registry, executor, hostile_provider(initialize="(loop $l (br $l)) (i32.const 0)"))
+
+@pytest.mark.parametrize("stage", ["initialize", "finalize"])
+def test_a_provider_that_never_returns_is_held_to_the_scripts_own_limits(
+    registry: Registry, executor: Executor, stage: str
+) -> None:
+    """A provider's own work is not counted as the script's, but each of its stages gets no
+    more than the script's wall clock, so a provider looping forever costs the worker
+    what the script's wall clock allows (it was a fixed 10 s backstop)."""
+    loop = "(loop $l (br $l)) (i32.const 0)"
+    started = time.perf_counter()
+    result = run_with(registry, executor, hostile_provider(**{stage: loop}))
+    elapsed_ms = (time.perf_counter() - started) * 1000
     assert result.error is not None  # type: ignore[attr-defined]
     assert result.error.code == "wall_clock_exceeded"  # type: ignore[attr-defined]
-    assert result.error.detail["stage"] == "initialize"  # type: ignore[attr-defined]
+    assert result.error.detail["stage"] == stage  # type: ignore[attr-defined]
+    limits = Limits()  # the test EP's
+    # Three stages at most, each within its wall limit (and one epoch tick): far below 10 s.
+    assert elapsed_ms < 3 * (limits.wall_ms + 50) + 1000
     healthy(registry, executor)
 
 

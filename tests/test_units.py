@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import secrets
 
 import pytest
 
@@ -41,11 +42,12 @@ def test_lru_refuses_an_item_larger_than_the_budget() -> None:
 
 def test_settings_from_env() -> None:
     """SCRIPTPOOL_* variables build typed settings; limits overrides apply."""
+    key = secrets.token_hex(32).encode()
     settings = Settings.from_env(
         {
             "SCRIPTPOOL_REDIS_URL": "redis://:pw@127.0.0.1:7000/2",
             "SCRIPTPOOL_SHARDS": "4",
-            "SCRIPTPOOL_ARTIFACT_KEY": "k" * 32,
+            "SCRIPTPOOL_ARTIFACT_KEY": key.decode(),
             "SCRIPTPOOL_LIMIT_FUEL": "5000",
             "SCRIPTPOOL_MODULE_CACHE_MB": "64",
         }
@@ -54,7 +56,7 @@ def test_settings_from_env() -> None:
     assert settings.limits.fuel == 5000
     assert settings.limits.memory_bytes == Limits().memory_bytes
     assert settings.module_cache_bytes == 64 * 2**20
-    assert settings.require_artifact_key() == b"k" * 32
+    assert settings.require_artifact_key() == key
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,11 @@ import msgpack
 from config import encode_input
 from config.errors import InvalidInput, InvalidOutput
 
+# How deeply a script's output may nest arrays and objects: serde_json's recursion limit, which
+# function-runner parses output with, so a module that passes there passes here. Host code,
+# the CLI and replies never see deeper data (``invalid_output``).
+MAX_OUTPUT_DEPTH = 128
+
 # What a MessagePack integer can hold; JSON integers past it are sent as float64 (serde_json,
 # which function-runner parses the input with, reads them as f64 too).
 _INT_MIN, _UINT_MAX = -(1 << 63), (1 << 64) - 1
@@ -71,6 +76,8 @@ def from_json(text: str) -> Any:
         raise InvalidOutput(f"output is not JSON: {exc}") from None
     except RecursionError:
         raise InvalidOutput("output is nested too deeply to decode") from None
+    if text.count("[") + text.count("{") > MAX_OUTPUT_DEPTH:  # only then can it nest too deeply
+        _check_depth(value)
     if "\\ud" in text or "\\uD" in text:  # a surrogate escape: is one of them alone?
         try:
             msgpack.packb(value)  # what the reply does with it: UTF-8 refuses a lone surrogate
@@ -122,6 +129,20 @@ def from_msgpack(data: bytes) -> Any:
     return value
 
 
+def _check_depth(value: Any) -> None:
+    """Refuse output nested deeper than :data:`MAX_OUTPUT_DEPTH` (iteratively: no recursion)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_OUTPUT_DEPTH:
+            raise InvalidOutput(
+                f"output nests arrays and objects more than {MAX_OUTPUT_DEPTH} deep",
+                limit=MAX_OUTPUT_DEPTH,
+            )
+        children = item.values() if type(item) is dict else item if type(item) is list else ()
+        pending.extend((child, depth + 1) for child in children if type(child) in (dict, list))
+
+
 _SCALARS = frozenset({str, int, bool, type(None)})
 
 
@@ -129,9 +150,9 @@ def _check_json(value: Any) -> None:
     """Refuse what JSON cannot hold: binary values and keys (bytes), timestamps, NaN and
     infinities.
     Iterative, and about three times faster than ``json.dumps`` as a check."""
-    pending = [value]
+    pending = [(value, 1)]
     while pending:
-        item = pending.pop()
+        item, depth = pending.pop()
         kind = type(item)
         if kind is dict:
             for key in item:
@@ -145,7 +166,12 @@ def _check_json(value: Any) -> None:
         for child in children:
             kind = type(child)
             if kind is dict or kind is list:
-                pending.append(child)
+                if depth >= MAX_OUTPUT_DEPTH:
+                    raise InvalidOutput(
+                        f"output nests arrays and objects more than {MAX_OUTPUT_DEPTH} deep",
+                        limit=MAX_OUTPUT_DEPTH,
+                    )
+                pending.append((child, depth + 1))
             elif kind is float:
                 if not isfinite(child):
                     raise InvalidOutput(f"output has {child}, which JSON cannot hold")

@@ -211,7 +211,8 @@ class Executor:
         return runtime, bindings
 
     def _load(self, deployment: Deployment, ep: EpRuntime) -> LoadedScript:
-        module, source = self._module(deployment.sha256, ep.limits.stack_bytes)
+        # A script was deployed under its EP's module size limit: none larger is compiled for it.
+        module, source = self._module(deployment.sha256, ep.limits.stack_bytes, ep.limits.module_bytes)
         # Provider versions are pinned in the deployment, so the hot path never asks Redis.
         providers = {name: self._module(sha, ep.limits.stack_bytes)[0] for name, sha in deployment.providers}
         return LoadedScript(deployment, module, providers, source)
@@ -230,12 +231,14 @@ class Executor:
             capture=ep.capture,
         )
 
-    def _module(self, sha256: str, stack_bytes: int) -> tuple[wasmtime.Module, str]:
+    def _module(
+        self, sha256: str, stack_bytes: int, max_bytes: int | None = None
+    ) -> tuple[wasmtime.Module, str]:
         key = (sha256, stack_bytes)
         module = self._modules.get(key)
         if module is not None:
             return module, "hot"
-        module, source, size = self._registry.load_module(sha256, stack_bytes)
+        module, source, size = self._registry.load_module(sha256, stack_bytes, max_bytes=max_bytes)
         self._modules.put(key, module, size)
         return module, source
 

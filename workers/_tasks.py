@@ -212,9 +212,15 @@ def register(app: Celery) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
     def choose_group(options: Any = None, **_: Any) -> None:
-        """Before the worker is set up: its shards (``-Q``) must all be in one shard group, whose
-        Redis it then uses for everything, its broker included; else it refuses to start.
+        """Before the worker is set up: it needs a usable artifact key, and its shards (``-Q``)
+        must all be in one shard group, whose Redis it then uses for everything, its broker
+        included; else it refuses to start.
         Logging is not configured yet, so the refusal is one line on stderr."""
+        try:
+            app.settings.require_artifact_key()  # no key, or one anyone could sign with: refuse
+        except ConfigurationError as exc:
+            print(f"scriptpool worker: {exc.code}: {exc.message}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_MISCONFIGURED) from None
         keys = app.settings.keys
         queues = (options or {}).get("queues") or []
         if isinstance(queues, str):
