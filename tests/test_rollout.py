@@ -11,7 +11,7 @@ import pytest
 from config.errors import RolloutConflict, ScriptNotFound
 from registry import ABORTED, CANARY, PROMOTED, SHADOWING, Registry, RolloutRules
 from tests import guests
-from workers import Executor
+from workers import Executor, _judge
 from workers._judge import Sample, ShadowJudge, compare
 
 SHARDS = 2
@@ -112,6 +112,31 @@ def test_a_failing_candidate_is_aborted_at_once(
     status = registry.rollouts.status("test", "s")
     assert status.state == ABORTED and "failed (runtime_error)" in status.reason
     assert status.counts["candidate_error"] == 1
+
+
+@pytest.mark.parametrize(("cpu_share", "counted"), [(0.1, False), (0.9, True)])
+def test_a_shadow_run_past_its_wall_clock_counts_only_if_it_used_the_cpu(
+    registry: Registry,
+    executor: Executor,
+    judge: ShadowJudge,
+    monkeypatch: pytest.MonkeyPatch,
+    cpu_share: float,
+    counted: bool,
+) -> None:
+    """Shadow runs take idle CPU only: on a busy machine a candidate can pass its wall clock
+    while barely running. Such a run (on the CPU for under half its wall time) is not judged;
+    one that used the CPU all along is a candidate error, as on an idle machine."""
+    registry.define_extension_point("walled", limits={"fuel": 10**12, "wall_ms": 20})
+    registry.deploy("walled", "s", echo_plus("x"))
+    registry.start_rollout("walled", "s", guests.INFINITE_LOOP, RolloutRules(promote_after=5))
+    clock = iter([0.0, cpu_share * 0.02])  # the thread's CPU seconds before and after the shadow run
+    monkeypatch.setattr(_judge.time, "thread_time", lambda: next(clock))
+    call(executor, judge, "s", {}, ep="walled")
+    status = registry.rollouts.status("walled", "s")
+    if counted:
+        assert status.state == ABORTED and "failed (wall_clock_exceeded)" in status.reason
+    else:
+        assert status.state == SHADOWING and status.counts["compared"] == 0, status
 
 
 def test_the_canary_serves_a_fixed_share_by_input(

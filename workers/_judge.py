@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 
 from config import Execution, get_logger
+from config.errors import WallClockExceeded
 from registry import CANARY, CANDIDATE_ERROR, MATCH, MISMATCH, Candidate, Rollouts, Tally
 from workers._executor import CONTROL, Executor
 
@@ -62,6 +63,21 @@ def compare(live: Execution, candidate: Execution) -> tuple[str, str]:
     if not candidate.ok and live.error and candidate.error and live.error.code == candidate.error.code:
         return MATCH, ""
     return MISMATCH, ""
+
+
+# Shadow runs take only idle CPU (the shadow process's priority), so on a busy machine a correct
+# candidate can run past its wall-clock limit without using it: a shadow run that hit the wall
+# clock while on the CPU for less than this share of it proves nothing about the candidate, and is
+# not counted. One that used the CPU all along is a candidate error, as on an idle machine.
+STARVED_CPU_SHARE = 0.5
+
+
+def _starved(shadow: Execution, cpu_s: float) -> bool:
+    """Whether ``shadow`` ran past its wall clock for want of CPU rather than by its own work."""
+    if shadow.ok or shadow.error is None or shadow.error.code != WallClockExceeded.code:
+        return False
+    wall_s = (shadow.report.instantiate_ms + shadow.report.run_ms) / 1000
+    return cpu_s < STARVED_CPU_SHARE * wall_s
 
 
 def _canonical(value: Any) -> str:
@@ -119,10 +135,13 @@ class ShadowJudge:
             self._report(key)
 
     def _shadow_run(self, sample: Sample, candidate: Candidate, tally: Tally) -> str | None:
+        cpu_started = time.thread_time()
         found = self._executor.run_candidate(sample.ep, sample.shop, sample.payload, candidate.id)
         if found is None:  # the rollout changed meanwhile
             return None
         shadow = found[1]
+        if _starved(shadow, time.thread_time() - cpu_started):
+            return None  # the wall clock measured the machine's load, not the candidate
         result, code = compare(sample.live, shadow)
         if result == MATCH:
             tally.match += 1
