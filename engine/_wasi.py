@@ -282,6 +282,8 @@ def _fd_write(t: HostState, caller: int, a: Any) -> int:
         ptr, length = struct.unpack_from("<II", view, iovs)
         if not _in_bounds(view, ptr, length):
             return _EFAULT
+        if length > SSIZE_MAX:
+            return _EINVAL
         vecs = [(ptr, length)]
     else:
         vecs = _iovecs(view, iovs, count)

@@ -113,6 +113,15 @@ def test_iovecs_adding_up_past_ssize_max_are_einval(sandbox: Sandbox, fd: int) -
     still_healthy(sandbox)
 
 
+def test_one_iovec_longer_than_ssize_max_is_einval(sandbox: Sandbox) -> None:
+    """The single-iovec fast path holds the same bound: one 2 GiB buffer is EINVAL."""
+    limits = Limits(memory_bytes=4 << 30)
+    _, result = run(sandbox, guests.iovec_flood("fd_write", 2, 1, SSIZE_MAX + 1, pages=32769), limits)
+    assert result.error is not None and result.error.code == "runtime_error"
+    assert result.error.detail["exit_code"] == EINVAL
+    still_healthy(sandbox)
+
+
 @pytest.mark.parametrize("call", ["fd_write", "fd_read"])
 def test_iov_max_iovecs_are_served(sandbox: Sandbox, call: str) -> None:
     """Up to IOV_MAX iovecs is the normal case, served as before."""
