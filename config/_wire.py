@@ -53,6 +53,29 @@ def encode_input(value: Any) -> bytes:
         raise InvalidInput("input is nested too deeply to serialise") from None
 
 
+# How deeply a script's output may nest arrays and objects: serde_json's recursion limit, which
+# function-runner parses output with. Workers refuse deeper output (``invalid_output``) and
+# clients deeper replies, so host code never gets data it would recurse on without end.
+MAX_OUTPUT_DEPTH = 128
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists and dicts more than ``limit`` deep (iteratively: the check
+    itself never recurses)."""
+    if type(value) is not dict and type(value) is not list:
+        return False
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = item.values() if type(item) is dict else item
+        for child in children:
+            if type(child) is dict or type(child) is list:
+                pending.append((child, depth + 1))
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """One execution request. ``deadline`` is the caller's absolute give-up time (Unix seconds)."""
@@ -292,6 +315,8 @@ class Execution:
         ok, error, report, parts = data.get("ok"), data.get("error"), data.get("report"), data.get("parts")
         if type(ok) is not bool:
             raise ValueError("an execution's ok is true or false")
+        if nested_deeper_than(data.get("output"), MAX_OUTPUT_DEPTH):
+            raise ValueError(f"an execution's output nests deeper than {MAX_OUTPUT_DEPTH}")
         if parts and type(parts) is not list and type(parts) is not tuple:
             raise ValueError(f"an execution's parts are a list, got {type(parts).__name__}")
         return cls(

@@ -9,7 +9,7 @@ from engine._abi import (
     is_memory_io_provider,
     needs_glue,
 )
-from engine._engine import compile_engine, engine_fingerprint
+from engine._engine import compile_engine, engine_fingerprint, engine_stack_bytes
 from engine._link import Resolution, check_memory_io_provider, resolve
 from engine._profile import GuestProfiler, interval_for
 from engine._run import Sandbox, SandboxRun
@@ -31,6 +31,7 @@ __all__ = [
     "codec_for",
     "compile_engine",
     "engine_fingerprint",
+    "engine_stack_bytes",
     "interval_for",
     "is_memory_io_provider",
     "needs_glue",

@@ -66,6 +66,10 @@ def engine_fingerprint() -> str:
 # warm slots are kept, which bounds that resident memory to about 16 MiB.
 _GUARD_BYTES = 32 << 20  # wasmtime's default guard region on each side of a memory slot
 POOL_LIMITS = {
+    # Fiber stacks for async calls (profiled runs only, one at a time): wasmtime's default of
+    # 1,000 maps two areas each, about 2,000 memory mappings per engine, and an engine past
+    # vm.max_map_count (65,530) aborts the process.
+    "total_stacks": 16,
     "total_core_instances": 64,  # concurrent instances per engine: one per run, plus its providers
     "total_memories": 64,
     "total_tables": 128,
@@ -79,6 +83,14 @@ POOL_LIMITS = {
     "table_keep_resident": 64 << 10,
     "max_unused_warm_slots": 16,
 }
+
+
+def engine_stack_bytes(stack_bytes: int) -> int:
+    """The Wasm stack of the engine that runs a script limited to ``stack_bytes``: the next power
+    of two (16 KiB to 1 MiB). An engine per stack size is kept for the life of a process, and each
+    costs address space and memory mappings, so any value an EP may set maps to one of seven."""
+    low, high = LIMIT_RANGES["stack_bytes"]
+    return min(max(1 << max(stack_bytes - 1, 1).bit_length(), low), high)
 
 
 def new_engine(stack_bytes: int, *, pooling: bool = True) -> wasmtime.Engine:

@@ -14,6 +14,7 @@ logs. See ``engine/_abi.py`` for the ABIs and ``engine/_link.py`` for the linkin
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import struct
 import threading
 import time
@@ -61,7 +62,7 @@ from engine._capi import (
     store_limiter,
     store_new,
 )
-from engine._engine import EpochTicker, new_engine
+from engine._engine import EpochTicker, engine_stack_bytes, new_engine
 from engine._link import WASI, resolve
 from engine._profile import GuestProfiler
 from engine._wasi import IDLE, GuestExit, GuestIO, HostState, WasiSubset
@@ -238,7 +239,9 @@ class Sandbox:
         self._glue: dict[tuple[int, str], wasmtime.Module] = {}
 
     def engine(self, stack_bytes: int) -> wasmtime.Engine:
-        """The engine for ``stack_bytes``, created (and ticked) on first use."""
+        """The engine for ``stack_bytes`` (rounded up to its class, :func:`engine_stack_bytes`),
+        created (and ticked) on first use."""
+        stack_bytes = engine_stack_bytes(stack_bytes)
         engine = self._engines.get(stack_bytes)
         if engine is None:
             with self._lock:
@@ -284,7 +287,9 @@ class Sandbox:
         memory instead, and the output and logs are read from it. With ``profiler``, the entry
         is sampled (``engine/_profile.py``); the run is otherwise the same, only slower.
         """
-        self.engine(limits.stack_bytes)
+        if limits.stack_bytes not in self._engines:  # a stack size between classes: its class's
+            limits = dataclasses.replace(limits, stack_bytes=engine_stack_bytes(limits.stack_bytes))
+            self.engine(limits.stack_bytes)
         t = self._thread
         # A new store per run: no run ever sees another's memory, globals or tables.
         store = store_new(self._engine_addresses[limits.stack_bytes], None, None)

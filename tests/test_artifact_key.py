@@ -50,6 +50,10 @@ def fresh_key() -> bytes:
         (OLD_COMPOSE_KEY, "is a published key"),
         (b"x" * 64, "placeholder"),
         (b"0123" * 16, "placeholder"),
+        # HMAC pads short keys with NULs: the published key plus one signs exactly as it does.
+        (OLD_COMPOSE_KEY + b"\0", "control characters"),
+        (fresh_key()[:40] + b"\n" + fresh_key()[:8], "control characters"),
+        (OLD_COMPOSE_KEY[:-1] + b"1", "placeholder"),  # one digit from the published key
     ],
 )
 def test_a_key_is_refused_naming_the_variable_and_how_to_make_one(key: bytes, problem: str) -> None:

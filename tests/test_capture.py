@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import redis
 
@@ -333,6 +334,31 @@ def test_readers_skip_what_they_cannot_read(
     assert code == FAILED and "not captured" in err
     code, _, err = cli("replay", "NOT-AN-ID")
     assert err.startswith(f"scriptpool: {InvalidArgument.code}: ")
+
+
+@pytest.mark.parametrize(
+    "summary",
+    [
+        '{"id":"x","at":1,"ep":"e","shop":"s","app":"a","version":Infinity,"status":"ok",'
+        '"instructions":1,"input_bytes":1,"bytes":1,"expires_at":1e300}',
+        "[" * 100_000 + "]" * 100_000,
+    ],
+    ids=["infinite-version", "nested-100000-deep"],
+)
+def test_a_hostile_summary_is_skipped_and_the_good_runs_listed(
+    redis_client: redis.Redis, settings: Settings, store: CaptureStore, summary: str
+) -> None:
+    """A summary whose numbers cannot be integers (int(inf) is an OverflowError) or that nests
+    past the parser is skipped like any unreadable one; it made ``runs list`` exit with a
+    traceback and hid the valid runs."""
+    keys = settings.keys
+    bad = "00000000000000ff"
+    redis_client.zadd(keys.runs(), {bad: time.time() * 1e6})
+    redis_client.hset(keys.runs_summary(), bad, summary)
+    redis_client.set(keys.run(bad), msgpack.packb({"limits": {"fuel": float("inf")}}))
+    assert all(s.id != bad for s in store.summaries())
+    with pytest.raises(RunNotFound):
+        store.get(bad)
 
 
 def test_scaled_limits_apply_on_the_worker_and_are_captured(

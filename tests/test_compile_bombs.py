@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,7 +27,7 @@ from config import Settings
 from config.errors import ForbiddenImport, InvalidModule, ModuleTooComplex, ScriptpoolError
 from engine import Sandbox, compile_engine
 from producer import BreakerPolicy, Client
-from registry import Registry
+from registry import Registry, _bounded_compile
 from registry import _compile as compile_module
 from registry._bounded_compile import Bounds, Compiled, compile_bounded
 from registry._structure import CAPS, Caps, read_structure
@@ -653,3 +656,45 @@ def test_worker_refuses_a_planted_bomb_on_the_job_path_and_serves_a_good_script_
     after = client.run("test", "good", {"n": 2}, timeout=10)
     assert after.status == "ok" and after.output == {"n": 2}
     assert pid_of(after.worker) == pid and worker.alive
+
+
+def test_a_compile_server_killed_mid_compile_takes_its_compile_with_it() -> None:
+    """The server SIGKILLed while its child compiles: the caller gets a named error at once, the
+    child does not run on orphaned to its CPU limit (the kernel ends it with its parent), and
+    the next compile starts a new server and succeeds."""
+    _bounded_compile.start_compile_server()
+    server = _bounded_compile._current
+    assert server is not None
+    caught: list[BaseException] = []
+
+    def compile_slow() -> None:
+        try:
+            compile_bounded(SLOW_UNDER_CAPS, 512 * 1024)
+        except BaseException as exc:
+            caught.append(exc)
+
+    thread = threading.Thread(target=compile_slow)
+    thread.start()
+    children: list[int] = []
+    deadline = time.monotonic() + 30
+    while not children and time.monotonic() < deadline:
+        with open(f"/proc/{server.process.pid}/task/{server.process.pid}/children") as listing:
+            children = [int(pid) for pid in listing.read().split()]
+        time.sleep(0.01)
+    assert children, "the server never forked its compile"
+    os.kill(server.process.pid, signal.SIGKILL)
+    thread.join(timeout=30)
+    assert len(caught) == 1 and isinstance(caught[0], ScriptpoolError)
+
+    def running(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(running(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(running(pid) for pid in children)
+    assert compile_bounded(guests.ECHO, 512 * 1024).artifact

@@ -8,12 +8,12 @@ import json
 import msgpack
 import pytest
 
-from config import ExecutionReport, Limits
+from config import MAX_OUTPUT_DEPTH, ExecutionReport, Limits
 from config.errors import InvalidOutput
 from engine import Sandbox
 from producer import Outcome
 from tests import guests
-from workers._codec import MAX_OUTPUT_DEPTH, from_json, from_msgpack
+from workers._codec import from_json, from_msgpack
 
 GC_HEAP_BOMB = guests.wasm("""
 (module

@@ -85,6 +85,13 @@ def _with(path: tuple[str | int, ...], value: Any) -> Callable[[str], dict[str, 
     return build
 
 
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 _GONE = object()
 _ERROR = {"code": "runtime_error", "message": "m", "detail": {}}
 
@@ -126,6 +133,9 @@ MALFORMED: dict[str, Callable[[str], dict[str, Any]]] = {
     "part status unknown": _with(("execution", "parts", 0, "status"), "maybe"),
     "part version a string": _with(("execution", "parts", 0, "version"), "1"),
     "part report an int": _with(("execution", "parts", 0, "report"), 3),
+    # Workers refuse output nested past 128 levels; a forged reply must not bring it to the host.
+    "output nested 129 deep": _with(("execution", "output"), _nested(129)),
+    "output nested 1,000 deep": _with(("execution", "output"), _nested(1_000)),
 }
 
 

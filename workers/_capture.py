@@ -179,6 +179,19 @@ class RunSummary:
         )
 
 
+# What a record read back from Redis may raise when decoded: anyone with write access may have put
+# anything there (``int(inf)`` is an OverflowError, deep nesting a RecursionError).
+_UNREADABLE = (
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    ArithmeticError,
+    RecursionError,
+    msgpack.UnpackException,
+)
+
+
 def valid_run_id(run_id: object) -> str:
     """``run_id`` if it is one (16 hex digits), else :class:`InvalidArgument`."""
     if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
@@ -246,8 +259,8 @@ class CaptureStore:
             )
         try:
             return CapturedRun.from_wire(msgpack.unpackb(raw, raw=False))
-        except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as exc:
-            raise RunNotFound(f"run {run_id} cannot be read: {exc}", run=run_id) from None
+        except _UNREADABLE as exc:
+            raise RunNotFound(f"run {run_id} cannot be read: {exc}"[:300], run=run_id) from None
 
     def summaries(
         self,
@@ -268,7 +281,7 @@ class CaptureStore:
                     continue
                 try:
                     summary = RunSummary.from_json(raw)
-                except (ValueError, TypeError, KeyError):
+                except _UNREADABLE:
                     continue
                 if summary.expires_at <= now:
                     continue

@@ -13,13 +13,8 @@ from typing import Any
 
 import msgpack
 
-from config import encode_input
+from config import MAX_OUTPUT_DEPTH, encode_input, nested_deeper_than
 from config.errors import InvalidInput, InvalidOutput
-
-# How deeply a script's output may nest arrays and objects: serde_json's recursion limit, which
-# function-runner parses output with, so a module that passes there passes here. Host code,
-# the CLI and replies never see deeper data (``invalid_output``).
-MAX_OUTPUT_DEPTH = 128
 
 # What a MessagePack integer can hold; JSON integers past it are sent as float64 (serde_json,
 # which function-runner parses the input with, reads them as f64 too).
@@ -130,17 +125,11 @@ def from_msgpack(data: bytes) -> Any:
 
 
 def _check_depth(value: Any) -> None:
-    """Refuse output nested deeper than :data:`MAX_OUTPUT_DEPTH` (iteratively: no recursion)."""
-    pending = [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        if depth > MAX_OUTPUT_DEPTH:
-            raise InvalidOutput(
-                f"output nests arrays and objects more than {MAX_OUTPUT_DEPTH} deep",
-                limit=MAX_OUTPUT_DEPTH,
-            )
-        children = item.values() if type(item) is dict else item if type(item) is list else ()
-        pending.extend((child, depth + 1) for child in children if type(child) in (dict, list))
+    """Refuse output nested deeper than :data:`MAX_OUTPUT_DEPTH`."""
+    if nested_deeper_than(value, MAX_OUTPUT_DEPTH):
+        raise InvalidOutput(
+            f"output nests arrays and objects more than {MAX_OUTPUT_DEPTH} deep", limit=MAX_OUTPUT_DEPTH
+        )
 
 
 _SCALARS = frozenset({str, int, bool, type(None)})

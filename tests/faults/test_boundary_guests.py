@@ -3,6 +3,7 @@ name, through a real worker, with a neighbour shop on the same shard calling all
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
@@ -33,6 +34,7 @@ WIDE = ((1 << 31) - 1) // MEMORY  # whole-memory iovecs whose sum still fits a w
 LIMITS = {"fuel": 200_000_000, "memory_bytes": 64 << 20}
 WALL_MS = Limits().wall_ms
 EINVAL = 28
+UNIQUE_FLOOD = json.dumps([{"a": i % 1_899} for i in range(1_900)], separators=(",", ":")).encode()  # < 20 KB
 ROUNDS = 3  # each kind, one after the other, this many times
 DEADLINE_S = 5.0  # the callers' deadline: far past any limit, so every answer is the worker's
 
@@ -62,6 +64,9 @@ KINDS: dict[str, tuple[str, bytes, str, dict[str, object]]] = {
     "GC heap bomb": ("test", GC_HEAP_BOMB, "memory_limit_exceeded", {"trap_code": "gc_heap_out_of_memory"}),
     "uncaught Wasm exception": ("test", UNCAUGHT, "runtime_error", {"trap_code": "uncaught_exception"}),
     "output nested 600 deep": ("test", guests.writes(nested(600).encode()), "invalid_output", {"limit": 128}),
+    # 1,900 small objects, the last a duplicate, under an output schema with uniqueItems: the
+    # check was pairwise (10 s of the worker for 20 KB); now it is one pass.
+    "uniqueItems over 1,900 objects": ("unique", guests.writes(UNIQUE_FLOOD), "invalid_output", {}),
 }  # fmt: skip
 
 
@@ -74,6 +79,7 @@ def worker(pool: dict[str, WorkerProcess]) -> WorkerProcess:
 def deployer(settings: Settings, sandbox: Sandbox) -> Registry:
     registry = Registry(redis.Redis.from_url(settings.redis_url), settings, sandbox)
     registry.define_extension_point("boundary", limits=LIMITS)
+    registry.define_extension_point("unique", output_schema={"type": "array", "uniqueItems": True})
     registry.define_extension_point("test")
     return registry
 
@@ -133,6 +139,7 @@ def test_hostile_host_calls_get_named_errors_within_their_limits(
                 worker_ms = report.instantiate_ms + report.run_ms
                 assert not (outcome.ok and worker_ms > WALL_MS), (kind, worker_ms)
                 assert worker_ms <= 2 * WALL_MS, (kind, worker_ms)
+                assert report.decode_ms <= 2 * WALL_MS, (kind, report.decode_ms)  # output checks too
                 answered_ms[kind].append(worker_ms)
                 assert pid_of(outcome.worker) == pid
                 good = client.run("test", good_shop, {"after": kind}, timeout=DEADLINE_S)
