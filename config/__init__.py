@@ -26,7 +26,7 @@ from config._groups import ShardGroup, parse_shard_groups, ranges_text, render_s
 from config._heartbeats import WorkerHeartbeat, live_workers, shard_count_disagreement
 from config._keys import Keys
 from config._limits import LIMIT_RANGES, Limits, check_input_size, limit_problem
-from config._logging import EventLogger, configure_logging, get_logger
+from config._logging import EventLogger, configure_logging, event_name, get_logger
 from config._names import check_app, check_ep, check_export, check_provider, check_shop_id
 from config._reconnect import Reconnector
 from config._redis import (
@@ -41,6 +41,7 @@ from config._redis import (
     primary_address,
     redact,
     redis_client,
+    redis_failure,
     redis_pool,
     redis_tls_options,
 )
@@ -58,6 +59,7 @@ from config._wire import (
     BODY_ENCODING,
     CONTENT_ENCODING,
     CONTENT_TYPE,
+    MAX_OUTPUT_DEPTH,
     PART_ERROR,
     PART_OK,
     PART_SKIPPED,
@@ -69,6 +71,7 @@ from config._wire import (
     Reply,
     Taken,
     encode_input,
+    nested_deeper_than,
     redis_command,
 )
 
@@ -81,6 +84,7 @@ __all__ = [
     "JOIN",
     "LIMIT_RANGES",
     "MAX_APPS",
+    "MAX_OUTPUT_DEPTH",
     "MAX_SCALE_FACTOR",
     "PART_CHAIN",
     "PART_ERROR",
@@ -128,6 +132,7 @@ __all__ = [
     "describe_redis_url",
     "encode_input",
     "errors",
+    "event_name",
     "get_logger",
     "is_sentinel",
     "jump_hash",
@@ -135,6 +140,7 @@ __all__ = [
     "limit_problem",
     "live_workers",
     "markdown_table",
+    "nested_deeper_than",
     "parse_scale_rule",
     "parse_sentinel_url",
     "parse_shard_groups",
@@ -144,6 +150,7 @@ __all__ = [
     "redact",
     "redis_client",
     "redis_command",
+    "redis_failure",
     "redis_pool",
     "redis_tls_options",
     "render_shard_groups",

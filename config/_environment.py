@@ -135,9 +135,15 @@ VARIABLES: tuple[Variable, ...] = (
         "file holding the artifact key instead (`scriptpool key generate --file PATH` writes one; "
         "whitespace around it is ignored); set this or `SCRIPTPOOL_ARTIFACT_KEY`, not both",
     ),
-    Variable("SCRIPTPOOL_SHARDS", "shards", int, "number of shards; every process must agree"),
+    Variable("SCRIPTPOOL_SHARDS", "shards", int, "number of shards, 1 to 4,096; every process must agree"),
     Variable("SCRIPTPOOL_KEY_PREFIX", "key_prefix", str, "prefix of every Redis key and queue"),
-    Variable("SCRIPTPOOL_DEADLINE_MS", "default_deadline_ms", int, "default caller deadline", unit="ms"),
+    Variable(
+        "SCRIPTPOOL_DEADLINE_MS",
+        "default_deadline_ms",
+        int,
+        "default caller deadline, up to 600,000",
+        unit="ms",
+    ),
     Variable(
         "SCRIPTPOOL_MODULE_CACHE_MB",
         "module_cache_bytes",
@@ -164,7 +170,7 @@ VARIABLES: tuple[Variable, ...] = (
         "SCRIPTPOOL_EPOCH_TICK_MS",
         "epoch_tick_ms",
         int,
-        "epoch ticker period: the wall-clock limit's granularity",
+        "epoch ticker period: the wall-clock limit's granularity, 1 to 1,000",
         unit="ms",
     ),
     Variable(
@@ -178,7 +184,7 @@ VARIABLES: tuple[Variable, ...] = (
         "SCRIPTPOOL_JOIN_THREADS",
         "join_threads",
         int,
-        "threads a worker runs a join's scripts on (1: one after another; see BENCHMARKS.md)",
+        "threads a worker runs a join's scripts on, 1 to 64 (1: one after another; see BENCHMARKS.md)",
     ),
     Variable(
         "SCRIPTPOOL_METRICS_PORT",

@@ -174,15 +174,28 @@ class ExtensionPointReader(Generic[T]):
         self._lock = threading.Lock()
 
     def get(self, name: str) -> T:
-        """What ``prepare`` made of EP ``name``, or :class:`UnknownExtensionPoint`."""
+        """What ``prepare`` made of EP ``name``, or :class:`UnknownExtensionPoint`. Asks Redis
+        (a synchronous GET) unless the entry is fresh: a caller that must not wait on Redis
+        asks :meth:`fresh` first, and reads off its own thread when that says None."""
+        value = self.fresh(name)
+        if value is not None:
+            return value
         now = self._clock()
+        raw = self._redis.get(self._keys.extension_point(name))
+        value = self._read(name, raw) if raw is not None else None
+        with self._lock:
+            self._entries[name] = (value, now + (self._ttl_s if value is not None else UNKNOWN_RECHECK_S))
+        if value is None:
+            raise UnknownExtensionPoint(f"extension point {name!r} is not defined", ep=name)
+        return value
+
+    def fresh(self, name: str) -> T | None:
+        """What :meth:`get` gives for EP ``name`` while its entry is fresh, without asking Redis
+        (:class:`UnknownExtensionPoint` for an EP known not to be defined); None when ``get``
+        would have to ask Redis (never read, expired, or its record was unusable)."""
         entry = self._entries.get(name)
-        if entry is None or entry[1] <= now:
-            raw = self._redis.get(self._keys.extension_point(name))
-            value = self._read(name, raw) if raw is not None else None
-            entry = (value, now + (self._ttl_s if value is not None else UNKNOWN_RECHECK_S))
-            with self._lock:
-                self._entries[name] = entry
+        if entry is None or entry[1] <= self._clock():
+            return None
         if entry[0] is None:
             raise UnknownExtensionPoint(f"extension point {name!r} is not defined", ep=name)
         return entry[0]

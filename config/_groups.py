@@ -48,7 +48,9 @@ def ranges_text(shards: tuple[int, ...] | list[int]) -> str:
     return ",".join(parts)
 
 
-def _parse_ranges(text: str) -> list[int]:
+def _parse_ranges(text: str, count: int) -> list[int]:
+    """The shards ``text`` names, each checked to be below ``count`` before any is listed (a
+    range such as 0-999999999 would otherwise be listed in full first)."""
     shards: list[int] = []
     for part in text.split(","):
         part = part.strip()
@@ -60,6 +62,11 @@ def _parse_ranges(text: str) -> list[int]:
         low, high = int(first), int(last) if dash else int(first)
         if high < low:
             raise ConfigurationError(f"{VARIABLE}: range {part!r} runs backwards", variable=VARIABLE)
+        if high >= count:
+            raise ConfigurationError(
+                f"{VARIABLE} names shard {high}, but SCRIPTPOOL_SHARDS={count} means shards 0..{count - 1}",
+                variable=VARIABLE,
+            )
         shards.extend(range(low, high + 1))
     return shards
 
@@ -87,13 +94,7 @@ def parse_shard_groups(text: str, shards: int, default_url: str) -> tuple[ShardG
                 variable=VARIABLE,
             )
         check_redis_url(url, VARIABLE)
-        for shard in _parse_ranges(ranges):
-            if shard >= shards:
-                raise ConfigurationError(
-                    f"{VARIABLE} names shard {shard}, but SCRIPTPOOL_SHARDS={shards} means shards "
-                    f"0..{shards - 1}",
-                    variable=VARIABLE,
-                )
+        for shard in _parse_ranges(ranges, shards):
             if shard in owner and owner[shard] != url:
                 raise ConfigurationError(
                     f"{VARIABLE} puts shard {shard} in two groups "

@@ -23,6 +23,7 @@ master, are the exception: :class:`PrimaryCheck` and the process-wide watch belo
 
 from __future__ import annotations
 
+import difflib
 import os
 import ssl
 import threading
@@ -50,6 +51,16 @@ _TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 _SENTINEL_OPTIONS = frozenset(
     {"sentinel_password", "sentinel_username", "ssl", "ssl_cert_reqs", "min_other_sentinels", *_TLS_FILES}
 )
+# The query options of a direct URL. redis-py hands any option it does not parse itself to its
+# connection class as a keyword, so a typo (ssl_ca_cert) fails every command with a TypeError; and
+# options kombu does not read would make the workers' broker connect otherwise than our clients.
+# So a URL takes only these: the TLS files and checks, which both read (redis_tls_options), and
+# on a unix:// URL the database (its path is the socket's).
+_DIRECT_OPTIONS = {
+    "redis": frozenset(),
+    "rediss": frozenset({"ssl_cert_reqs", *_TLS_FILES}),
+    "unix": frozenset({"db"}),
+}
 _TRUE, _FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off"})
 # Sentinel links answer one small command each; a sentinel that takes longer than this is skipped
 # for the next one, so a dead sentinel costs a caller at most this, once.
@@ -130,7 +141,7 @@ def parse_sentinel_url(url: str, variable: str = DEFAULT_VARIABLE) -> SentinelUR
     if unknown:
         raise _bad(
             variable,
-            f"has unknown sentinel option(s) {', '.join(unknown)}; "
+            f"has unknown sentinel option(s) {_named(unknown, _SENTINEL_OPTIONS)}; "
             f"known: {', '.join(sorted(_SENTINEL_OPTIONS))}",
         )
     tls_text = options.get("ssl", "false").lower()
@@ -187,7 +198,7 @@ def check_redis_url(url: str, variable: str = DEFAULT_VARIABLE) -> str:
     """Return ``url`` if it is a Redis URL we can connect with; else one clear error naming
     ``variable`` (the setting the URL came from)."""
     if not isinstance(url, str) or "://" not in url:
-        raise _bad(variable, f"must be a URL such as redis://host:6379/0, got {url!r}")
+        raise _bad(variable, f"must be a URL such as redis://host:6379/0, got {redact(url)!r}")
     scheme = url.split("://", 1)[0]
     if scheme not in SCHEMES:
         raise _bad(variable, f"must use one of {', '.join(s + '://' for s in SCHEMES)}, got {scheme}://")
@@ -204,16 +215,45 @@ def check_redis_url(url: str, variable: str = DEFAULT_VARIABLE) -> str:
     db = parts.path.strip("/")
     if parts.scheme != "unix" and db and not db.isdigit():
         raise _bad(variable, f"must end in a database number, got /{db}")
+    _check_direct_options(parts.scheme, parts.query, variable)
     redis_tls_options(url, variable)
     return url
+
+
+def _check_direct_options(scheme: str, query: str, variable: str) -> None:
+    """Refuse a query option a direct URL may not have (see ``_DIRECT_OPTIONS``), naming it,
+    the closest valid one, and those the scheme takes."""
+    known = _DIRECT_OPTIONS[scheme]
+    given = [name for name, _ in parse_qsl(query, keep_blank_values=True)]
+    unknown = sorted({name for name in given if name not in known})
+    if not unknown:
+        if "db" in given and not dict(parse_qsl(query))["db"].isdigit():
+            raise _bad(variable, "option db must be a database number")
+        return
+    takes = (
+        f"a {scheme}:// URL takes {', '.join(sorted(known))}" if known else f"a {scheme}:// URL takes none"
+    )
+    if scheme == "redis" and set(unknown) <= _DIRECT_OPTIONS["rediss"]:
+        takes += " (the TLS options are for rediss://)"
+    raise _bad(variable, f"has unknown option(s) {_named(unknown, known)}; {takes}")
+
+
+def _named(unknown: list[str], known: frozenset[str]) -> str:
+    """The unknown option names, each with the known one it most resembles (a typo, likely)."""
+    shown = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.7)
+        shown.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return ", ".join(shown)
 
 
 def redact(url: str) -> str:
     """``url`` without its passwords, for messages and logs."""
     head, at, tail = url.rpartition("@")
     if at:
-        scheme, _, _ = head.partition("://")
-        url = f"{scheme}://{tail}"
+        # Without "://" (a malformed URL) everything before the "@" may be the password.
+        scheme, separator, _ = head.partition("://")
+        url = f"{scheme}://{tail}" if separator else f"***@{tail}"
     base, question, query = url.partition("?")
     if not question:
         return base
@@ -229,6 +269,19 @@ def describe_redis_url(url: str) -> str:
         except ConfigurationError:
             return redact(url)
     return redact(url).split("://", 1)[-1]
+
+
+def redis_failure(where: str, exc: BaseException) -> str:
+    """What a failure to use a Redis means to a user; ``where`` says which, credentials left out
+    ("at host:6379/0", "of group 0-3 (host:6379/0)"). A Redis that wants a password, or another
+    one, was reached: it is said so, with where the password goes, not "cannot reach"."""
+    if isinstance(exc, redis.AuthenticationError):
+        return (
+            f"Redis {where} answered but refused the connection ({exc}): it needs its password "
+            "in the URL, as redis://:PASSWORD@host:6379/0 (redis://USER:PASSWORD@host:6379/0 for an "
+            "ACL user)"
+        )
+    return f"cannot reach Redis {where}: {exc}"
 
 
 def redis_tls_options(url: str, variable: str = DEFAULT_VARIABLE) -> dict[str, Any] | None:

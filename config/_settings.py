@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -23,6 +25,26 @@ from config.errors import ConfigurationError
 DEPLOY_WAIT_MS = 2000
 
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.:{}]{0,63}")
+
+# The most shards a deployment may have. Every process keeps something per shard (a client a lane,
+# `status` a row and a queue-depth read), so the count must stay within reach of a person: far
+# past any pool measured here (16), and 999999999 (a typo of a digit key held down) is refused at
+# once instead of making `status` run for minutes.
+MAX_SHARDS = 4096
+# A caller's deadline as the client takes it: (0, 600 s] (producer._client.MAX_TIMEOUT_S).
+MAX_DEADLINE_MS = 600_000
+# The epoch ticker's period is the wall-clock limit's granularity: past a second it no longer
+# bounds a run's wall time in any useful way (wall_ms is 100 ms by default).
+MAX_EPOCH_TICK_MS = 1000
+# Threads a worker runs one join's scripts on: a join has at most 25 apps and a reducer.
+MAX_JOIN_THREADS = 64
+# The Settings fields that hold numbers, with the types each takes (bool is never one of them).
+_INTEGERS = (
+    "deploy_wait_ms", "shards", "default_deadline_ms", "module_cache_bytes", "provider_max_bytes",
+    "epoch_tick_ms", "join_threads", "metrics_port", "capture_per_shop", "capture_max_bytes",
+    "capture_ttl_s",
+)  # fmt: skip
+_NUMBERS = ("input_validation_rate", "binding_cache_ttl_s")
 
 # The artifact key signs the native code workers load: whoever has it and can write to Redis runs
 # code on every worker. So a key must be long, look random, and never be one that was published.
@@ -53,8 +75,14 @@ def artifact_key_problem(key: bytes) -> str | None:
         return "is not set: workers and deploys need the key that signs compiled artifacts"
     if len(key) < MIN_ARTIFACT_KEY_BYTES:
         return f"is {len(key)} bytes: a key has at least {MIN_ARTIFACT_KEY_BYTES}"
+    if any(byte < 0x20 or byte == 0x7F for byte in key):
+        # HMAC pads a key to its block with NULs, so a published key with NULs after it signs
+        # as that key: a key is printable text, as `scriptpool key generate` makes it.
+        return "has control characters (a NUL or a newline, say): a key is printable text"
     if hashlib.sha256(key).hexdigest() in PUBLISHED_ARTIFACT_KEYS:
         return "is a published key (scriptpool's own files showed it), so anyone can sign artifacts with it"
+    if b"change-me" in key.lower() or b"changeme" in key.lower():
+        return "is a placeholder (it says change-me), not a random key"
     if len(set(key)) < MIN_ARTIFACT_KEY_DISTINCT:
         return f"has only {len(set(key))} distinct bytes: a placeholder, not a random key"
     return None
@@ -125,18 +153,36 @@ class Settings:
     groups: tuple[ShardGroup, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # Types first: a value from code (not from the environment, which parses its text) could
+        # be anything, and must fail here by name rather than in a comparison or at first use.
+        for name in _INTEGERS:
+            if type(getattr(self, name)) is not int:
+                _invalid(name, f"must be an integer, got {getattr(self, name)!r}")
+        for name in _NUMBERS:
+            if type(getattr(self, name)) not in (int, float):
+                _invalid(name, f"must be a number, got {getattr(self, name)!r}")
+        if self.deploy_replicas is not None and type(self.deploy_replicas) is not int:
+            _invalid("deploy_replicas", f"must be an integer (or None: auto), got {self.deploy_replicas!r}")
+        for name in ("redis_url", "shard_groups", "key_prefix", "artifact_key_file"):
+            if not isinstance(getattr(self, name), str):
+                _invalid(name, f"must be text, got {type(getattr(self, name)).__name__}")
+        if type(self.capture) is not bool:
+            _invalid("capture", f"must be True or False, got {self.capture!r}")
+        if not isinstance(self.artifact_key, bytes):
+            _invalid("artifact_key", f"must be bytes, got {type(self.artifact_key).__name__}")
+        if not isinstance(self.limits, Limits):
+            _invalid("limits", f"must be a Limits, got {type(self.limits).__name__}")
+        if not 1 <= self.shards <= MAX_SHARDS:
+            # Before the groups: their map is checked against every shard.
+            _invalid("shards", f"must be at least 1 and at most {MAX_SHARDS}, got {self.shards}")
         check_redis_url(self.redis_url)
-        if self.shards >= 1:
-            groups = parse_shard_groups(self.shard_groups, self.shards, self.redis_url)
-            object.__setattr__(self, "groups", groups)
+        object.__setattr__(self, "groups", parse_shard_groups(self.shard_groups, self.shards, self.redis_url))
         if self.deploy_replicas is not None and self.deploy_replicas < 0:
             _invalid("deploy_replicas", f"must be 0 or more (or auto), got {self.deploy_replicas}")
         if not 0 < self.deploy_wait_ms <= 600_000:
             _invalid("deploy_wait_ms", f"must lie in 1..600000 ms, got {self.deploy_wait_ms}")
         if not _PREFIX.fullmatch(self.key_prefix):
             _invalid("key_prefix", f"must be 1-64 letters, digits or _-.:{{}}, got {self.key_prefix!r}")
-        if self.shards < 1:
-            _invalid("shards", f"must be at least 1, got {self.shards}")
         if not 0.0 <= self.input_validation_rate <= 1.0:
             _invalid("input_validation_rate", f"must lie in [0, 1], got {self.input_validation_rate}")
         for name in (
@@ -151,8 +197,17 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 _invalid(name, f"must be positive, got {getattr(self, name)}")
-        if not self.binding_cache_ttl_s > 0:
-            _invalid("binding_cache_ttl_s", f"must be positive, got {self.binding_cache_ttl_s}")
+        if self.default_deadline_ms > MAX_DEADLINE_MS:
+            _invalid(
+                "default_deadline_ms", f"must lie in 1..{MAX_DEADLINE_MS} ms, got {self.default_deadline_ms}"
+            )
+        if self.epoch_tick_ms > MAX_EPOCH_TICK_MS:
+            _invalid("epoch_tick_ms", f"must lie in 1..{MAX_EPOCH_TICK_MS} ms, got {self.epoch_tick_ms}")
+        if self.join_threads > MAX_JOIN_THREADS:
+            _invalid("join_threads", f"must lie in 1..{MAX_JOIN_THREADS}, got {self.join_threads}")
+        if not 0 < self.binding_cache_ttl_s < math.inf:  # inf would turn the backstop off
+            ttl = self.binding_cache_ttl_s
+            _invalid("binding_cache_ttl_s", f"must be a positive number of seconds, got {ttl}")
         if not 0 <= self.metrics_port <= 65535:
             _invalid("metrics_port", f"must be a TCP port in 0..65535, got {self.metrics_port}")
 
@@ -164,7 +219,9 @@ class Settings:
     def group_of(self, shard: int) -> ShardGroup:
         """The group that serves ``shard``."""
         for group in self.groups:
-            if shard in group.shards:
+            # A group's shards are sorted: a search, not a scan (a client asks for every shard).
+            at = bisect.bisect_left(group.shards, shard)
+            if at < len(group.shards) and group.shards[at] == shard:
                 return group
         raise ConfigurationError(f"shard {shard} is not one of 0..{self.shards - 1}")
 

@@ -2,9 +2,10 @@
 
 Every error carries a stable ``code`` that outcomes and logs report. Codes never change once
 published; messages may. Two class attributes say what a code means to a caller:
-``trips_breaker`` (the script or the pool is unhealthy, so the (shop, EP) circuit breaker counts
-it) and ``fallback`` (the pool did not answer: the outcome's status is ``fallback``). No other
-module spells a code: it names the class.
+``trips_breaker`` (the pool did not answer, or not in time: the (shop, EP) circuit breaker
+counts it; an error a script gives for one input, however often, is an answer and does not) and
+``fallback`` (the pool did not answer: the outcome's status is ``fallback``). No other module
+spells a code: it names the class.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ __all__ = [
     "ArtifactRejected",
     "BrokerUnavailable",
     "CircuitOpen",
+    "ClientClosed",
     "ConfigurationError",
     "DeadlineExceeded",
     "ExecutionError",
+    "ExtensionPointInUse",
     "ForbiddenImport",
     "GuestRuntimeError",
     "InputTooLarge",
@@ -150,8 +153,16 @@ class RolloutConflict(RegistryError):
     code = "rollout_in_progress"
 
 
+class ExtensionPointInUse(RegistryError):
+    """Raised when a redefinition would change how the scripts bound at an extension point
+    combine (its ``combine`` mode) and apps are bound there, unless it is forced."""
+
+    code = "extension_point_in_use"
+
+
 class NothingToRollBack(RegistryError):
-    """Raised when a rollback is asked for but no earlier version exists."""
+    """Raised when a rollback is asked for but the version it would bind is not kept (no
+    earlier one, or not the version named)."""
 
     code = "nothing_to_roll_back"
 
@@ -202,25 +213,23 @@ class InstructionLimitExceeded(ExecutionError):
     """Raised when a guest exhausts its instruction (fuel) budget."""
 
     code = "instruction_limit_exceeded"
-    trips_breaker = True
 
 
 class MemoryLimitExceeded(ExecutionError):
     """Raised when a guest needs more linear memory than its limit allows."""
 
     code = "memory_limit_exceeded"
-    trips_breaker = True
 
 
 class StackOverflow(ExecutionError):
     """Raised when a guest exhausts its Wasm stack."""
 
     code = "stack_overflow"
-    trips_breaker = True
 
 
 class WallClockExceeded(ExecutionError):
-    """Raised when a guest runs past its wall-clock deadline (epoch interruption)."""
+    """Raised when a guest runs past its wall-clock deadline (epoch interruption). Unlike the
+    other limits it depends on the worker's load, not only on the input, so the breaker counts it."""
 
     code = "wall_clock_exceeded"
     trips_breaker = True
@@ -230,21 +239,18 @@ class GuestRuntimeError(ExecutionError):
     """Raised when a guest traps or exits non-zero; ``detail`` holds ``trap_code`` or ``exit_code``."""
 
     code = "runtime_error"
-    trips_breaker = True
 
 
 class InvalidOutput(ExecutionError):
     """Raised when guest output is not UTF-8, not JSON, or fails the output schema."""
 
     code = "invalid_output"
-    trips_breaker = True
 
 
 class OutputTooLarge(ExecutionError):
     """Raised when a guest writes more to stdout than the output limit."""
 
     code = "output_too_large"
-    trips_breaker = True
 
 
 # -- the pool (enqueue and await) -----------------------------------------------------------------
@@ -268,6 +274,14 @@ class CircuitOpen(PoolError):
     """Raised when the (shop, EP) circuit breaker is open, so nothing was enqueued."""
 
     code = "circuit_open"
+    fallback = True
+
+
+class ClientClosed(PoolError):
+    """Raised (only with ``strict=True``) when a call is made on a client after its ``close()``:
+    nothing is enqueued, and the caller gets its fallback at once instead of at its deadline."""
+
+    code = "client_closed"
     fallback = True
 
 

@@ -43,9 +43,17 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from config import get_logger
+from config.errors import InvalidArgument
 from producer._replies import Waiter
 
 log = get_logger("client")
+
+# The ranges of BatchPolicy's fields, both ends included. A window is about the workers one shard
+# has; a message of more jobs, or more input, than these holds a worker from the others' calls
+# for long (a message's jobs run one after another) and is past any use measured here.
+MAX_WINDOW = 1024
+MAX_BATCH_JOBS = 1024
+MAX_BATCH_INPUT_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +61,30 @@ class BatchPolicy:
     """How a client coalesces calls per shard.
 
     ``window``: messages per shard that may wait in the queue untaken before calls start to
-    coalesce; ``0`` turns batching off (every call is its own message). ``max_jobs`` and
-    ``max_input_bytes`` cap one message.
+    coalesce, 0 to 1024; ``0`` turns batching off (every call is its own message). ``max_jobs``
+    (1 to 1024) and ``max_input_bytes`` (1 to 64 MiB) cap one message; a single call's input is
+    never split, so one larger than ``max_input_bytes`` still goes out, alone. Any other value
+    is refused here, by :class:`InvalidArgument` naming the field and its range.
     """
 
     window: int = 1
     max_jobs: int = 64
     max_input_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        check_integer("BatchPolicy", "window", self.window, 0, MAX_WINDOW)
+        check_integer("BatchPolicy", "max_jobs", self.max_jobs, 1, MAX_BATCH_JOBS)
+        check_integer("BatchPolicy", "max_input_bytes", self.max_input_bytes, 1, MAX_BATCH_INPUT_BYTES)
+
+
+def check_integer(owner: str, name: str, value: object, low: int, high: int) -> None:
+    """:class:`InvalidArgument` naming ``owner.name`` and its range unless ``value`` is an
+    integer (not a bool) from ``low`` to ``high``."""
+    if type(value) is not int or not low <= value <= high:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise InvalidArgument(
+            f"{owner}.{name} must be an integer from {low:,} to {high:,}, got {shown}", field=name
+        )
 
 
 class _JobLike(Protocol):

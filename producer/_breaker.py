@@ -6,6 +6,15 @@ Half-open: exactly one probe passes; success closes it, failure re-opens it for 
 A probe that never reports (its caller was cancelled) holds the breaker only until its deadline:
 then the next call probes instead, so no lost call can keep a (shop, EP) refused for good.
 
+What counts as a failure: only what says the pool is not answering, or not in time: no reply by
+the deadline (``timeout``), Redis unreachable (``broker_unavailable``), a worker that failed or
+sent a reply it could not have sent (``worker_error``, ``invalid_reply``), and a script stopped by
+its wall clock (``wall_clock_exceeded``, which depends on the worker's load). These are the error
+classes with ``trips_breaker`` (``config.errors``). A script's other errors (a trap, invalid
+output, a fuel, memory or stack limit) are answers, given promptly and decided by the input:
+counting them would let five bad carts turn away the good ones after them, for a cost the
+script's limits already bound. Such an answer counts as a success, as any reply does.
+
 Why not pybreaker: it wraps a call, and our call is an enqueue plus a wait that may finish on
 another thread or in an asyncio task; it also has no notion of letting exactly one probe through.
 """
@@ -19,16 +28,45 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from config.errors import InvalidArgument
+
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+# The longest window and cool-down: an hour. A breaker keeps each failure of its window, so an
+# endless window would keep every one; and a breaker open for longer than an hour is a switch,
+# not a breaker.
+MAX_BREAKER_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
 class BreakerPolicy:
-    """When a breaker opens and how long it stays open."""
+    """When a breaker opens and how long it stays open.
+
+    ``error_threshold`` failures (an integer, 1 or more; a huge one, such as ``10**9``, never
+    opens it) within ``error_window_s`` seconds open it, for ``cooldown_s`` seconds. Both times
+    are numbers in (0, 3600]. Any other value is refused here, by :class:`InvalidArgument`
+    naming the field and its range.
+    """
 
     error_threshold: int = 5
     error_window_s: float = 10.0
     cooldown_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if type(self.error_threshold) is not int or self.error_threshold < 1:
+            raise InvalidArgument(
+                f"BreakerPolicy.error_threshold must be an integer, 1 or more, got {self.error_threshold!r}",
+                field="error_threshold",
+            )
+        for name in ("error_window_s", "cooldown_s"):
+            value = getattr(self, name)
+            # NaN fails the comparison, so it is refused too.
+            if type(value) not in (int, float) or not 0 < value <= MAX_BREAKER_S:
+                raise InvalidArgument(
+                    f"BreakerPolicy.{name} must be a number of seconds in (0, {MAX_BREAKER_S:g}], "
+                    f"got {value!r}",
+                    field=name,
+                )
 
 
 class CircuitBreaker:

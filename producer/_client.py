@@ -7,9 +7,11 @@ import contextlib
 import functools
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,8 @@ from config import (
 from config.errors import (
     BrokerUnavailable,
     CircuitOpen,
+    ClientClosed,
+    ConfigurationError,
     DeadlineExceeded,
     InvalidArgument,
     InvalidReply,
@@ -66,6 +70,11 @@ _SHARD_CACHE = 100_000
 # and at least this long, however little time its caller has left.
 _PUBLISH_TIMEOUT_S = 1.0
 _PUBLISH_MIN_S = 0.001
+# close() waits this long at most for its reply lists to be deleted (a Redis that answers takes
+# about a millisecond); then it drops its connections, which ends any read still waiting on them.
+_CLOSE_S = 0.25
+# Threads per shard group that read EP definitions: a read is one GET, once per EP every 5 s.
+_EP_READERS = 2
 
 
 class _GroupLink:
@@ -76,6 +85,12 @@ class _GroupLink:
     callers publish from the background threads and wait only on their own deadline, since a
     Redis that froze (or a primary cut off before Sentinel replaces it) keeps connections open
     and silent, and a new connection's handshake would wait out the socket timeout (1 s) on it.
+
+    EP definitions are read off the callers' threads (:meth:`read_limits`), on the group's own
+    reader threads (a group whose Redis does not answer holds up only its own reads), one read
+    per EP in flight however many callers miss the cache together, and each caller waits for it
+    only until its own deadline: a GET on a Redis that accepts connections and never answers
+    would otherwise hold the caller (or an event loop) for the socket timeout.
     """
 
     def __init__(
@@ -88,6 +103,9 @@ class _GroupLink:
     ) -> None:
         self.group = group
         self.failing = False
+        # Redis answered something of ours: until then no worker can have replied to this
+        # client, so close() has no reply list to delete there (nor waits on that Redis for it).
+        self.answered = False
         self.redis = redis_client(group.url, timeout=1.0, connect_timeout=0.25)
         self.tasks = TaskPublisher(self.redis, Keys.TASK)
         self.replies = ReplyDispatcher(group.url, keys.replies(client_id), on_reconnect)
@@ -97,9 +115,70 @@ class _GroupLink:
             lambda ep: _EpLimits(ep.limits(settings.limits), dict(ep.scale)),
             ttl_s=_EP_CACHE_S,
         )
+        self._reads: dict[str, Future[_EpLimits]] = {}
+        self._reads_lock = threading.Lock()
+        self._readers = ThreadPoolExecutor(_EP_READERS, thread_name_prefix=f"scriptpool-ep-{group.name}")
 
-    def close(self) -> None:
-        self.replies.close(self.redis)
+    def read_limits(self, ep: str) -> Future[_EpLimits]:
+        """EP ``ep``'s limits, read from Redis on one of this group's reader threads; a read
+        already in flight for ``ep`` is shared. The future holds what the read raised: a Redis
+        error, :class:`UnknownExtensionPoint`, :class:`ConfigurationError`, or
+        :class:`ClientClosed` if the client closes before it is read."""
+        with self._reads_lock:
+            future = self._reads.get(ep)
+            if future is not None:
+                return future
+            future = self._reads[ep] = Future()
+        try:
+            self._readers.submit(self._read, ep, future)
+        except RuntimeError:  # shut down: the client closed meanwhile
+            self._settle(ep, future, ClientClosed("the client is closed"))
+        return future
+
+    def stop_reads(self) -> None:
+        """No more EP reads: whoever waits on one hears :class:`ClientClosed` now (a read still
+        queued will never run; one running ends with the connections, :meth:`release`)."""
+        self._readers.shutdown(wait=False, cancel_futures=True)
+        with self._reads_lock:
+            pending = list(self._reads.items())
+        for ep, future in pending:
+            self._settle(ep, future, ClientClosed("the client is closed"))
+
+    def _read(self, ep: str, future: Future[_EpLimits]) -> None:
+        try:
+            value = self.limits.get(ep)
+        except _TRANSPORT_ERRORS as exc:
+            self.failing = True
+            self._settle(ep, future, exc)
+        except ScriptpoolError as exc:  # an answer all the same: not defined, or not usable
+            self.failing, self.answered = False, True
+            self._settle(ep, future, exc)
+        except Exception as exc:  # a bug: its callers still get an answer, not a hang
+            log.exception("ep_read_failed", ep=ep, group=self.group.name)
+            self._settle(ep, future, exc)
+        else:
+            self.failing, self.answered = False, True
+            self._settle(ep, future, value)
+
+    def _settle(self, ep: str, future: Future[_EpLimits], result: _EpLimits | Exception) -> None:
+        with self._reads_lock:
+            if self._reads.get(ep) is future:
+                del self._reads[ep]
+        with contextlib.suppress(InvalidStateError):  # settled already, by close or by the read
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    def delete_replies(self) -> None:
+        """Delete this client's reply list (best effort: it expires by itself otherwise)."""
+        if self.answered:
+            with contextlib.suppress(*_TRANSPORT_ERRORS):
+                self.redis.delete(self.replies.reply_key)
+
+    def release(self) -> None:
+        """Close this group's connections now, in use or not: a thread still waiting on one
+        (a publish or a read on a Redis that does not answer) gets an error at once."""
         self.redis.close()
         self.redis.connection_pool.disconnect()  # the pool is ours: its sockets close now, not at GC
 
@@ -108,8 +187,10 @@ class Client:
     """Runs scripts on the pool. Thread-safe and asyncio-friendly; keep one per process.
 
     ``run``/``run_async`` never raise for runtime failures: they return an :class:`Outcome`
-    whose ``output`` is the fallback. Mistakes in the call itself (bad shop id, unknown EP,
-    input that is not JSON or too large, a non-positive timeout) raise before anything is enqueued.
+    whose ``output`` is the fallback, by the call's deadline whatever Redis does (it may accept
+    connections and never answer). Mistakes in the call itself (bad shop id, unknown EP, input
+    that is not JSON or too large, a non-positive timeout) raise before anything is enqueued.
+    A call after :meth:`close` gets its fallback at once, with error code ``client_closed``.
 
     A call goes shop -> shard -> shard group (``SCRIPTPOOL_SHARD_GROUPS``): the client keeps one
     set of connections per group and publishes to, and hears replies from, the shop's group.
@@ -122,7 +203,17 @@ class Client:
         breaker: BreakerPolicy | None = None,
         batching: BatchPolicy | None = None,
     ) -> None:
+        if not isinstance(settings, Settings):
+            raise InvalidArgument(
+                f"Client takes a Settings, got {_shown(settings)}: pass Settings.from_env() (the "
+                "SCRIPTPOOL_* variables, as the workers read them) or Settings(redis_url=...)"
+            )
+        if breaker is not None and not isinstance(breaker, BreakerPolicy):
+            raise InvalidArgument(f"breaker must be a BreakerPolicy, got {_shown(breaker)}")
+        if batching is not None and not isinstance(batching, BatchPolicy):
+            raise InvalidArgument(f"batching must be a BatchPolicy, got {_shown(batching)}")
         self.settings = settings
+        self._closed = False
         self.client_id = os.urandom(16).hex()
         self._keys = settings.keys
         self._publisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scriptpool-publish")
@@ -171,9 +262,17 @@ class Client:
         strict: bool = False,
     ) -> Outcome:
         """Run the script of (``ep``, ``shop_id``) on ``input``; wait at most ``timeout`` seconds."""
-        call = self._prepare(ep, shop_id, input, timeout, fallback)
-        if isinstance(call, Outcome):
-            return self._finish(call, strict)
+        call, payload, timeout = self._start(ep, shop_id, input, timeout, fallback)
+        limits = self._known_limits(call)
+        if isinstance(limits, Future):
+            # A read of the EP from Redis (another thread's): waited for until the deadline only.
+            wait_for_futures((limits,), timeout=max(call.job.deadline - time.time(), 0.0))
+            limits = self._read_limits(call, limits)
+        decided = (
+            limits if isinstance(limits, Outcome) else self._admit(call, limits, input, payload, timeout)
+        )
+        if decided is not None:
+            return self._finish(decided, strict)
         link = self._link_of_shard[call.shard]
         call.waiter = link.replies.expect(call.job.id)
         if not link.failing:
@@ -197,17 +296,30 @@ class Client:
         fallback: Any = None,
         strict: bool = False,
     ) -> Outcome:
-        """The asyncio twin of :meth:`run`: the event loop never blocks on Redis."""
-        call = self._prepare(ep, shop_id, input, timeout, fallback)
-        if isinstance(call, Outcome):
-            return self._finish(call, strict)
+        """The asyncio twin of :meth:`run`: the event loop never blocks on Redis (an EP read
+        on a cache miss and the publish run on the client's threads)."""
+        call, payload, timeout = self._start(ep, shop_id, input, timeout, fallback)
+        loop = asyncio.get_running_loop()
+        limits = self._known_limits(call)
+        if isinstance(limits, Future):
+            if not limits.done():
+                read = loop.create_future()
+                limits.add_done_callback(functools.partial(_wake_loop, loop, read))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(read, max(call.job.deadline - time.time(), 0.0))
+            limits = self._read_limits(call, limits)
+        decided = (
+            limits if isinstance(limits, Outcome) else self._admit(call, limits, input, payload, timeout)
+        )
+        if decided is not None:
+            return self._finish(decided, strict)
         link = self._link_of_shard[call.shard]
-        call.waiter = link.replies.expect(call.job.id, asyncio.get_running_loop())
+        call.waiter = link.replies.expect(call.job.id, loop)
         # Publishing is a Redis round trip: off the event loop. Whatever happens to it reaches
         # the waiter, and the wait below ends at the deadline regardless. Joining a busy lane's
         # next message needs no I/O, so it takes no thread either.
         if not self._lanes[call.shard].try_queue(call):
-            self._publisher.submit(self._submit, call)
+            self._background(functools.partial(self._submit, call))
         try:
             reply = await call.waiter.wait_async(call.job.deadline - time.time())
         except BaseException:  # cancelled: the call must not hold its lane, nor its reply slot
@@ -233,10 +345,14 @@ class Client:
 
     def _warm_publisher(self) -> None:
         for link in self._groups:
+            if self._closed:
+                return  # a new connection to a Redis that does not answer would only delay exit
             try:
                 link.redis.ping()
             except _TRANSPORT_ERRORS as exc:
                 log.warning("publisher_warmup_failed", group=link.group.name, error=str(exc))
+            else:
+                link.answered = True
         self._check_shard_count()
 
     def _check_shard_count(self) -> None:
@@ -245,6 +361,8 @@ class Client:
         self._shard_count_checked = time.monotonic()
         beats = []
         for link in self._groups:
+            if self._closed:
+                return
             try:
                 beats.extend(live_workers(link.redis, self._keys))
             except _TRANSPORT_ERRORS:
@@ -269,32 +387,72 @@ class Client:
         """Per shard: (messages published, jobs they carried) since this client started."""
         return {shard: (lane.messages, lane.jobs) for shard, lane in enumerate(self._lanes)}
 
-    def limits(self, ep: str) -> Limits:
+    def limits(self, ep: str, *, timeout: float | None = None) -> Limits:
         """The limits scripts at ``ep`` run under, as this client knows them (cached for a few
-        seconds), from the first group that answers. Raises :class:`UnknownExtensionPoint`, or
-        redis-py's error if no group's Redis answers."""
+        seconds), from the first group that answers. Raises :class:`UnknownExtensionPoint`,
+        :class:`ConfigurationError` if its stored definition is unusable, :class:`ClientClosed`
+        after :meth:`close`, or redis-py's error if no group's Redis answers: with ``timeout``,
+        ``redis.TimeoutError`` once that many seconds pass without an answer."""
         ep = check_ep(ep)
-        for link in self._groups[:-1]:
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        started = time.monotonic()
+        for n, link in enumerate(self._groups):
             try:
-                return link.limits.get(ep).limits
+                known = link.limits.fresh(ep)
+                if known is not None:
+                    return known.limits
+                future = link.read_limits(ep)
+                left = None if timeout is None else max(timeout - (time.monotonic() - started), 0.0)
+                wait_for_futures((future,), timeout=left)
+                if not future.done():
+                    raise redis.TimeoutError(
+                        f"Redis of group {link.group.name} did not answer within {timeout:g} s"
+                    )
+                exc = future.exception()
+                if isinstance(exc, ScriptpoolError):
+                    raise _fresh_copy(exc)
+                return future.result().limits
             except _TRANSPORT_ERRORS:
-                continue
-        return self._groups[-1].limits.get(ep).limits
+                if n == len(self._groups) - 1:
+                    raise
+        raise AssertionError("unreachable: the last group raises")
 
     def breaker_state(self, shop_id: str | int, ep: str) -> str:
         """The breaker state of (shop, EP): ``closed``, ``open`` or ``half_open``."""
         return self._breakers.get(check_shop_id(shop_id), ep).state
 
     def close(self) -> None:
-        """Stop the reply reader, delete this client's reply list and release connections.
+        """Stop the reply readers, delete this client's reply lists and release connections,
+        within about 0.25 s whatever Redis does. Calling it again does nothing.
 
-        Calls still waiting get their fallback at their deadline. Also called on leaving a
-        ``with Client(...) as client:`` block. A publish in flight finishes first (at most its
-        1 s socket timeout, on a Redis that does not answer); queued ones are dropped.
+        Calls still waiting get their fallback at their deadline; calls made afterwards get it at
+        once (``client_closed``). Also called on leaving a ``with Client(...) as client:`` block.
+        Queued publishes are dropped; one in flight ends with the connections (a Redis that does
+        not answer never holds ``close`` for its socket timeout).
         """
-        self._publisher.shutdown(wait=True, cancel_futures=True)
+        if self._closed:
+            return
+        self._closed = True
+        self._publisher.shutdown(wait=False, cancel_futures=True)
         for link in self._groups:
-            link.close()
+            link.stop_reads()
+            link.replies.stop()  # wakes its blocking read now
+        until = time.monotonic() + _CLOSE_S
+        # Deleting a reply list is one round trip on a Redis that answers; on one that does not,
+        # it is given up at the bound, and the list expires by itself (Keys.REPLY_TTL_S).
+        cleaners = [
+            threading.Thread(target=link.delete_replies, name="scriptpool-close", daemon=True)
+            for link in self._groups
+        ]
+        for cleaner in cleaners:
+            cleaner.start()
+        for cleaner in cleaners:
+            cleaner.join(max(until - time.monotonic(), 0.0))
+        for link in self._groups:
+            link.release()
+        for link in self._groups:
+            link.replies.join(max(until - time.monotonic(), 0.0))
         self._clock.stop()
 
     def __enter__(self) -> Client:
@@ -304,9 +462,11 @@ class Client:
         self.close()
 
     # -- steps ---------------------------------------------------------------------------------
-    def _prepare(
+    def _start(
         self, ep: str, shop_id: str | int, input: Any, timeout: float | None, fallback: Any
-    ) -> _Call | Outcome:
+    ) -> tuple[_Call, bytes, float]:
+        """The call, checked and encoded (mistakes in it raise here), with its payload and
+        timeout; nothing asks Redis yet."""
         started = time.perf_counter()
         ep = check_ep(ep)
         shop = check_shop_id(shop_id)
@@ -325,42 +485,70 @@ class Client:
         serialized = time.perf_counter()
         now = time.time()
         job = Job(os.urandom(16).hex(), ep, shop, payload, deadline=now + timeout, enqueued_at=now)
-        breaker = self._breakers.get(shop, ep)
-        call = _Call(job, self._shard_of(shop), breaker, fallback, started)
+        call = _Call(job, self._shard_of(shop), self._breakers.get(shop, ep), fallback, started)
         call.validated, call.serialized = validated, serialized
+        return call, payload, timeout
+
+    def _known_limits(self, call: _Call) -> _EpLimits | Outcome | Future[_EpLimits]:
+        """The call's EP limits if known without waiting on Redis, its outcome if it ends here
+        (closed client, failing group), or the read from Redis to wait for (until the deadline)."""
+        if self._closed:
+            return call.fallback_outcome(ClientClosed, "the client is closed: run() after close()")
         link = self._link_of_shard[call.shard]
+        ep = call.job.ep
         if link.failing:
             # Do not wait on that Redis here: the limits last read serve, or the call falls back.
             cached = link.limits.peek(ep)
             if cached is None:
-                self._background(lambda: self._read_limits(link, ep))
-                breaker.failure()
+                link.read_limits(ep)  # once it answers, calls go out again
+                call.breaker.failure()
                 return call.fallback_outcome(
                     BrokerUnavailable, f"Redis of group {link.group.name} does not answer"
                 )
-            limits = cached
-        else:
-            try:
-                limits = link.limits.get(ep)
-            except _TRANSPORT_ERRORS as exc:
-                link.failing = True
-                breaker.failure()
-                return call.fallback_outcome(BrokerUnavailable, f"cannot reach Redis: {exc}")
-        check_input_size(payload, limits.for_input(input, payload))
-        if not breaker.allow(timeout):
-            return call.fallback_outcome(CircuitOpen, f"circuit for {shop}/{ep} is open")
-        return call
+            return cached
+        known = link.limits.fresh(ep)  # raises UnknownExtensionPoint while that is known
+        if known is not None:
+            return known
+        return link.read_limits(ep)
 
-    def _read_limits(self, link: _GroupLink, ep: str) -> None:
-        """Read an EP's limits off the caller's path, for a group that failed: once it answers,
-        its callers publish directly again."""
-        try:
-            link.limits.get(ep)
-        except _TRANSPORT_ERRORS:
-            return
-        except ScriptpoolError:
-            pass  # an unknown EP: still an answer
-        link.failing = False
+    def _read_limits(self, call: _Call, read: Future[_EpLimits]) -> _EpLimits | Outcome:
+        """What the EP read means for the call, once it ended or the call's deadline passed."""
+        link = self._link_of_shard[call.shard]
+        if not read.done():
+            call.breaker.failure()
+            return call.fallback_outcome(
+                BrokerUnavailable,
+                f"Redis of group {link.group.name} did not answer before the deadline "
+                f"(reading extension point {call.job.ep!r})",
+            )
+        exc = read.exception()
+        if exc is None:
+            return read.result()
+        if isinstance(exc, ConfigurationError):
+            # The EP's stored definition cannot be used (anyone who can write to Redis may have
+            # put anything there): a runtime failure, named, like the worker's answer to it.
+            return call.error_outcome(ConfigurationError, exc.message)
+        if isinstance(exc, ClientClosed):
+            return call.fallback_outcome(ClientClosed, "the client is closed: run() after close()")
+        if isinstance(exc, ScriptpoolError):
+            raise _fresh_copy(exc)  # UnknownExtensionPoint: a mistake in the call
+        call.breaker.failure()
+        if isinstance(exc, _TRANSPORT_ERRORS):
+            return call.fallback_outcome(BrokerUnavailable, f"cannot reach Redis: {exc}")
+        return call.fallback_outcome(
+            BrokerUnavailable, f"cannot read extension point {call.job.ep!r}: {exc!r}"
+        )
+
+    def _admit(
+        self, call: _Call, limits: _EpLimits, input: Any, payload: bytes, timeout: float
+    ) -> Outcome | None:
+        """None if the call may go out; else its outcome (an open breaker). An input over the
+        EP's limit raises."""
+        check_input_size(payload, limits.for_input(input, payload))
+        if not call.breaker.allow(timeout):
+            shop, ep = call.job.shop_id, call.job.ep
+            return call.fallback_outcome(CircuitOpen, f"circuit for {shop}/{ep} is open")
+        return None
 
     def _publish(self, calls: list[Any], announce: bool) -> None:
         """One task message carrying ``calls`` (one or more jobs for the same shard); with
@@ -368,6 +556,8 @@ class Client:
         first = calls[0].job
         argsrepr = f"[job {first.ep}/{first.shop_id}]" if len(calls) == 1 else f"[{len(calls)} jobs]"
         link = self._link_of_shard[calls[0].shard]
+        if self._closed:
+            raise redis.ConnectionError("the client is closed")
         # Wait for Redis's acknowledgement no longer than the latest caller of the message waits.
         remaining = max(call.job.deadline for call in calls) - time.time()
         try:
@@ -383,7 +573,7 @@ class Client:
         except _TRANSPORT_ERRORS:
             link.failing = True
             raise
-        link.failing = False
+        link.failing, link.answered = False, True
         now = time.perf_counter()
         for call in calls:
             call.enqueued = now
@@ -533,3 +723,24 @@ class _Call:
             None,
             self.job.id,
         )
+
+
+def _wake_loop(loop: asyncio.AbstractEventLoop, waiting: asyncio.Future[None], _done: object) -> None:
+    """(Any thread.) A read ended: wake the coroutine awaiting ``waiting`` on ``loop``."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody awaits
+        loop.call_soon_threadsafe(_set_done, waiting)
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _fresh_copy(exc: ScriptpoolError) -> ScriptpoolError:
+    """``exc`` anew: one read's error reaches several callers, each raising its own."""
+    return type(exc)(exc.message, **exc.detail)
+
+
+def _shown(value: object) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."

@@ -25,7 +25,8 @@ log = get_logger("client")
 # Replies read per round trip once several are queued up.
 _DRAIN = b"256"
 _BLOCK_S = b"1"
-# What close() pushes to wake its own blocked read (not msgpack: a worker never sends it).
+# Skipped if read: close() once pushed it to wake its own blocked read (not msgpack: a worker
+# never sends it); a list left from then may still hold one.
 _STOP = b"scriptpool:stop"
 
 
@@ -144,6 +145,7 @@ class ReplyDispatcher:
         self._lpop = redis_command(b"LPOP", reply_key, _DRAIN)
         self._delete = redis_command(b"DEL", reply_key)
         self._use_multi_pop = self.multi_pop
+        self._connection: Any = None  # the session's, while it has one: stop() closes it
         # A short cap: replies resume at most 0.25 s after Redis (or a promoted replica) answers
         # again, for one refused connect per 0.25 s while it does not.
         self._loop = Reconnector(
@@ -166,22 +168,37 @@ class ReplyDispatcher:
             return len(self._waiters)
 
     def close(self, client: redis.Redis | None = None) -> None:
-        """Stop reading. With ``client``, wake the blocked read at once (a stop marker pushed onto
-        the list) and delete the list, instead of waiting out the read's block time."""
-        self._loop.stopping.set()
-        if client is not None:
-            with contextlib.suppress(redis.RedisError, OSError):
-                client.rpush(self.reply_key, _STOP)
-        self._loop.stop(timeout=3)
+        """Stop reading (:meth:`stop`, then :meth:`join` for up to a second). With ``client``,
+        also delete the list."""
+        self.stop()
         if client is not None:
             with contextlib.suppress(redis.RedisError, OSError):
                 client.delete(self.reply_key)
+        self.join(1.0)
+
+    def stop(self) -> None:
+        """Stop reading now: the session's connection is closed under its blocking read, which
+        then ends at once, whether Redis answers or not (a command pushed to wake it would wait
+        out the socket timeout on a Redis that does not)."""
+        self._loop.stopping.set()
+        connection = self._connection
+        if connection is not None:
+            with contextlib.suppress(Exception):  # closing is all that is wanted of it
+                connection.disconnect()
+
+    def join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the reader's thread to end (it is a daemon: one
+        still connecting to a Redis that does not answer ends by its socket timeout)."""
+        self._loop.stop(timeout=timeout)
 
     def _session(self, loop: Reconnector) -> None:
         pool = redis_pool(self._url, timeout=2.0, connect_timeout=0.5)
         connection: Any = pool.make_connection()  # redis-py types these partly
+        self._connection = connection
         primary = PrimaryCheck(pool)
         try:
+            if loop.stopping.is_set():
+                return  # stop() came before the connection it would have closed
             # Now, and through the pool's own address lookup: on a Sentinel pool only connect()
             # asks the sentinels, a packed command would dial an old or default address.
             connection.connect()
@@ -218,7 +235,12 @@ class ReplyDispatcher:
                 for event_loop, futures in wakes.items():
                     with contextlib.suppress(RuntimeError):  # that loop is closed
                         event_loop.call_soon_threadsafe(_set_all_done, futures)
+        except Exception:
+            if loop.stopping.is_set():
+                return  # stop() closed the connection under the read: whatever that raised
+            raise
         finally:
+            self._connection = None
             connection.disconnect()
             pool.disconnect()
 

@@ -1,10 +1,11 @@
 """The deploy stage: extension points, providers, deployments and rollbacks, backed by Redis."""
 
 from registry._bindings import DEFAULT_APP, BindingSet, Deployment
+from registry._bounded_compile import start_compile_server
 from registry._candidate import ABORTED, CANARY, PROMOTED, SHADOWING, Candidate, RolloutRules
 from registry._compile import CompiledScript, compile_provider, compile_script
 from registry._groups import Registries
-from registry._registry import Provider, Registry
+from registry._registry import Definition, FieldChange, Provider, Registry
 from registry._rollouts import CANDIDATE_ERROR, MATCH, MISMATCH, Rollouts, RolloutStatus, Tally
 from registry._schemas import check_schema, compile_validator
 
@@ -20,7 +21,9 @@ __all__ = [
     "BindingSet",
     "Candidate",
     "CompiledScript",
+    "Definition",
     "Deployment",
+    "FieldChange",
     "Provider",
     "Registries",
     "Registry",
@@ -32,4 +35,5 @@ __all__ = [
     "compile_provider",
     "compile_script",
     "compile_validator",
+    "start_compile_server",
 ]

@@ -6,6 +6,13 @@ app name starts with ``#``. A reader takes every app's binding with one HGETALL,
 runs a mix of versions; each change is one Lua script that also pushes the replaced deployment
 onto that app's history and publishes the invalidation. A binding written before apps existed
 (one JSON string) reads as app ``default``, and the first change converts it.
+
+An app's history (``Keys.history``) keeps its versions that are not live, the most recently live
+first, up to ``Keys.HISTORY_DEPTH``. A rollback moves the version it binds out of the history and
+the one it replaces into it, so nothing is lost and ``rollback --to`` can go forward again. A
+version replaced by a rollback to an earlier one carries ``rolled_back_at``: a plain rollback
+(to the newest earlier version) skips it, since an operator rolled away from it. A deploy's
+version is one more than any version the app has kept, so a version number names one module.
 """
 
 from __future__ import annotations
@@ -26,16 +33,21 @@ DEFAULT_APP = "default"
 _GENERATION = "#generation"
 CANDIDATE = "#candidate"
 
-# Bind ``new_json`` (a deployment without its version) as ``app``: its version is the one it
-# replaces plus one, and the replaced one goes onto the app's history. Shared by deploy and by
-# a rollout's promotion, so both swap the same way.
+# Bind ``new_json`` (a deployment without its version) as ``app``: its version is one more than
+# any the app has kept (live or in its history: after a rollback the newer versions are still
+# there), and the replaced one goes onto the app's history. Shared by deploy and by a rollout's
+# promotion, so both swap the same way.
 BIND_APP = """
 local function bind_app(key, history, app, new_json, depth)
   local current = redis.call('HGET', key, app)
   local new = cjson.decode(new_json)
-  new['version'] = 1
+  local top = 0
+  if current then top = cjson.decode(current)['version'] end
+  for _, kept in ipairs(redis.call('LRANGE', history, 0, -1)) do
+    top = math.max(top, cjson.decode(kept)['version'])
+  end
+  new['version'] = top + 1
   if current then
-    new['version'] = cjson.decode(current)['version'] + 1
     redis.call('LPUSH', history, current)
     redis.call('LTRIM', history, 0, depth - 1)
   end
@@ -105,17 +117,57 @@ return {encoded, superseded}
 """
 )
 
+# Bind a kept version of an app again: version ARGV[5], or ('') the newest version below the live
+# one that was not itself rolled back. It leaves the history and the live one enters it (marked
+# ``rolled_back_at`` when the move is backwards). ARGV: message, app, now, rollout retention,
+# version, depth. Answers {'rolled', live JSON, superseded, replaced version}, {'live', live
+# JSON} when that version is live already, {'missing', kept versions as JSON} or {'none'}.
 _ROLLBACK = (
     _SUPERSEDE
     + UPGRADE
     + """
-local previous = redis.call('LPOP', KEYS[2])
-if not previous then return false end
-local superseded = supersede(ARGV[2], 'a rollback', ARGV[3], tonumber(ARGV[4]))
-redis.call('HSET', KEYS[1], ARGV[2], previous)
+local app, now, wanted = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[5])
+local current = redis.call('HGET', KEYS[1], app)
+if not current then return {'none'} end
+local live = cjson.decode(current)['version']
+if wanted == live then
+  -- Unchanged, but written again: the WAIT a durable write makes after this then vouches for it,
+  -- so repeating a rollback --to whose acknowledgement was lost confirms it.
+  redis.call('HSET', KEYS[1], app, current)
+  return {'live', current}
+end
+local target, target_version = nil, nil
+local kept = {}
+for _, item in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  local d = cjson.decode(item)
+  table.insert(kept, d['version'])
+  local skipped = d['rolled_back_at'] ~= nil and d['rolled_back_at'] ~= cjson.null
+  if wanted ~= nil then
+    if d['version'] == wanted then target, target_version = item, d['version'] end
+  elseif d['version'] < live and not skipped and (target == nil or d['version'] > target_version) then
+    target, target_version = item, d['version']
+  end
+end
+if not target then return {'missing', cjson.encode(kept)} end
+local superseded = supersede(app, 'a rollback', ARGV[3], tonumber(ARGV[4]))
+redis.call('LREM', KEYS[2], 1, target)
+local replaced = current
+if target_version < live then
+  local d = cjson.decode(current)
+  d['rolled_back_at'] = now
+  replaced = cjson.encode(d)
+end
+redis.call('LPUSH', KEYS[2], replaced)
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[6]) - 1)
+local chosen = cjson.decode(target)
+if chosen['rolled_back_at'] ~= nil then
+  chosen['rolled_back_at'] = nil
+  target = cjson.encode(chosen)
+end
+redis.call('HSET', KEYS[1], app, target)
 redis.call('HINCRBY', KEYS[1], '#generation', 1)
 redis.call('PUBLISH', KEYS[3], ARGV[1])
-return {previous, superseded}
+return {'rolled', target, superseded, live}
 """
 )
 
@@ -153,6 +205,9 @@ class Deployment:
     # "json" or "msgpack", read from the imports at deploy (bindings from before it say nothing:
     # they are JSON).
     codec: str = "json"
+    # Set only on a kept version that a rollback to an earlier one replaced (when): a plain
+    # rollback skips it. A live binding never carries it.
+    rolled_back_at: float | None = None
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Deployment:
@@ -243,18 +298,42 @@ class Bindings:
         _log_superseded(superseded, ep, shop, app, "a deploy")
         return Deployment.from_json(encoded)
 
-    def rollback(self, ep: str, shop: str, app: str) -> Deployment:
+    def rollback(self, ep: str, shop: str, app: str, to: int | None = None) -> tuple[Deployment, int]:
+        """Bind version ``to`` of ``app`` again (earlier or later than the live one), or by
+        default the newest version below the live one that was not itself rolled back. Returns
+        the deployment now live and the version it replaced (the same one if ``to`` was live)."""
         raw = self._rollback(
             keys=self._keys_of(ep, shop, app),
-            args=[self._message(ep, shop), app, time.time(), Keys.ROLLOUT_RETENTION_S],
+            args=[
+                self._message(ep, shop),
+                app,
+                time.time(),
+                Keys.ROLLOUT_RETENTION_S,
+                "" if to is None else to,
+                Keys.HISTORY_DEPTH,
+            ],
         )
-        if not raw:
-            raise NothingToRollBack(
-                f"no earlier version of {_where(ep, shop, app)} to roll back to", ep=ep, shop=shop, app=app
-            )
-        previous, superseded = raw
-        _log_superseded(superseded, ep, shop, app, "a rollback")
-        return Deployment.from_json(previous)
+        answer = _text(raw[0])
+        where = _where(ep, shop, app)
+        if answer == "none":
+            raise NothingToRollBack(f"nothing is deployed to {where}", ep=ep, shop=shop, app=app)
+        if answer == "live":
+            live = Deployment.from_json(raw[1])
+            return live, live.version
+        if answer == "missing":
+            kept = sorted(int(v) for v in json.loads(raw[1]))
+            listed = ", ".join(map(str, kept)) or "none"
+            if to is None:
+                message = (
+                    f"no earlier version of {where} to roll back to (versions kept besides the live "
+                    f"one: {listed}; a version that was rolled back is skipped: name it with --to)"
+                )
+            else:
+                message = f"version {to} of {where} is not kept (kept besides the live one: {listed})"
+            raise NothingToRollBack(message, ep=ep, shop=shop, app=app, version=to, kept=kept)
+        _, encoded, superseded, replaced = raw
+        _log_superseded(int(superseded), ep, shop, app, "a rollback")
+        return Deployment.from_json(encoded), int(replaced)
 
     def unbind(self, ep: str, shop: str, app: str) -> bool:
         """Remove ``app`` from (EP, shop) with its history; False if it was not bound."""
@@ -285,7 +364,7 @@ class Bindings:
         return BindingSet.read(apps, generation, Candidate.from_json(candidate) if candidate else None)
 
     def history(self, ep: str, shop: str, app: str) -> list[Deployment]:
-        """Earlier deployments of one app, newest first."""
+        """The kept versions of one app that are not live, the most recently live first."""
         return [Deployment.from_json(r) for r in self._redis.lrange(self._keys.history(ep, shop, app), 0, -1)]
 
     def _keys_of(self, ep: str, shop: str, app: str) -> list[str]:

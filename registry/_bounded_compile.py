@@ -17,8 +17,11 @@ and 72 MiB of address space, a 2.4 MB C module 5 s and 161 MiB, so real modules 
 times inside their bounds.
 
 Children are forked by a compile server: a small process each caller process starts on its
-first compile (``python -c``, importing this module and nothing of the caller's state, running
-no thread), which forks one child per compile and reaps it. Forking the caller itself would copy
+first compile, or earlier with :func:`start_compile_server` (``python -S -c``, loading this file
+and what it imports, not the rest of the registry package, nor site, nor anything of the
+caller's state; running no thread), which forks one child per compile and reaps it. Its
+start-up is most of a process's first compile (about 0.5 s): a command that will compile starts
+it first, so that it loads while the command does its own work. Forking the caller itself would copy
 a process with threads running (the sandbox's epoch ticker, wasmtime's compile pool, which a
 forked child would find gone); a fresh interpreter per compile costs 0.8 s here, a fork from the
 server about 50 ms. multiprocessing's forkserver would do the forking too, but re-imports the
@@ -33,7 +36,9 @@ frame on the caller's pipe.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -59,8 +64,12 @@ BASE_SECONDS = 2.0
 SECONDS_PER_MIB = 8.0
 BASE_MEMORY_BYTES = 512 * _MIB
 MEMORY_PER_MODULE_BYTE = 32
-# How long the server may take to report a child it was told to kill, or to fork one.
+# How long the server may take to report a child it was told to kill.
 _SERVER_GRACE_S = 10.0
+# How long a server may take to start (a new one loads Python and wasmtime) and fork: not a bound
+# on the compile, which runs from the fork, only on a server that stopped answering. A machine
+# next to a CPU hog took more than 10 s.
+_FORK_GRACE_S = 60.0
 
 _REQUEST = struct.Struct("<QQQQ")  # stack bytes, memory bytes, CPU seconds, module length
 _FRAME = struct.Struct("<Q")
@@ -124,10 +133,21 @@ class _Server:
     """The caller's side of one compile server process."""
 
     def __init__(self) -> None:
-        # The caller's import path, so that the server imports this code whatever put it there.
-        code = f"import sys; sys.path[:] = {json.dumps(sys.path)}; from {__name__} import serve; serve()"
+        # The caller's import path, led by the folder that holds this package (an editable
+        # install finds it through a site hook, and -S runs no site), so that the server imports
+        # this code whatever put it there. This file is loaded by its path: importing it as
+        # registry._bounded_compile would first import the whole registry package (jsonschema
+        # and all), which the server never uses.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        name, path = json.dumps("_scriptpool_compile_server"), json.dumps(__file__)
+        code = (
+            f"import sys, importlib.util; sys.path[:] = {json.dumps([root, *sys.path])}; "
+            f"spec = importlib.util.spec_from_file_location({name}, {path}); "
+            "server = importlib.util.module_from_spec(spec); sys.modules[spec.name] = server; "
+            "spec.loader.exec_module(server); server.serve()"
+        )
         self.process = subprocess.Popen(
-            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            [sys.executable, "-S", "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
         self.owner = os.getpid()
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -141,9 +161,13 @@ class _Server:
         self.requests.write(_REQUEST.pack(stack_bytes, bounds.memory_bytes, cpu_seconds, len(wasm)))
         self.requests.write(wasm)
         self.requests.flush()
-        forked = self.frame(time.monotonic() + _SERVER_GRACE_S + len(wasm) / _MIB)
-        if forked is None or forked[:1] != _FORKED:
-            raise _ServerGone("no child was forked")
+        asked = time.monotonic()
+        forked = self.frame(asked + _FORK_GRACE_S + len(wasm) / _MIB)
+        if forked is None:
+            state = "running" if self.process.poll() is None else f"gone ({self.process.returncode})"
+            raise _ServerGone(f"no child was forked in {time.monotonic() - asked:.1f} s (server {state})")
+        if forked[:1] != _FORKED:
+            raise _ServerGone(f"the server answered {forked[:1]!r} where a fork was due")
         started = time.monotonic()
         (pid,) = _PID.unpack_from(forked, 1)
         done = self.frame(started + bounds.seconds)
@@ -206,14 +230,29 @@ _server_lock = threading.Lock()
 _current: _Server | None = None
 
 
+def start_compile_server() -> None:
+    """Start this process's compile server now, if it is not running, without waiting for it:
+    it loads while the caller reads and checks what it will compile. The bounds are the same."""
+    with _server_lock:
+        _server()
+
+
 def _server() -> _Server:
     """The compile server of this process, started (again) if it is not running."""
     global _current
     if _current is None or not _current.alive():
         if _current is not None:
             _current.close()
+        else:
+            atexit.register(_stop_server)  # once: the server ends with its process, reaped
         _current = _Server()
     return _current
+
+
+def _stop_server() -> None:
+    with contextlib.suppress(Exception):
+        if _current is not None:
+            _current.close()
 
 
 def _outcome(code: int, output: bytes, bounds: Bounds, took: float) -> Compiled:
@@ -269,6 +308,7 @@ def _peak_rss(pid: int) -> int | None:
 def serve() -> None:
     """The compile server's loop: read a request, fork a child to compile it, report the child's
     pid, then its exit code and output. Ends when the caller closes its end."""
+    _die_with(os.getppid())  # a caller gone (SIGKILLed, say) takes its server with it
     requests = os.dup(0)
     answers = os.dup(1)
     # Anything printed by mistake goes to stderr, never into the answers.
@@ -283,10 +323,12 @@ def serve() -> None:
         if wasm is None:
             return
         output_r, output_w = os.pipe()
+        server = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
+                _die_with(server)  # and a server gone takes its compile with it
                 os.close(output_r)
                 os.close(requests)
                 os.close(answers)
@@ -304,6 +346,17 @@ def serve() -> None:
         os.close(output_r)
         _, status = os.waitpid(pid, 0)
         _write_frame(answers, _DONE + _EXIT.pack(os.waitstatus_to_exitcode(status)) + output)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel SIGKILL this process when ``parent`` ends (Linux), and end now if it
+    already has: an orphaned compile would otherwise run on to its CPU limit."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _compile_child(out: int, wasm: bytes, stack_bytes: int, memory_bytes: int, cpu_seconds: int) -> None:

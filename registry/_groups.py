@@ -26,6 +26,7 @@ from config import (
     check_shop_id,
     describe_redis_url,
     redis_client,
+    redis_failure,
     shard_for,
 )
 from config.errors import BrokerUnavailable, NotReplicated, ScriptpoolError
@@ -159,5 +160,5 @@ class Registries:
 
 def _unreachable(group: ShardGroup, exc: BaseException) -> BrokerUnavailable:
     where = describe_redis_url(group.url)
-    message = f"cannot reach Redis of {group.describe()}: {exc}"
+    message = redis_failure(f"of {group.describe()}", exc)
     return BrokerUnavailable(message, group=group.name, redis=where)

@@ -195,7 +195,7 @@ class RolloutStatus:
     app: str
     state: str
     reason: str
-    counts: dict[str, float]
+    counts: dict[str, float]  # the counts of runs and calls as ints; times and delta sums as floats
     sha256: str
     samples: list[dict[str, Any]]
 
@@ -304,7 +304,9 @@ class Rollouts:
         fields = {_text(k): _text(v) for k, v in self._redis.hgetall(self._keys.rollout(ep, shop)).items()}
         if not fields:
             raise ScriptNotFound(f"{ep}/{shop} has had no rollout (in the last week)", ep=ep, shop=shop)
-        counts = {k: float(v) for k, v in fields.items() if k not in _TEXT_FIELDS}
+        counts = {
+            k: int(v) if k in _COUNTED else float(v) for k, v in fields.items() if k not in _TEXT_FIELDS
+        }
         samples = [json.loads(raw) for raw in self._redis.lrange(self._keys.rollout_samples(ep, shop), 0, -1)]
         return RolloutStatus(
             ep, shop, fields.get("app", ""), fields.get("state", ""), fields.get("reason", ""), counts,
@@ -338,6 +340,19 @@ class Rollouts:
 
 
 _TEXT_FIELDS = frozenset({"id", "state", "app", "sha256", "reason"})
+# Counts of runs and calls: whole numbers (HINCRBY). The rest are times and sums of deltas.
+_COUNTED = frozenset(
+    {
+        "compared",
+        "match",
+        "mismatch",
+        "candidate_error",
+        "canary_calls",
+        "canary_errors",
+        "live_calls",
+        "live_errors",
+    }
+)
 
 
 def _text(value: bytes | str) -> str:

@@ -3,14 +3,39 @@
 It sits on top of every other package and is the only one that imports them all. Besides
 ``main``, it offers what the benchmark scripts and tests share: a private Redis, a local pool,
 a private Sentinel set, the bench's trivial script, and measuring helpers.
+
+Each name is imported on first use: every ``scriptpool`` command imports this package first, and
+importing the bench and the local pool here (with producer and redis-py behind them) would cost
+``scriptpool --version`` a few hundred milliseconds.
 """
 
-from scriptpool._bench import TRIVIAL_WAT
-from scriptpool._cli import main
-from scriptpool._embedded_redis import EmbeddedRedis, find_redis_server, free_port
-from scriptpool._embedded_sentinel import EmbeddedSentinelSet
-from scriptpool._local_pool import local_pool
-from scriptpool._measure import percentiles, rss_mb
+from __future__ import annotations
+
+import importlib
+
+# Not ``typing.TYPE_CHECKING``: importing typing is a cost ``--version`` need not pay, and mypy
+# treats any constant of this name as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from scriptpool._bench import TRIVIAL_WAT
+    from scriptpool._cli import main
+    from scriptpool._embedded_redis import EmbeddedRedis, find_redis_server, free_port
+    from scriptpool._embedded_sentinel import EmbeddedSentinelSet
+    from scriptpool._local_pool import local_pool
+    from scriptpool._measure import percentiles, rss_mb
+
+# Where each public name lives.
+_HOMES = {
+    "TRIVIAL_WAT": "scriptpool._bench",
+    "EmbeddedRedis": "scriptpool._embedded_redis",
+    "EmbeddedSentinelSet": "scriptpool._embedded_sentinel",
+    "find_redis_server": "scriptpool._embedded_redis",
+    "free_port": "scriptpool._embedded_redis",
+    "local_pool": "scriptpool._local_pool",
+    "main": "scriptpool._cli",
+    "percentiles": "scriptpool._measure",
+    "rss_mb": "scriptpool._measure",
+}
 
 __all__ = [
     "TRIVIAL_WAT",
@@ -23,3 +48,16 @@ __all__ = [
     "percentiles",
     "rss_mb",
 ]
+
+
+def __getattr__(name: str) -> object:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'scriptpool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # the next lookup is an ordinary one
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

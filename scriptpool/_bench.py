@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from config import Settings, redis_client, shard_for
+from config import Settings, describe_redis_url, redis_client, shard_for
 from producer import Client, Outcome
 from scriptpool._local_pool import Scratch, local_pool, scratch_prefix
 from scriptpool._measure import percentiles
@@ -163,7 +163,7 @@ def _bench(options: BenchOptions, settings: Settings, scratch: Scratch, sandbox:
 
     print(
         f"bench: n={options.n} concurrency={options.concurrency} shards={settings.shards} "
-        f"redis={settings.redis_url.split('@')[-1]}",
+        f"redis={describe_redis_url(settings.redis_url)}",
         file=sys.stderr,
     )
     ep = scratch.define("bench")

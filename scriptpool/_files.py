@@ -11,7 +11,7 @@ import re
 import sys
 from typing import IO, Any
 
-from config.errors import InvalidArgument, ModuleTooLarge, ScriptpoolError
+from config.errors import InvalidArgument, InvalidModule, ModuleTooLarge, ScriptpoolError
 
 # A .wat text is read up to this many times the module limit (text is bulkier than the
 # binary); the assembled module is then held to the limit itself.
@@ -49,10 +49,18 @@ def _read_at_most(stream: IO[bytes], limit: int) -> bytes:
 
 
 def read_module(path: str, limit: int, what: str = "module") -> bytes:
-    """Module bytes from a .wasm file, or assembled from a .wat text file, at most ``limit`` bytes."""
+    """Module bytes from a .wasm file, or assembled from a .wat text file, at most ``limit`` bytes.
+
+    A module that is not one, whether its text does not parse, its types do not check or its
+    file is empty, is :class:`InvalidModule` (exit 1) like every other refusal of a module."""
     if not path.endswith(".wat"):
-        return read_bounded(path, limit, ModuleTooLarge, what)
+        wasm = read_bounded(path, limit, ModuleTooLarge, what)
+        if not wasm:
+            raise InvalidModule(f"{what} {path} is empty (0 bytes): give a .wasm module or .wat text")
+        return wasm
     text = read_bounded(path, limit * WAT_TEXT_FACTOR, ModuleTooLarge, f"{what} text")
+    if not text.strip():
+        raise InvalidModule(f"{what} text {path} is empty: the smallest module is (module)")
     return assemble(path, text)
 
 
@@ -67,7 +75,7 @@ def assemble(path: str, text: bytes) -> bytes:
         first = message.splitlines()[0] if message else "syntax error"
         where = _WAT_POSITION.search(message)
         place = f"{path}:{where.group(1)}:{where.group(2)}" if where else path
-        raise InvalidArgument(f"{place}: not valid WAT: {first}") from None
+        raise InvalidModule(f"{place}: not valid WAT: {first}") from None
 
 
 def read_json(path: str, limit: int, too_large: type[ScriptpoolError], what: str) -> Any:

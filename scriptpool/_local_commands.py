@@ -231,11 +231,11 @@ def _print(report: dict[str, Any]) -> None:
         print("logs:         " + report["logs"].rstrip().replace("\n", "\n              "))
     scaled = f" (limits scaled x{report['scale_factor']:g})" if report["scale_factor"] != 1.0 else ""
     print(f"instructions: {report['instructions']:,} of {limits['fuel']:,}{scaled}")
-    print(
-        f"memory:       {report['memory_usage']:,} KiB peak of {limits['memory_bytes'] // 1024:,} per memory"
-    )
-    print(f"input:        {report['input_bytes']:,} B of {limits['input_bytes']:,}")
-    print(f"output:       {report['output_bytes']:,} B of {limits['output_bytes']:,}")
+    # Every figure with its unit, the limit's too: "64 KiB peak of 10,000 KiB", not "of 10,000".
+    peak_kib, limit_kib = report["memory_usage"], limits["memory_bytes"] // 1024
+    print(f"memory:       {peak_kib:,} KiB peak of {limit_kib:,} KiB (the limit of each memory)")
+    print(f"input:        {report['input_bytes']:,} B of {limits['input_bytes']:,} B")
+    print(f"output:       {report['output_bytes']:,} B of {limits['output_bytes']:,} B")
     profile = report.get("profile")
     if profile:
         top = ", ".join(f"{t['function']} {t['instructions']:,}" for t in profile["top"][:3])

@@ -1,24 +1,22 @@
-"""What every command shares: exit codes, the one-line error, JSON output."""
+"""What every command shares: exit codes, the one-line error, JSON output.
+
+Imported before a command is chosen, so it imports at the top only what ``scriptpool
+--version`` needs: neither config nor redis-py, and not even json, difflib or typing.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from enum import IntEnum
-from typing import Any, NoReturn, TextIO
 
-import redis
+TYPE_CHECKING = False  # as in scriptpool/__init__.py: typing is not imported to be asked this
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any, NoReturn, TextIO
 
-from config import Settings
-from config.errors import (
-    BrokerUnavailable,
-    ConfigurationError,
-    InvalidArgument,
-    PoolError,
-    ScriptpoolError,
-)
+    from config.errors import ScriptpoolError
 
 
 class ExitCode(IntEnum):
@@ -34,10 +32,103 @@ class ExitCode(IntEnum):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with our one-line errors: a usage mistake is an :class:`InvalidArgument`."""
+    """argparse with our one-line errors: a usage mistake is an :class:`InvalidArgument`; a
+    mistyped command, action or choice is answered with the closest one."""
 
     def error(self, message: str) -> NoReturn:
+        from config.errors import InvalidArgument
+
         raise InvalidArgument(f"{self.prog}: {message} (see {self.prog} --help)")
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        choices = action.choices
+        if choices is not None and value not in choices:
+            import difflib
+
+            close = difflib.get_close_matches(str(value), [str(choice) for choice in choices], n=1)
+            if close:
+                listed = ", ".join(map(str, choices))
+                raise argparse.ArgumentError(
+                    action, f"invalid choice: {value!r}: did you mean {close[0]!r}? (choose from {listed})"
+                )
+        super()._check_value(action, value)
+
+    def unrecognized(self, argv: Sequence[str], extras: Sequence[str]) -> NoReturn:
+        """The error for ``extras``, arguments no parser took, with the option each most
+        resembles among those of the (sub)command ``argv`` names."""
+        import difflib
+
+        command = self.command_parser(argv)
+        known = [option for action in command._actions for option in action.option_strings]
+        hints = []
+        for extra in extras:
+            option = extra.partition("=")[0]
+            close = difflib.get_close_matches(option, known, n=1) if option.startswith("-") else []
+            if close:
+                hints.append(f"{extra}: did you mean {close[0]}?")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+
+    def command_parser(self, argv: Sequence[str]) -> argparse.ArgumentParser:
+        """The parser of the deepest (sub)command ``argv`` names (``ep define`` for
+        ``ep define x --limits ...``): this one if it names none."""
+        parser: argparse.ArgumentParser = self
+        for token in argv:
+            choices = subcommands(parser)
+            if choices is not None and token in choices:
+                parser = choices[token]
+        return parser
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser] | None:
+    """The sub-parsers of ``parser`` by name, or None if it takes no subcommand."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return None
+
+
+class VersionAction(argparse.Action):
+    """``--version``: the installed version, looked up only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"scriptpool {installed_version()}")
+        parser.exit()
+
+
+def installed_version() -> str:
+    """The installed distribution's version, found as ``importlib.metadata.version`` finds it:
+    the first ``scriptpool`` dist-info (or egg-info) along ``sys.path``. Read here, because
+    importing importlib.metadata (email, zipfile and more behind it) was a third of what
+    ``--version`` cost; it remains the fallback."""
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            stem, _, kind = name.rpartition(".")
+            if kind not in ("dist-info", "egg-info") or stem.split("-")[0].lower() != "scriptpool":
+                continue
+            path = os.path.join(entry, name, "METADATA" if kind == "dist-info" else "PKG-INFO")
+            try:
+                with open(path, encoding="utf-8") as metadata:
+                    for line in metadata:
+                        if line.startswith("Version:"):
+                            return line.partition(":")[2].strip()
+                        if not line.strip():
+                            break  # the headers end at the first blank line
+            except OSError:
+                continue
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scriptpool")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +149,8 @@ def print_json(value: Any) -> None:
 def dumps(value: Any, **options: Any) -> str:
     """``json.dumps`` for data that came from a script or from Redis: nested deeper than the
     encoder recurses, it is one :class:`InvalidOutput` line, not a traceback."""
+    import json
+
     try:
         return json.dumps(value, **options)
     except RecursionError:
@@ -68,9 +161,19 @@ def dumps(value: Any, **options: Any) -> str:
 
 def classify(exc: BaseException) -> tuple[ScriptpoolError | None, ExitCode]:
     """The named error a failure means to a user, and the exit code it gets (None: a bug)."""
-    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-        return BrokerUnavailable(f"cannot reach Redis at {redis_address()}: {exc}"), ExitCode.UNREACHABLE
-    if isinstance(exc, redis.ResponseError):
+    from config import redis_failure
+    from config.errors import (
+        BrokerUnavailable,
+        ConfigurationError,
+        InvalidArgument,
+        PoolError,
+        ScriptpoolError,
+    )
+
+    redis = sys.modules.get("redis")  # not imported: the failure is none of its errors
+    if redis is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return BrokerUnavailable(redis_failure(f"at {redis_address()}", exc)), ExitCode.UNREACHABLE
+    if redis is not None and isinstance(exc, redis.ResponseError):
         if "DB index" in str(exc):
             message = f"SCRIPTPOOL_REDIS_URL names a database Redis does not have: {exc}"
             return ConfigurationError(message), ExitCode.USAGE
@@ -140,7 +243,8 @@ def report(error: ScriptpoolError, exit_code: ExitCode, *, json_output: bool) ->
 def redis_address() -> str:
     """Where SCRIPTPOOL_REDIS_URL points, without its passwords (or where every group's Redis
     is, with SCRIPTPOOL_SHARD_GROUPS)."""
-    from config import describe_redis_url, parse_shard_groups
+    from config import Settings, describe_redis_url, parse_shard_groups
+    from config.errors import ConfigurationError
 
     url = os.environ.get("SCRIPTPOOL_REDIS_URL", Settings().redis_url)
     groups_text = os.environ.get("SCRIPTPOOL_SHARD_GROUPS", "")

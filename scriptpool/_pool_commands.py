@@ -6,6 +6,7 @@ import argparse
 import os
 import socket
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from config import Settings, describe_redis_url
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 
 # A caller's deadline in ms, as the client accepts it: (0, 600 s].
 MAX_TIMEOUT_MS = 600_000
+# What the run itself still gets when reading the EP's limits took the whole deadline.
+_LEAST_TIMEOUT_S = 0.001
 # An input file may hold whitespace: it is read up to this many times the EP's input limit, and
 # the minified JSON is then held to the limit itself.
 INPUT_TEXT_FACTOR = 4
@@ -89,15 +92,24 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         raise InvalidArgument(
             f"--timeout-ms must be a number of milliseconds in (0, {MAX_TIMEOUT_MS}], got {timeout_ms}"
         )
+    deadline_s = timeout_ms / 1000
     with Client(settings) as client:
+        # Reading the EP's limits (how much input to read) waits at most the deadline; if Redis
+        # did not answer by then, the run gets only what is left of it, so on a Redis that does
+        # not answer the command still answers in about --timeout-ms.
+        asked = time.monotonic()
+        run_timeout = deadline_s
         try:
-            limits = client.limits(args.ep)
-        except (redis.RedisError, OSError):
+            limits = client.limits(args.ep, timeout=deadline_s)
+        except (redis.RedisError, OSError) as exc:
+            if isinstance(exc, redis.AuthenticationError):
+                raise  # Redis answered and wants its password: said so, not a fallback
             payload: Any = {}  # Redis is down: the run below answers with its fallback outcome
+            run_timeout = max(deadline_s - (time.monotonic() - asked), _LEAST_TIMEOUT_S)
         else:
             limit = INPUT_TEXT_FACTOR * limits.input_bytes
             payload = read_json(args.input, limit, InputTooLarge, "input") if args.input else {}
-        outcome = client.run(args.ep, args.shop, payload, timeout=timeout_ms / 1000)
+        outcome = client.run(args.ep, args.shop, payload, timeout=run_timeout)
     exit_code = exit_code_for(outcome.error_code)
     if args.json:
         print_json(outcome.to_dict())
@@ -131,9 +143,11 @@ def _print_outcome(outcome: Outcome) -> None:
         print(f"part:    app {part.app} v{part.version}: {part.status}{code}, {cost}")
     report_ = outcome.report
     if report_ is not None:
+        # No module was loaded when there was no script to run: nothing to say where it came from.
+        source = f", module {report_.module_source}" if report_.module_source else ""
         print(
             f"report:  {report_.instructions:,} instructions, {report_.peak_memory_bytes:,} B peak memory, "
-            f"{report_.input_bytes:,} B in, {report_.output_bytes:,} B out, module {report_.module_source}"
+            f"{report_.input_bytes:,} B in, {report_.output_bytes:,} B out{source}"
         )
         if report_.logs:
             print("logs:    " + report_.logs.rstrip().replace("\n", "\n         "))
@@ -174,6 +188,8 @@ def worker_argv(
         sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues, "-n", node,
         "--pool", pool, "--loglevel", loglevel, "--without-gossip", "--without-mingle",
     ]  # fmt: skip
+    if pool == "solo":
+        argv += ["--concurrency", "1"]  # what solo runs; Celery's default would be the CPU count
     # Celery's worker heartbeat is an event: Flower lists a worker from its heartbeats, so a
     # worker that sends events keeps them; without events they would be sent to nobody.
     argv.append("--events" if events else "--without-heartbeat")

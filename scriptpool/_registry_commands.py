@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from config import Limits, Settings, parse_scale_rule
+from config import Limits, Settings, parse_scale_rule, redis_failure
 from config.errors import BrokerUnavailable, ConfigurationError, InvalidArgument
 from scriptpool._files import SCHEMA_LIMIT, read_json, read_module
 from scriptpool._output import ExitCode, add_ep_shop, add_json_flag, print_json
 
 if TYPE_CHECKING:
     from engine import Sandbox
-    from registry import Deployment, Registries, Registry
+    from registry import Definition, Deployment, FieldChange, Registries, Registry
 
 LIMIT_NAMES = ", ".join(Limits().as_dict())
 _TRANSPORT = (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -42,7 +42,7 @@ def open_registry(settings: Settings, sandbox: Sandbox | None = None) -> Registr
         try:
             registry.extension_points()  # one round trip: is this group's Redis there?
         except _TRANSPORT as exc:
-            failure = failure or BrokerUnavailable(f"cannot reach Redis of {group.describe()}: {exc}")
+            failure = failure or BrokerUnavailable(redis_failure(f"of {group.describe()}", exc))
             continue
         return registry
     assert failure is not None
@@ -71,9 +71,18 @@ def add_parsers(sub: Any) -> None:
     add_json_flag(undeploy)
     undeploy.set_defaults(func=cmd_undeploy)
 
-    rollback = sub.add_parser("rollback", help="rebind the version deployed before the current one")
+    rollback = sub.add_parser(
+        "rollback", help="rebind an earlier version (or, with --to, any version kept, later ones too)"
+    )
     add_ep_shop(rollback)
     _app_flag(rollback, "the app to roll back")
+    rollback.add_argument(
+        "--to",
+        type=_version,
+        metavar="VERSION",
+        help="the version to bind, earlier or later than the live one (see `history`); default: the "
+        "newest earlier version that was not itself rolled back",
+    )
     add_json_flag(rollback)
     rollback.set_defaults(func=cmd_rollback)
 
@@ -96,8 +105,8 @@ def add_parsers(sub: Any) -> None:
 
     ep = sub.add_parser("ep", help="extension points: where scripts plug in, with their limits")
     ep_sub = ep.add_subparsers(dest="ep_command", required=True, metavar="ACTION")
-    define = ep_sub.add_parser("define", help="create or replace an extension point")
-    define.add_argument("name", help="lowercase letters, digits, '_' or '-'")
+    define = ep_sub.add_parser("define", help="create or replace an extension point, saying what changed")
+    define.add_argument("name", help="1-64 characters: a-z first, then a-z, 0-9, '_' or '-'")
     define.add_argument(
         "--limits",
         metavar="JSON",
@@ -148,6 +157,15 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="never capture this EP's runs, failed ones included (its inputs must not be stored)",
     )
+    define.add_argument(
+        "--force",
+        action="store_true",
+        help="change --combine even though shops bind apps there (else refused: it changes what "
+        "their calls run)",
+    )
+    define.add_argument(
+        "--dry-run", action="store_true", help="say what the definition would change, and write nothing"
+    )
     add_json_flag(define)
     define.set_defaults(func=cmd_ep_define)
     ep_list = ep_sub.add_parser("list", help="defined extension points")
@@ -160,6 +178,9 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
+    from registry import start_compile_server
+
+    start_compile_server()  # it loads (about 0.5 s) while this reads the EP and the module
     registries = open_registries(settings)
     what = f"the deploy of {args.module} to {args.ep}/{args.shop}"
     with registries.on_shop(args.shop, what=what, again="deploy the same module again") as registry:
@@ -194,20 +215,51 @@ def cmd_undeploy(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from config.errors import ScriptNotFound
+
     registries = open_registries(settings)
-    again = (
-        f"see the active version with `scriptpool history {args.ep} {args.shop}` and, if it is not the "
-        "one you want, deploy that module (a second rollback would go one version further back)"
-    )
+    app_flag = "" if args.app == "default" else f" --app {args.app}"
+    if args.to is not None:  # binding a named version again changes nothing more: safe to repeat
+        again = f"run `scriptpool rollback {args.ep} {args.shop}{app_flag} --to {args.to}` again"
+    else:
+        again = (
+            f"see the live version with `scriptpool history {args.ep} {args.shop}`, then bind the one "
+            f"you want with `scriptpool rollback {args.ep} {args.shop}{app_flag} --to VERSION` (a second "
+            "plain rollback would go one version further back)"
+        )
     what = f"the rollback of {args.ep}/{args.shop}"
     with registries.on_shop(args.shop, what=what, again=again) as registry:
-        deployment = registry.rollback(args.ep, args.shop, app=args.app)
+        registry.extension_point(args.ep)  # an unknown EP by name, not as nothing deployed
+        try:
+            replaced = registry.binding(args.ep, str(args.shop), app=args.app).version
+        except ScriptNotFound:
+            replaced = None
+        deployment = registry.rollback(args.ep, args.shop, app=args.app, to=args.to)
         size = registry.module_size(deployment.sha256)
     if args.json:
-        print_json(_deployment(deployment, size, active=True))
+        print_json({**_deployment(deployment, size, active=True), "replaced_version": replaced})
+    elif replaced == deployment.version:
+        print(f"version {deployment.version} of {_where(deployment)} is live already")
     else:
-        print(f"rolled back {_where(deployment)} to version {deployment.version}")
+        way = "back" if replaced is None or deployment.version < replaced else "forward"
+        kept = (
+            f" (version {replaced} is kept: `scriptpool rollback {args.ep} {args.shop}{app_flag} "
+            f"--to {replaced}` binds it again)"
+            if replaced is not None
+            else ""
+        )
+        print(f"rolled {_where(deployment)} {way} to version {deployment.version}{kept}")
     return ExitCode.OK
+
+
+def _version(text: str) -> int:
+    try:
+        version = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a version is a whole number, got {text!r}") from None
+    if version < 1:
+        raise argparse.ArgumentTypeError(f"versions start at 1, got {version}")
+    return version
 
 
 def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
@@ -223,12 +275,16 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
     apps = [args.app] if args.app else sorted(current) or ["default"]
     rows: list[dict[str, Any]] = []
     for app in apps:
+        # Every kept version by number, the live one among them: after a rollback the later
+        # versions are listed above it, and `rollback --to` binds any of them again.
+        kept = [(d, False) for d in registry.history(args.ep, shop, app=app)]
         if app in current:
-            rows.append(_deployment(current[app], registry.module_size(current[app].sha256), active=True))
-        for earlier in registry.history(args.ep, shop, app=app):
-            rows.append(_deployment(earlier, registry.module_size(earlier.sha256), active=False))
+            kept.append((current[app], True))
+        for deployment, active in sorted(kept, key=lambda pair: -pair[0].version):
+            rows.append(_deployment(deployment, registry.module_size(deployment.sha256), active=active))
     if args.json:
-        print_json({"ep": args.ep, "shop": shop, "apps": sorted(current), "versions": rows})
+        live = {app: deployment.version for app, deployment in sorted(current.items())}
+        print_json({"ep": args.ep, "shop": shop, "apps": sorted(current), "live": live, "versions": rows})
         return ExitCode.OK
     if not rows:
         print(f"nothing is deployed to {args.ep}/{shop}")
@@ -239,8 +295,9 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
         [("app", 16), ("version", 7), ("sha256", 12), ("bytes", 9), ("deployed (UTC)", 19), ("active", 13)]
     )
     for row in rows:
-        active = ("yes, blocking" if row["block_on_failure"] else "yes") if row["active"] else ""
-        table.row(row["app"], row["version"], row["sha256"][:12], row["bytes"], row["deployed"], active)
+        serving = ("yes, blocking" if row["block_on_failure"] else "yes") if row["active"] else ""
+        marked = "rolled back" if row["rolled_back"] else serving
+        table.row(row["app"], row["version"], row["sha256"][:12], row["bytes"], row["deployed"], marked)
     return ExitCode.OK
 
 
@@ -254,6 +311,9 @@ def _where(deployment: Deployment) -> str:
 
 
 def cmd_providers_add(args: argparse.Namespace, settings: Settings) -> int:
+    from registry import start_compile_server
+
+    start_compile_server()  # it loads while this reads the module
     wasm = read_module(args.module, settings.provider_max_bytes, what="provider")
     # Every group: any shop may import it. The same bytes land in each group's Redis.
     provider = open_registries(settings).everywhere(
@@ -310,9 +370,10 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
         scale[path] = rate
     if args.no_capture and args.capture_rate:
         raise InvalidArgument("--capture-rate and --no-capture contradict each other: give one")
-    # Every group holds every extension point: a worker reads its EPs from its own group's Redis.
-    ep = open_registries(settings).everywhere(
-        lambda registry: registry.define_extension_point(
+    registries = open_registries(settings)
+
+    def define(registry: Registry, *, dry_run: bool = False) -> Definition:
+        return registry.define(
             args.name,
             limits=limits,
             input_schema=input_schema,
@@ -323,15 +384,100 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
             scale=scale,
             capture_rate=args.capture_rate,
             capture=not args.no_capture,
-        ),
-        what=f"extension point {args.name}",
-        again=f"run `scriptpool ep define {args.name}` again",
-    )[0]
-    if args.json:
-        print_json(_extension_point(ep, settings))
+            force=args.force,
+            dry_run=dry_run,
+        )
+
+    # Every group is checked before any is written, so a refusal in one group (apps bound there
+    # under another combine) leaves every group as it was, not some redefined and some not.
+    from config import redis_client
+    from registry import Registry
+
+    checked: list[tuple[str, Definition]] = []
+    for group in registries.groups:
+        client = redis_client(group.url, timeout=5.0, connect_timeout=2.0)
+        try:
+            reader = Registry(client, settings.for_group(group), registries.sandbox)
+            checked.append((group.name, define(reader, dry_run=True)))
+        except _TRANSPORT:
+            continue  # the write below names the group it cannot reach
+        finally:
+            client.close()
+            client.connection_pool.disconnect()
+    if args.dry_run:
+        if not checked:
+            raise BrokerUnavailable("cannot reach the Redis of any shard group")
+        done = checked
     else:
-        print(f"defined extension point {args.name}")
+        # Every group holds every EP: a worker reads its EPs from its own group's Redis.
+        written = registries.everywhere(
+            define, what=f"extension point {args.name}", again=f"run `scriptpool ep define {args.name}` again"
+        )
+        done = [(group.name, d) for group, d in zip(registries.groups, written, strict=True)]
+    first = done[0][1]
+    differing = [(name, d) for name, d in done[1:] if d.changes != first.changes]
+    if args.json:
+        shown = {
+            **_extension_point(first.ep, settings),
+            "created": first.created,
+            "written": first.written,
+            "changes": [_change(change) for change in first.changes],
+            "bound_shops": first.bound_shops,
+        }
+        if differing:
+            shown["changes_by_group"] = {name: [_change(c) for c in d.changes] for name, d in done}
+        print_json(shown)
+        return ExitCode.OK
+    verb = "would be" if args.dry_run else "is"
+    if first.created:
+        print(f"extension point {args.name} {verb} defined ({_combine_text(first.ep)})")
+    elif not first.changes and not differing:
+        print(f"extension point {args.name} {verb} unchanged ({_combine_text(first.ep)})")
+    else:
+        print(f"extension point {args.name} {verb} redefined ({_combine_text(first.ep)}); changed:")
+        print("\n".join(_change_lines(first)) or "  nothing")
+        for name, d in differing:  # groups whose record differed before (a write that missed one)
+            print(f"  in group {name}:")
+            print("\n".join(f"  {line}" for line in _change_lines(d)) or "    nothing")
     return ExitCode.OK
+
+
+def _combine_text(ep: Any) -> str:
+    return f"{ep.combine}" + (f", reducer {ep.reducer}" if ep.reducer else "")
+
+
+def _change(change: FieldChange) -> dict[str, Any]:
+    return {"field": change.field, "before": change.before, "after": change.after, "note": change.note}
+
+
+def _change_lines(definition: Definition) -> list[str]:
+    """One line per changed field: schemas and scale rules by what happened to them, limits with
+    thousands separators, a lowered limit and a forced combine change flagged."""
+    lines = []
+    for change in definition.changes:
+        before, after = _shown(change.field, change.before), _shown(change.field, change.after)
+        if change.field.endswith("_schema"):
+            text = "added" if change.before is None else "removed" if change.after is None else "replaced"
+        else:
+            text = f"{before} -> {after}"
+        if change.note:
+            text += f" ({change.note})"
+        if change.field == "combine" and definition.bound_shops:
+            text += f" (forced: {definition.bound_shops} shop(s) bind apps here)"
+        lines.append(f"  {change.field}: {text}")
+    return lines
+
+
+def _shown(field: str, value: Any) -> str:
+    if value is None:
+        return "default" if field == "input_validation_rate" else "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
+    return str(value)
 
 
 def cmd_ep_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -417,6 +563,8 @@ def _deployment(deployment: Deployment, size: int, *, active: bool) -> dict[str,
         "block_on_failure": deployment.block_on_failure,
         "deployed": _when(deployment.deployed_at),
         "active": active,
+        # When a rollback to an earlier version replaced it: a plain rollback skips it.
+        "rolled_back": None if deployment.rolled_back_at is None else _when(deployment.rolled_back_at),
     }
 
 

@@ -17,6 +17,7 @@ from config import (
     describe_redis_url,
     live_workers,
     redis_client,
+    redis_failure,
     shard_count_disagreement,
 )
 from config.errors import BrokerUnavailable
@@ -31,6 +32,7 @@ class GroupView:
 
     group: ShardGroup
     error: str | None = None
+    failure: str = ""  # the error in words (cannot reach it, or it wants a password), if any
     beats: list[WorkerHeartbeat] = field(default_factory=list)
     depths: dict[int, int] = field(default_factory=dict)
     extension_points: dict[str, str] = field(default_factory=dict)  # name -> definition JSON
@@ -67,12 +69,15 @@ def read_group(settings: Settings, group: ShardGroup, *, definitions: bool) -> G
         view.rollouts = _rollouts_under_way(client, settings)
     except _TRANSPORT as exc:
         view.error = str(exc)
+        view.failure = redis_failure(f"at {describe_redis_url(group.url)}", exc)
     finally:
         client.close()
     return view
 
 
 def _rollouts_under_way(client: redis.Redis, settings: Settings) -> list[dict[str, Any]]:
+    if not client.scard(settings.keys.rollouts_under_way()):
+        return []  # the usual case, said without loading the registry (wasmtime and all)
     from registry import Rollouts
 
     return [
@@ -120,9 +125,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     views = [read_group(settings, group, definitions=several) for group in settings.groups]
     down = [v for v in views if not v.reachable]
     if len(down) == len(views):
-        first = down[0]
-        where = first.group.describe() if several else describe_redis_url(first.group.url)
-        raise BrokerUnavailable(f"cannot reach Redis at {where}: {first.error}")
+        raise BrokerUnavailable("; ".join(view.failure for view in down))
     beats = [beat for view in views for beat in view.beats]
     mismatch = shard_count_disagreement(beats, settings.shards)
     view_of = {shard: view for view in views for shard in view.group.shards}
@@ -250,7 +253,7 @@ def _print_table(
     if several:
         print(f"shards {settings.shards}  groups {len(views)}  live workers {len(beats)}")
         for view in views:
-            state = "ok" if view.reachable else f"UNREACHABLE: {view.error}"
+            state = "ok" if view.reachable else view.failure
             print(f"group {view.group.name}  redis {describe_redis_url(view.group.url)}  {state}")
     else:
         where = describe_redis_url(views[0].group.url)

@@ -1,23 +1,28 @@
 """Print which top-level package imports which, and any import of another package's private
-module: ``python scripts/package_graph.py`` (grimp comes with import-linter, in the test extra)."""
+module: ``python scripts/package_graph.py``, with any Python 3.11 (the venv is not needed: it
+reads the sources with the standard library's ``ast``, as import-linter's grimp reads them,
+every import counted, those inside functions and ``TYPE_CHECKING`` blocks too)."""
 
 from __future__ import annotations
 
+import ast
 import sys
+from pathlib import Path
 
-import grimp
-
+ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("config", "engine", "registry", "workers", "producer", "scriptpool")
 
 
 def main() -> int:
-    present = [name for name in PACKAGES if _importable(name)]
-    graph = grimp.build_graph(*present)
+    present = [name for name in PACKAGES if (ROOT / name / "__init__.py").is_file()]
+    modules = {name: path for package in present for name, path in _modules(package)}
     private_imports = 0
     for importer in present:
         edges: dict[str, set[tuple[str, str]]] = {}
-        for module in graph.find_descendants(importer) | {importer}:
-            for imported in graph.find_modules_directly_imported_by(module):
+        for module, path in modules.items():
+            if module.split(".")[0] != importer:
+                continue
+            for imported in _imports(module, path, modules):
                 top = imported.split(".")[0]
                 if top != importer and top in present:
                     edges.setdefault(top, set()).add((module, imported))
@@ -32,10 +37,34 @@ def main() -> int:
     return 0
 
 
-def _importable(name: str) -> bool:
-    import importlib.util
+def _modules(package: str) -> list[tuple[str, Path]]:
+    """Every module of ``package`` by its dotted name, with its file."""
+    found = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found.append((".".join(parts), path))
+    return found
 
-    return importlib.util.find_spec(name) is not None
+
+def _imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The modules ``module`` imports directly: ``from a import b`` is a.b when b is a module,
+    else a; a relative import is resolved against ``module``'s package."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                found.add(candidate if candidate in modules else base)
+    return found
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from config import event_name
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -22,7 +24,7 @@ def captured_events(level: int = logging.DEBUG) -> Iterator[list[dict[str, Any]]
             fields["exc_info"] = bool(record.exc_info)
             events.append(
                 {
-                    "event": record.getMessage(),
+                    "event": event_name(record),
                     "log_level": record.levelname.lower(),
                     "logger": record.name,
                     **fields,

@@ -206,6 +206,37 @@ def test_a_failed_publish_fails_its_calls_and_the_lane_goes_on() -> None:
     assert h.published[-1] == (["d"], True)  # b is still in flight
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("window", -1, "from 0 to 1,024"),  # every call timed out
+        ("window", "x", "from 0 to 1,024"),  # failed only at call time
+        ("window", 1025, "from 0 to 1,024"),
+        ("window", 1.0, "an integer"),
+        ("window", True, "an integer"),
+        ("max_jobs", 0, "from 1 to 1,024"),  # accepted, then no message could carry a job
+        ("max_jobs", 1025, "from 1 to 1,024"),
+        ("max_input_bytes", 0, "from 1 to 67,108,864"),
+        ("max_input_bytes", 1 << 40, "from 1 to 67,108,864"),
+        ("max_input_bytes", None, "an integer"),
+    ],
+)
+def test_batch_policy_refuses_values_out_of_range(field: str, value: object, named: str) -> None:
+    """Issue 21, item 6: each field is checked when the policy is built, by InvalidArgument
+    naming the field and its range (window=-1 was accepted, and then every call timed out);
+    both edges of each range are accepted, and a lane with the edges still publishes."""
+    from config.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as caught:
+        BatchPolicy(**{field: value})  # type: ignore[arg-type]
+    assert f"BatchPolicy.{field}" in caught.value.message and named in caught.value.message
+    assert caught.value.detail["field"] == field
+    BatchPolicy(window=0, max_jobs=1, max_input_bytes=1)
+    h = _Harness(BatchPolicy(window=1024, max_jobs=1024, max_input_bytes=64 << 20))
+    h.call("a")
+    assert h.published == [(["a"], False)]
+
+
 def test_window_zero_turns_batching_off() -> None:
     h = _Harness(BatchPolicy(window=0))
     for name in "abc":

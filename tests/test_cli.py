@@ -16,9 +16,10 @@ import redis
 
 from config import Settings
 from scriptpool import free_port, main
-from scriptpool._cli import build_parser
+from scriptpool._cli import COMMANDS, build_parser
 from tests import guests
 from tests.conftest import EXAMPLES, ROOT, TEST_ARTIFACT_KEY
+from tests.pool import pool_fixtures
 
 OK, FAILED, USAGE, FALLBACK, UNREACHABLE = 0, 1, 2, 3, 4
 
@@ -232,7 +233,8 @@ def test_input_mistakes_say_what_is_wrong(
     assert "is not JSON" in one_line(capsys, ["run", "test", "1", "--input", str(not_json)], USAGE)
     bad = tmp_path / "bad.wat"
     bad.write_text("(module\n  (func $f\n    (i32.bogus)))\n")
-    assert f"{bad}:3:6: not valid WAT" in one_line(capsys, ["deploy", "test", "1", str(bad)], USAGE)
+    line = one_line(capsys, ["deploy", "test", "1", str(bad)], FAILED)
+    assert f"invalid_module: {bad}:3:6: not valid WAT" in line
 
 
 def test_run_default_deadline_is_the_configured_one(
@@ -418,3 +420,280 @@ def test_rollouts_through_the_command_line(
     assert json.loads(capsys.readouterr().out)["state"] == "aborted"
     assert "script_not_found" in one_line(capsys, ["rollout", "abort", "discount", "9"], FAILED)
     assert "script_not_found" in one_line(capsys, ["rollout", "status", "discount", "8"], FAILED)
+
+
+# -- issue 21: usage, messages, help ---------------------------------------------------------------
+
+
+def test_usage_errors_are_json_when_json_is_on_the_line(
+    cli_env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With ``--json`` anywhere on the line, an argparse mistake is one JSON error object on
+    stdout (exit 2), whichever parser found it and even when it stopped before ``--json``."""
+    for argv in (
+        ["run", "discount", "1", "--bogus", "--json"],
+        ["--json", "status"],
+        ["ep", "define", "--json"],
+        ["depoly", "x", "--json"],
+        ["status", "--timeout", "3", "--json"],
+    ):
+        assert main(argv) == USAGE, argv
+        captured = capsys.readouterr()
+        assert captured.err == "", argv
+        error = json.loads(captured.out)["error"]
+        assert (error["code"], error["exit_code"]) == ("invalid_argument", USAGE), argv
+        assert "\n" not in error["message"], argv
+
+
+def test_bare_commands_print_their_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """``scriptpool`` alone prints the help (every command listed), and a command that needs an
+    action (``ep``, ``rollout``, ``key``) prints its own; exit 0, nothing on stderr."""
+    assert main([]) == OK
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.startswith("usage: scriptpool")
+    assert all(command in captured.out for command in ("deploy", "run", "status", "rollout", "key"))
+    for command, action in (("ep", "define"), ("rollout", "promote"), ("key", "generate")):
+        assert main([command]) == OK
+        captured = capsys.readouterr()
+        assert captured.err == "" and captured.out.startswith(f"usage: scriptpool {command}"), command
+        assert action in captured.out, command
+
+
+def test_a_mistyped_command_action_or_option_is_told_the_closest(capsys: pytest.CaptureFixture[str]) -> None:
+    """``depoly`` gets "did you mean 'deploy'", at every level: actions, choices, options."""
+    assert "did you mean 'deploy'?" in one_line(capsys, ["depoly", "discount", "1", "m.wasm"], USAGE)
+    assert "did you mean 'define'?" in one_line(capsys, ["ep", "defne", "x"], USAGE)
+    assert "did you mean 'join'?" in one_line(capsys, ["ep", "define", "x", "--combine", "jion"], USAGE)
+    line = one_line(capsys, ["status", "--jsn"], USAGE)
+    assert "--jsn: did you mean --json?" in line and "see scriptpool status --help" in line
+    line = one_line(capsys, ["ep", "define", "x", "--limts", "{}"], USAGE)
+    assert "did you mean --limits?" in line and "see scriptpool ep define --help" in line
+    line = one_line(capsys, ["xyzzy"], USAGE)  # nothing close: the list, no guess
+    assert "invalid choice: 'xyzzy'" in line and "did you mean" not in line
+
+
+@pytest.mark.parametrize(
+    ("argv", "rule"),
+    [
+        (["ep", "define", "1discount"], "a-z first"),
+        (["ep", "define", "Discount"], "a-z first, then a-z, 0-9"),
+        (["ep", "define", "d" * 65], "1-64 characters"),
+        (["history", "discount", ".shop"], "A-Z, a-z or 0-9 first"),
+        (["history", "discount", "s" * 129], "1-128 characters"),
+        (["deploy", "discount", "1", "m.wasm", "--export", "9start"], "A-Z, a-z or '_' first"),
+        (["deploy", "discount", "1", "m.wasm", "--app", "_app"], "a-z first"),
+    ],
+)
+def test_name_mistakes_state_every_rule(
+    cli_env: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    argv: list[str],
+    rule: str,
+) -> None:
+    """A refused EP name, shop id, app or export states the rule it broke, the first-character
+    rule included (``1discount`` broke only that one)."""
+    assert main(["ep", "define", "discount"]) == OK
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.wasm").write_bytes(guests.ECHO)
+    line = one_line(capsys, argv, USAGE)
+    assert "invalid_argument" in line and rule in line, line
+
+
+def test_every_name_rule_is_in_its_message() -> None:
+    """Each checker's message names its length bounds, its first character and the characters
+    after it: every rule of its pattern, each shown broken alone."""
+    from config import check_app, check_ep, check_export, check_provider, check_shop_id
+    from config.errors import InvalidArgument
+
+    cases = [
+        (check_ep, "a" * 64, ["1a", "-a", "aB", "a" * 65, ""]),
+        (check_app, "a" * 64, ["1a", "_a", "a.b", "a" * 65]),
+        (check_shop_id, "A" * 128, ["-1", ".a", "_a", "a/b", "a" * 129, ""]),
+        (check_export, "_" * 128, ["1a", "-a", ".a", "a/b", "a" * 129]),
+        (check_provider, "_" * 128, ["1a", "-a", "a b", "a" * 129]),
+    ]
+    for check, longest, refused in cases:
+        assert check(longest) == longest
+        for value in refused:
+            with pytest.raises(InvalidArgument) as caught:
+                check(value)
+            message = caught.value.message
+            assert " first" in message and "then" in message, message
+            assert f"1-{len(longest)} characters" in message, message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SCRIPTPOOL_REDIS_URL", "redis:/:pw-a1b2c3@localhost:6379/0"),
+        ("SCRIPTPOOL_REDIS_URL", ":pw-a1b2c3@localhost:6379/0"),
+        ("SCRIPTPOOL_REDIS_URL", "user:pw-a1b2c3@localhost:6379/0"),
+        ("SCRIPTPOOL_REDIS_URL", "redis://:pw-a1b2c3@localhost:99999/0"),
+        ("SCRIPTPOOL_REDIS_URL", "redis://:pw-a1b2c3@localhost:6379/zero"),
+        ("SCRIPTPOOL_REDIS_URL", "http://:pw-a1b2c3@localhost:6379/0"),
+        ("SCRIPTPOOL_SHARD_GROUPS", "0-1=redis:/:pw-a1b2c3@localhost:6379/0"),
+    ],
+)
+def test_a_malformed_redis_url_is_never_echoed_with_its_password(
+    variable: str, value: str, tmp_path: Path
+) -> None:
+    """Whatever is wrong with a Redis URL, no command prints its password: the message shows the
+    URL with the credentials masked (and still names the variable)."""
+    module = tmp_path / "m.wasm"
+    module.write_bytes(guests.ECHO)
+    env = {"SCRIPTPOOL_ARTIFACT_KEY": TEST_ARTIFACT_KEY.decode(), "SCRIPTPOOL_SHARDS": "2", variable: value}
+    for argv in (
+        ["status"],
+        ["run", "discount", "1"],
+        ["deploy", "d", "1", str(module)],
+        ["worker", "--shards", "0"],
+    ):
+        result = run_cli(argv, env)
+        assert result.returncode == USAGE, (argv, result.stderr)
+        assert "pw-a1b2c3" not in result.stdout + result.stderr, (argv, result.stderr)
+        assert f"scriptpool: configuration_error: {variable}" in result.stderr, (argv, result.stderr)
+
+
+def test_a_redis_that_wants_a_password_is_said_to_want_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A Redis started with requirepass, and a URL without the password (or with a wrong one):
+    every command says Redis answered and wants its password in the URL, never that it cannot
+    be reached; exit 4 as before (the pool cannot be used); the password is never printed."""
+    from scriptpool import EmbeddedRedis
+
+    module = tmp_path / "m.wasm"
+    module.write_bytes(guests.ECHO)
+    with EmbeddedRedis(password="pw-a1b2c3") as server:
+        monkeypatch.setenv("SCRIPTPOOL_ARTIFACT_KEY", TEST_ARTIFACT_KEY.decode())
+        monkeypatch.setenv("SCRIPTPOOL_SHARDS", "2")
+        for url in (f"redis://127.0.0.1:{server.port}/0", f"redis://:wrong@127.0.0.1:{server.port}/0"):
+            monkeypatch.setenv("SCRIPTPOOL_REDIS_URL", url)
+            for argv in (
+                ["status"],
+                ["ep", "list"],
+                ["ep", "define", "discount"],
+                ["deploy", "discount", "1", str(module)],
+                ["history", "discount", "1"],
+                ["providers", "list"],
+                ["runs", "list"],
+                ["rollout", "status", "discount", "1"],
+                ["run", "discount", "1", "--timeout-ms", "2000"],
+            ):
+                line = one_line(capsys, argv, UNREACHABLE)
+                assert "answered but refused" in line and "password in the URL" in line, (argv, line)
+                assert "cannot reach" not in line and "pw-a1b2c3" not in line, (argv, line)
+
+
+def test_an_empty_module_file_is_called_empty(
+    cli_env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An empty .wasm (or blank .wat) is ``invalid_module: ... is empty``, not "bad magic
+    number", for every command that reads a module."""
+    assert main(["ep", "define", "test"]) == OK
+    empty, blank = tmp_path / "empty.wasm", tmp_path / "blank.wat"
+    empty.write_bytes(b"")
+    blank.write_text("  \n")
+    live = _write(tmp_path, "live.wasm", guests.ECHO)
+    assert main(["deploy", "test", "1", str(live)]) == OK
+    input_file = _write(tmp_path, "in.json", b"{}")
+    capsys.readouterr()
+    for path in (empty, blank):
+        for argv in (
+            ["deploy", "test", "1", str(path)],
+            ["rollout", "start", "test", "1", str(path)],
+            ["providers", "add", "p", str(path)],
+            ["run", "--local", str(path), "--input", str(input_file)],
+        ):
+            line = one_line(capsys, argv, FAILED)
+            assert "invalid_module" in line and f"{path} is empty" in line, (argv, line)
+            assert "magic" not in line, line
+
+
+def test_wat_syntax_and_type_errors_exit_alike(
+    cli_env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A .wat that does not parse and one whose types do not check are both a module refused:
+    ``invalid_module``, exit 1, as a .wasm that does not validate."""
+    assert main(["ep", "define", "test"]) == OK
+    capsys.readouterr()
+    syntax = tmp_path / "syntax.wat"
+    syntax.write_text('(module (func (export "_start") (i32.bogus)))')
+    types = tmp_path / "types.wat"
+    types.write_text('(module (func (export "_start") (drop (i32.add (i32.const 1)))))')
+    assert "invalid_module" in one_line(capsys, ["deploy", "test", "1", str(syntax)], FAILED)
+    assert "invalid_module" in one_line(capsys, ["deploy", "test", "1", str(types)], FAILED)
+
+
+cli_pool_settings, cli_workers = pool_fixtures(1, {"cli0": [0]}, settings="cli_pool_settings")
+
+
+def test_a_run_with_no_script_says_so_without_a_dangling_word(
+    cli_pool_settings: Settings,
+    cli_workers: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``run`` of an EP with nothing deployed at the shop: the worker answers script_not_found,
+    and the text says so with no line ending in a word with nothing after it ("module ")."""
+    monkeypatch.setenv("SCRIPTPOOL_REDIS_URL", cli_pool_settings.redis_url)
+    monkeypatch.setenv("SCRIPTPOOL_SHARDS", "1")
+    monkeypatch.setenv("SCRIPTPOOL_ARTIFACT_KEY", TEST_ARTIFACT_KEY.decode())
+    assert main(["ep", "define", "nothing-here"]) == OK
+    capsys.readouterr()
+    assert main(["run", "nothing-here", "1", "--timeout-ms", "10000"]) == FAILED
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("error:   script_not_found: ") for line in lines), lines
+    assert all(line == line.rstrip() and not line.endswith(("module", ":")) for line in lines), lines
+
+
+def test_shell_completion_goes_through_argcomplete_only_when_installed(tmp_path: Path) -> None:
+    """With argcomplete importable, the shell's completion request (``_ARGCOMPLETE`` set) is
+    handed to it with the full parser; without it, the request gets no output and exit 1, and
+    no command runs."""
+    fake = tmp_path / "argcomplete.py"
+    fake.write_text(
+        '"""A stand-in for argcomplete: prints the commands it was given and exits, as it does."""\n'
+        "import sys\n\n\n"
+        "def autocomplete(parser):\n"
+        "    action = next(a for a in parser._actions if a.dest == 'command')\n"
+        "    print(' '.join(sorted(action.choices)))\n"
+        "    sys.exit(0)\n"
+    )
+    asked = {"_ARGCOMPLETE": "1", "COMP_LINE": "scriptpool de", "COMP_POINT": "13"}
+    with_it = run_cli([], {**asked, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert with_it.returncode == 0, with_it.stderr
+    assert with_it.stdout.split() == sorted(COMMANDS)
+    without = run_cli([], asked)
+    assert (without.returncode, without.stdout, without.stderr) == (FAILED, "", "")
+
+
+def test_the_readme_quickstart_runs_as_written(tmp_path: Path) -> None:
+    """The README's step-by-step block, pasted into bash as a new user would (only the Redis URL
+    changed, to a private one): key generated, worker started, EP defined, module deployed, and
+    the run answers ok."""
+    from scriptpool import EmbeddedRedis
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Step by step, on your own Redis", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    assert "scriptpool key generate" in block.split("scriptpool deploy", 1)[0]
+    (tmp_path / "examples").symlink_to(EXAMPLES)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCRIPTPOOL_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    with EmbeddedRedis() as server:
+        script = block.replace("redis://127.0.0.1:6379/0", server.url)
+        assert server.url in script
+        result = subprocess.run(
+            ["bash", "-c", "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n" + script],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    assert result.returncode == 0, (result.stdout, result.stderr, (tmp_path / "worker.log").read_text())
+    assert "status:  ok" in result.stdout and "deployed examples/discount/discount.wasm" in result.stdout

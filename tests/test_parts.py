@@ -84,7 +84,7 @@ def test_error_classes_say_what_a_code_means_to_the_caller() -> None:
     """``trips_breaker`` and ``fallback`` are properties of the classes, found by code."""
     assert error_class_for("timeout") is DeadlineExceeded
     assert DeadlineExceeded.trips_breaker and DeadlineExceeded.fallback
-    assert GuestRuntimeError.trips_breaker and not GuestRuntimeError.fallback
+    assert not GuestRuntimeError.trips_breaker and not GuestRuntimeError.fallback
     assert not InvalidInput.trips_breaker and not InvalidInput.fallback
     assert not error_class_for("circuit_open").trips_breaker and error_class_for("circuit_open").fallback
 

@@ -130,26 +130,29 @@ def test_stale_job_is_dropped_unexecuted(
 
 
 def test_breaker_opens_then_probe_closes_it(client: Client, deployer: Registry) -> None:
-    """Three failures open the (shop, EP) breaker; callers then get the fallback with nothing
-    enqueued; after the cool-down one probe goes through and closes it."""
+    """Three failures that say the pool is not answering in time (a script stopped by its wall
+    clock; a script's own errors do not count, tests/test_breaker.py) open the (shop, EP)
+    breaker; callers then get the fallback with nothing enqueued; after the cool-down one probe
+    goes through and closes it."""
+    deployer.define_extension_point("slow", limits={"fuel": 10**15, "wall_ms": 20})
     shop = shop_on(1, SHARDS, skip=2)
-    deployer.deploy("test", shop, guests.TRAP)
+    deployer.deploy("slow", shop, guests.INFINITE_LOOP)
     for _ in range(3):
-        assert client.run("test", shop, {}, timeout=2).error_code == "runtime_error"
-    assert client.breaker_state(shop, "test") == "open"
-    blocked = client.run("test", shop, {}, timeout=2, fallback="fb")
+        assert client.run("slow", shop, {}, timeout=2).error_code == "wall_clock_exceeded"
+    assert client.breaker_state(shop, "slow") == "open"
+    blocked = client.run("slow", shop, {}, timeout=2, fallback="fb")
     assert (blocked.status, blocked.error_code, blocked.output) == ("fallback", "circuit_open", "fb")
     assert blocked.worker is None and blocked.timings.enqueue_ms == 0
     other = shop_on(1, SHARDS, skip=3)
-    deployer.deploy("test", other, guests.ECHO)
-    assert client.run("test", other, {"a": 1}, timeout=2).ok  # breakers are per (shop, EP)
+    deployer.deploy("slow", other, guests.ECHO)
+    assert client.run("slow", other, {"a": 1}, timeout=2).ok  # breakers are per (shop, EP)
 
-    deployer.deploy("test", shop, guests.ECHO)
+    deployer.deploy("slow", shop, guests.ECHO)
     time.sleep(0.55)
-    assert client.breaker_state(shop, "test") == "half_open"
-    probe = client.run("test", shop, {"b": 2}, timeout=2)
+    assert client.breaker_state(shop, "slow") == "half_open"
+    probe = client.run("slow", shop, {"b": 2}, timeout=2)
     assert probe.ok and probe.output == {"b": 2}
-    assert client.breaker_state(shop, "test") == "closed"
+    assert client.breaker_state(shop, "slow") == "closed"
 
 
 def test_100_threads_wait_at_once(client: Client, deployer: Registry) -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from functools import cached_property
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from kombu.entity import Queue
 
-from config import Settings, ShardGroup, celery_broker
+from config import Settings, ShardGroup, celery_broker, configure_logging, get_logger
+
+log = get_logger("worker")
 
 
 def broker_config(settings: Settings) -> dict[str, Any]:
@@ -89,4 +94,98 @@ def create_app(settings: Settings | None = None) -> ScriptpoolCelery:
 
     register(app)
     app.steps["consumer"].add(PrimaryWatch)
+    # Signals are process-wide: one receiver each, however many apps are made.
+    signals.celeryd_init.connect(_before_start, weak=False, dispatch_uid="scriptpool-before-start")
+    signals.celeryd_after_setup.connect(_starting, weak=False, dispatch_uid="scriptpool-starting")
+    signals.worker_ready.connect(_ready, weak=False, dispatch_uid="scriptpool-ready")
+    signals.worker_shutting_down.connect(_shutting_down, weak=False, dispatch_uid="scriptpool-shutting-down")
     return app
+
+
+# -- the worker's own lines: JSON when not on a terminal ------------------------------------------
+# Celery writes a 27-line banner to stdout, Python's SecurityWarning about running as root to
+# stderr (Celery checks the user before it sets up logging), and "worker: Warm shutdown" lines
+# from its signal handlers. Off a terminal each becomes one JSON event like every other line;
+# on a terminal the banner stays, for people.
+
+
+def _on_terminal() -> bool:
+    stdout = sys.__stdout__
+    return stdout is not None and stdout.isatty()
+
+
+def _level(loglevel: Any) -> int:
+    level = loglevel if isinstance(loglevel, int) else logging.getLevelName(str(loglevel or "INFO").upper())
+    return level if isinstance(level, int) else logging.INFO
+
+
+def _pool_name(pool: Any) -> str:
+    """``solo``, ``prefork``...: of a pool given by name, by path or as its class (Celery's
+    command line hands over the class, ``celery.concurrency.solo.TaskPool``)."""
+    path = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    return str(path).split(":")[0].rsplit(".", 1)[-1]
+
+
+def _before_start(sender: Any = None, instance: Any = None, options: Any = None, **_: Any) -> None:
+    """``celeryd_init``: before Celery checks the user, sets its defaults and logging."""
+    options = options or {}
+    if instance is not None and not _on_terminal():
+        instance.quiet = True  # no banner: _starting logs what it says, as one event
+    # Logging now rather than at Celery's setup_logging (which sets it again, the same way), so
+    # that the SecurityWarning Celery gives next when run as root is a python_warning event.
+    logfile = options.get("logfile")
+    if logfile and instance is not None:
+        from celery.utils.nodenames import node_format
+
+        logfile = node_format(logfile, instance.hostname)
+    configure_logging(level=_level(options.get("loglevel")), filename=logfile or None)
+
+
+def _starting(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """``celeryd_after_setup``: what Celery's banner says, as one event."""
+    if instance is None:
+        return
+    import celery
+
+    app = instance.app
+    if _pool_name(instance.pool_cls) == "solo":
+        # The solo pool runs one task at a time (its limit is 1); without -c Celery keeps its
+        # default, the CPU count, which the banner showed as "concurrency: 2 (solo)".
+        instance.concurrency = 1
+    with app.connection() as connection:
+        transport = connection.as_uri()  # the password masked
+    log.info(
+        "worker_starting",
+        worker=str(instance.hostname),
+        celery=celery.__version__,
+        transport=transport,
+        pool=_pool_name(instance.pool_cls),
+        concurrency=instance.concurrency,
+        queues=sorted(app.amqp.queues.consume_from or app.amqp.queues),
+        task_events=bool(instance.task_events),
+        tasks=sorted(name for name in app.tasks if not name.startswith("celery.")),
+        uid=os.getuid(),
+    )
+
+
+def _ready(sender: Any = None, **_: Any) -> None:
+    """``worker_ready``: Celery's shutdown handlers are installed by now; off a terminal, put
+    them back without their lines on stdout (``_shutting_down`` logs the event instead)."""
+    worker = getattr(sender, "controller", None)
+    if worker is None or _on_terminal():
+        return
+    from celery.apps import worker as program
+
+    program.install_worker_term_handler(worker, verbose=False)
+    program.install_worker_term_hard_handler(worker, verbose=False)
+    # Celery's own SIGINT callback prints a line before arming the cold shutdown; this arms it.
+    program.install_worker_int_handler(
+        worker,
+        verbose=False,
+        callback=lambda w: program.install_worker_term_hard_handler(w, sig="SIGINT", verbose=False),
+    )
+
+
+def _shutting_down(sig: Any = None, how: Any = None, exitcode: Any = None, **_: Any) -> None:
+    """``worker_shutting_down``: the event for Celery's "worker: Warm shutdown" line."""
+    log.info("worker_shutting_down", signal=str(sig), how=str(how).lower(), exitcode=exitcode)

@@ -21,6 +21,7 @@ the deadline (less a margin for the reply), and a part with no time left is skip
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,8 @@ _SOURCES = ("hot", "deserialized", "compiled")  # a call's module source is its 
 # Kept back before the caller's deadline for pushing the reply.
 REPLY_MS = 2
 _NOTHING: Any = object()  # no output to give: every part failed, or the call is blocked
+# A combined report's codec when its parts read and write different ones.
+MIXED_CODECS = "mixed"
 
 
 class PartsRunner:
@@ -119,7 +122,7 @@ class PartsRunner:
                 attempt = call.record(call.attempt(deployment, chained))
                 if attempt.status == PART_OK:
                     output = attempt.output
-        return call.finish(output, lookup_ms, bindings.generation)
+        return call.finish(output, lookup_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +159,7 @@ class _Call:
         self.outputs: list[Any] = []  # of the parts that succeeded, in app order
         self.blocked: ErrorInfo | None = None
         self.sources: list[str] = []
+        self.deployments: list[Deployment] = []  # of every part, the reducer included, in turn
 
     def attempt(self, deployment: Deployment, stdin: bytes, *, usable: bool = True) -> _Attempt:
         """Run one app's script (thread-safe: it changes nothing in the call)."""
@@ -207,6 +211,7 @@ class _Call:
         deployment, error = attempt.deployment, attempt.error
         info = ErrorInfo.from_exception(error) if error is not None else None
         self.parts.append(Part(deployment.app, deployment.version, attempt.status, info, attempt.report))
+        self.deployments.append(deployment)
         if attempt.source is not None:
             self.sources.append(attempt.source)
         if attempt.status == PART_OK:
@@ -240,8 +245,8 @@ class _Call:
         del self.outputs[before:]  # the reducer's output is the call's, not a part to combine
         return attempt.output if attempt.status == PART_OK else _NOTHING
 
-    def finish(self, output: Any, lookup_ms: float, generation: int) -> Execution:
-        report = self._report(lookup_ms, generation)
+    def finish(self, output: Any, lookup_ms: float) -> Execution:
+        report = self._report(lookup_ms)
         if self.blocked is not None:
             return Execution(False, None, self.blocked, report, tuple(self.parts))
         if output is _NOTHING:
@@ -272,9 +277,17 @@ class _Call:
             return None
         return limits if ticks * tick >= limits.wall_ms else dataclasses.replace(limits, wall_ms=ticks * tick)
 
-    def _report(self, lookup_ms: float, generation: int) -> ExecutionReport:
+    def _report(self, lookup_ms: float) -> ExecutionReport:
+        """The call's report: costs summed over the parts (peak memory the largest), and for
+        what ran, values that hold for the whole call: ``version`` 0 (no one version: each
+        part's is in ``parts``), ``sha256`` the digest of every part's app and module sha256 in
+        turn, skipped parts' too (equal for two calls exactly when they had the same modules
+        bound as the same apps), and
+        ``codec`` the parts' codec, or ``mixed`` when they differ."""
         reports = [part.report for part in self.parts]
         coldest = max((_SOURCES.index(s) for s in self.sources), default=0)
+        ran = hashlib.sha256("".join(f"{d.app} {d.sha256}\n" for d in self.deployments).encode())
+        codecs = {d.codec for d in self.deployments}
         return ExecutionReport(
             instructions=sum(r.instructions for r in reports),
             peak_memory_bytes=max((r.peak_memory_bytes for r in reports), default=0),
@@ -285,6 +298,8 @@ class _Call:
             run_ms=round(sum(r.run_ms for r in reports), 4),
             decode_ms=round(sum(r.decode_ms for r in reports), 4),
             module_source=_SOURCES[coldest],
-            version=generation,
+            sha256=ran.hexdigest(),
+            version=0,
+            codec=codecs.pop() if len(codecs) == 1 else MIXED_CODECS,
             scale_factor=self.scale_factor,
         )

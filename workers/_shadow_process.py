@@ -41,10 +41,12 @@ class _Forward(logging.Handler):
         self._channel = channel
 
     def emit(self, record: logging.LogRecord) -> None:
+        from config import event_name  # loaded by then: records come from the code that imports it
+
         fields = {k: _plain(v) for k, v in vars(record).items() if k not in RECORD_FIELDS}
         if record.exc_info:
             fields["exception"] = logging.Formatter().formatException(record.exc_info)
-        message = msgpack.packb(("log", (record.levelno, record.name, record.getMessage(), fields)))
+        message = msgpack.packb(("log", (record.levelno, record.name, event_name(record), fields)))
         with contextlib.suppress(OSError):  # the worker is gone
             self._channel.send(message)
 
