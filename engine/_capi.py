@@ -27,7 +27,7 @@ from engine._engine import POOL_LIMITS, wasmtime_version
 # that changes any of it fails loudly instead of misbehaving.
 
 # The wasmtime-py major version these internals were checked against (pyproject pins it too).
-SUPPORTED_WASMTIME_MAJOR = 50
+SUPPORTED_WASMTIME_MAJOR = 51
 
 # One ``wasmtime_val_raw_t`` (a 16-byte union) per argument: an i32 argument ``k`` is u32 word 4k.
 VAL_RAW_WORDS = 4
