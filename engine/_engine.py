@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import mmap
 import threading
 
 import wasmtime
-from wasmtime import _ffi as ffi
 
 from config import LIMIT_RANGES, get_logger, limit_problem
 from config.errors import ConfigurationError
+from engine._capi import set_async_stack_size, set_pooling_allocation, wasmtime_version
 
 log = get_logger("worker")
 
@@ -41,10 +40,6 @@ _CODEGEN = {
     # beside its own, and our glue for an untrampolined one copies between the two.
     "wasm_multi_memory": True,
 }
-
-
-def wasmtime_version() -> str:
-    return importlib.metadata.version("wasmtime")
 
 
 def engine_fingerprint() -> str:
@@ -132,17 +127,11 @@ def _config(stack_bytes: int, *, pooling: bool) -> wasmtime.Config:
     for name, value in _CODEGEN.items():
         setattr(config, name, value)
     config.max_wasm_stack = stack_bytes
-    ffi.wasmtime_config_async_stack_size_set(config.ptr(), ASYNC_STACK_BYTES)
+    set_async_stack_size(config, ASYNC_STACK_BYTES)
     # Deterministic guests: the same input gives the same output on every machine.
     config.cranelift_nan_canonicalization = True
     if pooling:
-        pool = ffi.wasmtime_pooling_allocation_config_new()
-        try:
-            for name, value in POOL_LIMITS.items():
-                getattr(ffi, f"wasmtime_pooling_allocation_config_{name}_set")(pool, value)
-            ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), pool)
-        finally:
-            ffi.wasmtime_pooling_allocation_config_delete(pool)
+        set_pooling_allocation(config, POOL_LIMITS)
     return config
 
 
