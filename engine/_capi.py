@@ -221,7 +221,22 @@ def trap_code_name(code: int) -> str:
     return _TRAP_NAMES.get(code, f"code_{code}")
 
 
-# -- engine settings wasmtime-py has no property for ---------------------------------------------
+# -- engines: their creation, and settings wasmtime-py has no property for -----------------------
+def engine_from(config: wasmtime.Config) -> wasmtime.Engine:
+    """An engine with ``config`` (consumed), or WasmtimeError if wasmtime refuses the
+    configuration (a Wasm stack past the async stack, a pool it cannot map).
+
+    wasmtime 51's C API answers a refused configuration with a null engine, without a message
+    (wasmtime 50 aborted the process), and wasmtime-py 51 wraps the null as it is: using or
+    freeing that engine crashes the process. So it is let go here without being freed.
+    """
+    engine = wasmtime.Engine(config)
+    if not engine.ptr():
+        engine._consume()  # nothing to free: its destructor must not see the null
+        raise wasmtime.WasmtimeError("wasmtime refused the engine's configuration")
+    return engine
+
+
 def set_async_stack_size(config: wasmtime.Config, size: int) -> None:
     """The stack of the fiber an async call (a profiled run) runs on, in bytes."""
     _config_async_stack_size_set(address_of(config), size)
@@ -352,7 +367,7 @@ _USED_AS_IS = {
     "wasmtime.WasmtimeError": ("_from_ptr",),
     "wasmtime.Func": ("_from_raw",),
     "wasmtime.Store": ("_context",),
-    "wasmtime.Engine": ("ptr",),
+    "wasmtime.Engine": ("ptr", "_consume"),
     "wasmtime.Config": ("ptr",),
     "wasmtime.Linker": ("ptr", "instantiate_pre"),
     "wasmtime.InstancePre": ("ptr",),

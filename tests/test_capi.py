@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import ast
 import ctypes
+import subprocess
+import sys
+import textwrap
 from functools import cache
 from pathlib import Path
 
@@ -193,3 +196,59 @@ def test_a_raw_host_function_runs_and_items_have_addresses() -> None:
     data = memory_data(context_of(store), item_address(memory))
     assert data == ctypes.cast(memory.data_ptr(store), ctypes.c_void_p).value
     assert address_of(engine) != 0 and VAL_RAW_WORDS == 4
+
+
+def _child(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter at the repository root: a crash there is reported
+    here instead of taking the test runner with it."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_an_engine_configuration_wasmtime_refuses_is_an_error_not_a_crash() -> None:
+    """wasmtime 51's C API answers a configuration it refuses with a null engine (wasmtime 50
+    aborted the process), which wasmtime-py 51 wraps as it is: using or freeing it crashed the
+    process. ``engine_from`` refuses it with WasmtimeError, and the process goes on."""
+    child = _child("""
+        import wasmtime
+        from engine._capi import engine_from, set_async_stack_size
+        config = wasmtime.Config()
+        config.max_wasm_stack = 4 << 20
+        set_async_stack_size(config, 2 << 20)  # a Wasm stack past the async stack: refused
+        try:
+            engine_from(config)
+        except wasmtime.WasmtimeError as exc:
+            print("refused:", exc)
+        engine = engine_from(wasmtime.Config())
+        store = wasmtime.Store(engine)
+        wasmtime.Instance(store, wasmtime.Module(engine, '(module (memory 1))'), [])
+        print("then ran")
+    """)
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
+    assert child.stdout.splitlines() == [
+        "refused: wasmtime refused the engine's configuration",
+        "then ran",
+    ]
+
+
+def test_a_pool_wasmtime_cannot_map_falls_back_to_on_demand_allocation() -> None:
+    """When the pool's address space goes between the check and wasmtime's mapping (here: the
+    check is told yes under a 16 GiB address-space limit, and the pool needs about 260 GiB), the
+    engine allocates per instance instead, says so, and runs guests."""
+    child = _child("""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
+        from config import Limits, configure_logging
+        configure_logging(json=True)
+        from engine import Sandbox, _engine
+        from tests import guests
+        _engine._can_reserve = lambda size: True
+        sandbox = Sandbox()
+        limits = Limits()
+        run = sandbox.run(sandbox.compile(guests.ECHO, limits.stack_bytes), b'[1]', limits)
+        print("ran:", run.error, run.stdout.decode())
+    """)
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
+    assert child.stdout.splitlines()[-1] == "ran: None [1]"
+    assert "pooling_allocator_unavailable" in child.stdout + child.stderr
