@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import mmap
 import threading
 
 import wasmtime
-from wasmtime import _ffi as ffi
 
 from config import LIMIT_RANGES, get_logger, limit_problem
 from config.errors import ConfigurationError
+from engine._capi import engine_from, set_async_stack_size, set_pooling_allocation, wasmtime_version
 
 log = get_logger("worker")
 
 # The stack of the fiber a guest runs on when it is called asynchronously (a profiled run,
 # engine/_profile.py): the Wasm stack and, below it, our host frames (WASI calls and the profiler's
 # epoch callback are Python, reached through ctypes). wasmtime refuses a Wasm stack larger than
-# this with a panic that aborts the process, and a Wasm stack equal to it overflowed the fiber in
-# a deep recursion, measured. 2 MiB is wasmtime's default, set here so that a new default cannot
-# break the stack_bytes range (config._limits), whose top (1 MiB) leaves half of it to the host.
+# this (50 with a panic that aborted the process, 51 with no engine: see engine_from), and a Wasm
+# stack equal to it overflowed the fiber in a deep recursion, measured. 2 MiB is wasmtime's
+# default, set here so that a new default cannot break the stack_bytes range (config._limits),
+# whose top (1 MiB) leaves half of it to the host.
 ASYNC_STACK_BYTES = 2 << 20
 assert LIMIT_RANGES["stack_bytes"][1] <= ASYNC_STACK_BYTES // 2
 
@@ -41,10 +41,6 @@ _CODEGEN = {
     # beside its own, and our glue for an untrampolined one copies between the two.
     "wasm_multi_memory": True,
 }
-
-
-def wasmtime_version() -> str:
-    return importlib.metadata.version("wasmtime")
 
 
 def engine_fingerprint() -> str:
@@ -98,18 +94,22 @@ def new_engine(stack_bytes: int, *, pooling: bool = True) -> wasmtime.Engine:
 
     Pooled unless asked otherwise; where the pool's address space cannot be reserved (a tight
     ``ulimit -v``, say) the engine allocates per instance instead, slower but the same otherwise.
-    A stack size out of the ``stack_bytes`` range is :class:`ConfigurationError`: wasmtime would
-    abort the process for some of them.
+    A stack size out of the ``stack_bytes`` range is :class:`ConfigurationError`: wasmtime
+    refuses some of them (wasmtime 50 aborted the process).
     """
     problem = limit_problem("stack_bytes", stack_bytes)
     if problem is not None:
         raise ConfigurationError(problem, limit="stack_bytes")
     if pooling:
-        # wasmtime aborts the whole process (a Rust panic) when it cannot map the pool, so ask first.
+        # Asked first, because wasmtime 50 aborted the whole process when it could not map the
+        # pool; 51 refuses the engine, which covers the space going between check and map.
         if _can_reserve(pool_reservation_bytes()):
-            return wasmtime.Engine(_config(stack_bytes, pooling=True))
+            try:
+                return engine_from(_config(stack_bytes, pooling=True))
+            except wasmtime.WasmtimeError:
+                pass
         log.warning("pooling_allocator_unavailable", reservation_bytes=pool_reservation_bytes())
-    return wasmtime.Engine(_config(stack_bytes, pooling=False))
+    return engine_from(_config(stack_bytes, pooling=False))
 
 
 def compile_engine(stack_bytes: int) -> wasmtime.Engine:
@@ -118,7 +118,7 @@ def compile_engine(stack_bytes: int) -> wasmtime.Engine:
     one thread, so that a compile costs one core and its CPU time is its wall time."""
     config = _config(stack_bytes, pooling=False)
     config.parallel_compilation = False
-    return wasmtime.Engine(config)
+    return engine_from(config)
 
 
 def pool_reservation_bytes() -> int:
@@ -144,17 +144,11 @@ def _config(stack_bytes: int, *, pooling: bool) -> wasmtime.Config:
     for name, value in _CODEGEN.items():
         setattr(config, name, value)
     config.max_wasm_stack = stack_bytes
-    ffi.wasmtime_config_async_stack_size_set(config.ptr(), ASYNC_STACK_BYTES)
+    set_async_stack_size(config, ASYNC_STACK_BYTES)
     # Deterministic guests: the same input gives the same output on every machine.
     config.cranelift_nan_canonicalization = True
     if pooling:
-        pool = ffi.wasmtime_pooling_allocation_config_new()
-        try:
-            for name, value in POOL_LIMITS.items():
-                getattr(ffi, f"wasmtime_pooling_allocation_config_{name}_set")(pool, value)
-            ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), pool)
-        finally:
-            ffi.wasmtime_pooling_allocation_config_delete(pool)
+        set_pooling_allocation(config, POOL_LIMITS)
     return config
 
 

@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import wasmtime
-from wasmtime import _ffi as ffi
 
 from config.errors import WallClockExceeded
 from engine._capi import (
@@ -49,12 +48,14 @@ from engine._capi import (
     context_set_epoch_deadline,
     engine_increment_epoch,
     error_new,
+    free_error,
     func_call,
     func_call_async,
     guestprofiler_delete,
-    guestprofiler_finish,
-    guestprofiler_new,
+    guestprofiler_read,
     guestprofiler_sample,
+    guestprofiler_start,
+    raise_error,
     store_epoch_deadline_callback,
 )
 
@@ -63,7 +64,6 @@ SPEEDSCOPE_SCHEMA = "https://www.speedscope.app/file-format-schema.json"
 TARGET_SAMPLES = 2000
 _CONTINUE = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
 _NO_FINALIZER = ctypes.cast(0, EPOCH_FINALIZER)
-_ErrorPointer = ctypes.POINTER(ffi.wasmtime_error_t)
 
 
 def interval_for(instructions: int, samples: int = TARGET_SAMPLES) -> int:
@@ -109,22 +109,7 @@ class GuestProfiler:
             raise RuntimeError("a GuestProfiler profiles one run")
         self._engine, self._store, self._wall_ms = engine, store, wall_ms
         self._script = modules[0][0]
-        names = [_name(name) for name, _ in modules]
-        table = (ffi.wasmtime_guestprofiler_modules_t * len(modules))()
-        for row, ((_, module), name) in zip(table, zip(modules, names, strict=True), strict=True):
-            row.name = ctypes.pointer(name)
-            row.mod = module.ptr()
-        title = _name("scriptpool")
-        try:
-            self._profiler = int(
-                guestprofiler_new(
-                    engine, ctypes.addressof(title), self.interval, ctypes.addressof(table), len(modules)
-                )
-                or 0
-            )
-        finally:  # the profiler copies the names
-            for name in (*names, title):
-                ffi.wasm_byte_vec_delete(ctypes.byref(name))
+        self._profiler = guestprofiler_start(engine, "scriptpool", self.interval, modules)
 
     def call(
         self,
@@ -144,9 +129,7 @@ class GuestProfiler:
         if not self._armed:
             if not entry:  # a provider's initialize: the store is not async yet
                 return int(func_call(context, func, args, nargs, results, nresults, trap_at) or 0) or None
-            failure = context_fuel_async_yield_interval(context, self.interval)
-            if failure:
-                raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(failure, _ErrorPointer))
+            raise_error(context_fuel_async_yield_interval(context, self.interval))
             store_epoch_deadline_callback(self._store, self._thunk, None, _NO_FINALIZER)
             self._armed = True
         if entry:
@@ -169,12 +152,10 @@ class GuestProfiler:
             self._sampling = False
         failure = self._error.value
         if self._failure is not None:
-            if failure:
-                wasmtime.WasmtimeError._from_ptr(ctypes.cast(failure, _ErrorPointer))  # freed with it
+            free_error(failure)
             raise RuntimeError(f"the profiler failed: {self._failure!r}") from self._failure
         if self._timed_out:
-            if failure:
-                wasmtime.WasmtimeError._from_ptr(ctypes.cast(failure, _ErrorPointer))
+            free_error(failure)
             raise WallClockExceeded("script ran past its wall-clock deadline")
         return failure
 
@@ -184,15 +165,7 @@ class GuestProfiler:
         pointer, self._profiler = self._profiler, 0
         if not pointer:
             return
-        out = ffi.wasm_byte_vec_t()
-        failure = guestprofiler_finish(pointer, ctypes.addressof(out))  # consumes the profiler
-        if failure:
-            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(failure, _ErrorPointer))
-        try:
-            raw = ctypes.string_at(out.data, out.size)
-        finally:
-            ffi.wasm_byte_vec_delete(ctypes.byref(out))
-        stacks = _stacks(json.loads(raw), self._script)
+        stacks = _stacks(json.loads(guestprofiler_read(pointer)), self._script)
         # One stack per sample() call, in order; a sample with no frames of ours is dropped.
         kept = [(s, w) for s, w in zip(stacks, self._weights_taken, strict=True) if s]
         self.stacks = [s for s, _ in kept]
@@ -278,15 +251,6 @@ class GuestProfiler:
         for stack, weight in zip(self.stacks, self.weights, strict=True):
             summed[";".join(stack)] += weight
         return "".join(f"{stack} {weight}\n" for stack, weight in sorted(summed.items()))
-
-
-def _name(text: str) -> Any:
-    """A ``wasm_name_t`` we own (free it with ``wasm_byte_vec_delete``)."""
-    vec = ffi.wasm_byte_vec_t()
-    data = text.encode()
-    buffer = ctypes.create_string_buffer(data, len(data))
-    ffi.wasm_byte_vec_new(ctypes.byref(vec), len(data), ctypes.cast(buffer, ctypes.POINTER(ffi.wasm_byte_t)))
-    return vec
 
 
 def _error(message: str) -> int:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import wasmtime
-from wasmtime import _ffi as ffi
 
 from config import Limits
 from config.errors import (
@@ -39,11 +38,19 @@ from config.errors import (
 )
 from engine._abi import GLUE_MEMORY_EXPORT, GUEST_MEMORY_MODULE, GUEST_MEMORY_NAME, glue_wat
 from engine._capi import (
+    EXTERN_FUNC,
     EXTERN_ITEM_OFFSET,
+    EXTERN_MEMORY,
+    VAL_I32,
+    Extern,
+    Instance,
+    Val,
+    address_of,
     check_internals,
     context_get_fuel,
     context_set_epoch_deadline,
     context_set_fuel,
+    error_from,
     func_call,
     instance_export_get,
     instance_pre_instantiate,
@@ -57,10 +64,14 @@ from engine._capi import (
     linker_new,
     memory_data,
     memory_data_size,
+    raise_error,
     store_context,
     store_delete,
     store_limiter,
     store_new,
+    trap_code,
+    trap_code_name,
+    trap_from,
 )
 from engine._engine import EpochTicker, engine_stack_bytes, new_engine
 from engine._link import WASI, resolve
@@ -105,12 +116,7 @@ class SandboxRun:
     run_s: float
 
 
-_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
-_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
-_I32 = ffi.WASMTIME_I32.value
-_TrapPointer = ctypes.POINTER(ffi.wasm_trap_t)
-_ErrorPointer = ctypes.POINTER(ffi.wasmtime_error_t)
-_INSTANCE_SIZE = ctypes.sizeof(ffi.wasmtime_instance_t)
+_INSTANCE_SIZE = ctypes.sizeof(Instance)
 _WASI_NAME = WASI_MODULE.encode()
 _NAME_MEMORY = b"memory"
 _NAME_GLUE_MEMORY = GLUE_MEMORY_EXPORT.encode()
@@ -171,12 +177,12 @@ class _Scratch(ctypes.Structure):
     """Out-parameters of the C calls one run makes (one per thread, reused by every run)."""
 
     _fields_ = (
-        ("instance", ffi.wasmtime_instance_t),
-        ("extern", ffi.wasmtime_extern_t),
+        ("instance", Instance),
+        ("extern", Extern),
         ("trap", ctypes.c_void_p),
         ("fuel", ctypes.c_uint64),
-        ("results", ffi.wasmtime_val_t * 4),
-        ("args", ffi.wasmtime_val_t * 1),
+        ("results", Val * 4),
+        ("args", Val * 1),
     )
 
 
@@ -252,8 +258,8 @@ class Sandbox:
                     linker = wasmtime.Linker(engine)
                     self._wasi.define(linker)
                     self._linkers[stack_bytes] = linker
-                    self._linker_addresses[stack_bytes] = _address(linker.ptr())
-                    self._engine_addresses[stack_bytes] = _address(engine.ptr())
+                    self._linker_addresses[stack_bytes] = address_of(linker)
+                    self._engine_addresses[stack_bytes] = address_of(engine)
                     self._engines[stack_bytes] = engine
         return engine
 
@@ -346,7 +352,7 @@ class Sandbox:
         try:
             failure = context_set_fuel(context, limits.fuel)  # what _meter does, inline: the hot path
             if failure:
-                raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(failure, _ErrorPointer))
+                raise_error(failure)
             context_set_epoch_deadline(context, self._ticker.ticks_for(limits.wall_ms))
             io.start_clock(limits.wall_ms)
             t.io = io
@@ -384,7 +390,7 @@ class Sandbox:
         seconds, run seconds, instructions). Only the glue, the module and the entry are metered.
         """
         error: ExecutionError | None = None
-        instances = (ffi.wasmtime_instance_t * (len(providers) + 1))()
+        instances = (Instance * (len(providers) + 1))()
         base = ctypes.addressof(instances)
         live: list[tuple[int, tuple[bytes, ...]]] = []  # (instance address, memory exports) for the peak
         instructions = 0
@@ -409,7 +415,7 @@ class Sandbox:
                 failure = instance_pre_instantiate(provider.pre_address, context, at, t.trap_at)
                 _staged("instantiate", _check, io, failure, t.scratch.trap)
                 live.append((at, provider.memories))
-                _raise(linker_define_instance(linker, context, provider.name, len(provider.name), at))
+                raise_error(linker_define_instance(linker, context, provider.name, len(provider.name), at))
             if plan.memory_io >= 0:
                 _staged("initialize", _initialize, t, context, io, base + plan.memory_io * _INSTANCE_SIZE)
                 initialized = True
@@ -457,12 +463,12 @@ class Sandbox:
         t.scratch.trap = None
         failure = linker_instantiate(linker, context, plan.glue_address, at, t.trap_at)
         _check(io, failure, t.scratch.trap)
-        _raise(linker_define_instance(linker, context, plan.glue_name, len(plan.glue_name), at))
+        raise_error(linker_define_instance(linker, context, plan.glue_name, len(plan.glue_name), at))
         if plan.guest_memory:
             name = _NAME_GLUE_MEMORY
             if not instance_export_get(context, at, name, len(name), t.export_at):
                 raise InvalidModule("glue has no guest memory")
-            _raise(
+            raise_error(
                 linker_define(
                     linker,
                     context,
@@ -482,22 +488,21 @@ class Sandbox:
         for name in names:
             if not linker_get(source, context, _WASI_NAME, len(_WASI_NAME), name, len(name), t.export_at):
                 raise InvalidModule(f"import {WASI_MODULE}.{name.decode(errors='replace')} is not provided")
-            _raise(linker_define(linker, context, _WASI_NAME, len(_WASI_NAME), name, len(name), t.export_at))
+            defined = linker_define(
+                linker, context, _WASI_NAME, len(_WASI_NAME), name, len(name), t.export_at
+            )
+            raise_error(defined)
 
     def _meter(self, context: int, io: GuestIO, limits: Limits) -> None:
         """From here on, the script's fuel and deadline apply (afresh), in guest code and host
         calls alike."""
-        failure = context_set_fuel(context, limits.fuel)
-        if failure:
-            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(failure, _ErrorPointer))
+        raise_error(context_set_fuel(context, limits.fuel))
         context_set_epoch_deadline(context, self._ticker.ticks_for(limits.wall_ms))
         io.start_clock(limits.wall_ms)
 
     def _provider_budget(self, context: int, io: GuestIO, limits: Limits) -> None:
         """A provider stage's own budget: all the fuel, and the script's wall-clock limit."""
-        failure = context_set_fuel(context, _ALL_FUEL)
-        if failure:
-            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(failure, _ErrorPointer))
+        raise_error(context_set_fuel(context, _ALL_FUEL))
         context_set_epoch_deadline(context, self._ticker.ticks_for(limits.wall_ms))
         io.start_clock(limits.wall_ms)
 
@@ -508,7 +513,7 @@ class Sandbox:
         if prepared is None:
             # Raises WasmtimeError (an unknown import, say), translated like a failed instantiation.
             pre = self._linkers[stack_bytes].instantiate_pre(module)
-            prepared = _describe(pre, _address(pre.ptr()), module, export)
+            prepared = _describe(pre, address_of(pre), module, export)
             with self._lock:
                 self._prepared.setdefault(module, {})[export] = prepared
         return prepared
@@ -542,11 +547,11 @@ class Sandbox:
         linked = _Linked(
             entry=_describe(None, 0, module, export),
             module=module,
-            module_address=_address(module.ptr()),
+            module_address=address_of(module),
             providers=prepared,
             memory_io=position[resolution.memory_io] if resolution.memory_io is not None else -1,
             glue=glue,
-            glue_address=_address(glue.ptr()) if glue is not None else 0,
+            glue_address=address_of(glue) if glue is not None else 0,
             glue_name=(resolution.glue_provider or "").encode(),
             guest_memory=resolution.guest_memory is not None,
             wasi=tuple(dict.fromkeys(s.name.encode() for s in resolution.sources if s.kind == WASI)),
@@ -559,7 +564,7 @@ class Sandbox:
         provider = self._providers.get(module)
         if provider is None or provider.name != name.encode():
             pre = self._linkers[stack_bytes].instantiate_pre(module)
-            provider = _Provider(name.encode(), module, pre, _address(pre.ptr()), _memory_exports(module))
+            provider = _Provider(name.encode(), module, pre, address_of(pre), _memory_exports(module))
             with self._lock:
                 self._providers[module] = provider
         return provider
@@ -580,10 +585,6 @@ class Sandbox:
 _GLUE_CACHE_ENTRIES = 256
 # Measured: cloning the engine's linker takes 6.5 µs, defining one WASI import on a new one 1.5.
 _WASI_DEFINITIONS_PER_CLONE = 4
-
-
-def _address(pointer: Any) -> int:
-    return ctypes.cast(pointer, ctypes.c_void_p).value or 0
 
 
 def _describe(
@@ -609,22 +610,16 @@ def _staged(stage: str, step: Any, *args: Any) -> Any:
         raise _Stage(stage, exc) from None
 
 
-def _raise(failure: int | None) -> None:
-    """Raise the error a C call returned, if it did."""
-    if failure:
-        raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(failure, _ErrorPointer))
-
-
 def _call_i32(t: _Thread, context: int, io: GuestIO, instance: int, name: bytes, arg: int | None) -> int:
     """Call the export ``name`` of ``instance``, of type (i32) -> i32 or () -> i32."""
     if (
         not instance_export_get(context, instance, name, len(name), t.export_at)
-        or t.scratch.extern.kind != _FUNC
+        or t.scratch.extern.kind != EXTERN_FUNC
     ):
         raise InvalidModule(f"provider has no function export {name.decode()!r}")
     nargs = 0
     if arg is not None:
-        t.scratch.args[0].kind = _I32
+        t.scratch.args[0].kind = VAL_I32
         t.scratch.args[0].of.i32 = arg
         nargs = 1
     t.scratch.trap = None
@@ -643,7 +638,7 @@ def _provider_memory(t: _Thread, context: int, instance: int) -> tuple[int, int]
     runs again."""
     if (
         not instance_export_get(context, instance, _NAME_MEMORY, len(_NAME_MEMORY), t.export_at)
-        or t.scratch.extern.kind != _MEMORY
+        or t.scratch.extern.kind != EXTERN_MEMORY
     ):
         raise InvalidModule("provider has no memory export named memory")
     return int(memory_data(context, t.item_at) or 0), int(memory_data_size(context, t.item_at))
@@ -693,14 +688,14 @@ def _finalize(t: _Thread, context: int, io: GuestIO, instance: int) -> None:
 def _call_entry(t: _Thread, context: int, prepared: _Prepared, export: str, io: GuestIO) -> None:
     """Call the entry export as ``Func.__call__`` would, without looking up its type again."""
     found = instance_export_get(context, t.instance_at, prepared.name, len(prepared.name), t.export_at)
-    if prepared.nparams is None or not found or t.scratch.extern.kind != _FUNC:
+    if prepared.nparams is None or not found or t.scratch.extern.kind != EXTERN_FUNC:
         raise InvalidModule(f"module has no function export {export!r}")
     if prepared.nparams:
         # What Func.__call__ raises; translated like a failed start.
         raise wasmtime.WasmtimeError(f"too few parameters provided: given 0, expected {prepared.nparams}")
     nresults = prepared.nresults
     # Results are dropped with the store (no unrooting needed); more than 4 go to a fresh array.
-    results = t.results_at if nresults <= 4 else ctypes.addressof((ffi.wasmtime_val_t * nresults)())
+    results = t.results_at if nresults <= 4 else ctypes.addressof((Val * nresults)())
     t.scratch.trap = None
     if t.profiler is None:
         failure = func_call(context, t.item_at, None, 0, results, nresults, t.trap_at)
@@ -714,8 +709,8 @@ def _check(io: GuestIO, failure: int | None, trap: int | None) -> None:
     exception a host function raised first, else the error, else the trap."""
     if not failure and not trap and io.raised is None:
         return
-    error = wasmtime.WasmtimeError._from_ptr(ctypes.cast(failure, _ErrorPointer)) if failure else None
-    trapped = wasmtime.Trap._from_ptr(ctypes.cast(trap, _TrapPointer)) if trap else None
+    error = error_from(failure) if failure else None  # each owns (and frees) its pointer
+    trapped = trap_from(trap) if trap else None
     raised = io.take_raised()
     if raised is not None:
         raise raised
@@ -781,18 +776,18 @@ def _out_of_memory(error: ExecutionError | None, peak: int, limits: Limits) -> E
 
 
 def _translate_trap(trap: wasmtime.Trap) -> ExecutionError:
-    code = trap.trap_code
-    if code == wasmtime.TrapCode.OUT_OF_FUEL:
+    code = trap_code(trap)
+    if code == wasmtime.TrapCode.OUT_OF_FUEL.value:
         return InstructionLimitExceeded("script used up its instruction budget")
-    if code == wasmtime.TrapCode.INTERRUPT:
+    if code == wasmtime.TrapCode.INTERRUPT.value:
         return WallClockExceeded("script ran past its wall-clock deadline")
-    if code == wasmtime.TrapCode.STACK_OVERFLOW:
+    if code == wasmtime.TrapCode.STACK_OVERFLOW.value:
         return StackOverflow("script exhausted its Wasm stack")
     if code is None and _UNCAUGHT_EXCEPTION in str(trap):
         return GuestRuntimeError(
             "script threw a Wasm exception that it did not catch", trap_code="uncaught_exception"
         )
-    name = code.name.lower() if code is not None else "unknown"
+    name = trap_code_name(code) if code is not None else "unknown"
     return GuestRuntimeError(f"script trapped: {name}", trap_code=name)
 
 
@@ -823,7 +818,7 @@ def _memory_bytes(t: _Thread, context: int, instance: int, names: tuple[bytes, .
     for name in names:
         if (
             instance_export_get(context, instance, name, len(name), t.export_at)
-            and t.scratch.extern.kind == _MEMORY
+            and t.scratch.extern.kind == EXTERN_MEMORY
         ):
             size = memory_data_size(context, t.item_at)
             if size > peak:

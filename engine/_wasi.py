@@ -26,18 +26,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import wasmtime
-from wasmtime import _ffi as ffi
 
 from config.errors import OutputTooLarge, WallClockExceeded
 from engine._capi import (
     EXTERN_ITEM_OFFSET,
+    EXTERN_MEMORY,
     HOST_CALLBACK,
     VAL_RAW_WORDS,
+    Extern,
+    address_of,
     caller_context,
     caller_export_get,
     linker_define_func_unchecked,
     memory_data,
     memory_data_size,
+    raise_error,
     trap_new,
 )
 
@@ -75,7 +78,7 @@ class GuestExit(Exception):
 
 
 _W = VAL_RAW_WORDS  # stride of one argument in the u32 view of wasmtime's value array
-_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
+_MEMORY = EXTERN_MEMORY
 _NAME_MEMORY = b"memory"
 _TRAP_MESSAGE = b"python exception"  # what wasmtime-py's trampoline traps with, too
 
@@ -200,7 +203,7 @@ class HostState(threading.local):
 
     def __init__(self) -> None:
         self.io = IDLE  # the sandbox sets the run's GuestIO here for as long as the run lasts
-        self.extern: Any = ffi.wasmtime_extern_t()
+        self.extern: Any = Extern()
         self.extern_address = ctypes.addressof(self.extern)
         # The last memory a host call looked at. Runs on a pooled engine reuse memory slots, so
         # this usually still fits the next run's memory.
@@ -444,14 +447,12 @@ class WasiSubset:
         for name, params, results, callback in self._callbacks:
             ty = wasmtime.FuncType([_VALTYPES[p] for p in params], [_VALTYPES[r] for r in results])
             raw = name.encode()
-            error = linker_define_func_unchecked(
-                linker.ptr(), module, len(module), raw, len(raw), ty.ptr(), callback, None, None
+            at, signature = address_of(linker), address_of(ty)
+            raise_error(
+                linker_define_func_unchecked(
+                    at, module, len(module), raw, len(raw), signature, callback, None, None
+                )
             )
-            if error:
-                raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, _ErrorPointer))
-
-
-_ErrorPointer = ctypes.POINTER(ffi.wasmtime_error_t)
 
 
 def _table() -> list[tuple[str, str, str, Impl]]:

@@ -36,14 +36,23 @@ from typing import Any
 
 import redis
 import wasmtime
-from wasmtime import _ffi as ffi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from config import Limits, Settings
 from engine import Sandbox
 from engine._abi import GLUE_MEMORY_EXPORT, MemoryLimits, glue_wat
-from engine._capi import HOST_CALLBACK, VAL_RAW_WORDS, caller_context, func_call, memory_data
+from engine._capi import (
+    HOST_CALLBACK,
+    VAL_I32,
+    VAL_RAW_WORDS,
+    Val,
+    caller_context,
+    func_call,
+    host_func,
+    item_address,
+    memory_data,
+)
 from registry import Registry
 from registry._rewrite import linkable
 from scriptpool import EmbeddedRedis
@@ -130,16 +139,6 @@ def hot(executor: Executor, shops: dict[str, tuple[str, bytes]], runs: int) -> d
 # -- glue: a Wasm module, or a C-API host function -------------------------------------------------
 
 LOG = "shopify_function_log_new_utf8_str"
-_func_new_unchecked = ffi.dll["wasmtime_func_new_unchecked"]  # our prototype, as engine/_capi.py does
-_func_new_unchecked.restype = None
-_func_new_unchecked.argtypes = (
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-    HOST_CALLBACK,
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-)
 
 
 def logging_guest(calls: int) -> bytes:
@@ -164,8 +163,8 @@ class HostGlue:
     Python on the C API. ``bind`` points it at one run's provider function and memories."""
 
     def __init__(self) -> None:
-        self.args = (ffi.wasmtime_val_t * 1)()
-        self.results = (ffi.wasmtime_val_t * 1)()
+        self.args = (Val * 1)()
+        self.results = (Val * 1)()
         self.trap = ctypes.c_void_p()
         self.func_at = self.provider_memory_at = self.guest_memory_at = 0
         self.callback = HOST_CALLBACK(self._call)
@@ -174,14 +173,14 @@ class HostGlue:
         self, func: wasmtime.Func, provider_memory: wasmtime.Memory, guest_memory: wasmtime.Memory
     ) -> None:
         self._keep = (func, provider_memory, guest_memory)
-        self.func_at = ctypes.addressof(func._func)
-        self.provider_memory_at = ctypes.addressof(provider_memory._memory)
-        self.guest_memory_at = ctypes.addressof(guest_memory._memory)
+        self.func_at = item_address(func)
+        self.provider_memory_at = item_address(provider_memory)
+        self.guest_memory_at = item_address(guest_memory)
 
     def _call(self, env: int | None, caller: int, args: Any, count: int) -> int:
         ptr, length = args[0], args[VAL_RAW_WORDS]
         context = caller_context(caller)
-        self.args[0].kind = ffi.WASMTIME_I32.value
+        self.args[0].kind = VAL_I32
         self.args[0].of.i32 = length
         failure = func_call(
             context, self.func_at, ctypes.addressof(self.args), 1, ctypes.addressof(self.results), 1,
@@ -232,16 +231,7 @@ def glue_per_call(calls: int, runs: int) -> dict[str, Any]:
         p, memory, log = prepare(store)
         t = time.perf_counter()
         guest_memory = wasmtime.Memory(store, wasmtime.MemoryType(wasmtime.Limits(1, None)))
-        raw = ffi.wasmtime_func_t()
-        _func_new_unchecked(
-            ctypes.cast(store._context(), ctypes.c_void_p),
-            ctypes.cast(log_type.ptr(), ctypes.c_void_p),
-            host.callback,
-            None,
-            None,
-            ctypes.addressof(raw),
-        )
-        func = wasmtime.Func._from_raw(raw)
+        func = host_func(store, log_type, host.callback)
         host.bind(log, memory, guest_memory)
         g = wasmtime.Instance(store, guest, [func, guest_memory])
         setup["C-API host function"].append((time.perf_counter() - t) * 1e6)

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from config import Execution, Limits
-from engine import FIXED_TIME_NS, Sandbox, SandboxRun
+from engine import FIXED_TIME_NS, Sandbox, SandboxRun, _capi
 from engine._capi import internals_problems
 from engine._engine import POOL_LIMITS
 from engine._wasi import GuestIO
@@ -313,16 +313,15 @@ def test_wasmtime_internals_match_what_the_hot_path_calls() -> None:
 
 
 def test_a_changed_internal_is_reported_and_stops_the_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A prototype that no longer matches wasmtime-py's bindings is named, and Sandbox() refuses."""
-    from wasmtime import _bindings
-
-    monkeypatch.setattr(
-        _bindings._wasmtime_func_call, "argtypes", _bindings._wasmtime_func_call.argtypes[:-1]
-    )
-    monkeypatch.delattr(_bindings, "_wasmtime_caller_context")
+    """A prototype that no longer matches wasmtime-py's bindings, a C function they no longer
+    declare and another major version are each named, and Sandbox() refuses."""
+    monkeypatch.setattr(_capi.func_call, "argtypes", _capi.func_call.argtypes[:-1])
+    monkeypatch.setitem(_capi.PROTOTYPES, "wasmtime_no_such_function", _capi.func_call)
+    monkeypatch.setattr(_capi, "wasmtime_version", lambda: f"{_capi.SUPPORTED_WASMTIME_MAJOR + 1}.0.0")
     problems = internals_problems()
     assert any(p.startswith("wasmtime_func_call:") for p in problems), problems
-    assert any("_wasmtime_caller_context is missing" in p for p in problems), problems
+    assert any("_wasmtime_no_such_function is missing" in p for p in problems), problems
+    assert any(p.startswith(f"wasmtime {_capi.SUPPORTED_WASMTIME_MAJOR + 1}.0.0") for p in problems), problems
     with pytest.raises(RuntimeError, match="wasmtime-py internals changed"):
         Sandbox()
 

@@ -128,6 +128,32 @@ def test_tampered_artifact_is_never_deserialized(
     assert any(e["event"] == "security_artifact_rejected" for e in logs)
 
 
+def test_after_a_wasmtime_upgrade_the_worker_compiles_from_source(
+    redis_client: redis.Redis, settings: Settings, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wasmtime version is part of the engine fingerprint, so artifacts deployed by the
+    previous wasmtime are not looked at: the worker compiles the stored bytes (the bounded
+    compile), runs them, and serves the next run from its cache."""
+    current = engine_fingerprint()
+    monkeypatch.setattr("engine._engine.wasmtime_version", lambda: "50.0.1")
+    previous = engine_fingerprint()
+    old = Registry(redis_client, settings, sandbox)
+    old.define_extension_point("upgraded")
+    deployment = old.deploy("upgraded", "s", guests.ECHO)
+    monkeypatch.undo()
+    assert previous != current
+    assert redis_client.exists(settings.keys.artifact(previous, deployment.sha256))
+    assert not redis_client.exists(settings.keys.artifact(current, deployment.sha256))
+
+    executor = Executor(Registry(redis_client, settings, sandbox), sandbox, settings)
+    with captured_events() as logs:
+        first = executor.execute("upgraded", "s", {"x": 1})
+        second = executor.execute("upgraded", "s", {"x": 2})
+    assert (first.output, first.report.module_source) == ({"x": 1}, "compiled")
+    assert (second.output, second.report.module_source) == ({"x": 2}, "hot")
+    assert [e["sha256"] for e in logs if e["event"] == "module_compiled"] == [deployment.sha256]
+
+
 def test_artifact_signed_with_a_foreign_key_is_refused(
     registry: Registry, redis_client: redis.Redis, settings: Settings, sandbox: Sandbox
 ) -> None:
