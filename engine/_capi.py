@@ -245,6 +245,7 @@ def set_async_stack_size(config: wasmtime.Config, size: int) -> None:
 # The pooling allocator's limits :func:`set_pooling_allocation` sets, by the C API's names.
 POOL_SETTINGS = frozenset(
     {
+        "total_stacks",
         "total_core_instances",
         "total_memories",
         "total_tables",

@@ -84,9 +84,12 @@ POOL_LIMITS = {
 def engine_stack_bytes(stack_bytes: int) -> int:
     """The Wasm stack of the engine that runs a script limited to ``stack_bytes``: the next power
     of two (16 KiB to 1 MiB). An engine per stack size is kept for the life of a process, and each
-    costs address space and memory mappings, so any value an EP may set maps to one of seven."""
-    low, high = LIMIT_RANGES["stack_bytes"]
-    return min(max(1 << max(stack_bytes - 1, 1).bit_length(), low), high)
+    costs address space and memory mappings, so any value an EP may set maps to one of seven.
+    A size out of the ``stack_bytes`` range is :class:`ConfigurationError`."""
+    problem = limit_problem("stack_bytes", stack_bytes)
+    if problem is not None:
+        raise ConfigurationError(problem, limit="stack_bytes")
+    return max(1 << (stack_bytes - 1).bit_length(), LIMIT_RANGES["stack_bytes"][0])
 
 
 def new_engine(stack_bytes: int, *, pooling: bool = True) -> wasmtime.Engine:
