@@ -3,8 +3,8 @@
 Everything else imports from here; this package imports nothing of ours.
 """
 
-from config import errors
-from config._captured import (
+from scriptpool.config import errors
+from scriptpool.config._captured import (
     CAPTURE_FORMAT,
     PART_CHAIN,
     PART_JOIN,
@@ -12,8 +12,8 @@ from config._captured import (
     PART_SINGLE,
     CapturedRun,
 )
-from config._environment import VARIABLES, Variable, markdown_table, unknown_variables
-from config._extension_points import (
+from scriptpool.config._environment import VARIABLES, Variable, markdown_table, unknown_variables
+from scriptpool.config._extension_points import (
     CHAIN,
     JOIN,
     MAX_APPS,
@@ -22,14 +22,14 @@ from config._extension_points import (
     ExtensionPoint,
     ExtensionPointReader,
 )
-from config._groups import ShardGroup, parse_shard_groups, ranges_text, render_shard_groups
-from config._heartbeats import WorkerHeartbeat, live_workers, shard_count_disagreement
-from config._keys import Keys
-from config._limits import LIMIT_RANGES, Limits, check_input_size, limit_problem
-from config._logging import EventLogger, configure_logging, event_name, get_logger
-from config._names import check_app, check_ep, check_export, check_provider, check_shop_id
-from config._reconnect import Reconnector
-from config._redis import (
+from scriptpool.config._groups import ShardGroup, parse_shard_groups, ranges_text, render_shard_groups
+from scriptpool.config._heartbeats import WorkerHeartbeat, live_workers, shard_count_disagreement
+from scriptpool.config._keys import Keys
+from scriptpool.config._limits import LIMIT_RANGES, Limits, check_input_size, limit_problem
+from scriptpool.config._logging import EventLogger, configure_logging, event_name, get_logger
+from scriptpool.config._names import check_app, check_ep, check_export, check_provider, check_shop_id
+from scriptpool.config._reconnect import Reconnector
+from scriptpool.config._redis import (
     PrimaryCheck,
     SentinelURL,
     WriteSession,
@@ -45,7 +45,7 @@ from config._redis import (
     redis_pool,
     redis_tls_options,
 )
-from config._scale import (
+from scriptpool.config._scale import (
     MAX_SCALE_FACTOR,
     check_scale_rules,
     largest_input_bytes,
@@ -53,9 +53,9 @@ from config._scale import (
     scale_factor,
     scaled_limits,
 )
-from config._settings import Settings, artifact_key_problem, check_artifact_key, read_key_file
-from config._sharding import jump_hash, shard_for
-from config._wire import (
+from scriptpool.config._settings import Settings, artifact_key_problem, check_artifact_key, read_key_file
+from scriptpool.config._sharding import jump_hash, shard_for
+from scriptpool.config._wire import (
     BODY_ENCODING,
     CONTENT_ENCODING,
     CONTENT_TYPE,

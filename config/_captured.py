@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from config._wire import ErrorInfo, ExecutionReport
+from scriptpool.config._wire import ErrorInfo, ExecutionReport
 
 # Where in a call the script ran: a single-script call, or one part of a join or chain (the
 # part's own input is captured: a chain step's holds the previous output), or a join's reducer.

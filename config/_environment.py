@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from config.errors import ConfigurationError
+from scriptpool.config.errors import ConfigurationError
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,10 +12,10 @@ from typing import Any, Generic, TypeVar
 
 import redis
 
-from config._keys import Keys
-from config._limits import Limits
-from config._scale import check_scale_rules
-from config.errors import ConfigurationError, ScriptpoolError, UnknownExtensionPoint
+from scriptpool.config._keys import Keys
+from scriptpool.config._limits import Limits
+from scriptpool.config._scale import check_scale_rules
+from scriptpool.config.errors import ConfigurationError, ScriptpoolError, UnknownExtensionPoint
 
 T = TypeVar("T")
 
@@ -40,7 +40,7 @@ class ExtensionPoint:
     ``combine`` says how the scripts of several apps combine: ``single`` (one script per shop),
     ``join`` (each gets the input; ``reducer`` combines their outputs) or ``chain`` (in app
     order, each gets the input and the previous script's output). ``scale`` maps JSON paths of
-    lists to rates (``config._scale``). Workers capture this EP's failed runs for replay, and the
+    lists to rates (``scriptpool.config._scale``). Workers capture this EP's failed runs for replay, and the
     share ``capture_rate`` of its successful ones, unless ``capture`` is off (or
     ``SCRIPTPOOL_CAPTURE`` is, everywhere).
     """

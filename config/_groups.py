@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from config._redis import check_redis_url, describe_redis_url
-from config.errors import ConfigurationError
+from scriptpool.config._redis import check_redis_url, describe_redis_url
+from scriptpool.config.errors import ConfigurationError
 
 VARIABLE = "SCRIPTPOOL_SHARD_GROUPS"
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from config._keys import Keys
+from scriptpool.config._keys import Keys
 
 # SCAN stops after this many heartbeats: a status view, not an inventory.
 MAX_WORKERS = 10_000

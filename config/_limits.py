@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from config.errors import ConfigurationError, InputTooLarge
+from scriptpool.config.errors import ConfigurationError, InputTooLarge
 
 _KIB, _MIB, _GIB = 1 << 10, 1 << 20, 1 << 30
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from config.errors import InvalidArgument
+from scriptpool.config.errors import InvalidArgument
 
 _EP_NAME = re.compile(r"[a-z][a-z0-9_\-]{0,63}")
 _SHOP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.]{0,127}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from config._logging import get_logger
+from scriptpool.config._logging import get_logger
 
 TRANSPORT_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, OSError)
 

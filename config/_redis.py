@@ -38,8 +38,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from config._logging import get_logger
-from config.errors import ConfigurationError
+from scriptpool.config._logging import get_logger
+from scriptpool.config.errors import ConfigurationError
 
 log = get_logger("redis")
 

@@ -8,7 +8,7 @@ sums the options of every delivery group, since lists along the path are walked 
 factor is the largest sum over the paths, clamped to [1, 10]. It multiplies the instruction,
 input and output limits, and nothing else (memory, stack, logs and the wall clock stay).
 
-A scaled limit stops at the maximum of its range (``config._limits.LIMIT_RANGES``) rather than
+A scaled limit stops at the maximum of its range (``scriptpool.config._limits.LIMIT_RANGES``) rather than
 failing the run: the base limit was checked when the EP was defined, and the factor comes from
 the caller's input, which is no configuration mistake; the maximum is what the engine honours, so
 a run at it is the most any configuration could give.
@@ -22,8 +22,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from config._limits import Limits, clamp_limit
-from config.errors import ConfigurationError
+from scriptpool.config._limits import Limits, clamp_limit
+from scriptpool.config.errors import ConfigurationError
 
 MIN_SCALE_FACTOR = 1.0
 MAX_SCALE_FACTOR = 10.0

@@ -12,12 +12,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from config import _environment
-from config._groups import ShardGroup, parse_shard_groups, ranges_text
-from config._keys import Keys
-from config._limits import Limits
-from config._redis import check_redis_url, is_sentinel
-from config.errors import ConfigurationError
+from scriptpool.config import _environment
+from scriptpool.config._groups import ShardGroup, parse_shard_groups, ranges_text
+from scriptpool.config._keys import Keys
+from scriptpool.config._limits import Limits
+from scriptpool.config._redis import check_redis_url, is_sentinel
+from scriptpool.config.errors import ConfigurationError
 
 # A deploy waits this long for its replicas by default: loopback replicas acknowledge in 0.3 ms,
 # and a replica across a data centre or busy writing its AOF in tens of ms; seconds mean the
@@ -31,7 +31,7 @@ _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.:{}]{0,63}")
 # past any pool measured here (16), and 999999999 (a typo of a digit key held down) is refused at
 # once instead of making `status` run for minutes.
 MAX_SHARDS = 4096
-# A caller's deadline as the client takes it: (0, 600 s] (producer._client.MAX_TIMEOUT_S).
+# A caller's deadline as the client takes it: (0, 600 s] (scriptpool.producer._client.MAX_TIMEOUT_S).
 MAX_DEADLINE_MS = 600_000
 # The epoch ticker's period is the wall-clock limit's granularity: past a second it no longer
 # bounds a run's wall time in any useful way (wall_ms is 100 ms by default).

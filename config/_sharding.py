@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
-from config._names import check_shop_id
+from scriptpool.config._names import check_shop_id
 
 _MASK = (1 << 64) - 1
 

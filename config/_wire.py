@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from config.errors import InvalidInput, ScriptpoolError
+from scriptpool.config.errors import InvalidInput, ScriptpoolError
 
 # The envelope kombu's Redis transport writes for a msgpack task message; workers accept no other.
 CONTENT_TYPE = "application/x-msgpack"

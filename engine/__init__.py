@@ -1,6 +1,6 @@
 """The sandbox: wasmtime engines, our WASI subset, and one guest run under hard limits."""
 
-from engine._abi import (
+from scriptpool.engine._abi import (
     CODEC_JSON,
     CODEC_MSGPACK,
     GUEST_MEMORY_MODULE,
@@ -9,12 +9,12 @@ from engine._abi import (
     is_memory_io_provider,
     needs_glue,
 )
-from engine._engine import compile_engine, engine_fingerprint, engine_stack_bytes
-from engine._link import Resolution, check_memory_io_provider, resolve
-from engine._profile import GuestProfiler, interval_for
-from engine._run import Sandbox, SandboxRun
-from engine._wasi import FIXED_TIME_NS, provided_signatures
-from engine._wasi import MODULE as WASI_MODULE
+from scriptpool.engine._engine import compile_engine, engine_fingerprint, engine_stack_bytes
+from scriptpool.engine._link import Resolution, check_memory_io_provider, resolve
+from scriptpool.engine._profile import GuestProfiler, interval_for
+from scriptpool.engine._run import Sandbox, SandboxRun
+from scriptpool.engine._wasi import FIXED_TIME_NS, provided_signatures
+from scriptpool.engine._wasi import MODULE as WASI_MODULE
 
 __all__ = [
     "CODEC_JSON",

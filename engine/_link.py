@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import wasmtime
 
-from config.errors import ForbiddenImport, InvalidModule
-from engine._abi import (
+from scriptpool.config.errors import ForbiddenImport, InvalidModule
+from scriptpool.engine._abi import (
     API_NUMERIC,
     API_STRING,
     GLUE_MEMORY_EXPORT,
@@ -32,7 +32,7 @@ from engine._abi import (
     needs_glue,
     wasm_api_version,
 )
-from engine._wasi import MODULE as WASI_MODULE
+from scriptpool.engine._wasi import MODULE as WASI_MODULE
 
 WASI, PROVIDER, GLUE = 0, 1, 2
 

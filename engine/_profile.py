@@ -37,8 +37,8 @@ from typing import Any
 
 import wasmtime
 
-from config.errors import WallClockExceeded
-from engine._capi import (
+from scriptpool.config.errors import WallClockExceeded
+from scriptpool.engine._capi import (
     EPOCH_CALLBACK,
     EPOCH_FINALIZER,
     call_future_delete,

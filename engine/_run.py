@@ -25,8 +25,8 @@ from typing import Any
 
 import wasmtime
 
-from config import Limits
-from config.errors import (
+from scriptpool.config import Limits
+from scriptpool.config.errors import (
     ExecutionError,
     GuestRuntimeError,
     InstructionLimitExceeded,
@@ -36,8 +36,8 @@ from config.errors import (
     StackOverflow,
     WallClockExceeded,
 )
-from engine._abi import GLUE_MEMORY_EXPORT, GUEST_MEMORY_MODULE, GUEST_MEMORY_NAME, glue_wat
-from engine._capi import (
+from scriptpool.engine._abi import GLUE_MEMORY_EXPORT, GUEST_MEMORY_MODULE, GUEST_MEMORY_NAME, glue_wat
+from scriptpool.engine._capi import (
     EXTERN_FUNC,
     EXTERN_ITEM_OFFSET,
     EXTERN_MEMORY,
@@ -73,11 +73,11 @@ from engine._capi import (
     trap_code_name,
     trap_from,
 )
-from engine._engine import EpochTicker, engine_stack_bytes, new_engine
-from engine._link import WASI, resolve
-from engine._profile import GuestProfiler
-from engine._wasi import IDLE, GuestExit, GuestIO, HostState, WasiSubset
-from engine._wasi import MODULE as WASI_MODULE
+from scriptpool.engine._engine import EpochTicker, engine_stack_bytes, new_engine
+from scriptpool.engine._link import WASI, resolve
+from scriptpool.engine._profile import GuestProfiler
+from scriptpool.engine._wasi import IDLE, GuestExit, GuestIO, HostState, WasiSubset
+from scriptpool.engine._wasi import MODULE as WASI_MODULE
 
 # memory.grow fails silently (returns -1) at the store limit, so a guest that then traps or
 # exits non-zero is reported as out of memory when it stands within this much of its limit.

@@ -27,8 +27,8 @@ from typing import Any
 
 import wasmtime
 
-from config.errors import OutputTooLarge, WallClockExceeded
-from engine._capi import (
+from scriptpool.config.errors import OutputTooLarge, WallClockExceeded
+from scriptpool.engine._capi import (
     EXTERN_ITEM_OFFSET,
     EXTERN_MEMORY,
     HOST_CALLBACK,

@@ -42,9 +42,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from config import get_logger
-from config.errors import InvalidArgument
-from producer._replies import Waiter
+from scriptpool.config import get_logger
+from scriptpool.config.errors import InvalidArgument
+from scriptpool.producer._replies import Waiter
 
 log = get_logger("client")
 

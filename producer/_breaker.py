@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from config.errors import InvalidArgument
+from scriptpool.config.errors import InvalidArgument
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from config import (
+from scriptpool.config import (
     ErrorInfo,
     ExtensionPointReader,
     Job,
@@ -39,7 +39,7 @@ from config import (
     shard_count_disagreement,
     shard_for,
 )
-from config.errors import (
+from scriptpool.config.errors import (
     BrokerUnavailable,
     CircuitOpen,
     ClientClosed,
@@ -51,11 +51,11 @@ from config.errors import (
     WorkerFailed,
     error_class_for,
 )
-from producer._batching import BatchPolicy, Lane, LaneClock
-from producer._breaker import BreakerBoard, BreakerPolicy, CircuitBreaker
-from producer._outcome import ERROR, FALLBACK, OK, Outcome, Timings
-from producer._publisher import TaskPublisher
-from producer._replies import ReplyDispatcher, Waiter
+from scriptpool.producer._batching import BatchPolicy, Lane, LaneClock
+from scriptpool.producer._breaker import BreakerBoard, BreakerPolicy, CircuitBreaker
+from scriptpool.producer._outcome import ERROR, FALLBACK, OK, Outcome, Timings
+from scriptpool.producer._publisher import TaskPublisher
+from scriptpool.producer._replies import ReplyDispatcher, Waiter
 
 log = get_logger("client")
 
@@ -552,7 +552,7 @@ class Client:
 
     def _publish(self, calls: list[Any], announce: bool) -> None:
         """One task message carrying ``calls`` (one or more jobs for the same shard); with
-        ``announce`` the worker says when it takes it (``producer._batching``)."""
+        ``announce`` the worker says when it takes it (``scriptpool.producer._batching``)."""
         first = calls[0].job
         argsrepr = f"[job {first.ep}/{first.shop_id}]" if len(calls) == 1 else f"[{len(calls)} jobs]"
         link = self._link_of_shard[calls[0].shard]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from config import ErrorInfo, ExecutionReport, Part
-from config.errors import ScriptpoolError, error_class_for
+from scriptpool.config import ErrorInfo, ExecutionReport, Part
+from scriptpool.config.errors import ScriptpoolError, error_class_for
 
 OK, ERROR, FALLBACK = "ok", "error", "fallback"
 

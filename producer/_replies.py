@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import msgpack
 import redis
 
-from config import PrimaryCheck, Reconnector, Taken, get_logger, redis_command, redis_pool
+from scriptpool.config import PrimaryCheck, Reconnector, Taken, get_logger, redis_command, redis_pool
 
 log = get_logger("client")
 
@@ -31,7 +31,7 @@ _STOP = b"scriptpool:stop"
 
 
 class ReplyListener(Protocol):
-    """Told what happens to the message its job went out in (``producer._batching.Message``)."""
+    """Told what happens to the message its job went out in (``scriptpool.producer._batching.Message``)."""
 
     def taken(self) -> None: ...
 
@@ -52,7 +52,7 @@ class Waiter:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.reply: dict[str, Any] | None = None
         self.failure: str | None = None  # why the job never reached the queue
-        # The message its job went out in, while the job counts there (``producer._batching``).
+        # The message its job went out in, while the job counts there (``scriptpool.producer._batching``).
         self.listener: ReplyListener | None = None
         self.abandoned = False  # its caller stopped waiting without a reply
         self._loop = loop

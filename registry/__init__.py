@@ -1,13 +1,13 @@
 """The deploy stage: extension points, providers, deployments and rollbacks, backed by Redis."""
 
-from registry._bindings import DEFAULT_APP, BindingSet, Deployment
-from registry._bounded_compile import start_compile_server
-from registry._candidate import ABORTED, CANARY, PROMOTED, SHADOWING, Candidate, RolloutRules
-from registry._compile import CompiledScript, compile_provider, compile_script
-from registry._groups import Registries
-from registry._registry import Definition, FieldChange, Provider, Registry
-from registry._rollouts import CANDIDATE_ERROR, MATCH, MISMATCH, Rollouts, RolloutStatus, Tally
-from registry._schemas import check_schema, compile_validator
+from scriptpool.registry._bindings import DEFAULT_APP, BindingSet, Deployment
+from scriptpool.registry._bounded_compile import start_compile_server
+from scriptpool.registry._candidate import ABORTED, CANARY, PROMOTED, SHADOWING, Candidate, RolloutRules
+from scriptpool.registry._compile import CompiledScript, compile_provider, compile_script
+from scriptpool.registry._groups import Registries
+from scriptpool.registry._registry import Definition, FieldChange, Provider, Registry
+from scriptpool.registry._rollouts import CANDIDATE_ERROR, MATCH, MISMATCH, Rollouts, RolloutStatus, Tally
+from scriptpool.registry._schemas import check_schema, compile_validator
 
 __all__ = [
     "ABORTED",

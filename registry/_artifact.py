@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from config.errors import ArtifactRejected
+from scriptpool.config.errors import ArtifactRejected
 
 _MAC_BYTES = 32
 

@@ -1,7 +1,7 @@
 """What runs at one (EP, shop): one deployment per app, all of them in one Redis hash.
 
 The hash ``Keys.binding(ep, shop)`` holds a field per app (its deployment as JSON), a
-``#generation`` counter and, during a rollout, the ``#candidate`` (``registry._rollouts``); no
+``#generation`` counter and, during a rollout, the ``#candidate`` (``scriptpool.registry._rollouts``); no
 app name starts with ``#``. A reader takes every app's binding with one HGETALL, so a call never
 runs a mix of versions; each change is one Lua script that also pushes the replaced deployment
 onto that app's history and publishes the invalidation. A binding written before apps existed
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import redis
 
-from config import REDUCER_APP, Keys, get_logger
-from config.errors import NothingToRollBack, ScriptNotFound, TooManyApps
-from registry._candidate import Candidate
+from scriptpool.config import REDUCER_APP, Keys, get_logger
+from scriptpool.config.errors import NothingToRollBack, ScriptNotFound, TooManyApps
+from scriptpool.registry._candidate import Candidate
 
 log = get_logger("registry")
 

@@ -56,8 +56,8 @@ from typing import Any
 
 import wasmtime
 
-from config.errors import InvalidModule, ModuleTooComplex, RegistryError, ScriptpoolError
-from engine import compile_engine
+from scriptpool.config.errors import InvalidModule, ModuleTooComplex, RegistryError, ScriptpoolError
+from scriptpool.engine import compile_engine
 
 _MIB = 1 << 20
 BASE_SECONDS = 2.0
@@ -136,7 +136,7 @@ class _Server:
         # The caller's import path, led by the folder that holds this package (an editable
         # install finds it through a site hook, and -S runs no site), so that the server imports
         # this code whatever put it there. This file is loaded by its path: importing it as
-        # registry._bounded_compile would first import the whole registry package (jsonschema
+        # scriptpool.registry._bounded_compile would first import the whole registry package (jsonschema
         # and all), which the server never uses.
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         name, path = json.dumps("_scriptpool_compile_server"), json.dumps(__file__)

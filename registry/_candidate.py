@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from config.errors import ConfigurationError
+from scriptpool.config.errors import ConfigurationError
 
 SHADOWING, CANARY, PROMOTED, ABORTED = "shadowing", "canary", "promoted", "aborted"
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import wasmtime
 
-from config import Limits, check_provider
-from engine import Resolution, Sandbox, check_memory_io_provider, codec_for
-from registry._bounded_compile import compile_bounded
-from registry._rewrite import linkable
-from registry._structure import Structure, read_structure
-from registry._validate import (
+from scriptpool.config import Limits, check_provider
+from scriptpool.engine import Resolution, Sandbox, check_memory_io_provider, codec_for
+from scriptpool.registry._bounded_compile import compile_bounded
+from scriptpool.registry._rewrite import linkable
+from scriptpool.registry._structure import Structure, read_structure
+from scriptpool.registry._validate import (
     ModuleShape,
     check_entry,
     check_imports,

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import redis
 
-from config import (
+from scriptpool.config import (
     Settings,
     ShardGroup,
     WriteSession,
@@ -29,9 +29,9 @@ from config import (
     redis_failure,
     shard_for,
 )
-from config.errors import BrokerUnavailable, NotReplicated, ScriptpoolError
-from engine import Sandbox
-from registry._registry import Registry
+from scriptpool.config.errors import BrokerUnavailable, NotReplicated, ScriptpoolError
+from scriptpool.engine import Sandbox
+from scriptpool.registry._registry import Registry
 
 T = TypeVar("T")
 _TRANSPORT = (redis.ConnectionError, redis.TimeoutError, OSError)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar, cast
 import redis
 import wasmtime
 
-from config import (
+from scriptpool.config import (
     REDUCER_APP,
     SINGLE,
     ExtensionPoint,
@@ -28,7 +28,7 @@ from config import (
     check_shop_id,
     get_logger,
 )
-from config.errors import (
+from scriptpool.config.errors import (
     ArtifactRejected,
     ConfigurationError,
     ExtensionPointInUse,
@@ -39,22 +39,22 @@ from config.errors import (
     ScriptNotFound,
     UnknownExtensionPoint,
 )
-from engine import (
+from scriptpool.engine import (
     GUEST_MEMORY_MODULE,
     WASI_MODULE,
     Sandbox,
     engine_fingerprint,
 )
-from registry import _artifact
-from registry._bindings import DEFAULT_APP, Bindings, BindingSet, Deployment
-from registry._bounded_compile import compile_bounded
-from registry._candidate import Candidate, RolloutRules
-from registry._compile import check_and_compile_provider, compile_script
-from registry._rewrite import linkable
-from registry._rollouts import Rollouts
-from registry._schemas import check_schema
-from registry._structure import read_structure
-from registry._validate import ModuleShape
+from scriptpool.registry import _artifact
+from scriptpool.registry._bindings import DEFAULT_APP, Bindings, BindingSet, Deployment
+from scriptpool.registry._bounded_compile import compile_bounded
+from scriptpool.registry._candidate import Candidate, RolloutRules
+from scriptpool.registry._compile import check_and_compile_provider, compile_script
+from scriptpool.registry._rewrite import linkable
+from scriptpool.registry._rollouts import Rollouts
+from scriptpool.registry._schemas import check_schema
+from scriptpool.registry._structure import read_structure
+from scriptpool.registry._validate import ModuleShape
 
 log = get_logger("registry")
 

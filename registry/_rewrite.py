@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from config.errors import InvalidModule
-from engine import GUEST_MEMORY_MODULE, GUEST_MEMORY_NAME, needs_glue
+from scriptpool.config.errors import InvalidModule
+from scriptpool.engine import GUEST_MEMORY_MODULE, GUEST_MEMORY_NAME, needs_glue
 
 _HEADER = b"\0asm\x01\0\0\0"
 _IMPORT_SECTION, _MEMORY_SECTION = 2, 5

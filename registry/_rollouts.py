@@ -5,7 +5,7 @@ The candidate sits in the binding hash (``#candidate``), so a call reads it with
 its counts sit in ``Keys.rollout`` (a hash, kept a while after the rollout ends for ``status``)
 and its mismatch samples in ``Keys.rollout_samples``. Every change is a Lua script: a worker's
 comparison is counted and judged in the same step, and promotion binds the candidate with the
-same swap as a deploy (``registry._bindings.BIND_APP``), so history and rollback work as after a
+same swap as a deploy (``scriptpool.registry._bindings.BIND_APP``), so history and rollback work as after a
 deploy, and every worker hears of it on the invalidation channel.
 """
 
@@ -19,10 +19,10 @@ from typing import Any
 
 import redis
 
-from config import Keys, get_logger
-from config.errors import InvalidArgument, RolloutConflict, ScriptNotFound
-from registry._bindings import BIND_APP, UPGRADE
-from registry._candidate import ABORTED, CANARY, PROMOTED, SHADOWING, Candidate, RolloutRules
+from scriptpool.config import Keys, get_logger
+from scriptpool.config.errors import InvalidArgument, RolloutConflict, ScriptNotFound
+from scriptpool.registry._bindings import BIND_APP, UPGRADE
+from scriptpool.registry._candidate import ABORTED, CANARY, PROMOTED, SHADOWING, Candidate, RolloutRules
 
 # What a comparison found: outputs, statuses and codes equal, or not; or the candidate failed
 # where the live version did not (which aborts at once).

@@ -7,7 +7,7 @@ from typing import Any
 
 import jsonschema
 
-from config.errors import ConfigurationError
+from scriptpool.config.errors import ConfigurationError
 
 
 def check_schema(schema: dict[str, Any] | None, what: str) -> None:

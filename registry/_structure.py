@@ -29,7 +29,7 @@ from typing import Any
 
 import wasmtime
 
-from config.errors import InvalidModule, ModuleTooComplex
+from scriptpool.config.errors import InvalidModule, ModuleTooComplex
 
 _MAGIC = b"\0asm"
 _CORE_VERSION = b"\x01\0\0\0"

@@ -12,8 +12,8 @@ from typing import Protocol, cast
 
 import wasmtime
 
-from config.errors import ForbiddenImport, InvalidModule, ModuleTooLarge
-from engine import WASI_MODULE, Resolution, check_memory_io_provider, provided_signatures, resolve
+from scriptpool.config.errors import ForbiddenImport, InvalidModule, ModuleTooLarge
+from scriptpool.engine import WASI_MODULE, Resolution, check_memory_io_provider, provided_signatures, resolve
 
 _WASI = provided_signatures()
 
@@ -32,7 +32,7 @@ class _Import(_Export, Protocol):
 
 class ModuleShape(Protocol):
     """What the checks read of a module: its imports and exports with their wasmtime types. A
-    ``wasmtime.Module`` is one, and so is a :class:`registry._structure.Structure`."""
+    ``wasmtime.Module`` is one, and so is a :class:`scriptpool.registry._structure.Structure`."""
 
     @property
     def imports(self) -> Sequence[_Import]: ...

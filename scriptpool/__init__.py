@@ -1,12 +1,20 @@
-"""The ``scriptpool`` command-line tool, and the demo, bench and local pool it runs.
+"""scriptpool: untrusted checkout scripts (WebAssembly) run out of process on a sharded pool.
 
-It sits on top of every other package and is the only one that imports them all. Besides
-``main``, it offers what the benchmark scripts and tests share: a private Redis, a local pool,
-a private Sentinel set, the bench's trivial script, and measuring helpers.
+The host API is here::
 
-Each name is imported on first use: every ``scriptpool`` command imports this package first, and
-importing the bench and the local pool here (with producer and redis-py behind them) would cost
-``scriptpool --version`` a few hundred milliseconds.
+    from scriptpool import Client, Settings
+
+    with Client(Settings.from_env()) as client:
+        outcome = client.run("discount", 1234, cart, timeout=0.05, fallback={"discounts": []})
+
+Everything else lives in one subpackage per layer, each importing only those below it:
+``scriptpool.config`` (the shared core: settings, keys, errors, wire types), ``engine`` (wasmtime),
+``registry`` (deploy), ``runtime`` (a job run in process), ``workers`` (the Celery pool;
+``celery -A scriptpool.workers worker``), ``producer`` (the host side, which needs only the core)
+and ``cli`` (the ``scriptpool`` command). ``scriptpool.testing`` holds what tests of a host need.
+
+Each name below is imported on first use, so that ``import scriptpool.engine`` or
+``scriptpool --version`` does not load redis-py behind the client.
 """
 
 from __future__ import annotations
@@ -17,36 +25,36 @@ import importlib
 # treats any constant of this name as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from scriptpool._bench import TRIVIAL_WAT
-    from scriptpool._cli import main
-    from scriptpool._embedded_redis import EmbeddedRedis, find_redis_server, free_port
-    from scriptpool._embedded_sentinel import EmbeddedSentinelSet
-    from scriptpool._local_pool import local_pool
-    from scriptpool._measure import percentiles, rss_mb
+    from scriptpool.config import Limits, Settings, errors
+    from scriptpool.config.errors import ScriptpoolError
+    from scriptpool.producer import BatchPolicy, BreakerPolicy, Client, Outcome, Timings
+    from scriptpool.registry import Registry
 
 # Where each public name lives.
 _HOMES = {
-    "TRIVIAL_WAT": "scriptpool._bench",
-    "EmbeddedRedis": "scriptpool._embedded_redis",
-    "EmbeddedSentinelSet": "scriptpool._embedded_sentinel",
-    "find_redis_server": "scriptpool._embedded_redis",
-    "free_port": "scriptpool._embedded_redis",
-    "local_pool": "scriptpool._local_pool",
-    "main": "scriptpool._cli",
-    "percentiles": "scriptpool._measure",
-    "rss_mb": "scriptpool._measure",
+    "BatchPolicy": "scriptpool.producer",
+    "BreakerPolicy": "scriptpool.producer",
+    "Client": "scriptpool.producer",
+    "Limits": "scriptpool.config",
+    "Outcome": "scriptpool.producer",
+    "Registry": "scriptpool.registry",
+    "ScriptpoolError": "scriptpool.config.errors",
+    "Settings": "scriptpool.config",
+    "Timings": "scriptpool.producer",
+    "errors": "scriptpool.config",
 }
 
 __all__ = [
-    "TRIVIAL_WAT",
-    "EmbeddedRedis",
-    "EmbeddedSentinelSet",
-    "find_redis_server",
-    "free_port",
-    "local_pool",
-    "main",
-    "percentiles",
-    "rss_mb",
+    "BatchPolicy",
+    "BreakerPolicy",
+    "Client",
+    "Limits",
+    "Outcome",
+    "Registry",
+    "ScriptpoolError",
+    "Settings",
+    "Timings",
+    "errors",
 ]
 
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from scriptpool._cli import main
+from scriptpool.cli import main
 
 sys.exit(main())

@@ -39,10 +39,11 @@ import wasmtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config import Limits, Settings
-from engine import Sandbox
-from engine._abi import GLUE_MEMORY_EXPORT, MemoryLimits, glue_wat
-from engine._capi import (
+from scriptpool.cli import EmbeddedRedis
+from scriptpool.config import Limits, Settings
+from scriptpool.engine import Sandbox
+from scriptpool.engine._abi import GLUE_MEMORY_EXPORT, MemoryLimits, glue_wat
+from scriptpool.engine._capi import (
     HOST_CALLBACK,
     VAL_I32,
     VAL_RAW_WORDS,
@@ -53,10 +54,9 @@ from engine._capi import (
     item_address,
     memory_data,
 )
-from registry import Registry
-from registry._rewrite import linkable
-from scriptpool import EmbeddedRedis
-from workers import Executor
+from scriptpool.registry import Registry
+from scriptpool.registry._rewrite import linkable
+from scriptpool.workers import Executor
 
 BATCH = 250
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "abi"

@@ -22,12 +22,12 @@ from pathlib import Path
 import redis
 import wasmtime
 
-from config import Settings
-from engine import Sandbox
-from producer import Client, Outcome
-from registry import Registry
-from scriptpool import EmbeddedRedis, percentiles
-from scriptpool._pool_commands import worker_argv
+from scriptpool.cli import EmbeddedRedis, percentiles
+from scriptpool.cli._pool_commands import worker_argv
+from scriptpool.config import Settings
+from scriptpool.engine import Sandbox
+from scriptpool.producer import Client, Outcome
+from scriptpool.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = secrets.token_hex(32)  # random: a published key signs nothing

@@ -20,11 +20,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_engine import TRIVIAL  # noqa: E402
 
-from config import Settings  # noqa: E402
-from engine import Sandbox  # noqa: E402
-from producer import Client  # noqa: E402
-from registry import Registry  # noqa: E402
-from scriptpool import EmbeddedRedis  # noqa: E402
+from scriptpool.cli import EmbeddedRedis  # noqa: E402
+from scriptpool.config import Settings  # noqa: E402
+from scriptpool.engine import Sandbox  # noqa: E402
+from scriptpool.producer import Client  # noqa: E402
+from scriptpool.registry import Registry  # noqa: E402
 
 
 def main() -> None:

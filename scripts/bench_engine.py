@@ -42,11 +42,11 @@ import wasmtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config import Settings, configure_logging
-from engine import Sandbox
-from registry import Registry
-from scriptpool import TRIVIAL_WAT, EmbeddedRedis
-from workers import Executor
+from scriptpool.cli import TRIVIAL_WAT, EmbeddedRedis
+from scriptpool.config import Settings, configure_logging
+from scriptpool.engine import Sandbox
+from scriptpool.registry import Registry
+from scriptpool.workers import Executor
 
 ROOT = Path(__file__).resolve().parent.parent
 TRIVIAL = bytes(wasmtime.wat2wasm(TRIVIAL_WAT))
@@ -216,7 +216,7 @@ def worker_extras(last: dict[str, Any], with_baseline: bool, runs: int) -> dict[
     """Per-execution costs a worker adds after ``execute``: ``Execution.to_wire()`` and
     ``telemetry.record_execution`` (metrics and the JSON log event, logged as a worker does:
     structlog through stdlib logging, here into /dev/null)."""
-    from workers import _telemetry
+    from scriptpool.workers import _telemetry
 
     sink = logging.StreamHandler(open(os.devnull, "w"))  # noqa: SIM115 - lives for the process
     root = logging.getLogger()

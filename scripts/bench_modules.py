@@ -28,10 +28,10 @@ import wasmtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import Sandbox
-from producer import Client
-from registry import Registry
-from scriptpool import local_pool, rss_mb
+from scriptpool.cli import local_pool, rss_mb
+from scriptpool.engine import Sandbox
+from scriptpool.producer import Client
+from scriptpool.registry import Registry
 
 
 def distinct_module(i: int, functions: int = 200) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from config import Settings, markdown_table
+from scriptpool.config import Settings, markdown_table
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import redis
 
-from config import Settings
-from engine import Sandbox
-from registry import Registry
-from scriptpool import EmbeddedRedis
+from scriptpool.cli import EmbeddedRedis
+from scriptpool.config import Settings
+from scriptpool.engine import Sandbox
+from scriptpool.registry import Registry
+from scriptpool.workers import Executor
 from tests.faults._record import Reliability
-from workers import Executor
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-# Random per test session: no key the repository shows may sign anything (config._settings).
+# Random per test session: no key the repository shows may sign anything (scriptpool.config._settings).
 TEST_ARTIFACT_KEY = secrets.token_hex(32).encode()
 
 

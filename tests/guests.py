@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import wasmtime
 
-from engine import provided_signatures
+from scriptpool.engine import provided_signatures
 
 WASI = "wasi_snapshot_preview1"
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from config import event_name
+from scriptpool.config import event_name
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 

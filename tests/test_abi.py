@@ -14,16 +14,23 @@ import pytest
 import redis
 import wasmtime
 
-from config import Limits, Settings
-from config.errors import ForbiddenImport, InvalidInput, InvalidModule, InvalidOutput
-from engine import CODEC_JSON, CODEC_MSGPACK, GUEST_MEMORY_MODULE, Sandbox, codec_for, is_memory_io_provider
-from engine._link import GLUE, PROVIDER, resolve
-from engine._wasi import TRUNCATION_MARKER
-from registry import Registry
-from registry._rewrite import linkable, needs_guest_memory
+from scriptpool.config import Limits, Settings
+from scriptpool.config.errors import ForbiddenImport, InvalidInput, InvalidModule, InvalidOutput
+from scriptpool.engine import (
+    CODEC_JSON,
+    CODEC_MSGPACK,
+    GUEST_MEMORY_MODULE,
+    Sandbox,
+    codec_for,
+    is_memory_io_provider,
+)
+from scriptpool.engine._link import GLUE, PROVIDER, resolve
+from scriptpool.engine._wasi import TRUNCATION_MARKER
+from scriptpool.registry import Registry
+from scriptpool.registry._rewrite import linkable, needs_guest_memory
+from scriptpool.workers import Executor
+from scriptpool.workers._codec import from_msgpack, json_value, to_msgpack
 from tests import abi, guests
-from workers import Executor
-from workers._codec import from_msgpack, json_value, to_msgpack
 
 JAVY_V3 = "shopify_functions_javy_v3"
 JAVY_V2 = "shopify_functions_javy_v2"
@@ -482,7 +489,7 @@ def test_javy_v2_style_provider_reads_and_writes_msgpack_on_stdio(
 
 
 def test_the_raw_msgpack_bytes_a_wasi_provider_sees(sandbox: Sandbox, settings: Settings) -> None:
-    from config import Limits
+    from scriptpool.config import Limits
 
     limits = Limits()
     provider = sandbox.compile(abi.wasm("wasi_msgpack_provider"), limits.stack_bytes)

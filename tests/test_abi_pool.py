@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from config import Settings
-from engine import Sandbox
-from producer import Client
-from registry import Registry
+from scriptpool.config import Settings
+from scriptpool.engine import Sandbox
+from scriptpool.producer import Client
+from scriptpool.registry import Registry
 from tests import abi, guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.pool import WorkerProcess, start_workers

@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 
-from config import Execution, Settings
-from config.errors import ConfigurationError, InvalidArgument, TooManyApps
-from engine import Sandbox
-from producer import Client
-from registry import Registry
+from scriptpool.config import Execution, Settings
+from scriptpool.config.errors import ConfigurationError, InvalidArgument, TooManyApps
+from scriptpool.engine import Sandbox
+from scriptpool.producer import Client
+from scriptpool.registry import Registry
+from scriptpool.workers import Executor
 from tests import guests
 from tests.conftest import EXAMPLES
 from tests.pool import pool_fixtures, shop_on
-from workers import Executor
 
 SHARDS = 2
 CHAIN = [(EXAMPLES / "chain" / f"step_{step}.wasm").read_bytes() for step in "abc"]

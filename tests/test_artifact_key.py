@@ -18,11 +18,11 @@ import pytest
 import redis
 import yaml
 
-from config import Settings, artifact_key_problem, check_artifact_key
-from config._settings import PUBLISHED_ARTIFACT_KEYS
-from config.errors import ConfigurationError
-from scriptpool import main
-from scriptpool._pool_commands import worker_argv
+from scriptpool.cli import main
+from scriptpool.cli._pool_commands import worker_argv
+from scriptpool.config import Settings, artifact_key_problem, check_artifact_key
+from scriptpool.config._settings import PUBLISHED_ARTIFACT_KEYS
+from scriptpool.config.errors import ConfigurationError
 from tests import guests
 from tests.conftest import ROOT
 from tests.test_cli import OK, USAGE, one_line

@@ -16,15 +16,15 @@ import msgpack
 import pytest
 import redis
 
-from config import Reply, Settings
-from engine import Sandbox
-from producer import BatchPolicy, Client
-from producer._batching import Lane, Message
-from producer._replies import Waiter
-from registry import Registry
+from scriptpool.config import Reply, Settings
+from scriptpool.engine import Sandbox
+from scriptpool.producer import BatchPolicy, Client
+from scriptpool.producer._batching import Lane, Message
+from scriptpool.producer._replies import Waiter
+from scriptpool.registry import Registry
+from scriptpool.workers._backend import ReplyPusher, failure_reply
 from tests import guests
 from tests.pool import WorkerProcess, pool_fixtures, shop_on
-from workers._backend import ReplyPusher, failure_reply
 
 # -- the lane, with a fake publisher -----------------------------------------------------------
 
@@ -225,7 +225,7 @@ def test_batch_policy_refuses_values_out_of_range(field: str, value: object, nam
     """Issue 21, item 6: each field is checked when the policy is built, by InvalidArgument
     naming the field and its range (window=-1 was accepted, and then every call timed out);
     both edges of each range are accepted, and a lane with the edges still publishes."""
-    from config.errors import InvalidArgument
+    from scriptpool.config.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument) as caught:
         BatchPolicy(**{field: value})  # type: ignore[arg-type]
@@ -663,7 +663,7 @@ def test_dispatcher_delivers_every_reply_and_taken_marker(
     skip malformed replies and replies nobody waits for."""
     import msgpack
 
-    from producer._replies import ReplyDispatcher
+    from scriptpool.producer._replies import ReplyDispatcher
 
     class Dispatcher(ReplyDispatcher):
         pass

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from scriptpool import main
-from scriptpool._bench import STAGES
+from scriptpool.cli import main
+from scriptpool.cli._bench import STAGES
 
 
 @pytest.mark.slow

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from config import Settings
-from config.errors import ScriptpoolError, error_class_for
-from engine import Sandbox
-from producer import BreakerPolicy, Client
-from registry import Registry
+from scriptpool.config import Settings
+from scriptpool.config.errors import ScriptpoolError, error_class_for
+from scriptpool.engine import Sandbox
+from scriptpool.producer import BreakerPolicy, Client
+from scriptpool.registry import Registry
 from tests import guests
 from tests.pool import WorkerProcess, pid_of, pool_fixtures, shop_on
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from config import Limits
-from engine._capi import (
+from scriptpool.config import Limits
+from scriptpool.engine._capi import (
     HOST_CALLBACK,
     POOL_SETTINGS,
     VAL_RAW_WORDS,
@@ -36,8 +36,8 @@ from engine._capi import (
     trap_new,
     trap_new_code,
 )
-from engine._engine import POOL_LIMITS
-from engine._run import _translate
+from scriptpool.engine._engine import POOL_LIMITS
+from scriptpool.engine._run import _translate
 from tests.conftest import ROOT
 
 CAPI = ROOT / "engine" / "_capi.py"
@@ -212,7 +212,7 @@ def test_an_engine_configuration_wasmtime_refuses_is_an_error_not_a_crash() -> N
     process. ``engine_from`` refuses it with WasmtimeError, and the process goes on."""
     child = _child("""
         import wasmtime
-        from engine._capi import engine_from, set_async_stack_size
+        from scriptpool.engine._capi import engine_from, set_async_stack_size
         config = wasmtime.Config()
         config.max_wasm_stack = 4 << 20
         set_async_stack_size(config, 2 << 20)  # a Wasm stack past the async stack: refused
@@ -239,9 +239,9 @@ def test_a_pool_wasmtime_cannot_map_falls_back_to_on_demand_allocation() -> None
     child = _child("""
         import resource
         resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
-        from config import Limits, configure_logging
+        from scriptpool.config import Limits, configure_logging
         configure_logging(json=True)
-        from engine import Sandbox, _engine
+        from scriptpool.engine import Sandbox, _engine
         from tests import guests
         _engine._can_reserve = lambda size: True
         sandbox = Sandbox()

@@ -17,17 +17,17 @@ import msgpack
 import pytest
 import redis
 
-from config import Settings
-from config.errors import GuestRuntimeError, InstructionLimitExceeded, InvalidArgument, RunNotFound
-from engine import Sandbox
-from producer import BreakerPolicy, Client
-from registry import Registry
-from scriptpool import main
+from scriptpool.cli import main
+from scriptpool.config import Settings
+from scriptpool.config.errors import GuestRuntimeError, InstructionLimitExceeded, InvalidArgument, RunNotFound
+from scriptpool.engine import Sandbox
+from scriptpool.producer import BreakerPolicy, Client
+from scriptpool.registry import Registry
+from scriptpool.workers import CaptureStore, recorded_output
 from tests import guests
 from tests.conftest import EXAMPLES, TEST_ARTIFACT_KEY
 from tests.faults._proxy import FORWARD, HALF_THEN_CUT, FaultProxy
 from tests.pool import WorkerProcess, shops_on, start_workers
-from workers import CaptureStore, recorded_output
 
 OK, FAILED = 0, 1
 BUGGY = (EXAMPLES / "replay" / "bulk_discount.wasm").read_bytes()
@@ -414,8 +414,8 @@ def test_what_waits_for_the_writer_is_bounded_and_a_run_past_the_byte_cap_is_not
     """In process: traces past the writer's pending bound are dropped (never blocking the task),
     a run larger than the whole byte cap is not stored, and the next ordinary run is, even after
     Redis forgot the write script."""
-    from config import Job
-    from workers import CaptureWriter
+    from scriptpool.config import Job
+    from scriptpool.workers import CaptureWriter
 
     registry.deploy("test", "big", guests.TRAP)
     store = CaptureStore(redis_client, settings)

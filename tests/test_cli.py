@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import redis
 
-from config import Settings
-from scriptpool import free_port, main
-from scriptpool._cli import COMMANDS, build_parser
+from scriptpool.cli import free_port, main
+from scriptpool.cli._cli import COMMANDS, build_parser
+from scriptpool.config import Settings
 from tests import guests
 from tests.conftest import EXAMPLES, ROOT, TEST_ARTIFACT_KEY
 from tests.pool import pool_fixtures
@@ -364,8 +364,8 @@ def test_rollouts_through_the_command_line(
 ) -> None:
     """``rollout start`` (with the deploy's checks), ``status`` as text and JSON, ``promote`` and
     ``abort``; a rollout needs a live script, one per (EP, shop), rules in range."""
-    from registry import RolloutRules
-    from scriptpool._rollout_commands import _RULES
+    from scriptpool.cli._rollout_commands import _RULES
+    from scriptpool.registry import RolloutRules
 
     assert {flag: default for flag, _, default, *_ in _RULES} == {
         f"--{name.replace('_', '-')}": value for name, value in dataclasses.asdict(RolloutRules()).items()
@@ -505,8 +505,8 @@ def test_name_mistakes_state_every_rule(
 def test_every_name_rule_is_in_its_message() -> None:
     """Each checker's message names its length bounds, its first character and the characters
     after it: every rule of its pattern, each shown broken alone."""
-    from config import check_app, check_ep, check_export, check_provider, check_shop_id
-    from config.errors import InvalidArgument
+    from scriptpool.config import check_app, check_ep, check_export, check_provider, check_shop_id
+    from scriptpool.config.errors import InvalidArgument
 
     cases = [
         (check_ep, "a" * 64, ["1a", "-a", "aB", "a" * 65, ""]),
@@ -563,7 +563,7 @@ def test_a_redis_that_wants_a_password_is_said_to_want_one(
     """A Redis started with requirepass, and a URL without the password (or with a wrong one):
     every command says Redis answered and wants its password in the URL, never that it cannot
     be reached; exit 4 as before (the pool cannot be used); the password is never printed."""
-    from scriptpool import EmbeddedRedis
+    from scriptpool.cli import EmbeddedRedis
 
     module = tmp_path / "m.wasm"
     module.write_bytes(guests.ECHO)
@@ -675,7 +675,7 @@ def test_the_readme_quickstart_runs_as_written(tmp_path: Path) -> None:
     """The README's step-by-step block, pasted into bash as a new user would (only the Redis URL
     changed, to a private one): key generated, worker started, EP defined, module deployed, and
     the run answers ok."""
-    from scriptpool import EmbeddedRedis
+    from scriptpool.cli import EmbeddedRedis
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("### Step by step, on your own Redis", 1)[1]

@@ -17,24 +17,28 @@ from typing import Any
 import pytest
 import redis
 
-from scriptpool import free_port
-from scriptpool._cli import COMMANDS, build_parser
-from scriptpool._output import subcommands
+from scriptpool.cli import free_port
+from scriptpool.cli._cli import COMMANDS, build_parser
+from scriptpool.cli._output import subcommands
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 
 INTERRUPTED = 130
 # What only deploys, workers and local runs need: a command without them must not load them.
 HEAVY = ("celery", "kombu", "wasmtime", "jsonschema", "structlog")
 
-# Runs one command in process and prints which top-level packages it left in sys.modules.
+# Runs one command in process and prints which packages it left in sys.modules: the top-level ones,
+# and our own layers by their names under scriptpool (scriptpool.config, scriptpool.engine, ...).
 _IMPORTS = """
 import json, sys
-from scriptpool._cli import main
+from scriptpool.cli._cli import main
 try:
     code = main(sys.argv[1:])
 except SystemExit as exc:
     code = exc.code
-print(json.dumps({"code": code, "packages": sorted({m.split(".")[0] for m in sys.modules})}), file=sys.stderr)
+def package(module):
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "scriptpool" else parts[0]
+print(json.dumps({"code": code, "packages": sorted({package(m) for m in sys.modules})}), file=sys.stderr)
 """
 
 
@@ -58,12 +62,20 @@ def test_version_and_help_import_no_library() -> None:
     were most of its 350 ms. A command's help loads only its own module's imports."""
     version = imported_by(["--version"])
     assert version["code"] == 0 and version["stdout"].startswith("scriptpool 0.")
-    assert not {"redis", "config", "producer", "registry", "engine", "workers", *HEAVY} & set(
-        version["packages"]
-    )
+    assert not {
+        "redis",
+        "scriptpool.config",
+        "scriptpool.producer",
+        "scriptpool.registry",
+        "scriptpool.engine",
+        "scriptpool.workers",
+        *HEAVY,
+    } & set(version["packages"])
     run_help = imported_by(["run", "--help"])
     assert run_help["code"] == 0 and "--timeout-ms" in run_help["stdout"]
-    assert not {"registry", "engine", "workers", *HEAVY} & set(run_help["packages"])
+    assert not {"scriptpool.registry", "scriptpool.engine", "scriptpool.workers", *HEAVY} & set(
+        run_help["packages"]
+    )
 
 
 def test_run_and_status_load_neither_wasmtime_nor_celery(redis_url: str, redis_client: redis.Redis) -> None:
@@ -81,7 +93,9 @@ def test_run_and_status_load_neither_wasmtime_nor_celery(redis_url: str, redis_c
     ):
         report = imported_by(argv, environment)
         assert report["code"] == code, (argv, report)
-        assert not {"registry", "engine", "workers", *HEAVY} & set(report["packages"]), argv
+        assert not {"scriptpool.registry", "scriptpool.engine", "scriptpool.workers", *HEAVY} & set(
+            report["packages"]
+        ), argv
 
 
 def test_the_version_is_the_installed_distributions(tmp_path: Path) -> None:
@@ -126,12 +140,12 @@ class CtrlC:
 
 
 sys.meta_path.insert(0, CtrlC())
-from scriptpool._cli import main
+from scriptpool.cli._cli import main
 sys.exit(main())
 """
 
 
-@pytest.mark.parametrize("module", ["argparse", "config", "redis", "producer"])
+@pytest.mark.parametrize("module", ["argparse", "scriptpool.config", "redis", "scriptpool.producer"])
 def test_ctrl_c_while_the_command_loads_is_one_line(module: str, redis_url: str) -> None:
     """Ctrl-C during any import of the start-up (argparse, config, redis-py, the client) is
     ``scriptpool: interrupted`` and exit 130, not a KeyboardInterrupt traceback: nothing is
@@ -152,7 +166,7 @@ _SIGNALLED = """
 import os, signal, sys, threading
 
 threading.Timer(float(sys.argv.pop(1)), os.kill, (os.getpid(), signal.SIGINT)).start()
-from scriptpool._cli import main
+from scriptpool.cli._cli import main
 sys.exit(main())
 """
 

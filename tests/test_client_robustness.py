@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 import redis
 
-from config import Settings
-from config._settings import MAX_SHARDS
-from config.errors import ClientClosed, ConfigurationError, InvalidArgument
-from engine import Sandbox
-from producer import BatchPolicy, BreakerPolicy, Client
-from registry import Registry
-from scriptpool._cli import main
+from scriptpool.cli._cli import main
+from scriptpool.config import Settings
+from scriptpool.config._settings import MAX_SHARDS
+from scriptpool.config.errors import ClientClosed, ConfigurationError, InvalidArgument
+from scriptpool.engine import Sandbox
+from scriptpool.producer import BatchPolicy, BreakerPolicy, Client
+from scriptpool.registry import Registry
 from tests import guests
 from tests.conftest import ROOT
 from tests.faults._proxy import FaultProxy
@@ -38,7 +38,7 @@ SHOP = shop_on(0, SHARDS)
 # A call must be answered by its deadline plus this (the brief's margin): the old client took
 # the socket timeout, 1 s, whatever the deadline.
 MARGIN_S = 0.1
-# close() gives its reply lists 0.25 s to be deleted (producer._client._CLOSE_S); twice that.
+# close() gives its reply lists 0.25 s to be deleted (scriptpool.producer._client._CLOSE_S); twice that.
 CLOSE_BOUND_S = 0.5
 NO_BREAKER = BreakerPolicy(error_threshold=10**9)  # every call tries: none is refused early
 
@@ -233,7 +233,7 @@ def test_close_is_prompt_whatever_redis_does(
 
 _TIMED_RUN = """
 import atexit, sys, time
-from scriptpool._cli import main
+from scriptpool.cli._cli import main
 import producer, redis  # imported before the clock starts: start-up is not what is timed
 started = time.monotonic()
 atexit.register(lambda: print(f"TIMED {time.monotonic() - started:.3f}", file=sys.stderr))
@@ -441,8 +441,8 @@ resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 _HUGE_COUNT = (
     _LIMITED
     + """
-from config import Settings
-from config.errors import ConfigurationError
+from scriptpool.config import Settings
+from scriptpool.config.errors import ConfigurationError
 try:
     Settings.from_env({"SCRIPTPOOL_SHARDS": "999999999"})
 except ConfigurationError as exc:
@@ -452,8 +452,8 @@ except ConfigurationError as exc:
 _HUGE_RANGE = (
     _LIMITED
     + """
-from config import Settings
-from config.errors import ConfigurationError
+from scriptpool.config import Settings
+from scriptpool.config.errors import ConfigurationError
 try:
     Settings(shards=3, shard_groups="0-999999999=redis://a:6379/0")
 except ConfigurationError as exc:
@@ -463,7 +463,7 @@ except ConfigurationError as exc:
 _HUGE_STATUS = (
     _LIMITED
     + """
-from scriptpool._cli import main
+from scriptpool.cli._cli import main
 sys.exit(main(["status"]))
 """
 )

@@ -23,14 +23,14 @@ import pytest
 import redis
 import wasmtime
 
-from config import Settings
-from config.errors import ForbiddenImport, InvalidModule, ModuleTooComplex, ScriptpoolError
-from engine import Sandbox, compile_engine
-from producer import BreakerPolicy, Client
-from registry import Registry, _bounded_compile
-from registry import _compile as compile_module
-from registry._bounded_compile import Bounds, Compiled, compile_bounded
-from registry._structure import CAPS, Caps, read_structure
+from scriptpool.config import Settings
+from scriptpool.config.errors import ForbiddenImport, InvalidModule, ModuleTooComplex, ScriptpoolError
+from scriptpool.engine import Sandbox, compile_engine
+from scriptpool.producer import BreakerPolicy, Client
+from scriptpool.registry import Registry, _bounded_compile
+from scriptpool.registry import _compile as compile_module
+from scriptpool.registry._bounded_compile import Bounds, Compiled, compile_bounded
+from scriptpool.registry._structure import CAPS, Caps, read_structure
 from tests import guests
 from tests.conftest import EXAMPLES
 from tests.pool import WorkerProcess, pid_of, pool_fixtures
@@ -189,7 +189,7 @@ def deploy_refused(registry: Registry, wasm: bytes, *, ep: str = "test") -> tupl
 
 def good_deploy_runs(registry: Registry, sandbox: Sandbox, settings: Settings) -> None:
     """A good script deployed right after is served."""
-    from workers import Executor
+    from scriptpool.workers import Executor
 
     registry.deploy("test", "after", guests.ECHO)
     result = Executor(registry, sandbox, settings).execute("test", "after", {"after": 1})
@@ -294,7 +294,7 @@ def test_compile_past_its_memory_bound_is_refused() -> None:
 
 def test_bounded_compile_gives_an_artifact_that_runs(sandbox: Sandbox) -> None:
     """The artifact from the child loads into the sandbox's own engine and runs."""
-    from config import Limits
+    from scriptpool.config import Limits
 
     wasm = (EXAMPLES / "discount" / "discount.wasm").read_bytes()
     compiled = compile_bounded(wasm, Limits().stack_bytes)

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from registry import Registry
+from scriptpool.registry import Registry
+from scriptpool.workers import Executor
 from tests import guests
-from workers import Executor
 
 HOSTILE = {
     "fuel": (guests.INFINITE_LOOP, "instruction_limit_exceeded"),
@@ -55,7 +55,7 @@ def test_rss_stays_flat_over_10000_hostile_runs(registry: Registry, executor: Ex
 def test_every_outcome_gives_its_pooled_instance_back(registry: Registry, executor: Executor) -> None:
     """Each kind of run, failing or not, frees its store at once: more runs of each kind than the
     pool has instance slots, and a good script still starts afterwards."""
-    from engine._engine import POOL_LIMITS
+    from scriptpool.engine._engine import POOL_LIMITS
 
     registry.define_extension_point("hostile", limits={"fuel": 200_000})
     for name, (module, _) in HOSTILE.items():

@@ -8,15 +8,15 @@ import threading
 
 import pytest
 
-from config import Execution, Limits
-from engine import FIXED_TIME_NS, Sandbox, SandboxRun, _capi
-from engine._capi import internals_problems
-from engine._engine import POOL_LIMITS
-from engine._wasi import GuestIO
-from registry import Registry
+from scriptpool.config import Execution, Limits
+from scriptpool.engine import FIXED_TIME_NS, Sandbox, SandboxRun, _capi
+from scriptpool.engine._capi import internals_problems
+from scriptpool.engine._engine import POOL_LIMITS
+from scriptpool.engine._wasi import GuestIO
+from scriptpool.registry import Registry
+from scriptpool.workers import Executor
 from tests import guests
 from tests.conftest import EXAMPLES
-from workers import Executor
 
 GOOD_INPUT = {"hello": "world", "n": [1, 2, 3]}
 
@@ -455,7 +455,7 @@ def test_engine_falls_back_to_on_demand_allocation_without_address_space(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Where the pool cannot be reserved the engine allocates per instance, and still runs guests."""
-    from engine import _engine
+    from scriptpool.engine import _engine
 
     assert _engine._can_reserve(_engine.pool_reservation_bytes())
     assert not _engine._can_reserve(1 << 62)
@@ -509,7 +509,7 @@ def test_record_execution_counts_and_times_every_stage(registry: Registry, execu
     """Metrics from the cached label children land on the documented series."""
     from prometheus_client import REGISTRY
 
-    from workers import _telemetry
+    from scriptpool.workers import _telemetry
 
     def sample(name: str, labels: dict[str, str]) -> float:
         return REGISTRY.get_sample_value(name, labels) or 0.0

@@ -7,8 +7,8 @@ import subprocess
 import sys
 import textwrap
 
-from config import LIMIT_RANGES
-from engine import engine_stack_bytes
+from scriptpool.config import LIMIT_RANGES
+from scriptpool.engine import engine_stack_bytes
 
 
 def test_every_stack_limit_maps_to_one_of_seven_engine_classes() -> None:
@@ -26,8 +26,8 @@ def test_forty_distinct_stack_limits_run_in_one_process() -> None:
     so that an abort fails this test instead of ending the session."""
     code = textwrap.dedent(
         """
-        from config import Limits
-        from engine import Sandbox
+        from scriptpool.config import Limits
+        from scriptpool.engine import Sandbox
         from tests import guests
         sandbox = Sandbox()
         for i in range(40):

@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 import redis
 
-from config import Settings
-from config.errors import ExtensionPointInUse
-from registry import Registry
-from scriptpool import EmbeddedRedis, main
+from scriptpool.cli import EmbeddedRedis, main
+from scriptpool.config import Settings
+from scriptpool.config.errors import ExtensionPointInUse
+from scriptpool.registry import Registry
+from scriptpool.workers import Executor
 from tests import guests
 from tests.conftest import EXAMPLES, TEST_ARTIFACT_KEY
 from tests.pool import shop_on
 from tests.test_cli import FAILED, OK, cli_env, one_line
-from workers import Executor
 
 __all__ = ["cli_env"]  # a fixture this module uses, imported from the CLI tests
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from scriptpool import free_port
+from scriptpool.cli import free_port
 from tests.conftest import ROOT
 
 
@@ -24,7 +24,7 @@ def test_the_host_import_loads_no_worker_side() -> None:
     result = run_host(
         """
         import sys
-        from producer import Client
+        from scriptpool.producer import Client
         heavy = ("celery", "kombu", "wasmtime", "jsonschema", "structlog")
         heavy += ("workers", "engine", "registry", "scriptpool")
         print(sorted(name for name in heavy if name in sys.modules))
@@ -36,8 +36,8 @@ def test_the_host_import_loads_no_worker_side() -> None:
 
 HOST_WITH_REDIS_DOWN = """
     import logging, sys
-    from config import Settings
-    from producer import Client
+    from scriptpool.config import Settings
+    from scriptpool.producer import Client
     {configure}
     with Client(Settings(redis_url="redis://127.0.0.1:{port}/0", shards=1)) as client:
         outcome = client.run("discount", "1", {{}}, timeout=0.3, fallback=[])

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from config import Limits
-from engine import Sandbox, SandboxRun, _wasi
-from engine._wasi import IOV_MAX, SSIZE_MAX, TRUNCATION_MARKER, GuestIO
+from scriptpool.config import Limits
+from scriptpool.engine import Sandbox, SandboxRun, _wasi
+from scriptpool.engine._wasi import IOV_MAX, SSIZE_MAX, TRUNCATION_MARKER, GuestIO
 from tests import guests
 
 MEMORY = 156 * 65536  # the guests' memory: what the default 10,000 KiB limit holds

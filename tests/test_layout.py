@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from config.errors import ScriptpoolError
+from scriptpool.config.errors import ScriptpoolError
 from tests.conftest import ROOT
 
 PACKAGES = ("config", "engine", "registry", "workers", "producer", "scriptpool")

@@ -18,11 +18,11 @@ import msgpack
 import pytest
 import redis
 
-from config import ExtensionPoint, Job, Limits, Reply, Settings, scaled_limits
-from config.errors import ConfigurationError
-from engine import GuestProfiler, Sandbox
-from producer._publisher import TaskPublisher
-from registry import Registry
+from scriptpool.config import ExtensionPoint, Job, Limits, Reply, Settings, scaled_limits
+from scriptpool.config.errors import ConfigurationError
+from scriptpool.engine import GuestProfiler, Sandbox
+from scriptpool.producer._publisher import TaskPublisher
+from scriptpool.registry import Registry
 from tests import guests
 from tests.conftest import ROOT
 from tests.pool import WorkerProcess, pid_of, pool_fixtures, shop_on
@@ -95,7 +95,7 @@ def test_a_limit_that_is_no_integer_is_refused(value: object) -> None:
 
 def test_the_ranges_are_the_documented_ones() -> None:
     """The table above is config's, and the README's limits table shows every range."""
-    from config import LIMIT_RANGES
+    from scriptpool.config import LIMIT_RANGES
 
     assert LIMIT_RANGES == RANGES
     assert set(RANGES) == set(Limits().as_dict())  # a new limit needs a range too
@@ -122,7 +122,7 @@ def test_overrides_and_environment_are_range_checked() -> None:
 def test_scaled_limits_are_clamped_to_the_maximum() -> None:
     """A factor never takes a limit past its maximum: the limit stops at it (the run is not
     refused), and the largest input any factor allows stops at the input maximum too."""
-    from config import largest_input_bytes
+    from scriptpool.config import largest_input_bytes
 
     top = Limits(fuel=RANGES["fuel"][1], input_bytes=8 * MIB, output_bytes=RANGES["output_bytes"][1])
     scaled = scaled_limits(top, 10.0)

@@ -16,7 +16,8 @@ import pytest
 import redis
 import wasmtime
 
-from config.errors import (
+from scriptpool.cli import free_port, main
+from scriptpool.config.errors import (
     ForbiddenImport,
     GuestRuntimeError,
     InstructionLimitExceeded,
@@ -27,7 +28,6 @@ from config.errors import (
     StackOverflow,
     WallClockExceeded,
 )
-from scriptpool import free_port, main
 from tests import abi, function_runner, guests
 from tests.conftest import EXAMPLES, ROOT, TEST_ARTIFACT_KEY
 

@@ -8,12 +8,12 @@ import json
 import msgpack
 import pytest
 
-from config import MAX_OUTPUT_DEPTH, ExecutionReport, Limits
-from config.errors import InvalidOutput
-from engine import Sandbox
-from producer import Outcome
+from scriptpool.config import MAX_OUTPUT_DEPTH, ExecutionReport, Limits
+from scriptpool.config.errors import InvalidOutput
+from scriptpool.engine import Sandbox
+from scriptpool.producer import Outcome
+from scriptpool.workers._codec import from_json, from_msgpack
 from tests import guests
-from workers._codec import from_json, from_msgpack
 
 GC_HEAP_BOMB = guests.wasm("""
 (module
@@ -106,7 +106,7 @@ def test_outcome_to_dict_does_not_recurse_on_script_data() -> None:
 def test_the_command_line_prints_data_too_deep_to_encode_as_one_named_error() -> None:
     """What the CLI prints may come from Redis (a reply, a captured run): nested past what the
     JSON encoder recurses, it is one invalid_output line, not a traceback."""
-    from scriptpool._output import dumps
+    from scriptpool.cli._output import dumps
 
     deep: list[object] = []
     for _ in range(100_000):

@@ -11,7 +11,7 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from config import (
+from scriptpool.config import (
     ErrorInfo,
     Execution,
     ExecutionReport,
@@ -22,19 +22,19 @@ from config import (
     WorkerHeartbeat,
     shard_count_disagreement,
 )
-from config.errors import (
+from scriptpool.config.errors import (
     DeadlineExceeded,
     GuestRuntimeError,
     InvalidInput,
     UnknownExtensionPoint,
     error_class_for,
 )
-from producer import BreakerPolicy
-from producer._breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from scriptpool.producer import BreakerPolicy
+from scriptpool.producer._breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from scriptpool.workers import CacheStats
+from scriptpool.workers import _telemetry as telemetry
+from scriptpool.workers._invalidation import InvalidationListener
 from tests.logs import captured_events
-from workers import CacheStats
-from workers import _telemetry as telemetry
-from workers._invalidation import InvalidationListener
 
 
 class Clock:

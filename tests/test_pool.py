@@ -12,11 +12,11 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from config import Settings
-from config.errors import InputTooLarge, InvalidArgument, InvalidInput, UnknownExtensionPoint
-from engine import Sandbox
-from producer import BreakerPolicy, Client
-from registry import Registry
+from scriptpool.config import Settings
+from scriptpool.config.errors import InputTooLarge, InvalidArgument, InvalidInput, UnknownExtensionPoint
+from scriptpool.engine import Sandbox
+from scriptpool.producer import BreakerPolicy, Client
+from scriptpool.registry import Registry
 from tests import guests
 from tests.conftest import EXAMPLES, TEST_ARTIFACT_KEY
 from tests.pool import WorkerProcess, pool_fixtures, shop_on
@@ -236,7 +236,7 @@ def test_bad_host_input_fails_before_enqueue(
 
 def test_strict_raises_named_errors(client: Client, deployer: Registry) -> None:
     """With strict=True the named error is raised, carrying the outcome."""
-    from config.errors import DeadlineExceeded, GuestRuntimeError
+    from scriptpool.config.errors import DeadlineExceeded, GuestRuntimeError
 
     trap_shop, stopped_shop = shop_on(0, SHARDS, skip=6), shop_on(2, SHARDS, skip=3)
     deployer.deploy("test", trap_shop, guests.TRAP)
@@ -250,7 +250,7 @@ def test_strict_raises_named_errors(client: Client, deployer: Registry) -> None:
 
 def test_unreachable_redis_gives_fallback_within_deadline(pool_settings: Settings) -> None:
     """With Redis down the caller gets the fallback before its deadline, not after retries."""
-    from scriptpool import free_port
+    from scriptpool.cli import free_port
 
     dead = pool_settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with Client(dead) as c:
@@ -270,7 +270,7 @@ def test_cli_run_json_prints_the_full_outcome_and_status_shows_the_pool(
     tmp_path: object,
 ) -> None:
     """`scriptpool run --json` prints one JSON object with the report; `status` lists workers."""
-    from scriptpool._cli import main
+    from scriptpool.cli._cli import main
 
     shop = shop_on(1, SHARDS, skip=8)
     deployer.deploy("discount", shop, (EXAMPLES / "discount" / "discount.wasm").read_bytes())
@@ -324,7 +324,7 @@ def test_worker_exports_metrics_and_logs_one_event_per_execution(
     """A worker with a metrics port serves Prometheus counters; its log has one JSON event per run."""
     import urllib.request
 
-    from scriptpool import free_port
+    from scriptpool.cli import free_port
 
     port = free_port()
     extra = WorkerProcess(pool_settings, [2], "w2m", {"SCRIPTPOOL_METRICS_PORT": str(port)}).wait_ready()

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from config import Keys, Settings, shard_for
-from engine import Sandbox
-from producer import Client
-from registry import Registry
-from scriptpool import EmbeddedRedis
+from scriptpool.cli import EmbeddedRedis
+from scriptpool.config import Keys, Settings, shard_for
+from scriptpool.engine import Sandbox
+from scriptpool.producer import Client
+from scriptpool.registry import Registry
 from tests import guests
 from tests.pool import WorkerProcess, pool_fixtures
 
@@ -27,7 +27,7 @@ PERMANENT = [
     r"sp:ep:\w+",
     r"sp:eps",
     r"_kombu\.binding(\.|_deadlines|_permanent\.).*",
-]  # and no "unacked" hash: kombu's ack emulation is off (workers._app)
+]  # and no "unacked" hash: kombu's ack emulation is off (scriptpool.workers._app)
 EXPIRING = [r"sp:reply:\w+", r"sp:worker:.+"]  # reply lists (60 s), worker heartbeats (10 s)
 
 

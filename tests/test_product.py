@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from config import VARIABLES, Settings, markdown_table
-from scriptpool import free_port
-from scriptpool._cli import build_parser, main
-from scriptpool._pool_commands import parse_shards
+from scriptpool.cli import free_port
+from scriptpool.cli._cli import build_parser, main
+from scriptpool.cli._pool_commands import parse_shards
+from scriptpool.config import VARIABLES, Settings, markdown_table
 from tests import guests
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 
@@ -136,7 +136,7 @@ def _write(tmp_path: Path, name: str, data: bytes) -> str:
 
 def test_readme_lists_every_wasi_call_the_sandbox_defines() -> None:
     """A script author can see in the README what each WASI function does or answers."""
-    from engine import provided_signatures
+    from scriptpool.engine import provided_signatures
 
     section = README[README.index("### The WASI calls a script may make") :]
     section = section[: section.index("\n## ")]

@@ -12,10 +12,10 @@ import sys
 import pytest
 import redis
 
-from config import Settings
-from engine import Sandbox
-from producer import Client
-from registry import Registry
+from scriptpool.config import Settings
+from scriptpool.engine import Sandbox
+from scriptpool.producer import Client
+from scriptpool.registry import Registry
 from tests.conftest import EXAMPLES, ROOT
 from tests.pool import WorkerProcess, pool_fixtures
 

@@ -9,8 +9,8 @@ import threading
 import pytest
 import redis
 
-from config import Settings
-from config.errors import (
+from scriptpool.config import Settings
+from scriptpool.config.errors import (
     ForbiddenImport,
     InvalidArgument,
     InvalidModule,
@@ -18,11 +18,11 @@ from config.errors import (
     NothingToRollBack,
     UnknownExtensionPoint,
 )
-from engine import Sandbox, engine_fingerprint
-from registry import Deployment, Registry
+from scriptpool.engine import Sandbox, engine_fingerprint
+from scriptpool.registry import Deployment, Registry
+from scriptpool.workers import Executor
 from tests import guests
 from tests.logs import captured_events
-from workers import Executor
 
 
 def test_invalid_module_bytes_are_refused(registry: Registry) -> None:
@@ -135,7 +135,7 @@ def test_after_a_wasmtime_upgrade_the_worker_compiles_from_source(
     previous wasmtime are not looked at: the worker compiles the stored bytes (the bounded
     compile), runs them, and serves the next run from its cache."""
     current = engine_fingerprint()
-    monkeypatch.setattr("engine._engine.wasmtime_version", lambda: "50.0.1")
+    monkeypatch.setattr("scriptpool.engine._engine.wasmtime_version", lambda: "50.0.1")
     previous = engine_fingerprint()
     old = Registry(redis_client, settings, sandbox)
     old.define_extension_point("upgraded")

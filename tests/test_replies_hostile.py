@@ -16,13 +16,13 @@ import msgpack
 import pytest
 import redis
 
-from config import ErrorInfo, Execution, ExecutionReport, Job, Part, Reply, Settings
-from config.errors import InvalidReply, ScriptpoolError
-from producer import Client, Outcome
-from producer._breaker import BreakerPolicy, CircuitBreaker
-from producer._client import _Call
-from producer._replies import ReplyDispatcher, Waiter
-from registry import Registry
+from scriptpool.config import ErrorInfo, Execution, ExecutionReport, Job, Part, Reply, Settings
+from scriptpool.config.errors import InvalidReply, ScriptpoolError
+from scriptpool.producer import Client, Outcome
+from scriptpool.producer._breaker import BreakerPolicy, CircuitBreaker
+from scriptpool.producer._client import _Call
+from scriptpool.producer._replies import ReplyDispatcher, Waiter
+from scriptpool.registry import Registry
 from tests.logs import captured_events
 
 DEADLINE_S = 10.0  # what a caller would wait if the bad reply were left to time out

@@ -13,17 +13,17 @@ from typing import Any
 import pytest
 import redis
 
-from config import Settings
-from config.errors import InvalidArgument, NothingToRollBack
-from engine import Sandbox
-from producer import Client
-from registry import Registry, RolloutRules
-from scriptpool import main
+from scriptpool.cli import main
+from scriptpool.config import Settings
+from scriptpool.config.errors import InvalidArgument, NothingToRollBack
+from scriptpool.engine import Sandbox
+from scriptpool.producer import Client
+from scriptpool.registry import Registry, RolloutRules
+from scriptpool.workers import Executor
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.pool import WorkerProcess, shop_on, start_workers
 from tests.test_cli import FAILED, OK, USAGE, cli_env, one_line
-from workers import Executor
 
 __all__ = ["cli_env"]  # a fixture this module uses, imported from the CLI tests
 

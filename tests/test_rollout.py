@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from config.errors import RolloutConflict, ScriptNotFound
-from registry import ABORTED, CANARY, PROMOTED, SHADOWING, Registry, RolloutRules
+from scriptpool.config.errors import RolloutConflict, ScriptNotFound
+from scriptpool.registry import ABORTED, CANARY, PROMOTED, SHADOWING, Registry, RolloutRules
+from scriptpool.workers import Executor, _judge
+from scriptpool.workers._judge import Sample, ShadowJudge, compare
 from tests import guests
-from workers import Executor, _judge
-from workers._judge import Sample, ShadowJudge, compare
 
 SHARDS = 2
 
@@ -40,7 +40,7 @@ def call(executor: Executor, judge: ShadowJudge, shop: str, payload: Any, ep: st
 def test_comparison_is_canonical_and_counts_codes() -> None:
     """Key order does not matter; same error code is a match; a candidate failing where the live
     version did not is its own result; any other difference is a mismatch."""
-    from config import ErrorInfo, Execution, ExecutionReport
+    from scriptpool.config import ErrorInfo, Execution, ExecutionReport
 
     def ok(output: Any) -> Execution:
         return Execution(True, output, None, ExecutionReport())
@@ -287,7 +287,7 @@ def test_the_readme_example_candidates(registry: Registry, executor: Executor, j
 
 def test_status_points_at_the_first_difference() -> None:
     """``rollout status`` shows where a disagreement's outputs first differ, and a missing side."""
-    from scriptpool._rollout_commands import _short, first_difference
+    from scriptpool.cli._rollout_commands import _short, first_difference
 
     path, live, candidate = first_difference(
         {"d": [{"t": 1}, {"t": 3}], "s": "F"}, {"d": [{"t": 1}], "s": "F"}
@@ -304,8 +304,8 @@ def test_a_shadow_process_that_stops_reading_never_blocks_the_worker(settings: A
     import signal
     import time
 
-    from config import Execution, ExecutionReport
-    from workers._shadow import _RESULTS, ShadowRunner
+    from scriptpool.config import Execution, ExecutionReport
+    from scriptpool.workers._shadow import _RESULTS, ShadowRunner
 
     live = Execution(True, {"x": 1}, None, ExecutionReport(rollout="shadowed", rollout_id="r"))
     runner = ShadowRunner(settings)
@@ -340,8 +340,8 @@ def test_the_worker_takes_what_the_shadow_process_sends_as_data(settings: Any) -
 
     import msgpack
 
+    from scriptpool.workers._shadow import _RESULTS, ShadowRunner
     from tests.logs import captured_events
-    from workers._shadow import _RESULTS, ShadowRunner
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     process = subprocess.Popen([sys.executable, "-c", "pass"])

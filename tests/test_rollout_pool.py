@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import redis
 
-from config import Settings
-from engine import Sandbox
-from producer import Client, Outcome
-from registry import ABORTED, CANARY, PROMOTED, SHADOWING, Registry, RolloutRules, RolloutStatus
+from scriptpool.config import Settings
+from scriptpool.engine import Sandbox
+from scriptpool.producer import Client, Outcome
+from scriptpool.registry import ABORTED, CANARY, PROMOTED, SHADOWING, Registry, RolloutRules, RolloutStatus
 from tests import guests
 from tests.pool import WorkerProcess, pool_fixtures, shop_on, start_workers
 

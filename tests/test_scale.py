@@ -8,12 +8,17 @@ import json
 
 import pytest
 
-from config import ExtensionPoint, Limits, Settings, parse_scale_rule, scale_factor, scaled_limits
-from config.errors import ConfigurationError, DeadlineExceeded, InputTooLarge, InstructionLimitExceeded
-from producer import Client
-from registry import Registry
+from scriptpool.config import ExtensionPoint, Limits, Settings, parse_scale_rule, scale_factor, scaled_limits
+from scriptpool.config.errors import (
+    ConfigurationError,
+    DeadlineExceeded,
+    InputTooLarge,
+    InstructionLimitExceeded,
+)
+from scriptpool.producer import Client
+from scriptpool.registry import Registry
+from scriptpool.workers import Executor
 from tests import guests
-from workers import Executor
 
 RATE = {"cart.lines": 0.005}  # Shopify's cart-line rate
 
@@ -67,7 +72,7 @@ def test_malformed_scale_rules_are_named(rule: str) -> None:
 
 
 def test_too_many_rules_are_refused() -> None:
-    from config import check_scale_rules
+    from scriptpool.config import check_scale_rules
 
     with pytest.raises(ConfigurationError):
         check_scale_rules({f"list{n}": 0.01 for n in range(17)})

@@ -8,7 +8,7 @@ import ssl
 
 import pytest
 
-from config import (
+from scriptpool.config import (
     Keys,
     Settings,
     celery_broker,
@@ -20,7 +20,7 @@ from config import (
     redis_tls_options,
     render_shard_groups,
 )
-from config.errors import ConfigurationError
+from scriptpool.config.errors import ConfigurationError
 
 A, B = "redis://a:6379/0", "redis://:secret@b:6380/1"
 S = "sentinel://:datapw@s1:26379,s2,[::1]:26381/pool/3?sentinel_password=sentpw&min_other_sentinels=1"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from celery.exceptions import QueueNotFound
 
-from config import Settings, jump_hash, shard_for
-from workers import create_app
+from scriptpool.config import Settings, jump_hash, shard_for
+from scriptpool.workers import create_app
 
 SHOPS = [str(n) for n in range(20_000)]
 

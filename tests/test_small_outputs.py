@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from config import Limits
-from registry import Registry, RolloutRules, Tally
-from scriptpool import main
+from scriptpool.cli import main
+from scriptpool.config import Limits
+from scriptpool.registry import Registry, RolloutRules, Tally
+from scriptpool.workers import Executor
 from tests import abi, guests
 from tests.conftest import EXAMPLES, ROOT
 from tests.test_cli import OK, cli_env
-from workers import Executor
 
 __all__ = ["cli_env"]  # a fixture this module uses, imported from the CLI tests
 

@@ -7,15 +7,15 @@ import secrets
 
 import pytest
 
-from config import Limits, Settings, check_shop_id
-from config.errors import (
+from scriptpool.config import Limits, Settings, check_shop_id
+from scriptpool.config.errors import (
     ConfigurationError,
     GuestRuntimeError,
     InvalidArgument,
     ScriptpoolError,
     error_class_for,
 )
-from workers import ByteLRU
+from scriptpool.workers import ByteLRU
 
 
 def test_lru_evicts_least_recently_used_by_bytes() -> None:

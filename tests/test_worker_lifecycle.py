@@ -15,9 +15,9 @@ import urllib.request
 import pytest
 import redis
 
-from config import Settings
-from producer import Client
-from scriptpool import free_port, main
+from scriptpool.cli import free_port, main
+from scriptpool.config import Settings
+from scriptpool.producer import Client
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 from tests.logs import captured_events
 from tests.pool import WorkerProcess, worker_env

@@ -2,12 +2,12 @@
 captured runs workers keep (``CaptureStore``), and runs outside the pool on the same path
 (``run_loaded``, ``replay``).
 
-``celery -A workers worker`` finds the app in ``workers.celery``.
+``celery -A scriptpool.workers worker`` finds the app in ``scriptpool.workers.celery``.
 """
 
-from workers._app import create_app
-from workers._cache import ByteLRU, CacheStats
-from workers._capture import (
+from scriptpool.workers._app import create_app
+from scriptpool.workers._cache import ByteLRU, CacheStats
+from scriptpool.workers._capture import (
     CaptureStore,
     CaptureWriter,
     RunSummary,
@@ -15,9 +15,9 @@ from workers._capture import (
     recorded_output,
     valid_run_id,
 )
-from workers._executor import Executor
-from workers._local import LocalRun, Replayed, local_script, replay, run_loaded
-from workers._script import decode_output
+from scriptpool.workers._executor import Executor
+from scriptpool.workers._local import LocalRun, Replayed, local_script, replay, run_loaded
+from scriptpool.workers._script import decode_output
 
 __all__ = [
     "ByteLRU",

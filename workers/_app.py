@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery, signals
 from kombu.entity import Queue
 
-from config import Settings, ShardGroup, celery_broker, configure_logging, get_logger
+from scriptpool.config import Settings, ShardGroup, celery_broker, configure_logging, get_logger
 
 log = get_logger("worker")
 
@@ -41,7 +41,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     ]
     return {
         **broker_config(settings),
-        "result_backend": "workers._backend:ReplyListBackend",
+        "result_backend": "scriptpool.workers._backend:ReplyListBackend",
         # msgpack measured 3x faster than JSON per job (5.6 vs 16.7 us) and carries input bytes
         # as-is. Pickle is never accepted.
         "task_serializer": "msgpack",
@@ -54,8 +54,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_publish_retry": False,  # the caller's deadline, not Celery, decides how long to try
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # workers reconnect by themselves, forever
-        # Reconnects every 0.2-0.5 s instead of Celery's 2, 4, 6... s (workers._failover).
-        "worker_consumer": "workers._failover:Consumer",
+        # Reconnects every 0.2-0.5 s instead of Celery's 2, 4, 6... s (scriptpool.workers._failover).
+        "worker_consumer": "scriptpool.workers._failover:Consumer",
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
@@ -89,8 +89,8 @@ class ScriptpoolCelery(Celery):  # type: ignore[misc]
 def create_app(settings: Settings | None = None) -> ScriptpoolCelery:
     """Build the app with our task registered (importing the task does not load wasmtime)."""
     app = ScriptpoolCelery(settings)
-    from workers._failover import PrimaryWatch
-    from workers._tasks import register
+    from scriptpool.workers._failover import PrimaryWatch
+    from scriptpool.workers._tasks import register
 
     register(app)
     app.steps["consumer"].add(PrimaryWatch)

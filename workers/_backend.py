@@ -27,8 +27,8 @@ import redis
 from celery import states
 from celery.backends.base import BaseBackend
 
-from config import ErrorInfo, Keys, Reply, Settings, get_logger, redis_command, redis_pool
-from config.errors import WorkerFailed
+from scriptpool.config import ErrorInfo, Keys, Reply, Settings, get_logger, redis_command, redis_pool
+from scriptpool.config.errors import WorkerFailed
 
 log = get_logger("worker")
 

@@ -43,7 +43,7 @@ import msgpack
 import redis
 from prometheus_client import Counter
 
-from config import (
+from scriptpool.config import (
     CapturedRun,
     ErrorInfo,
     Job,
@@ -54,9 +54,9 @@ from config import (
     redis_command,
     redis_pool,
 )
-from config.errors import InvalidArgument, RunNotFound, ScriptpoolError
-from engine import CODEC_MSGPACK, engine_fingerprint
-from workers._script import ScriptTrace, decode_output
+from scriptpool.config.errors import InvalidArgument, RunNotFound, ScriptpoolError
+from scriptpool.engine import CODEC_MSGPACK, engine_fingerprint
+from scriptpool.workers._script import ScriptTrace, decode_output
 
 log = get_logger("worker")
 
@@ -354,7 +354,7 @@ class CaptureWriter:
         sample: Callable[[], float] = random.random,
         max_pending_bytes: int = MAX_PENDING_BYTES,
     ) -> None:
-        from config import redis_client
+        from scriptpool.config import redis_client
 
         self._store = CaptureStore(
             client or redis_client(settings.redis_url, timeout=2, connect_timeout=1), settings

@@ -13,8 +13,8 @@ from typing import Any
 
 import msgpack
 
-from config import MAX_OUTPUT_DEPTH, encode_input, nested_deeper_than
-from config.errors import InvalidInput, InvalidOutput
+from scriptpool.config import MAX_OUTPUT_DEPTH, encode_input, nested_deeper_than
+from scriptpool.config.errors import InvalidInput, InvalidOutput
 
 # What a MessagePack integer can hold; JSON integers past it are sent as float64 (serde_json,
 # which function-runner parses the input with, reads them as f64 too).

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from config import (
+from scriptpool.config import (
     JOIN,
     PART_CHAIN,
     PART_ERROR,
@@ -45,9 +45,9 @@ from config import (
     check_input_size,
     encode_input,
 )
-from config.errors import DeadlineExceeded, InvalidOutput, ScriptNotFound, ScriptpoolError
-from engine import Sandbox
-from workers._script import (
+from scriptpool.config.errors import DeadlineExceeded, InvalidOutput, ScriptNotFound, ScriptpoolError
+from scriptpool.engine import Sandbox
+from scriptpool.workers._script import (
     EpRuntime,
     LoadedScript,
     ScriptRun,
@@ -59,7 +59,7 @@ from workers._script import (
 )
 
 if TYPE_CHECKING:
-    from registry import BindingSet, Deployment
+    from scriptpool.registry import BindingSet, Deployment
 
 _SOURCES = ("hot", "deserialized", "compiled")  # a call's module source is its coldest part's
 # Kept back before the caller's deadline for pushing the reply.

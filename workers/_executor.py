@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import wasmtime
 
-from config import (
+from scriptpool.config import (
     PART_SINGLE,
     SINGLE,
     ErrorInfo,
@@ -27,14 +27,14 @@ from config import (
     scale_factor,
     scaled_limits,
 )
-from config.errors import InputTooLarge, InvalidInput, ScriptpoolError
-from engine import CODEC_JSON, Sandbox
-from registry import CANARY, Candidate, compile_validator
-from workers._cache import ByteLRU, CacheStats
-from workers._codec import json_value
-from workers._combine import PartsRunner
-from workers._reducers import Reducer
-from workers._script import (
+from scriptpool.config.errors import InputTooLarge, InvalidInput, ScriptpoolError
+from scriptpool.engine import CODEC_JSON, Sandbox
+from scriptpool.registry import CANARY, Candidate, compile_validator
+from scriptpool.workers._cache import ByteLRU, CacheStats
+from scriptpool.workers._codec import json_value
+from scriptpool.workers._combine import PartsRunner
+from scriptpool.workers._reducers import Reducer
+from scriptpool.workers._script import (
     UNDECODED,
     EpRuntime,
     LoadedScript,
@@ -49,7 +49,7 @@ from workers._script import (
 )
 
 if TYPE_CHECKING:
-    from registry import BindingSet, Deployment, Registry
+    from scriptpool.registry import BindingSet, Deployment, Registry
 
 
 class Executor:

@@ -19,7 +19,7 @@ from typing import Any
 from celery import bootsteps
 from celery.worker.consumer import Consumer as CeleryConsumer
 
-from config import get_logger, is_sentinel, primary_address, redis_pool
+from scriptpool.config import get_logger, is_sentinel, primary_address, redis_pool
 
 log = get_logger("worker")
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import redis
 
-from config import PrimaryCheck, Reconnector, get_logger, redis_client
+from scriptpool.config import PrimaryCheck, Reconnector, get_logger, redis_client
 
 log = get_logger("worker")
 

@@ -1,7 +1,7 @@
 """Judging the calls of a rollout: run the candidate on a call's input, compare the two
 outcomes, and report to the registry, which counts and promotes or aborts by the rollout's rules
-(``registry._rollouts``). Runs in the shadow process (``workers._shadow``), never on a caller's
-path.
+(``scriptpool.registry._rollouts``). Runs in the shadow process (``scriptpool.workers._shadow``),
+never on a caller's path.
 
 Reports are batched: what a judge sees of a rollout is tallied and sent in one Redis step when
 the tally is ``BATCH`` long, when the shadow process is idle or about every ``FLUSH_S``; a
@@ -17,10 +17,10 @@ from typing import Any
 
 import msgpack
 
-from config import Execution, get_logger
-from config.errors import WallClockExceeded
-from registry import CANARY, CANDIDATE_ERROR, MATCH, MISMATCH, Candidate, Rollouts, Tally
-from workers._executor import CONTROL, Executor
+from scriptpool.config import Execution, get_logger
+from scriptpool.config.errors import WallClockExceeded
+from scriptpool.registry import CANARY, CANDIDATE_ERROR, MATCH, MISMATCH, Candidate, Rollouts, Tally
+from scriptpool.workers._executor import CONTROL, Executor
 
 log = get_logger("worker")
 

@@ -1,5 +1,5 @@
 """One script run in this process, outside the pool: ``scriptpool run --local`` and
-``scriptpool replay``. It takes the pool's own steps (``workers._script``): the input encoded for
+``scriptpool replay``. It takes the pool's own steps (``scriptpool.workers._script``): the input encoded for
 the module's codec and checked against the limits, then ``run_script``, which runs the module on
 the sandbox and decodes and checks its output, then the pool's report. Only the lookup differs:
 the module comes from a file or from the registry by its sha256, not from a binding.
@@ -13,15 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from config import CapturedRun, ExecutionReport, Limits, check_input_size
-from config.errors import ScriptpoolError
-from engine import Sandbox
-from registry import Deployment, compile_script, compile_validator
-from workers._script import LoadedScript, ScriptRun, encode_for, run_script, script_report
+from scriptpool.config import CapturedRun, ExecutionReport, Limits, check_input_size
+from scriptpool.config.errors import ScriptpoolError
+from scriptpool.engine import Sandbox
+from scriptpool.registry import Deployment, compile_script, compile_validator
+from scriptpool.workers._script import LoadedScript, ScriptRun, encode_for, run_script, script_report
 
 if TYPE_CHECKING:
-    from engine import GuestProfiler
-    from registry import CompiledScript, Registry
+    from scriptpool.engine import GuestProfiler
+    from scriptpool.registry import CompiledScript, Registry
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,12 +1,12 @@
 """How a join combines the outputs of its apps' scripts (``concat:PATH``, ``first``,
-``max:PATH``, ``min:PATH``; ``wasm`` is run by ``workers._combine``)."""
+``max:PATH``, ``min:PATH``; ``wasm`` is run by ``scriptpool.workers._combine``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from config.errors import InvalidOutput
+from scriptpool.config.errors import InvalidOutput
 
 
 @dataclass(frozen=True, slots=True)

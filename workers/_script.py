@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 import jsonschema
 import wasmtime
 
-from config import ExecutionReport, Limits, encode_input
-from config.errors import ExecutionError, InvalidInput, InvalidOutput, ScriptpoolError
-from engine import CODEC_JSON, CODEC_MSGPACK, Sandbox, SandboxRun
-from workers._codec import from_json, from_msgpack, json_value, to_msgpack
+from scriptpool.config import ExecutionReport, Limits, encode_input
+from scriptpool.config.errors import ExecutionError, InvalidInput, InvalidOutput, ScriptpoolError
+from scriptpool.engine import CODEC_JSON, CODEC_MSGPACK, Sandbox, SandboxRun
+from scriptpool.workers._codec import from_json, from_msgpack, json_value, to_msgpack
 
 if TYPE_CHECKING:
-    from engine import GuestProfiler
-    from registry import Deployment
-    from workers._reducers import Reducer
+    from scriptpool.engine import GuestProfiler
+    from scriptpool.registry import Deployment
+    from scriptpool.workers._reducers import Reducer
 
 
 @dataclass(frozen=True, slots=True)

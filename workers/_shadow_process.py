@@ -1,5 +1,5 @@
-"""The shadow process: ``python -m workers._shadow_process FD``, started by a worker
-(``workers._shadow``) the first time one of its calls belongs to a rollout; FD is its end of a
+"""The shadow process: ``python -m scriptpool.workers._shadow_process FD``, started by a worker
+(``scriptpool.workers._shadow``) the first time one of its calls belongs to a rollout; FD is its end of a
 Unix socket pair.
 
 It runs at the lowest CPU priority there is (``SCHED_IDLE``, else nice 19), so a shadow run gets
@@ -41,7 +41,7 @@ class _Forward(logging.Handler):
         self._channel = channel
 
     def emit(self, record: logging.LogRecord) -> None:
-        from config import event_name  # loaded by then: records come from the code that imports it
+        from scriptpool.config import event_name  # loaded by then: records come from the code that imports it
 
         fields = {k: _plain(v) for k, v in vars(record).items() if k not in RECORD_FIELDS}
         if record.exc_info:
@@ -71,12 +71,12 @@ def main(argv: list[str]) -> int:
     logging.getLogger().setLevel(logging.INFO)
     priority = lower_priority()
 
-    from config import Settings, get_logger, redis_client
-    from engine import Sandbox
-    from registry import Registry
-    from workers._executor import Executor
-    from workers._invalidation import InvalidationListener
-    from workers._judge import Sample, ShadowJudge
+    from scriptpool.config import Settings, get_logger, redis_client
+    from scriptpool.engine import Sandbox
+    from scriptpool.registry import Registry
+    from scriptpool.workers._executor import Executor
+    from scriptpool.workers._invalidation import InvalidationListener
+    from scriptpool.workers._judge import Sample, ShadowJudge
 
     log = get_logger("worker")
     settings = Settings.from_env()

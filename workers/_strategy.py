@@ -18,7 +18,7 @@ from celery.exceptions import InvalidTaskError
 from celery.worker.strategy import default
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from config import CONTENT_TYPE, get_logger
+from scriptpool.config import CONTENT_TYPE, get_logger
 
 log = get_logger("worker")
 

@@ -14,19 +14,19 @@ from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
-from config import Job, Keys, Reply, Settings, Taken, configure_logging, get_logger, redis_client
-from config.errors import ConfigurationError
-from workers import _telemetry as telemetry
-from workers._backend import ReplyPusher, ReplySession, failure_reply
+from scriptpool.config import Job, Keys, Reply, Settings, Taken, configure_logging, get_logger, redis_client
+from scriptpool.config.errors import ConfigurationError
+from scriptpool.workers import _telemetry as telemetry
+from scriptpool.workers._backend import ReplyPusher, ReplySession, failure_reply
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from workers._capture import CaptureWriter
-    from workers._executor import Executor
-    from workers._invalidation import InvalidationListener
-    from workers._script import ScriptTrace
-    from workers._shadow import ShadowRunner
+    from scriptpool.workers._capture import CaptureWriter
+    from scriptpool.workers._executor import Executor
+    from scriptpool.workers._invalidation import InvalidationListener
+    from scriptpool.workers._script import ScriptTrace
+    from scriptpool.workers._shadow import ShadowRunner
 
 log = get_logger("worker")
 
@@ -47,12 +47,12 @@ class WorkerState:
     """Everything a worker process keeps hot: the engine, its caches, the invalidation listener."""
 
     def __init__(self, settings: Settings) -> None:
-        from engine import Sandbox
-        from registry import Registry
-        from workers._capture import CaptureWriter
-        from workers._executor import Executor
-        from workers._invalidation import InvalidationListener
-        from workers._shadow import ShadowRunner
+        from scriptpool.engine import Sandbox
+        from scriptpool.registry import Registry
+        from scriptpool.workers._capture import CaptureWriter
+        from scriptpool.workers._executor import Executor
+        from scriptpool.workers._invalidation import InvalidationListener
+        from scriptpool.workers._shadow import ShadowRunner
 
         self.settings = settings
         self.pid = os.getpid()
@@ -172,7 +172,7 @@ def worker_state(settings: Settings) -> WorkerState:
 def register(app: Celery) -> None:
     """Register the execute task and the worker lifecycle handlers."""
 
-    # ignore_result: the task pushes its replies itself (workers._backend.ReplyPusher) and returns
+    # ignore_result: the task pushes its replies itself (scriptpool.workers._backend.ReplyPusher) and returns
     # None, so Celery neither reprs nor stores a result. Errors that escape it still reach the
     # caller through the backend (store_errors_even_if_ignored).
     @app.task(  # type: ignore[untyped-decorator]
@@ -180,13 +180,13 @@ def register(app: Celery) -> None:
         bind=True,
         ignore_result=True,
         store_errors_even_if_ignored=True,
-        Strategy="workers._strategy:guarded",  # refuses malformed messages instead of dying
+        Strategy="scriptpool.workers._strategy:guarded",  # refuses malformed messages instead of dying
     )
     def execute(self: Any, *jobs: dict[str, Any], announce: bool = False) -> None:
         """Run each job of the message in order, replying to each as soon as it is done.
 
         A message carries one job, or several for the same shard that one client coalesced
-        (``producer._batching``); each is dropped on its own if its caller has given up. With
+        (``scriptpool.producer._batching``); each is dropped on its own if its caller has given up. With
         ``announce`` the client first hears that the message was taken, so it can publish the
         calls that piled up meanwhile while this worker is still busy.
         """

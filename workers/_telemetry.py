@@ -13,9 +13,9 @@ from typing import Any
 import redis
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from config import Execution, Keys, Reconnector, WorkerHeartbeat, get_logger, redis_client
-from config.errors import ConfigurationError
-from workers._cache import CacheStats
+from scriptpool.config import Execution, Keys, Reconnector, WorkerHeartbeat, get_logger, redis_client
+from scriptpool.config.errors import ConfigurationError
+from scriptpool.workers._cache import CacheStats
 
 log = get_logger("worker")
 

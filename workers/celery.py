@@ -1,9 +1,9 @@
-"""The worker entry point: ``celery -A workers worker -Q <shard queues>``.
+"""The worker entry point: ``celery -A scriptpool.workers worker -Q <shard queues>``.
 
 Settings come from ``SCRIPTPOOL_*`` variables when the worker first needs them, not at import.
 """
 
-from workers._app import create_app
+from scriptpool.workers._app import create_app
 
 app = create_app()
 

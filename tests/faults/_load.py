@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from producer import Client
+from scriptpool.producer import Client
 
 FALLBACK = {"fallback": True}
 

@@ -14,17 +14,17 @@ from typing import Any
 import pytest
 import redis
 
-from config import Limits, Settings
-from config.errors import (
+from scriptpool.config import Limits, Settings
+from scriptpool.config.errors import (
     InputTooLarge,
     InvalidArgument,
     InvalidInput,
     ScriptpoolError,
     UnknownExtensionPoint,
 )
-from engine import Sandbox
-from producer import Client
-from registry import Registry
+from scriptpool.engine import Sandbox
+from scriptpool.producer import Client
+from scriptpool.registry import Registry
 from tests import guests
 from tests.faults.conftest import Recorder
 from tests.pool import WorkerProcess, pool_fixtures, shop_on

@@ -24,11 +24,11 @@ import msgpack
 import pytest
 import redis
 
-from config import Settings, Taken
-from engine import Sandbox
-from producer import BreakerPolicy, Client, Outcome
-from registry import Registry
-from scriptpool import EmbeddedRedis
+from scriptpool.cli import EmbeddedRedis
+from scriptpool.config import Settings, Taken
+from scriptpool.engine import Sandbox
+from scriptpool.producer import BreakerPolicy, Client, Outcome
+from scriptpool.registry import Registry
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.faults.conftest import Recorder

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import redis
 
-from config import Limits, Settings
-from config.errors import ModuleTooComplex, ScriptpoolError
-from engine import Sandbox
-from producer import BreakerPolicy, Client
-from registry import Registry
-from registry._bounded_compile import Bounds, Compiled, compile_bounded
+from scriptpool.config import Limits, Settings
+from scriptpool.config.errors import ModuleTooComplex, ScriptpoolError
+from scriptpool.engine import Sandbox
+from scriptpool.producer import BreakerPolicy, Client
+from scriptpool.registry import Registry
+from scriptpool.registry._bounded_compile import Bounds, Compiled, compile_bounded
 from tests import guests
 from tests.conftest import EXAMPLES
 from tests.faults.conftest import Recorder
@@ -105,7 +105,7 @@ def test_compile_bombs_at_deploy_are_refused_within_seconds_and_store_nothing(
         compiles.append(len(wasm))
         return compile_bounded(wasm, stack_bytes, bounds)
 
-    monkeypatch.setattr("registry._compile.compile_bounded", watched)
+    monkeypatch.setattr("scriptpool.registry._compile.compile_bounded", watched)
     refused: dict[str, tuple[str, str, float, Any]] = {}
     for kind, wasm in kinds.items():
         started = time.perf_counter()

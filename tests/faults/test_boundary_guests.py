@@ -12,12 +12,12 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from config import Limits, Settings
-from engine import Sandbox
-from engine._wasi import IOV_MAX, RANDOM_SLICE_BYTES
-from producer import BreakerPolicy, Client
-from registry import Registry
-from scriptpool import rss_mb
+from scriptpool.cli import rss_mb
+from scriptpool.config import Limits, Settings
+from scriptpool.engine import Sandbox
+from scriptpool.engine._wasi import IOV_MAX, RANDOM_SLICE_BYTES
+from scriptpool.producer import BreakerPolicy, Client
+from scriptpool.registry import Registry
 from tests import guests
 from tests.faults.conftest import Recorder
 from tests.pool import WorkerProcess, pid_of, pool_fixtures, shop_on

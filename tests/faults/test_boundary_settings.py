@@ -15,12 +15,12 @@ import msgpack
 import pytest
 import redis
 
-from config import Job, Reply, Settings
-from config.errors import ConfigurationError
-from engine import Sandbox
-from producer._publisher import TaskPublisher
-from registry import Registry
-from scriptpool._pool_commands import worker_argv
+from scriptpool.cli._pool_commands import worker_argv
+from scriptpool.config import Job, Reply, Settings
+from scriptpool.config.errors import ConfigurationError
+from scriptpool.engine import Sandbox
+from scriptpool.producer._publisher import TaskPublisher
+from scriptpool.registry import Registry
 from tests import guests
 from tests.conftest import ROOT
 from tests.faults.conftest import Recorder

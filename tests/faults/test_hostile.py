@@ -10,13 +10,13 @@ from collections import Counter
 import pytest
 import redis
 
-from config import Limits, Settings
-from config.errors import InputTooLarge, ScriptNotFound, ScriptpoolError
-from engine import FIXED_TIME_NS, Sandbox
-from engine._wasi import TRUNCATION_MARKER, GuestIO
-from producer import BreakerPolicy, Client
-from registry import Registry
-from scriptpool import rss_mb
+from scriptpool.cli import rss_mb
+from scriptpool.config import Limits, Settings
+from scriptpool.config.errors import InputTooLarge, ScriptNotFound, ScriptpoolError
+from scriptpool.engine import FIXED_TIME_NS, Sandbox
+from scriptpool.engine._wasi import TRUNCATION_MARKER, GuestIO
+from scriptpool.producer import BreakerPolicy, Client
+from scriptpool.registry import Registry
 from tests import guests
 from tests.conftest import EXAMPLES
 from tests.faults._load import Load, Planned, wrong_results

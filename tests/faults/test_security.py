@@ -28,21 +28,21 @@ import pytest
 import redis
 from kombu.exceptions import OperationalError
 
-from config import Job, Keys, Settings, redis_tls_options
-from config.errors import BrokerUnavailable, ConfigurationError, ScriptpoolError
-from engine import FIXED_TIME_NS, Sandbox, engine_fingerprint
-from engine._wasi import GuestIO
-from producer import BreakerPolicy, Client
-from registry import Registry
-from registry._bounded_compile import Compiled, compile_bounded
-from scriptpool import EmbeddedRedis, find_redis_server, free_port
+from scriptpool.cli import EmbeddedRedis, find_redis_server, free_port
+from scriptpool.config import Job, Keys, Settings, redis_tls_options
+from scriptpool.config.errors import BrokerUnavailable, ConfigurationError, ScriptpoolError
+from scriptpool.engine import FIXED_TIME_NS, Sandbox, engine_fingerprint
+from scriptpool.engine._wasi import GuestIO
+from scriptpool.producer import BreakerPolicy, Client
+from scriptpool.registry import Registry
+from scriptpool.registry._bounded_compile import Compiled, compile_bounded
+from scriptpool.workers import Executor
+from scriptpool.workers._app import create_app
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.faults.conftest import Recorder
 from tests.logs import captured_events
 from tests.pool import WorkerProcess, pid_of, pool_fixtures, shop_on
-from workers import Executor
-from workers._app import create_app
 
 SHARDS = 2
 settings, pool = pool_fixtures(SHARDS, {"sec0": [0], "sec1": [1]}, redis="private_redis", settings="settings")
@@ -151,7 +151,7 @@ def test_tampered_or_foreign_artifacts_are_never_deserialized(
         fresh.append(compiled.artifact)
         return compiled
 
-    monkeypatch.setattr("registry._registry.compile_bounded", compile_watched)
+    monkeypatch.setattr("scriptpool.registry._registry.compile_bounded", compile_watched)
     executor = Executor(deployer, sandbox, settings)
     with captured_events() as logs:
         outputs = [executor.execute("test", shop, {}).output for _, shop, _ in cases]
@@ -495,7 +495,7 @@ def test_password_protected_redis_end_to_end_and_wrong_password_is_named(
     the client runs, all through SCRIPTPOOL_REDIS_URL with the password. With a wrong password
     the client answers broker_unavailable before its deadline (BrokerUnavailable with strict), the
     CLI exits 4 (Redis unreachable) with one line, and a worker never reports ready; nothing hangs."""
-    from scriptpool._cli import main
+    from scriptpool.cli._cli import main
 
     password = uuid.uuid4().hex
     with EmbeddedRedis(password=password) as server:

@@ -7,11 +7,11 @@ from collections import Counter
 
 import redis
 
-from config import Settings
-from engine import Sandbox
-from producer import Client
-from registry import Registry
-from scriptpool import EmbeddedRedis
+from scriptpool.cli import EmbeddedRedis
+from scriptpool.config import Settings
+from scriptpool.engine import Sandbox
+from scriptpool.producer import Client
+from scriptpool.registry import Registry
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.faults._load import Load, Planned, answered_figures, timeline, wrong_results

@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from config import VARIABLES, Settings, live_workers, redis_client
-from config.errors import ConfigurationError
-from scriptpool._embedded_redis import EmbeddedRedis
+from scriptpool.cli._embedded_redis import EmbeddedRedis
+from scriptpool.config import VARIABLES, Settings, live_workers, redis_client
+from scriptpool.config.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from registry import Deployment, Registry
+    from scriptpool.registry import Deployment, Registry
 
 WORKERS_START_S = 60
 

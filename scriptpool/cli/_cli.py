@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Sequence
 
-    from config import Settings
-    from scriptpool._output import Parser
+    from scriptpool.cli._output import Parser
+    from scriptpool.config import Settings
 
     Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -55,7 +55,7 @@ def build_parser(commands: Sequence[str] | None = None) -> Parser:
     """The parser of every command, or only of the modules that define ``commands``."""
     import importlib
 
-    from scriptpool._output import Parser, VersionAction
+    from scriptpool.cli._output import Parser, VersionAction
 
     parser = Parser(
         prog="scriptpool",
@@ -69,7 +69,7 @@ def build_parser(commands: Sequence[str] | None = None) -> Parser:
     wanted = _MODULES if commands is None else {COMMANDS[c] for c in commands if c in COMMANDS}
     for name in _MODULES:
         if name in wanted:
-            importlib.import_module(f"scriptpool.{name}").add_parsers(sub)
+            importlib.import_module(f"scriptpool.cli.{name}").add_parsers(sub)
     return parser
 
 
@@ -125,7 +125,7 @@ def _run(argv: Sequence[str] | None) -> int:
 def _main(argv: list[str]) -> int:
     import os
 
-    from scriptpool._output import ExitCode, TerminalSafe, classify, report, terminal_safe
+    from scriptpool.cli._output import ExitCode, TerminalSafe, classify, report, terminal_safe
 
     # Usage errors too are one JSON object when --json is anywhere on the line, even where
     # argparse stopped before reaching it.
@@ -152,7 +152,7 @@ def _main(argv: list[str]) -> int:
 
     from typing import TextIO, cast
 
-    from config import Settings, unknown_variables
+    from scriptpool.config import Settings, unknown_variables
 
     _log_warnings()
     for name, close in unknown_variables(os.environ):
@@ -191,7 +191,7 @@ def _commands_named(argv: Sequence[str]) -> list[str] | None:
 def _needs_subcommand(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser | None:
     """The (sub)parser ``argv`` names by words alone, if it takes a subcommand that ``argv``
     does not give (``scriptpool``, ``scriptpool ep``); else None."""
-    from scriptpool._output import subcommands
+    from scriptpool.cli._output import subcommands
 
     for token in argv:
         choices = subcommands(parser)
@@ -220,7 +220,7 @@ def _log_warnings() -> None:
 
     class FirstRecord(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            from config import configure_logging
+            from scriptpool.config import configure_logging
 
             # Replaces this handler (same name) on the root logger, then takes the record.
             configure_logging(level=logging.WARNING, stream=sys.stderr).handle(record)

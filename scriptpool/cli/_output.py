@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any, NoReturn, TextIO
 
-    from config.errors import ScriptpoolError
+    from scriptpool.config.errors import ScriptpoolError
 
 
 class ExitCode(IntEnum):
@@ -36,7 +36,7 @@ class Parser(argparse.ArgumentParser):
     mistyped command, action or choice is answered with the closest one."""
 
     def error(self, message: str) -> NoReturn:
-        from config.errors import InvalidArgument
+        from scriptpool.config.errors import InvalidArgument
 
         raise InvalidArgument(f"{self.prog}: {message} (see {self.prog} --help)")
 
@@ -154,15 +154,15 @@ def dumps(value: Any, **options: Any) -> str:
     try:
         return json.dumps(value, **options)
     except RecursionError:
-        from config.errors import InvalidOutput
+        from scriptpool.config.errors import InvalidOutput
 
         raise InvalidOutput("the result is nested too deeply to print as JSON") from None
 
 
 def classify(exc: BaseException) -> tuple[ScriptpoolError | None, ExitCode]:
     """The named error a failure means to a user, and the exit code it gets (None: a bug)."""
-    from config import redis_failure
-    from config.errors import (
+    from scriptpool.config import redis_failure
+    from scriptpool.config.errors import (
         BrokerUnavailable,
         ConfigurationError,
         InvalidArgument,
@@ -193,7 +193,7 @@ def exit_code_for(error_code: str | None) -> ExitCode:
     """The exit code of a command whose outcome carries ``error_code`` (None: success)."""
     if error_code is None:
         return ExitCode.OK
-    from config.errors import error_class_for
+    from scriptpool.config.errors import error_class_for
 
     return classify(error_class_for(error_code)(""))[1]
 
@@ -243,8 +243,8 @@ def report(error: ScriptpoolError, exit_code: ExitCode, *, json_output: bool) ->
 def redis_address() -> str:
     """Where SCRIPTPOOL_REDIS_URL points, without its passwords (or where every group's Redis
     is, with SCRIPTPOOL_SHARD_GROUPS)."""
-    from config import Settings, describe_redis_url, parse_shard_groups
-    from config.errors import ConfigurationError
+    from scriptpool.config import Settings, describe_redis_url, parse_shard_groups
+    from scriptpool.config.errors import ConfigurationError
 
     url = os.environ.get("SCRIPTPOOL_REDIS_URL", Settings().redis_url)
     groups_text = os.environ.get("SCRIPTPOOL_SHARD_GROUPS", "")

@@ -11,7 +11,7 @@ import re
 import sys
 from typing import IO, Any
 
-from config.errors import InvalidArgument, InvalidModule, ModuleTooLarge, ScriptpoolError
+from scriptpool.config.errors import InvalidArgument, InvalidModule, ModuleTooLarge, ScriptpoolError
 
 # A .wat text is read up to this many times the module limit (text is bulkier than the
 # binary); the assembled module is then held to the limit itself.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 
-from config.errors import ConfigurationError
+from scriptpool.config.errors import ConfigurationError
 
 
 def find_redis_server() -> str:

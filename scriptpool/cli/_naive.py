@@ -2,7 +2,7 @@
 
 A plain Celery task with default settings and the stock Redis result backend. It fetches the
 module bytes from Redis and compiles them on every call, and runs the guest with wasmtime-py's
-own WASI, which reads stdin only from a file. Start it with ``celery -A scriptpool._naive worker``.
+own WASI, which reads stdin only from a file. Start it with ``celery -A scriptpool.cli._naive worker``.
 """
 
 from __future__ import annotations

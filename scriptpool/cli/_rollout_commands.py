@@ -6,10 +6,10 @@ import argparse
 import time
 from typing import Any
 
-from config import Settings
-from scriptpool._files import read_module
-from scriptpool._output import ExitCode, add_ep_shop, add_json_flag, dumps, print_json
-from scriptpool._registry_commands import open_registries
+from scriptpool.cli._files import read_module
+from scriptpool.cli._output import ExitCode, add_ep_shop, add_json_flag, dumps, print_json
+from scriptpool.cli._registry_commands import open_registries
+from scriptpool.config import Settings
 
 # The flags of a rollout's rules (registry.RolloutRules, field by field), with its defaults.
 _RULES: tuple[tuple[str, type, float, str, str], ...] = (
@@ -77,7 +77,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
-    from registry import RolloutRules
+    from scriptpool.registry import RolloutRules
 
     fields = [flag[2:].replace("-", "_") for flag, *_ in _RULES]
     rules = RolloutRules(**{field: getattr(args, field) for field in fields})
@@ -155,7 +155,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_decide(args: argparse.Namespace, settings: Settings) -> int:
-    from registry import ABORTED, PROMOTED
+    from scriptpool.registry import ABORTED, PROMOTED
 
     state = PROMOTED if args.decision == "promote" else ABORTED
     what = f"the {args.decision} of the rollout at {args.ep}/{args.shop}"

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from config import Limits, Settings, parse_scale_rule, redis_failure
-from config.errors import BrokerUnavailable, ConfigurationError, InvalidArgument
-from scriptpool._files import SCHEMA_LIMIT, read_json, read_module
-from scriptpool._output import ExitCode, add_ep_shop, add_json_flag, print_json
+from scriptpool.cli._files import SCHEMA_LIMIT, read_json, read_module
+from scriptpool.cli._output import ExitCode, add_ep_shop, add_json_flag, print_json
+from scriptpool.config import Limits, Settings, parse_scale_rule, redis_failure
+from scriptpool.config.errors import BrokerUnavailable, ConfigurationError, InvalidArgument
 
 if TYPE_CHECKING:
-    from engine import Sandbox
-    from registry import Definition, Deployment, FieldChange, Registries, Registry
+    from scriptpool.engine import Sandbox
+    from scriptpool.registry import Definition, Deployment, FieldChange, Registries, Registry
 
 LIMIT_NAMES = ", ".join(Limits().as_dict())
 _TRANSPORT = (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -26,7 +26,7 @@ def open_registries(settings: Settings, sandbox: Sandbox | None = None) -> Regis
     """The registry of every shard group, with its own sandbox for validating and compiling.
     Writes go through ``durable``/``on_shop``/``everywhere`` (acknowledged once the replicas
     ``SCRIPTPOOL_DEPLOY_REPLICAS`` asks for have them); reads through ``reader``."""
-    from registry import Registries
+    from scriptpool.registry import Registries
 
     return Registries(settings, sandbox)
 
@@ -178,7 +178,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
-    from registry import start_compile_server
+    from scriptpool.registry import start_compile_server
 
     start_compile_server()  # it loads (about 0.5 s) while this reads the EP and the module
     registries = open_registries(settings)
@@ -200,7 +200,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_undeploy(args: argparse.Namespace, settings: Settings) -> int:
-    from config.errors import ScriptNotFound
+    from scriptpool.config.errors import ScriptNotFound
 
     what = f"the undeploy of app {args.app} from {args.ep}/{args.shop}"
     with open_registries(settings).on_shop(args.shop, what=what, again="undeploy it again") as registry:
@@ -215,7 +215,7 @@ def cmd_undeploy(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from config.errors import ScriptNotFound
+    from scriptpool.config.errors import ScriptNotFound
 
     registries = open_registries(settings)
     app_flag = "" if args.app == "default" else f" --app {args.app}"
@@ -263,7 +263,7 @@ def _version(text: str) -> int:
 
 
 def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
-    from config.errors import ScriptNotFound
+    from scriptpool.config.errors import ScriptNotFound
 
     registry = open_registries(settings).reader_for_shop(args.shop)
     registry.extension_point(args.ep)
@@ -289,7 +289,7 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
     if not rows:
         print(f"nothing is deployed to {args.ep}/{shop}")
         return ExitCode.OK
-    from scriptpool._table import LiveTable
+    from scriptpool.cli._table import LiveTable
 
     table = LiveTable(
         [("app", 16), ("version", 7), ("sha256", 12), ("bytes", 9), ("deployed (UTC)", 19), ("active", 13)]
@@ -311,7 +311,7 @@ def _where(deployment: Deployment) -> str:
 
 
 def cmd_providers_add(args: argparse.Namespace, settings: Settings) -> int:
-    from registry import start_compile_server
+    from scriptpool.registry import start_compile_server
 
     start_compile_server()  # it loads while this reads the module
     wasm = read_module(args.module, settings.provider_max_bytes, what="provider")
@@ -346,7 +346,7 @@ def cmd_providers_list(args: argparse.Namespace, settings: Settings) -> int:
     elif not rows:
         print("no providers installed")
     else:
-        from scriptpool._table import LiveTable
+        from scriptpool.cli._table import LiveTable
 
         table = LiveTable([("name", 36), ("sha256", 12), ("bytes", 10), ("installed (UTC)", 19)])
         for row in rows:
@@ -390,8 +390,8 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
 
     # Every group is checked before any is written, so a refusal in one group (apps bound there
     # under another combine) leaves every group as it was, not some redefined and some not.
-    from config import redis_client
-    from registry import Registry
+    from scriptpool.config import redis_client
+    from scriptpool.registry import Registry
 
     checked: list[tuple[str, Definition]] = []
     for group in registries.groups:

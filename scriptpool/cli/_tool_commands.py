@@ -8,9 +8,9 @@ import os
 import secrets
 from typing import Any
 
-from config import Settings, artifact_key_problem, read_key_file
-from config.errors import ConfigurationError, InvalidArgument
-from scriptpool._output import ExitCode, add_json_flag
+from scriptpool.cli._output import ExitCode, add_json_flag
+from scriptpool.config import Settings, artifact_key_problem, read_key_file
+from scriptpool.config.errors import ConfigurationError, InvalidArgument
 
 
 def add_parsers(sub: Any) -> None:
@@ -68,13 +68,13 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from scriptpool._demo import run_demo
+    from scriptpool.cli._demo import run_demo
 
     return run_demo(external=args.external)
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from scriptpool._bench import BenchOptions, run_bench
+    from scriptpool.cli._bench import BenchOptions, run_bench
 
     if min(args.n, args.concurrency, args.shards, args.serial, args.references) < 1:
         raise InvalidArgument("--n, --concurrency, --shards, --serial and --references must be at least 1")

@@ -24,8 +24,8 @@ from urllib.parse import quote
 
 import redis
 
-from config.errors import ConfigurationError
-from scriptpool._embedded_redis import find_redis_server, free_port
+from scriptpool.cli._embedded_redis import find_redis_server, free_port
+from scriptpool.config.errors import ConfigurationError
 
 MASTER_NAME = "scriptpool"
 

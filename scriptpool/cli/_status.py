@@ -10,7 +10,8 @@ from typing import Any
 
 import redis
 
-from config import (
+from scriptpool.cli._output import ExitCode, print_json
+from scriptpool.config import (
     Settings,
     ShardGroup,
     WorkerHeartbeat,
@@ -20,8 +21,7 @@ from config import (
     redis_failure,
     shard_count_disagreement,
 )
-from config.errors import BrokerUnavailable
-from scriptpool._output import ExitCode, print_json
+from scriptpool.config.errors import BrokerUnavailable
 
 _TRANSPORT = (redis.ConnectionError, redis.TimeoutError, OSError)
 
@@ -78,7 +78,7 @@ def read_group(settings: Settings, group: ShardGroup, *, definitions: bool) -> G
 def _rollouts_under_way(client: redis.Redis, settings: Settings) -> list[dict[str, Any]]:
     if not client.scard(settings.keys.rollouts_under_way()):
         return []  # the usual case, said without loading the registry (wasmtime and all)
-    from registry import Rollouts
+    from scriptpool.registry import Rollouts
 
     return [
         {
@@ -209,9 +209,9 @@ def _pair_status(
     args: argparse.Namespace, settings: Settings, shards: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Where one (EP, shop) runs, and every app's script bound there."""
-    from config import shard_for
-    from config.errors import InvalidArgument, ScriptNotFound
-    from scriptpool._registry_commands import open_registries
+    from scriptpool.cli._registry_commands import open_registries
+    from scriptpool.config import shard_for
+    from scriptpool.config.errors import InvalidArgument, ScriptNotFound
 
     if args.shop is None:
         raise InvalidArgument("status EP SHOP: give both, or neither")
@@ -248,7 +248,7 @@ def _print_table(
     beats: list[WorkerHeartbeat],
     several: bool,
 ) -> None:
-    from scriptpool._table import LiveTable
+    from scriptpool.cli._table import LiveTable
 
     if several:
         print(f"shards {settings.shards}  groups {len(views)}  live workers {len(beats)}")

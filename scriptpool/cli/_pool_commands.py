@@ -9,15 +9,15 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from config import Settings, describe_redis_url
-from config.errors import ConfigurationError, InputTooLarge, InvalidArgument
-from scriptpool import _local_commands
-from scriptpool._files import read_json
-from scriptpool._output import ExitCode, add_json_flag, dumps, exit_code_for, print_json, report
-from scriptpool._status import cmd_status
+from scriptpool.cli import _local_commands
+from scriptpool.cli._files import read_json
+from scriptpool.cli._output import ExitCode, add_json_flag, dumps, exit_code_for, print_json, report
+from scriptpool.cli._status import cmd_status
+from scriptpool.config import Settings, describe_redis_url
+from scriptpool.config.errors import ConfigurationError, InputTooLarge, InvalidArgument
 
 if TYPE_CHECKING:
-    from producer import Outcome
+    from scriptpool.producer import Outcome
 
 # A caller's deadline in ms, as the client accepts it: (0, 600 s].
 MAX_TIMEOUT_MS = 600_000
@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         return _local_commands.cmd_run_local(args, settings)
     import redis
 
-    from producer import Client
+    from scriptpool.producer import Client
 
     if args.ep is None or args.shop is None:
         raise InvalidArgument("run needs EP SHOP (or --local MODULE to run a module in this process)")
@@ -114,7 +114,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print_json(outcome.to_dict())
     elif exit_code == ExitCode.UNREACHABLE:
-        from config.errors import BrokerUnavailable
+        from scriptpool.config.errors import BrokerUnavailable
 
         message = outcome.error.message if outcome.error else ""
         group = settings.group_of(outcome.shard) if outcome.shard is not None else settings.groups[0]
@@ -185,7 +185,7 @@ def worker_argv(
     queues = ",".join(settings.keys.queue(n) for n in shards)
     node = name or f"shard{'-'.join(map(str, shards))}-{os.getpid()}@%h"
     argv = [
-        sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues, "-n", node,
+        sys.executable, "-m", "celery", "-A", "scriptpool.workers", "worker", "-Q", queues, "-n", node,
         "--pool", pool, "--loglevel", loglevel, "--without-gossip", "--without-mingle",
     ]  # fmt: skip
     if pool == "solo":

@@ -14,14 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from config import Settings, describe_redis_url, redis_client, shard_for
-from producer import Client, Outcome
-from scriptpool._local_pool import Scratch, local_pool, scratch_prefix
-from scriptpool._measure import percentiles
-from scriptpool._table import LiveTable
+from scriptpool.cli._local_pool import Scratch, local_pool, scratch_prefix
+from scriptpool.cli._measure import percentiles
+from scriptpool.cli._table import LiveTable
+from scriptpool.config import Settings, describe_redis_url, redis_client, shard_for
+from scriptpool.producer import Client, Outcome
 
 if TYPE_CHECKING:
-    from engine import Sandbox
+    from scriptpool.engine import Sandbox
 
 # A trivial script: ignores its input and prints {}. The work is ours, not the guest's.
 TRIVIAL_WAT = """
@@ -120,8 +120,8 @@ def measure_floor(url: str, count: int, prefix: str) -> list[float]:
 
 def run_bench(options: BenchOptions) -> int:
     """Run the bench and print its tables (or, with ``json_output``, one JSON object)."""
-    from engine import Sandbox
-    from registry import Registry
+    from scriptpool.engine import Sandbox
+    from scriptpool.registry import Registry
 
     # The naive reference runs only in a private pool: never on a user's Redis and queues.
     naive_worker = [
@@ -129,7 +129,7 @@ def run_bench(options: BenchOptions) -> int:
         "-m",
         "celery",
         "-A",
-        "scriptpool._naive",
+        "scriptpool.cli._naive",
         "worker",
         "--loglevel",
         "WARNING",
@@ -159,7 +159,7 @@ def run_bench(options: BenchOptions) -> int:
 def _bench(options: BenchOptions, settings: Settings, scratch: Scratch, sandbox: Sandbox) -> dict[str, Any]:
     import wasmtime
 
-    from workers import Executor
+    from scriptpool.workers import Executor
 
     print(
         f"bench: n={options.n} concurrency={options.concurrency} shards={settings.shards} "
@@ -239,9 +239,9 @@ def _naive(settings: Settings, sha256: str, count: int) -> dict[str, float]:
     """The naive design's serial latency: default Celery, stock Redis backend, compile per call."""
     from celery import Celery
 
-    from scriptpool._naive import QUEUE
+    from scriptpool.cli._naive import QUEUE
 
-    # Default settings, as scriptpool._naive's own app, but a fresh app per run, so a second bench
+    # Default settings, as scriptpool.cli._naive's own app, but a fresh app per run, so a second bench
     # in one process does not reuse the first one's connections (its Redis is gone).
     app = Celery("naive", broker=settings.redis_url, backend=settings.redis_url)
     app.conf.task_default_queue = QUEUE

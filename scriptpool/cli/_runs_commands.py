@@ -6,14 +6,14 @@ import argparse
 import time
 from typing import TYPE_CHECKING, Any
 
-from config import PART_SINGLE, Limits, Settings, redis_client, shard_for
-from config.errors import InvalidArgument, RunNotFound
-from scriptpool._files import read_module
-from scriptpool._output import ExitCode, add_json_flag, dumps, exit_code_for, print_json
+from scriptpool.cli._files import read_module
+from scriptpool.cli._output import ExitCode, add_json_flag, dumps, exit_code_for, print_json
+from scriptpool.config import PART_SINGLE, Limits, Settings, redis_client, shard_for
+from scriptpool.config.errors import InvalidArgument, RunNotFound
 
 if TYPE_CHECKING:
-    from config import CapturedRun
-    from workers import CaptureStore, Replayed
+    from scriptpool.config import CapturedRun
+    from scriptpool.workers import CaptureStore, Replayed
 
 # Input, output and logs longer than this are cut in the text views (--json shows them whole).
 SHOWN_CHARS = 2000
@@ -59,7 +59,7 @@ def add_parsers(sub: Any) -> None:
 def _stores(settings: Settings, shop_id: str | None = None) -> list[CaptureStore]:
     """The capture store of every shard group (a worker captures into its own group's Redis),
     or of ``shop_id``'s group only."""
-    from workers import CaptureStore
+    from scriptpool.workers import CaptureStore
 
     groups = [settings.group_of(shard_for(shop_id, settings.shards))] if shop_id else settings.groups
     return [CaptureStore(redis_client(g.url, timeout=5, connect_timeout=2), settings) for g in groups]
@@ -78,7 +78,7 @@ def _find(settings: Settings, run_id: str) -> CapturedRun:
 
 
 def cmd_runs_list(args: argparse.Namespace, settings: Settings) -> int:
-    from config import check_ep, check_shop_id
+    from scriptpool.config import check_ep, check_shop_id
 
     if args.ep is not None:
         check_ep(args.ep)
@@ -120,7 +120,7 @@ def cmd_runs_list(args: argparse.Namespace, settings: Settings) -> int:
         where = " ".join(x for x in (args.ep, args.shop) if x)
         print(f"no captured runs{' of ' + where if where else ''}")
         return ExitCode.OK
-    from scriptpool._table import LiveTable
+    from scriptpool.cli._table import LiveTable
 
     table = LiveTable(
         [
@@ -150,7 +150,7 @@ def cmd_runs_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_runs_show(args: argparse.Namespace, settings: Settings) -> int:
-    from workers import describe, recorded_output
+    from scriptpool.workers import describe, recorded_output
 
     run = _find(settings, args.run_id)
     if args.json:
@@ -184,7 +184,7 @@ def cmd_runs_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_runs_delete(args: argparse.Namespace, settings: Settings) -> int:
-    from workers import valid_run_id
+    from scriptpool.workers import valid_run_id
 
     if not args.run_ids and args.shop is None:
         raise InvalidArgument("runs delete needs RUN_ID ... or --shop SHOP")
@@ -199,9 +199,9 @@ def cmd_runs_delete(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from engine import Sandbox, engine_fingerprint
-    from scriptpool._registry_commands import open_registries
-    from workers import replay
+    from scriptpool.cli._registry_commands import open_registries
+    from scriptpool.engine import Sandbox, engine_fingerprint
+    from scriptpool.workers import replay
 
     run = _find(settings, args.run_id)
     module = read_module(args.module, Limits(**run.limits).module_bytes) if args.module else None
@@ -247,7 +247,7 @@ def _same(what: str, same: bool, recorded: str, now: str) -> str:
 
 
 def _replay_json(replayed: Replayed, engine_differs: bool) -> dict[str, Any]:
-    from workers import recorded_output
+    from scriptpool.workers import recorded_output
 
     run, result = replayed.run, replayed.result
     return {

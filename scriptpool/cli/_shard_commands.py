@@ -31,7 +31,8 @@ from typing import Any
 
 import redis
 
-from config import (
+from scriptpool.cli._output import ExitCode, add_json_flag, print_json
+from scriptpool.config import (
     Keys,
     Settings,
     ShardGroup,
@@ -44,8 +45,7 @@ from config import (
     render_shard_groups,
     shard_for,
 )
-from config.errors import BrokerUnavailable, InvalidArgument, NotReplicated, ShardNotDrained
-from scriptpool._output import ExitCode, add_json_flag, print_json
+from scriptpool.config.errors import BrokerUnavailable, InvalidArgument, NotReplicated, ShardNotDrained
 
 _BATCH = 200  # keys per pipelined round trip
 _TRANSPORT = (redis.ConnectionError, redis.TimeoutError, OSError)

@@ -8,12 +8,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from config import Settings, redis_client, shard_for
-from producer import Client
-from scriptpool._files import read_module
-from scriptpool._local_pool import Scratch, local_pool, scratch_prefix
-from scriptpool._output import dumps
-from scriptpool._table import LiveTable
+from scriptpool.cli._files import read_module
+from scriptpool.cli._local_pool import Scratch, local_pool, scratch_prefix
+from scriptpool.cli._output import dumps
+from scriptpool.cli._table import LiveTable
+from scriptpool.config import Settings, redis_client, shard_for
+from scriptpool.producer import Client
 
 # Shipped inside the tool package, so the demo runs from any install (not only a checkout).
 EXAMPLES = Path(str(resources.files("scriptpool.examples")))
@@ -66,8 +66,8 @@ def _summary(outcome: Any) -> str:
 def run_demo(*, external: bool = False) -> int:
     """Run the demo in a private pool; with ``external`` in the running one, under names of its
     own (``demo-<hex>-...``) that it removes afterwards."""
-    from engine import Sandbox
-    from registry import Registry
+    from scriptpool.engine import Sandbox
+    from scriptpool.registry import Registry
 
     total = 4
     with local_pool("demo", external=external, shards=2, say=lambda text: _step(1, total, text)) as (
