@@ -1,162 +1,65 @@
-"""The shared core: settings, limits, Redis keys and connections, names, errors and wire types.
+"""The shared core: what every layer needs (settings, limits, keys, names, sharding, errors and
+logging); everything else imports from here, and this package imports nothing of ours.
 
-Everything else imports from here; this package imports nothing of ours.
+The names here are those used on more than one side (engine, registry, workers, producer, the
+command-line tool):
+
+* settings: :class:`Settings`, :class:`Limits`, :class:`Keys` (every Redis key),
+  :class:`ShardGroup`, :class:`ExtensionPoint` and its cached :class:`ExtensionPointReader`;
+* checks of what a caller passes: :func:`check_shop_id`, :func:`check_ep`, :func:`check_app`,
+  :func:`check_export`, :func:`check_provider`, :func:`check_input_size`;
+* routing and sizing a call: :func:`shard_for`, :func:`scale_factor`, :func:`scaled_limits`,
+  :func:`largest_input_bytes`;
+* :mod:`errors` (every named error), :func:`get_logger`, :func:`configure_logging`,
+  :class:`EventLogger`, :func:`event_name`.
+
+The rest is in public submodules, one subject each (their own ``__all__`` says what they offer),
+so that an import says which part of the core a module touches:
+
+* ``scriptpool.config.redis``: connections (clients, pools, Sentinel, TLS, the Celery broker,
+  durable writes, the reconnect loop);
+* ``scriptpool.config.wire``: what crosses the queue (``Job``, ``Reply``, ``Execution``, ...);
+* ``scriptpool.config.heartbeats``: worker heartbeats and who is live;
+* ``scriptpool.config.environment``: the table of ``SCRIPTPOOL_*`` variables;
+* ``scriptpool.config.errors``, ``.settings``, ``.limits``, ``.scale``, ``.groups``,
+  ``.extension_points``, ``.sharding``: the names above and what only one side needs of their
+  subject (the artifact key's checks, the limits' ranges, scale rules, the shard-groups text,
+  the combine kinds, ``jump_hash``).
+
+Modules whose names start with ``_`` are private to this package.
 """
 
 from scriptpool.config import errors
-from scriptpool.config._captured import (
-    CAPTURE_FORMAT,
-    PART_CHAIN,
-    PART_JOIN,
-    PART_REDUCER,
-    PART_SINGLE,
-    CapturedRun,
-)
-from scriptpool.config._environment import VARIABLES, Variable, markdown_table, unknown_variables
-from scriptpool.config._extension_points import (
-    CHAIN,
-    JOIN,
-    MAX_APPS,
-    REDUCER_APP,
-    SINGLE,
-    ExtensionPoint,
-    ExtensionPointReader,
-)
-from scriptpool.config._groups import ShardGroup, parse_shard_groups, ranges_text, render_shard_groups
-from scriptpool.config._heartbeats import WorkerHeartbeat, live_workers, shard_count_disagreement
 from scriptpool.config._keys import Keys
-from scriptpool.config._limits import LIMIT_RANGES, Limits, check_input_size, limit_problem
 from scriptpool.config._logging import EventLogger, configure_logging, event_name, get_logger
 from scriptpool.config._names import check_app, check_ep, check_export, check_provider, check_shop_id
-from scriptpool.config._reconnect import Reconnector
-from scriptpool.config._redis import (
-    PrimaryCheck,
-    SentinelURL,
-    WriteSession,
-    celery_broker,
-    check_redis_url,
-    describe_redis_url,
-    is_sentinel,
-    parse_sentinel_url,
-    primary_address,
-    redact,
-    redis_client,
-    redis_failure,
-    redis_pool,
-    redis_tls_options,
-)
-from scriptpool.config._scale import (
-    MAX_SCALE_FACTOR,
-    check_scale_rules,
-    largest_input_bytes,
-    parse_scale_rule,
-    scale_factor,
-    scaled_limits,
-)
-from scriptpool.config._settings import Settings, artifact_key_problem, check_artifact_key, read_key_file
-from scriptpool.config._sharding import jump_hash, shard_for
-from scriptpool.config._wire import (
-    BODY_ENCODING,
-    CONTENT_ENCODING,
-    CONTENT_TYPE,
-    MAX_OUTPUT_DEPTH,
-    PART_ERROR,
-    PART_OK,
-    PART_SKIPPED,
-    ErrorInfo,
-    Execution,
-    ExecutionReport,
-    Job,
-    Part,
-    Reply,
-    Taken,
-    encode_input,
-    nested_deeper_than,
-    redis_command,
-)
+from scriptpool.config.extension_points import ExtensionPoint, ExtensionPointReader
+from scriptpool.config.groups import ShardGroup
+from scriptpool.config.limits import Limits, check_input_size
+from scriptpool.config.scale import largest_input_bytes, scale_factor, scaled_limits
+from scriptpool.config.settings import Settings
+from scriptpool.config.sharding import shard_for
 
 __all__ = [
-    "BODY_ENCODING",
-    "CAPTURE_FORMAT",
-    "CHAIN",
-    "CONTENT_ENCODING",
-    "CONTENT_TYPE",
-    "JOIN",
-    "LIMIT_RANGES",
-    "MAX_APPS",
-    "MAX_OUTPUT_DEPTH",
-    "MAX_SCALE_FACTOR",
-    "PART_CHAIN",
-    "PART_ERROR",
-    "PART_JOIN",
-    "PART_OK",
-    "PART_REDUCER",
-    "PART_SINGLE",
-    "PART_SKIPPED",
-    "REDUCER_APP",
-    "SINGLE",
-    "VARIABLES",
-    "CapturedRun",
-    "ErrorInfo",
     "EventLogger",
-    "Execution",
-    "ExecutionReport",
     "ExtensionPoint",
     "ExtensionPointReader",
-    "Job",
     "Keys",
     "Limits",
-    "Part",
-    "PrimaryCheck",
-    "Reconnector",
-    "Reply",
-    "SentinelURL",
     "Settings",
     "ShardGroup",
-    "Taken",
-    "Variable",
-    "WorkerHeartbeat",
-    "WriteSession",
-    "artifact_key_problem",
-    "celery_broker",
     "check_app",
-    "check_artifact_key",
     "check_ep",
     "check_export",
     "check_input_size",
     "check_provider",
-    "check_redis_url",
-    "check_scale_rules",
     "check_shop_id",
     "configure_logging",
-    "describe_redis_url",
-    "encode_input",
     "errors",
     "event_name",
     "get_logger",
-    "is_sentinel",
-    "jump_hash",
     "largest_input_bytes",
-    "limit_problem",
-    "live_workers",
-    "markdown_table",
-    "nested_deeper_than",
-    "parse_scale_rule",
-    "parse_sentinel_url",
-    "parse_shard_groups",
-    "primary_address",
-    "ranges_text",
-    "read_key_file",
-    "redact",
-    "redis_client",
-    "redis_command",
-    "redis_failure",
-    "redis_pool",
-    "redis_tls_options",
-    "render_shard_groups",
     "scale_factor",
     "scaled_limits",
-    "shard_count_disagreement",
     "shard_for",
-    "unknown_variables",
 ]

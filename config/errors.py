@@ -28,6 +28,7 @@ __all__ = [
     "InstructionLimitExceeded",
     "InvalidArgument",
     "InvalidInput",
+    "InvalidInputQuery",
     "InvalidModule",
     "InvalidOutput",
     "InvalidReply",
@@ -120,6 +121,15 @@ class ForbiddenImport(InvalidModule):
     """Raised when a module imports something outside the allowlist (our WASI subset and providers)."""
 
     code = "forbidden_import"
+
+
+class InvalidInputQuery(RegistryError):
+    """Raised when a script's GraphQL input query cannot be used with its extension point's
+    input schema: it does not parse, fails validation against the schema (an unknown field, a
+    wrong argument, ...), is not one query operation, or is over the EP's size or cost cap.
+    ``detail`` holds the ``problem`` and its ``line`` and ``column`` in the query (1-based)."""
+
+    code = "invalid_input_query"
 
 
 class ScriptNotFound(RegistryError):

@@ -9,8 +9,9 @@ import threading
 
 import wasmtime
 
-from scriptpool.config import LIMIT_RANGES, get_logger, limit_problem
+from scriptpool.config import get_logger
 from scriptpool.config.errors import ConfigurationError
+from scriptpool.config.limits import LIMIT_RANGES, limit_problem
 from scriptpool.engine._capi import (
     engine_from,
     set_async_stack_size,
@@ -25,7 +26,7 @@ log = get_logger("worker")
 # epoch callback are Python, reached through ctypes). wasmtime refuses a Wasm stack larger than
 # this (50 with a panic that aborted the process, 51 with no engine: see engine_from), and a Wasm
 # stack equal to it overflowed the fiber in a deep recursion, measured. 2 MiB is wasmtime's
-# default, set here so that a new default cannot break the stack_bytes range (scriptpool.config._limits),
+# default, set here so that a new default cannot break the stack_bytes range (scriptpool.config.limits),
 # whose top (1 MiB) leaves half of it to the host.
 ASYNC_STACK_BYTES = 2 << 20
 assert LIMIT_RANGES["stack_bytes"][1] <= ASYNC_STACK_BYTES // 2

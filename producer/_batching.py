@@ -21,8 +21,12 @@ are in flight), or its first reply arrives; every caller in it gave up (a caller
 before its message is sent leaves it, and a message left empty is never sent); its publish
 failed; the reply reader reconnected (replies and take notices may have been lost with the old
 connection: :meth:`Lane.reset`); or, whatever else happened, the deadline of its latest caller
-passed. That last bound needs nobody's help: the client's :class:`LaneClock` fires it, so a
-message whose jobs a worker dropped as stale, without a word, frees its slot all the same.
+passed. That last bound needs nobody's help: the client's clock
+(``scriptpool.producer._clock.LaneClock``) fires it, so a message whose jobs a worker dropped as
+stale, without a word, frees its slot all the same.
+
+A lane knows nothing of Redis nor of the client: it is handed an :class:`Outlet` (where its
+messages go, and the threads that publish off the caller's) and a :class:`Clock`.
 
 A call whose deadline passes while it waits in the lane is never published. Workers reply per
 job, and drop each job whose deadline has passed, so batching changes neither what a caller gets
@@ -32,21 +36,16 @@ nor when it gives up.
 from __future__ import annotations
 
 import functools
-import heapq
-import itertools
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
-from scriptpool.config import get_logger
 from scriptpool.config.errors import InvalidArgument
 from scriptpool.producer._replies import Waiter
-
-log = get_logger("client")
 
 # The ranges of BatchPolicy's fields, both ends included. A window is about the workers one shard
 # has; a message of more jobs, or more input, than these holds a worker from the others' calls
@@ -105,7 +104,29 @@ class Pending(Protocol):
     def waiter(self) -> Waiter: ...
 
 
-class Message:
+CallT = TypeVar("CallT", bound=Pending)
+CallT_contra = TypeVar("CallT_contra", bound=Pending, contravariant=True)
+
+
+class Outlet(Protocol[CallT_contra]):
+    """Where a lane's messages go: the client's ``ShardOutlet``, one per shard."""
+
+    def publish(self, calls: Sequence[CallT_contra], announce: bool) -> None:
+        """Enqueue one task message carrying ``calls`` (in this thread); ``announce`` asks the
+        worker to say when it takes it. Raises whatever kept it from being enqueued."""
+
+    def later(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on a background thread (never, once the client is closed)."""
+
+
+class Clock(Protocol):
+    """What frees a message's slot at its deadline: the client's ``LaneClock``."""
+
+    def schedule(self, when: float, work: Callable[[float], None]) -> None:
+        """Call ``work(when)`` once ``time.time()`` reaches ``when``."""
+
+
+class Message(Generic[CallT]):
     """The calls that leave a lane together as one task message.
 
     A call belongs to it while its waiter's ``listener`` is this message; it leaves (under the
@@ -114,7 +135,7 @@ class Message:
 
     __slots__ = ("calls", "closed", "deadline", "lane", "outstanding", "released")
 
-    def __init__(self, lane: Lane, calls: list[Pending]) -> None:
+    def __init__(self, lane: Lane[CallT], calls: list[CallT]) -> None:
         self.lane = lane
         self.calls = calls
         self.outstanding = len(calls)  # calls still in it (no reply, caller still waiting)
@@ -132,95 +153,32 @@ class Message:
         self.lane.replied(self, waiter)
 
 
-class LaneClock:
-    """One thread that runs each scheduled function at its (wall-clock) time: what frees a
-    message's slot at its deadline when nothing else does. A lane arms it only for its
-    earliest open message, so it wakes about once per deadline, not once per call."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[float], None]]] = []
-        self._order = itertools.count()
-        self._cond = threading.Condition()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="scriptpool-lane-clock", daemon=True)
-        self._thread.start()
-
-    def schedule(self, when: float, work: Callable[[float], None]) -> None:
-        """Call ``work(when)`` on the clock's thread once ``time.time()`` reaches ``when``."""
-        with self._cond:
-            if self._stopped:
-                return
-            heapq.heappush(self._heap, (when, next(self._order), work))
-            if self._heap[0][2] is work:
-                self._cond.notify()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._heap.clear()
-            self._cond.notify()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=3)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while True:
-                    if self._stopped:
-                        return
-                    if self._heap:
-                        wait = self._heap[0][0] - time.time()
-                        if wait <= 0:
-                            when, _, work = heapq.heappop(self._heap)
-                            break
-                        self._cond.wait(wait)
-                    else:
-                        self._cond.wait()
-            try:
-                work(when)
-            except Exception:  # the clock must outlive any bug in what it runs
-                log.exception("lane_clock_failed")
+_NOTHING: list[tuple[Message[Any], bool]] = []  # what _fill gives when nothing waits (never changed)
 
 
-_NOTHING: list[tuple[Message, bool]] = []  # what _fill gives when nothing waits (never changed)
-
-
-class Lane:
-    """The calls of one client for one shard. Thread-safe.
+class Lane(Generic[CallT]):
+    """The calls of one client for one shard, published through ``outlet``. Thread-safe.
 
     Counters (read them with :meth:`counts`): ``untaken``, the messages holding a slot;
     ``outstanding``, the calls in open messages; ``open``, the messages still counted; and the
     calls ``waiting`` in the lane. All four return to zero when the lane is idle.
     """
 
-    def __init__(
-        self,
-        policy: BatchPolicy,
-        publish: Callable[[list[Pending], bool], None],
-        fail: Callable[[list[Pending], Exception], None],
-        background: Callable[[Callable[[], None]], object],
-        errors: tuple[type[Exception], ...],
-        schedule: Callable[[float, Callable[[float], None]], None],
-    ) -> None:
+    def __init__(self, policy: BatchPolicy, outlet: Outlet[CallT], clock: Clock) -> None:
         self._policy = policy
-        # publish(calls, announce) raises one of ``errors`` when the message cannot be enqueued;
-        # ``announce`` asks the worker to say when it takes the message.
-        self._publish = publish
-        self._fail = fail
-        self._background = background
-        self._errors = errors
-        self._schedule = schedule
+        self._outlet = outlet
+        self._clock = clock
         self._lock = threading.Lock()
         self._untaken = 0  # messages holding a slot: published (or being published), not released
         self._outstanding = 0  # calls in open messages, over all of them
-        self._open: set[Message] = set()  # messages not yet closed
+        self._open: set[Message[CallT]] = set()  # messages not yet closed
         self._wake_at = math.inf  # the earliest time the clock is armed for
-        self._pending: deque[Pending] = deque()
+        self._pending: deque[CallT] = deque()
         self.messages = 0  # published, for stats: jobs / messages is the mean batch
         self.jobs = 0
 
     # -- calls ---------------------------------------------------------------------------------
-    def submit(self, call: Pending) -> None:
+    def submit(self, call: CallT) -> None:
         """Publish ``call`` now (in this thread) if the window allows, else queue it. Failures
         reach the call's waiter, never the caller as an exception."""
         with self._lock:
@@ -238,7 +196,7 @@ class Lane:
                 message.calls = []
         self._send(message, announce, live)
 
-    def try_queue(self, call: Pending) -> bool:
+    def try_queue(self, call: CallT) -> bool:
         """Queue ``call`` if the window is full (no I/O: safe on an event loop); False means it
         is to be published now, with :meth:`submit`."""
         with self._lock:
@@ -247,7 +205,7 @@ class Lane:
                 return True
         return False
 
-    def abandon(self, call: Pending) -> None:
+    def abandon(self, call: CallT) -> None:
         """``call``'s caller stopped waiting without a reply (deadline, failure, cancellation):
         it leaves its message, or is never published if it still waits in the lane."""
         with self._lock:
@@ -260,14 +218,14 @@ class Lane:
         self._publish_later(batches)
 
     # -- what the reply reader and the clock report --------------------------------------------
-    def release(self, message: Message) -> None:
+    def release(self, message: Message[CallT]) -> None:
         """``message`` was taken: its slot goes to what waits, which leaves now as one message."""
         with self._lock:
             self._release(message)
             batches = self._fill()
         self._publish_later(batches)
 
-    def replied(self, message: Message, waiter: Waiter) -> None:
+    def replied(self, message: Message[CallT], waiter: Waiter) -> None:
         """The reply to ``waiter``'s call arrived: a worker took ``message``."""
         with self._lock:
             self._leave(waiter, message)
@@ -313,7 +271,7 @@ class Lane:
             }
 
     # -- internals (lock held unless said) ------------------------------------------------------
-    def _open_message(self, calls: list[Pending]) -> Message:
+    def _open_message(self, calls: list[CallT]) -> Message[CallT]:
         message = Message(self, calls)
         for call in calls:
             call.waiter.listener = message
@@ -324,10 +282,10 @@ class Lane:
         self._open.add(message)
         if message.deadline < self._wake_at:
             self._wake_at = message.deadline
-            self._schedule(message.deadline, self.sweep)
+            self._clock.schedule(message.deadline, self.sweep)
         return message
 
-    def _leave(self, waiter: Waiter, message: Message) -> None:
+    def _leave(self, waiter: Waiter, message: Message[CallT]) -> None:
         """``waiter``'s call leaves ``message``, once: whoever comes second finds it gone."""
         if waiter.listener is not message:
             return
@@ -341,7 +299,7 @@ class Lane:
             # a shard with no worker may never be taken, so it stops holding the slot.
             self._close(message)
 
-    def _close(self, message: Message) -> None:
+    def _close(self, message: Message[CallT]) -> None:
         if message.closed:
             return
         message.closed = True
@@ -350,7 +308,7 @@ class Lane:
         self._open.discard(message)
         self._release(message)
 
-    def _release(self, message: Message) -> None:
+    def _release(self, message: Message[CallT]) -> None:
         if not message.released:
             message.released = True
             self._untaken -= 1
@@ -361,17 +319,17 @@ class Lane:
             earliest = min(message.deadline for message in self._open)
             if earliest < self._wake_at:
                 self._wake_at = earliest
-                self._schedule(earliest, self.sweep)
+                self._clock.schedule(earliest, self.sweep)
 
-    def _fill(self) -> list[tuple[Message, bool]]:
+    def _fill(self) -> list[tuple[Message[CallT], bool]]:
         """Give every free slot to the calls waiting in the lane, one message per slot."""
         if not self._pending:
             return _NOTHING
-        batches: list[tuple[Message, bool]] = []
+        batches: list[tuple[Message[CallT], bool]] = []
         window = self._policy.window
         while self._pending and (not window or self._untaken < window):
             now = time.time()
-            batch: list[Pending] = []
+            batch: list[CallT] = []
             size = 0
             while self._pending and len(batch) < self._policy.max_jobs:
                 call = self._pending[0]
@@ -389,15 +347,15 @@ class Lane:
             batches.append((self._open_message(batch), announce))
         return batches
 
-    def _publish_later(self, batches: list[tuple[Message, bool]]) -> None:
+    def _publish_later(self, batches: list[tuple[Message[CallT], bool]]) -> None:
         """(No lock.) Off the thread that noticed: the reply dispatcher must keep delivering even
         when an LPUSH is slow, and a caller giving up must not wait past its deadline. Measured
         neutral against publishing inline from the dispatcher (2018 and 2128 vs 2023 and 1996
         calls/s, 12 threads, 20 s runs interleaved)."""
         for message, announce in batches:
-            self._background(functools.partial(self._send, message, announce))
+            self._outlet.later(functools.partial(self._send, message, announce))
 
-    def _send(self, message: Message, announce: bool, live: list[Pending] | None = None) -> None:
+    def _send(self, message: Message[CallT], announce: bool, live: list[CallT] | None = None) -> None:
         """(No lock.) Publish what is still live of ``message`` (``live``, when the caller just
         checked under the lock). A call whose caller gave up, or whose deadline passed, while the
         message waited for a publishing thread leaves it first; a message left empty is never
@@ -427,10 +385,8 @@ class Lane:
                 self._publish_later(batches)
                 return
         try:
-            self._publish(live, announce)
-        except Exception as exc:
-            if not isinstance(exc, self._errors):  # a bug, not Redis: still, nobody is stranded
-                log.exception("publish_failed", jobs=len(live))
+            self._outlet.publish(live, announce)
+        except Exception as exc:  # Redis's, or a bug (the outlet logs those): nobody is stranded
             with self._lock:
                 for call in live:
                     self._leave(call.waiter, message)
@@ -438,5 +394,6 @@ class Lane:
                 self.messages -= 1
                 self.jobs -= len(live)
                 batches = self._fill()
-            self._fail(live, exc)
+            for call in live:
+                call.waiter.fail(f"cannot enqueue: {exc}")  # its caller hears now, not at its deadline
             self._publish_later(batches)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from scriptpool.config import ErrorInfo, ExecutionReport, Part
 from scriptpool.config.errors import ScriptpoolError, error_class_for
+from scriptpool.config.wire import ErrorInfo, ExecutionReport, Part
 
 OK, ERROR, FALLBACK = "ok", "error", "fallback"
 

@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 import redis
 
-from scriptpool.config import BODY_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, redis_command
+from scriptpool.config.wire import BODY_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, redis_command
 
 # What kombu's Redis transport sets for a publish on the default (anonymous) exchange.
 DELIVERY_MODE = 2  # persistent, kombu's default

@@ -18,7 +18,9 @@ from typing import Any, Protocol
 import msgpack
 import redis
 
-from scriptpool.config import PrimaryCheck, Reconnector, Taken, get_logger, redis_command, redis_pool
+from scriptpool.config import get_logger
+from scriptpool.config.redis import PrimaryCheck, Reconnector, redis_pool
+from scriptpool.config.wire import Taken, redis_command
 
 log = get_logger("client")
 

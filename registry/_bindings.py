@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 import redis
 
-from scriptpool.config import REDUCER_APP, Keys, get_logger
+from scriptpool.config import Keys, get_logger
 from scriptpool.config.errors import NothingToRollBack, ScriptNotFound, TooManyApps
+from scriptpool.config.extension_points import REDUCER_APP
 from scriptpool.registry._candidate import Candidate
 
 log = get_logger("registry")

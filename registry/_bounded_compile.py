@@ -133,12 +133,13 @@ class _Server:
     """The caller's side of one compile server process."""
 
     def __init__(self) -> None:
-        # The caller's import path, led by the folder that holds this package (an editable
-        # install finds it through a site hook, and -S runs no site), so that the server imports
-        # this code whatever put it there. This file is loaded by its path: importing it as
-        # scriptpool.registry._bounded_compile would first import the whole registry package (jsonschema
-        # and all), which the server never uses.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # The caller's import path, led by the folder that holds the scriptpool namespace (an
+        # editable install finds it through a site hook, and -S runs no site), so that the server
+        # imports this code whatever put it there. This file is loaded by its path: importing it
+        # as scriptpool.registry._bounded_compile would first import the whole registry package
+        # (jsonschema and all), which the server never uses. abspath, not realpath: in a checkout
+        # scriptpool/registry is a link to registry/, and the namespace is the link's side.
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         name, path = json.dumps("_scriptpool_compile_server"), json.dumps(__file__)
         code = (
             f"import sys, importlib.util; sys.path[:] = {json.dumps([root, *sys.path])}; "

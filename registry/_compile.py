@@ -22,7 +22,8 @@ from scriptpool.config import Limits, check_provider
 from scriptpool.engine import Resolution, Sandbox, check_memory_io_provider, codec_for
 from scriptpool.registry._bounded_compile import compile_bounded
 from scriptpool.registry._rewrite import linkable
-from scriptpool.registry._structure import Structure, read_structure
+from scriptpool.registry._structure import Structure
+from scriptpool.registry._structure_reader import read_structure
 from scriptpool.registry._validate import (
     ModuleShape,
     check_entry,

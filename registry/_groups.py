@@ -19,17 +19,9 @@ from typing import TypeVar
 
 import redis
 
-from scriptpool.config import (
-    Settings,
-    ShardGroup,
-    WriteSession,
-    check_shop_id,
-    describe_redis_url,
-    redis_client,
-    redis_failure,
-    shard_for,
-)
+from scriptpool.config import Settings, ShardGroup, check_shop_id, shard_for
 from scriptpool.config.errors import BrokerUnavailable, NotReplicated, ScriptpoolError
+from scriptpool.config.redis import WriteSession, describe_redis_url, redis_client, redis_failure
 from scriptpool.engine import Sandbox
 from scriptpool.registry._registry import Registry
 

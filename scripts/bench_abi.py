@@ -39,7 +39,6 @@ import wasmtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scriptpool.cli import EmbeddedRedis
 from scriptpool.config import Limits, Settings
 from scriptpool.engine import Sandbox
 from scriptpool.engine._abi import GLUE_MEMORY_EXPORT, MemoryLimits, glue_wat
@@ -56,7 +55,8 @@ from scriptpool.engine._capi import (
 )
 from scriptpool.registry import Registry
 from scriptpool.registry._rewrite import linkable
-from scriptpool.workers import Executor
+from scriptpool.runtime import Executor
+from scriptpool.testing import EmbeddedRedis
 
 BATCH = 250
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "abi"

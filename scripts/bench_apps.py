@@ -22,12 +22,11 @@ from pathlib import Path
 import redis
 import wasmtime
 
-from scriptpool.cli import EmbeddedRedis, percentiles
-from scriptpool.cli._pool_commands import worker_argv
 from scriptpool.config import Settings
 from scriptpool.engine import Sandbox
 from scriptpool.producer import Client, Outcome
 from scriptpool.registry import Registry
+from scriptpool.testing import EmbeddedRedis, percentiles, worker_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = secrets.token_hex(32)  # random: a published key signs nothing

@@ -29,13 +29,12 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scriptpool.cli import EmbeddedRedis, percentiles  # noqa: E402
-from scriptpool.cli._pool_commands import worker_argv  # noqa: E402
 from scriptpool.config import Settings, shard_for  # noqa: E402
 from scriptpool.engine import Sandbox  # noqa: E402
 from scriptpool.producer import BreakerPolicy, Client  # noqa: E402
 from scriptpool.registry import Registry  # noqa: E402
-from scriptpool.workers import CaptureStore  # noqa: E402
+from scriptpool.runtime import CaptureStore  # noqa: E402
+from scriptpool.testing import EmbeddedRedis, percentiles, worker_argv  # noqa: E402
 
 KEY = secrets.token_hex(32)  # random: a published key signs nothing
 DISCOUNT = ROOT / "examples" / "discount"

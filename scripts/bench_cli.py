@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from scriptpool.cli import EmbeddedRedis
+from scriptpool.testing import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTPOOL = str(Path(sys.executable).parent / "scriptpool")

@@ -20,11 +20,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_engine import TRIVIAL  # noqa: E402
 
-from scriptpool.cli import EmbeddedRedis  # noqa: E402
 from scriptpool.config import Settings  # noqa: E402
 from scriptpool.engine import Sandbox  # noqa: E402
 from scriptpool.producer import Client  # noqa: E402
 from scriptpool.registry import Registry  # noqa: E402
+from scriptpool.testing import EmbeddedRedis  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""In-process engine costs: hot execution (p50/p99), cold deserialize vs compile, worker extras.
+"""The runtime's in-process costs: hot execution (p50/p99), cold deserialize vs compile, worker extras.
 
 Run: .venv/bin/python scripts/bench_engine.py [--runs 5000] [--baseline REF] [--profile]
 Starts a private Redis; prints one JSON object.
@@ -42,11 +42,11 @@ import wasmtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scriptpool.cli import TRIVIAL_WAT, EmbeddedRedis
 from scriptpool.config import Settings, configure_logging
 from scriptpool.engine import Sandbox
 from scriptpool.registry import Registry
-from scriptpool.workers import Executor
+from scriptpool.runtime import Executor
+from scriptpool.testing import TRIVIAL_WAT, EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 TRIVIAL = bytes(wasmtime.wat2wasm(TRIVIAL_WAT))

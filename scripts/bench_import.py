@@ -24,11 +24,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=15)
     runs = parser.parse_args().runs
     bare, redis_, client = (
-        wall_ms(code, runs) for code in ("pass", "import redis", "from producer import Client")
+        wall_ms(code, runs) for code in ("pass", "import redis", "from scriptpool.producer import Client")
     )
     print(
         f"interpreter {bare:.0f} ms, import redis {redis_:.0f} ms, "
-        f"from producer import Client {client:.0f} ms (beyond redis: {client - redis_:.0f} ms)"
+        f"from scriptpool.producer import Client {client:.0f} ms (beyond redis: {client - redis_:.0f} ms)"
     )
     return 0
 

@@ -28,10 +28,10 @@ import wasmtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scriptpool.cli import local_pool, rss_mb
 from scriptpool.engine import Sandbox
 from scriptpool.producer import Client
 from scriptpool.registry import Registry
+from scriptpool.testing import local_pool, rss_mb
 
 
 def distinct_module(i: int, functions: int = 200) -> bytes:

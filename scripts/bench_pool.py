@@ -22,12 +22,11 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scriptpool.cli import EmbeddedRedis  # noqa: E402
-from scriptpool.cli._pool_commands import worker_argv  # noqa: E402
 from scriptpool.config import Settings  # noqa: E402
 from scriptpool.engine import Sandbox  # noqa: E402
 from scriptpool.producer import Client  # noqa: E402
 from scriptpool.registry import Registry  # noqa: E402
+from scriptpool.testing import EmbeddedRedis, worker_argv  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_engine import TRIVIAL  # noqa: E402

@@ -29,12 +29,11 @@ from typing import Any
 import redis
 import wasmtime
 
-from scriptpool.cli import EmbeddedRedis, percentiles, rss_mb
-from scriptpool.cli._pool_commands import worker_argv
 from scriptpool.config import Settings
 from scriptpool.engine import Sandbox
 from scriptpool.producer import Client
 from scriptpool.registry import ABORTED, Registry, RolloutRules
+from scriptpool.testing import EmbeddedRedis, percentiles, rss_mb, worker_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))

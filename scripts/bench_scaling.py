@@ -34,11 +34,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_engine import TRIVIAL  # noqa: E402
 
-from scriptpool.cli import EmbeddedRedis, EmbeddedSentinelSet, percentiles  # noqa: E402
-from scriptpool.cli._pool_commands import worker_argv  # noqa: E402
 from scriptpool.config import Settings, shard_for  # noqa: E402
 from scriptpool.producer import Client  # noqa: E402
 from scriptpool.registry import Registries  # noqa: E402
+from scriptpool.testing import EmbeddedRedis, EmbeddedSentinelSet, percentiles, worker_argv  # noqa: E402
 
 KEY = secrets.token_hex(32).encode()  # random: a published key signs nothing
 

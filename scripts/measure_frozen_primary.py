@@ -28,11 +28,10 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scriptpool.cli import EmbeddedSentinelSet  # noqa: E402
-from scriptpool.cli._pool_commands import worker_argv  # noqa: E402
 from scriptpool.config import Settings  # noqa: E402
 from scriptpool.producer import BreakerPolicy, Client  # noqa: E402
 from scriptpool.registry import Registries  # noqa: E402
+from scriptpool.testing import EmbeddedSentinelSet, worker_argv  # noqa: E402
 
 KEY = secrets.token_hex(32).encode()  # random: a published key signs nothing
 

@@ -1,5 +1,5 @@
-"""Print which top-level package imports which, and any import of another package's private
-module: ``python scripts/package_graph.py``, with any Python 3.11 (the venv is not needed: it
+"""Print which layer of the ``scriptpool`` namespace imports which (``config -> ...`` means
+``scriptpool.config``), and any import of another layer's private module: ``python scripts/package_graph.py``, with any Python 3.11 (the venv is not needed: it
 reads the sources with the standard library's ``ast``, as import-linter's grimp reads them,
 every import counted, those inside functions and ``TYPE_CHECKING`` blocks too)."""
 
@@ -10,25 +10,35 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("config", "engine", "registry", "workers", "producer", "scriptpool")
+# Each layer of the namespace and its folder (scriptpool/ links to the top-level ones).
+LAYERS = {
+    "config": "config",
+    "engine": "engine",
+    "registry": "registry",
+    "runtime": "runtime",
+    "workers": "workers",
+    "producer": "producer",
+    "testing": "scriptpool/testing",
+    "cli": "scriptpool/cli",
+}
 
 
 def main() -> int:
-    present = [name for name in PACKAGES if (ROOT / name / "__init__.py").is_file()]
-    modules = {name: path for package in present for name, path in _modules(package)}
+    present = [name for name, folder in LAYERS.items() if (ROOT / folder / "__init__.py").is_file()]
+    modules = {name: path for layer in present for name, path in _modules(layer)}
     private_imports = 0
     for importer in present:
         edges: dict[str, set[tuple[str, str]]] = {}
         for module, path in modules.items():
-            if module.split(".")[0] != importer:
+            if _layer(module) != importer:
                 continue
             for imported in _imports(module, path, modules):
-                top = imported.split(".")[0]
+                top = _layer(imported)
                 if top != importer and top in present:
                     edges.setdefault(top, set()).add((module, imported))
         for imported_package, links in sorted(edges.items()):
             private = sorted(
-                f"{m} -> {i}" for m, i in links if any(p.startswith("_") for p in i.split(".")[1:])
+                f"{m} -> {i}" for m, i in links if any(p.startswith("_") for p in i.split(".")[2:])
             )
             private_imports += len(private)
             note = f"; private: {', '.join(private)}" if private else ""
@@ -37,11 +47,18 @@ def main() -> int:
     return 0
 
 
-def _modules(package: str) -> list[tuple[str, Path]]:
-    """Every module of ``package`` by its dotted name, with its file."""
+def _layer(module: str) -> str:
+    """``scriptpool.config._keys`` -> ``config``; anything outside the namespace -> ``""``."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "scriptpool" and len(parts) > 1 else ""
+
+
+def _modules(layer: str) -> list[tuple[str, Path]]:
+    """Every module of ``layer`` by its dotted name (``scriptpool.<layer>...``), with its file."""
+    folder = ROOT / LAYERS[layer]
     found = []
-    for path in sorted((ROOT / package).rglob("*.py")):
-        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    for path in sorted(folder.rglob("*.py")):
+        parts = ["scriptpool", layer, *path.relative_to(folder).with_suffix("").parts]
         if parts[-1] == "__init__":
             parts.pop()
         found.append((".".join(parts), path))

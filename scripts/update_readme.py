@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scriptpool.config import Settings, markdown_table
+from scriptpool.config import Settings
+from scriptpool.config.environment import markdown_table
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -1,26 +1,28 @@
-"""Fixtures: a real private redis-server per session, flushed per test, and the engine parts."""
+"""Fixtures: a real private redis-server per session, flushed per test, the engine parts, and the
+one factory of registry fixtures (:func:`deployer_fixture`)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 import redis
 
-from scriptpool.cli import EmbeddedRedis
 from scriptpool.config import Settings
 from scriptpool.engine import Sandbox
 from scriptpool.registry import Registry
-from scriptpool.workers import Executor
+from scriptpool.runtime import Executor
+from scriptpool.testing import EmbeddedRedis, make_registry
 from tests.faults._record import Reliability
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-# Random per test session: no key the repository shows may sign anything (scriptpool.config._settings).
+# Random per test session: no key the repository shows may sign anything (scriptpool.config.settings).
 TEST_ARTIFACT_KEY = secrets.token_hex(32).encode()
 
 
@@ -68,13 +70,41 @@ def sandbox() -> Sandbox:
     return Sandbox()
 
 
-@pytest.fixture
-def registry(redis_client: redis.Redis, settings: Settings, sandbox: Sandbox) -> Registry:
-    """A registry with the ``discount`` and ``test`` extension points defined."""
-    reg = Registry(redis_client, settings, sandbox)
-    reg.define_extension_point("discount")
-    reg.define_extension_point("test")
-    return reg
+def deployer_fixture(
+    define: Iterable[str] | Mapping[str, Mapping[str, Any]] = ("test",),
+    *,
+    settings: str = "pool_settings",
+    scope: Literal["function", "module"] = "function",
+    deploy: Mapping[tuple[str, str], bytes] | None = None,
+    providers: Mapping[str, bytes] | None = None,
+    after: Sequence[str] = (),
+    name: str = "deployer",
+) -> Callable[..., Registry]:
+    """A fixture named ``name`` giving a registry on the Redis of the settings fixture named
+    ``settings``, set up by :func:`scriptpool.testing.make_registry` (``define``, ``deploy``,
+    ``providers``). Function-scoped, it works on ``redis_client``, so the test Redis is flushed
+    first; module-scoped, on a client of its own, for a module whose pool outlives each test.
+    The fixtures named in ``after`` are set up once the Redis is flushed, before the registry
+    (``after=("workers",)``: workers first). In a module: ``deployer = deployer_fixture()``."""
+
+    @pytest.fixture(scope=scope, name=name)
+    def fixture(request: pytest.FixtureRequest, sandbox: Sandbox) -> Registry:
+        store = request.getfixturevalue("redis_client") if scope == "function" else None
+        for other in after:
+            request.getfixturevalue(other)
+        return make_registry(
+            request.getfixturevalue(settings),
+            define,
+            deploy=deploy,
+            providers=providers,
+            store=store,
+            sandbox=sandbox,
+        )
+
+    return fixture
+
+
+registry = deployer_fixture(("discount", "test"), settings="settings", name="registry")
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from scriptpool.cli._pool_commands import worker_argv
 from scriptpool.config import Settings, shard_for
+from scriptpool.testing import worker_argv
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 
 

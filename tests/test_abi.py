@@ -24,12 +24,12 @@ from scriptpool.engine import (
     codec_for,
     is_memory_io_provider,
 )
+from scriptpool.engine._guest_io import TRUNCATION_MARKER
 from scriptpool.engine._link import GLUE, PROVIDER, resolve
-from scriptpool.engine._wasi import TRUNCATION_MARKER
 from scriptpool.registry import Registry
 from scriptpool.registry._rewrite import linkable, needs_guest_memory
-from scriptpool.workers import Executor
-from scriptpool.workers._codec import from_msgpack, json_value, to_msgpack
+from scriptpool.runtime import Executor, ScriptInput
+from scriptpool.runtime._codec import from_msgpack, json_value, to_msgpack
 from tests import abi, guests
 
 JAVY_V3 = "shopify_functions_javy_v3"
@@ -98,8 +98,8 @@ def test_msgpack_input_refuses_what_json_cannot_hold() -> None:
     with pytest.raises(InvalidInput):
         json_value(b"[NaN]")
     with pytest.raises(InvalidInput):
-        json_value({"x": math.inf})
-    assert json_value({1: "int keys become strings, as in JSON"}) == {
+        ScriptInput.of({"x": math.inf}).decoded()
+    assert ScriptInput.of({1: "int keys become strings, as in JSON"}).decoded().json_value == {
         "1": "int keys become strings, as in JSON"
     }
 

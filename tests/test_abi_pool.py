@@ -6,14 +6,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import redis
 
 from scriptpool.config import Settings
-from scriptpool.engine import Sandbox
 from scriptpool.producer import Client
 from scriptpool.registry import Registry
 from tests import abi, guests
-from tests.conftest import TEST_ARTIFACT_KEY
+from tests.conftest import TEST_ARTIFACT_KEY, deployer_fixture
 from tests.pool import WorkerProcess, start_workers
 from tests.test_abi import API_INPUT, API_LOGS, API_OUTPUT, hostile_provider
 
@@ -31,11 +29,7 @@ def workers(pool_settings: Settings) -> Iterator[list[WorkerProcess]]:
         worker.stop()
 
 
-@pytest.fixture
-def deployer(redis_client: redis.Redis, pool_settings: Settings, sandbox: Sandbox) -> Registry:
-    reg = Registry(redis_client, pool_settings, sandbox)
-    reg.define_extension_point("test")
-    return reg
+deployer = deployer_fixture()
 
 
 @pytest.fixture

@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 
-from scriptpool.config import Execution, Settings
+from scriptpool.config import Settings
 from scriptpool.config.errors import ConfigurationError, InvalidArgument, TooManyApps
-from scriptpool.engine import Sandbox
+from scriptpool.config.wire import Execution
 from scriptpool.producer import Client
 from scriptpool.registry import Registry
-from scriptpool.workers import Executor
+from scriptpool.runtime import Executor
 from tests import guests
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, deployer_fixture
 from tests.pool import pool_fixtures, shop_on
 
 SHARDS = 2
@@ -265,11 +265,7 @@ def test_combine_settings_are_checked_when_an_ep_is_defined(registry: Registry) 
 pool_settings, workers = pool_fixtures(SHARDS, {"apps0a": [0], "apps0b": [0], "apps1": [1]})
 
 
-@pytest.fixture(scope="module")
-def deployer(pool_settings: Settings) -> Registry:
-    import redis
-
-    return Registry(redis.Redis.from_url(pool_settings.redis_url), pool_settings, Sandbox())
+deployer = deployer_fixture((), scope="module")
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,10 @@ import redis
 import yaml
 
 from scriptpool.cli import main
-from scriptpool.cli._pool_commands import worker_argv
-from scriptpool.config import Settings, artifact_key_problem, check_artifact_key
-from scriptpool.config._settings import PUBLISHED_ARTIFACT_KEYS
+from scriptpool.config import Settings
 from scriptpool.config.errors import ConfigurationError
+from scriptpool.config.settings import PUBLISHED_ARTIFACT_KEYS, artifact_key_problem, check_artifact_key
+from scriptpool.testing import worker_argv
 from tests import guests
 from tests.conftest import ROOT
 from tests.test_cli import OK, USAGE, one_line

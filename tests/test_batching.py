@@ -9,21 +9,22 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
 import pytest
 import redis
 
-from scriptpool.config import Reply, Settings
-from scriptpool.engine import Sandbox
+from scriptpool.config import Settings
+from scriptpool.config.wire import Reply
 from scriptpool.producer import BatchPolicy, Client
 from scriptpool.producer._batching import Lane, Message
 from scriptpool.producer._replies import Waiter
 from scriptpool.registry import Registry
 from scriptpool.workers._backend import ReplyPusher, failure_reply
 from tests import guests
+from tests.conftest import deployer_fixture
 from tests.pool import WorkerProcess, pool_fixtures, shop_on
 
 # -- the lane, with a fake publisher -----------------------------------------------------------
@@ -43,7 +44,8 @@ class _Call:
 
 
 class _Harness:
-    """A lane whose publishes are recorded, and fail on demand."""
+    """A lane whose publishes are recorded, and fail on demand: it is the lane's outlet (where
+    its messages go) and its clock (what it would have run when is recorded, run by ``ring``)."""
 
     def __init__(self, policy: BatchPolicy | None = None) -> None:
         self.published: list[tuple[list[str], bool]] = []
@@ -51,28 +53,27 @@ class _Harness:
         self.deferred = False  # hold background work until run_background (else run it at once)
         self.background: list[Callable[[], None]] = []
         self.alarms: list[tuple[float, Callable[[float], None]]] = []  # what the clock would run
-        self.lane = Lane(
-            policy or BatchPolicy(),
-            self._publish,
-            lambda calls, exc: [c.waiter.fail(str(exc)) for c in calls],
-            self._later,
-            (ConnectionError,),
-            lambda when, work: self.alarms.append((when, work)),
-        )
+        self.lane: Lane[_Call] = Lane(policy or BatchPolicy(), self, self)
 
-    def _later(self, work: Callable[[], None]) -> None:
-        self.background.append(work)
-        if not self.deferred:
-            self.run_background()
-
-    def _publish(self, calls: list[_Call], announce: bool) -> None:
+    def publish(self, calls: Sequence[_Call], announce: bool) -> None:
+        """The outlet's publish: recorded, or a Redis error while ``failing``."""
         if self.failing:
             raise ConnectionError("redis is down")
         self.published.append(([c.job.id for c in calls], announce))
 
+    def later(self, work: Callable[[], None]) -> None:
+        """The outlet's background threads: run at once, or held while ``deferred``."""
+        self.background.append(work)
+        if not self.deferred:
+            self.run_background()
+
+    def schedule(self, when: float, work: Callable[[float], None]) -> None:
+        """The clock's alarm: recorded for ``ring``."""
+        self.alarms.append((when, work))
+
     def call(self, name: str, timeout: float = 5.0, size: int = 2) -> _Call:
         call = _Call(_Job(name, time.time() + timeout, b"x" * size))
-        self.lane.submit(call)  # type: ignore[arg-type]
+        self.lane.submit(call)
         return call
 
     def run_background(self) -> None:
@@ -93,7 +94,7 @@ class _Harness:
         return self.lane.counts()
 
 
-def _message(call: _Call) -> Message:
+def _message(call: _Call) -> Message[_Call]:
     assert isinstance(call.waiter.listener, Message)
     return call.waiter.listener
 
@@ -192,7 +193,7 @@ def test_a_failed_publish_fails_its_calls_and_the_lane_goes_on() -> None:
     h = _Harness()
     h.failing = True
     a = h.call("a")
-    assert a.waiter.failure == "redis is down"
+    assert a.waiter.failure == "cannot enqueue: redis is down"
     assert a.waiter.wait(0) is None and a.waiter.listener is None
     h.failing = False
     b = h.call("b")  # the slot was given back
@@ -200,7 +201,7 @@ def test_a_failed_publish_fails_its_calls_and_the_lane_goes_on() -> None:
     c = h.call("c")
     h.failing = True
     _message(b).taken()
-    assert c.waiter.failure == "redis is down"
+    assert c.waiter.failure == "cannot enqueue: redis is down"
     h.failing = False
     h.call("d")
     assert h.published[-1] == (["d"], True)  # b is still in flight
@@ -439,11 +440,7 @@ SHARDS = 3  # shard 0: one worker; shard 1: two workers; shard 2: none
 pool_settings, workers = pool_fixtures(SHARDS, {"b0": [0], "b1a": [1], "b1b": [1]})
 
 
-@pytest.fixture
-def deployer(redis_client: redis.Redis, pool_settings: Settings, sandbox: Sandbox) -> Registry:
-    registry = Registry(redis_client, pool_settings, sandbox)
-    registry.define_extension_point("test")
-    return registry
+deployer = deployer_fixture()
 
 
 def _hammer(client: Client, shops: list[str], threads: int, calls: int, timeout: float = 10) -> list[object]:
@@ -649,6 +646,64 @@ def test_stage_timings_stay_consistent_in_batches(
         t = outcome.timings  # type: ignore[attr-defined]
         parts = t.validate_ms + t.serialize_ms + t.enqueue_ms + t.queue_wait_ms + t.execute_ms + t.result_ms
         assert abs(parts - t.total_ms) < 0.01 + 1e-6 * t.total_ms, json.dumps(outcome.to_dict(), default=str)  # type: ignore[attr-defined]
+
+
+class _Interrupted(Exception):
+    """What the signal handler raises in the main thread while its ``run`` waits."""
+
+
+def test_a_caller_interrupted_while_it_waits_lets_go_of_its_lane_and_reply_slot_at_once(
+    pool_settings: Settings, workers: dict[str, WorkerProcess], deployer: Registry, redis_client: redis.Redis
+) -> None:
+    """``run`` and ``run_async`` share one body, which hears what interrupts either wait: a
+    thread's (an exception raised by a signal handler, as Ctrl-C raises KeyboardInterrupt) and a
+    task's (cancellation). Either way the exception reaches the caller, and the call leaves its
+    lane and its reply slot then, not at its 30 s deadline (shard 2 has no worker: nothing else
+    would free them before)."""
+    shop = shop_on(2, SHARDS, skip=9)
+    deployer.deploy("test", shop, guests.ECHO)
+    queue = pool_settings.keys.queue(2)
+    with Client(pool_settings) as client:
+        lane = client._lanes[2]
+
+        def pending() -> int:
+            return sum(link.replies.pending() for link in client._groups)
+
+        seen: list[tuple[dict[str, int], int]] = []
+
+        def interrupt(signum: int, frame: object) -> None:
+            seen.append((lane.counts(), pending()))  # what the waiting call holds
+            raise _Interrupted
+
+        previous = signal.signal(signal.SIGUSR1, interrupt)
+        # Not SIGALRM (pytest-timeout's), and aimed at this thread, whose wait it interrupts.
+        alarm = threading.Timer(0.3, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1))
+        try:
+            alarm.start()
+            started = time.monotonic()
+            with pytest.raises(_Interrupted):
+                client.run("test", shop, {}, timeout=30, fallback="fb")
+        finally:
+            alarm.cancel()
+            signal.signal(signal.SIGUSR1, previous)
+        assert time.monotonic() - started < 5
+        assert seen == [({"untaken": 1, "outstanding": 1, "open": 1, "waiting": 0}, 1)]
+        assert (lane.counts(), pending()) == (IDLE, 0)
+
+        async def cancelled() -> tuple[dict[str, int], int]:
+            task = asyncio.ensure_future(client.run_async("test", shop, {}, timeout=30, fallback="fb"))
+            await asyncio.sleep(0.3)
+            held = (lane.counts(), pending())
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return held
+
+        held = asyncio.run(cancelled())
+        assert held == ({"untaken": 1, "outstanding": 1, "open": 1, "waiting": 0}, 1)
+        assert (lane.counts(), pending()) == (IDLE, 0)
+    assert redis_client.llen(queue) == 2  # both went out, one message each
+    redis_client.delete(queue)  # never taken: not left for the tests after this one
 
 
 # -- the reply dispatcher, both ways of reading ------------------------------------------------

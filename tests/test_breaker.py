@@ -7,14 +7,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import redis
 
 from scriptpool.config import Settings
 from scriptpool.config.errors import ScriptpoolError, error_class_for
-from scriptpool.engine import Sandbox
 from scriptpool.producer import BreakerPolicy, Client
 from scriptpool.registry import Registry
 from tests import guests
+from tests.conftest import deployer_fixture
 from tests.pool import WorkerProcess, pid_of, pool_fixtures, shop_on
 
 SHARDS = 2  # shard 0 has a worker; shard 1 none (calls there time out)
@@ -22,10 +21,7 @@ pool_settings, workers = pool_fixtures(SHARDS, {"w0": [0]})
 POLICY = BreakerPolicy()  # the default: 5 failures in 10 s open it for 2 s
 
 
-@pytest.fixture
-def deployer(redis_client: redis.Redis, pool_settings: Settings, sandbox: Sandbox) -> Registry:
-    """A registry on the pool's Redis."""
-    return Registry(redis_client, pool_settings, sandbox)
+deployer = deployer_fixture(())  # a registry on the pool's Redis, nothing defined
 
 
 @pytest.fixture

@@ -37,12 +37,12 @@ from scriptpool.engine._capi import (
     trap_new_code,
 )
 from scriptpool.engine._engine import POOL_LIMITS
-from scriptpool.engine._run import _translate
+from scriptpool.engine._translate import translate as _translate
 from tests.conftest import ROOT
 
 CAPI = ROOT / "engine" / "_capi.py"
 # Everything of ours that imports wasmtime: the packages, the benchmark scripts and the tests.
-SOURCES = ("config", "engine", "registry", "workers", "producer", "scriptpool", "scripts", "tests")
+SOURCES = ("config", "engine", "registry", "runtime", "workers", "producer", "scriptpool", "scripts", "tests")
 # wasmtime 51 reports this code (component-model host calls out of fuel); wasmtime-py 51's
 # TrapCode has no member for it.
 HOSTCALL_FUEL_EXHAUSTED = 55

@@ -23,9 +23,9 @@ from scriptpool.config.errors import GuestRuntimeError, InstructionLimitExceeded
 from scriptpool.engine import Sandbox
 from scriptpool.producer import BreakerPolicy, Client
 from scriptpool.registry import Registry
-from scriptpool.workers import CaptureStore, recorded_output
+from scriptpool.runtime import CaptureStore, recorded_output
 from tests import guests
-from tests.conftest import EXAMPLES, TEST_ARTIFACT_KEY
+from tests.conftest import EXAMPLES, TEST_ARTIFACT_KEY, deployer_fixture
 from tests.faults._proxy import FORWARD, HALF_THEN_CUT, FaultProxy
 from tests.pool import WorkerProcess, shops_on, start_workers
 
@@ -76,11 +76,7 @@ def workers(
             worker.stop()
 
 
-@pytest.fixture
-def deployer(redis_client: redis.Redis, settings: Settings, workers: list[WorkerProcess]) -> Registry:
-    registry = Registry(redis_client, settings, Sandbox())
-    registry.define_extension_point("discount")
-    return registry
+deployer = deployer_fixture(["discount"], settings="settings", after=("workers",))
 
 
 @pytest.fixture
@@ -414,8 +410,8 @@ def test_what_waits_for_the_writer_is_bounded_and_a_run_past_the_byte_cap_is_not
     """In process: traces past the writer's pending bound are dropped (never blocking the task),
     a run larger than the whole byte cap is not stored, and the next ordinary run is, even after
     Redis forgot the write script."""
-    from scriptpool.config import Job
-    from scriptpool.workers import CaptureWriter
+    from scriptpool.config.wire import Job
+    from scriptpool.runtime import CaptureWriter
 
     registry.deploy("test", "big", guests.TRAP)
     store = CaptureStore(redis_client, settings)

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 import redis
 
-from scriptpool.cli import free_port, main
+from scriptpool.cli import main
 from scriptpool.cli._cli import COMMANDS, build_parser
 from scriptpool.config import Settings
+from scriptpool.testing import free_port
 from tests import guests
 from tests.conftest import EXAMPLES, ROOT, TEST_ARTIFACT_KEY
 from tests.pool import pool_fixtures
@@ -563,7 +564,7 @@ def test_a_redis_that_wants_a_password_is_said_to_want_one(
     """A Redis started with requirepass, and a URL without the password (or with a wrong one):
     every command says Redis answered and wants its password in the URL, never that it cannot
     be reached; exit 4 as before (the pool cannot be used); the password is never printed."""
-    from scriptpool.cli import EmbeddedRedis
+    from scriptpool.testing import EmbeddedRedis
 
     module = tmp_path / "m.wasm"
     module.write_bytes(guests.ECHO)
@@ -675,7 +676,7 @@ def test_the_readme_quickstart_runs_as_written(tmp_path: Path) -> None:
     """The README's step-by-step block, pasted into bash as a new user would (only the Redis URL
     changed, to a private one): key generated, worker started, EP defined, module deployed, and
     the run answers ok."""
-    from scriptpool.cli import EmbeddedRedis
+    from scriptpool.testing import EmbeddedRedis
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("### Step by step, on your own Redis", 1)[1]

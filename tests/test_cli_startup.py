@@ -11,15 +11,21 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from scriptpool.cli import free_port
 from scriptpool.cli._cli import COMMANDS, build_parser
 from scriptpool.cli._output import subcommands
+from scriptpool.config import Settings
+from scriptpool.config.wire import Job
+from scriptpool.registry import Registry
+from scriptpool.runtime import CaptureStore, CaptureWriter, Executor, ScriptTrace
+from scriptpool.testing import TRIVIAL_WAT, free_port
+from tests import guests
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 
 INTERRUPTED = 130
@@ -30,7 +36,7 @@ HEAVY = ("celery", "kombu", "wasmtime", "jsonschema", "structlog")
 # and our own layers by their names under scriptpool (scriptpool.config, scriptpool.engine, ...).
 _IMPORTS = """
 import json, sys
-from scriptpool.cli._cli import main
+from scriptpool.cli import main
 try:
     code = main(sys.argv[1:])
 except SystemExit as exc:
@@ -98,6 +104,50 @@ def test_run_and_status_load_neither_wasmtime_nor_celery(redis_url: str, redis_c
         ), argv
 
 
+# What the workers package brings (Celery and kombu for the pool, prometheus_client for its
+# metrics): the commands that run scripts in this process need none of it.
+POOL_ONLY = ("celery", "kombu", "prometheus_client", "scriptpool.workers")
+
+
+def test_local_runs_replays_and_captured_runs_load_no_pool(
+    tmp_path: Path, redis_url: str, settings: Settings, registry: Registry, executor: Executor
+) -> None:
+    """``run --local``, ``runs`` and ``replay`` run on the runtime (``scriptpool.runtime``) and
+    load no Celery, kombu, Prometheus client or workers package (all four came with the runtime
+    while it lived in ``scriptpool.workers``); nor does importing the runtime itself."""
+    wat = tmp_path / "trivial.wat"
+    wat.write_text(TRIVIAL_WAT)
+    (tmp_path / "input.json").write_text("{}")
+    registry.deploy("test", "startup", guests.TRAP)
+    trace: list[ScriptTrace] = []
+    assert not executor.execute("test", "startup", {"n": 1}, trace=trace).ok
+    writer = CaptureWriter(settings)
+    writer.offer(Job("j1", "test", "startup", b"{}", time.time() + 5, time.time()), trace, "w")
+    writer.close()
+    (run,) = CaptureStore(redis.Redis.from_url(redis_url), settings).summaries()
+    env = {"SCRIPTPOOL_REDIS_URL": redis_url, "SCRIPTPOOL_ARTIFACT_KEY": TEST_ARTIFACT_KEY.decode()}
+    for argv, code in (
+        (["run", "--local", str(wat), "--input", str(tmp_path / "input.json")], 0),
+        (["runs", "list"], 0),
+        (["runs", "show", run.id], 0),
+        (["replay", run.id, "--json"], 1),  # the trap again: the script failed
+    ):
+        report = imported_by(argv, env)
+        assert report["code"] == code, (argv, report)
+        assert "scriptpool.runtime" in report["packages"], argv
+        assert not set(POOL_ONLY) & set(report["packages"]), argv
+    assert json.loads(report["stdout"])["identical"]["all"] is True
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, scriptpool.runtime; print(' '.join(sys.modules))"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    assert "scriptpool.runtime" in loaded and not set(POOL_ONLY) & set(loaded)
+
+
 def test_the_version_is_the_installed_distributions(tmp_path: Path) -> None:
     """``--version`` reads the version where importlib.metadata finds it (without importing it),
     from the checkout and from elsewhere."""
@@ -140,7 +190,7 @@ class CtrlC:
 
 
 sys.meta_path.insert(0, CtrlC())
-from scriptpool.cli._cli import main
+from scriptpool.cli import main
 sys.exit(main())
 """
 
@@ -166,7 +216,7 @@ _SIGNALLED = """
 import os, signal, sys, threading
 
 threading.Timer(float(sys.argv.pop(1)), os.kill, (os.getpid(), signal.SIGINT)).start()
-from scriptpool.cli._cli import main
+from scriptpool.cli import main
 sys.exit(main())
 """
 

@@ -20,15 +20,14 @@ from typing import Any
 import pytest
 import redis
 
-from scriptpool.cli._cli import main
+from scriptpool.cli import main
 from scriptpool.config import Settings
-from scriptpool.config._settings import MAX_SHARDS
 from scriptpool.config.errors import ClientClosed, ConfigurationError, InvalidArgument
-from scriptpool.engine import Sandbox
+from scriptpool.config.settings import MAX_SHARDS
 from scriptpool.producer import BatchPolicy, BreakerPolicy, Client
 from scriptpool.registry import Registry
 from tests import guests
-from tests.conftest import ROOT
+from tests.conftest import ROOT, deployer_fixture
 from tests.faults._proxy import FaultProxy
 from tests.pool import WorkerProcess, pool_fixtures, shop_on
 
@@ -38,7 +37,7 @@ SHOP = shop_on(0, SHARDS)
 # A call must be answered by its deadline plus this (the brief's margin): the old client took
 # the socket timeout, 1 s, whatever the deadline.
 MARGIN_S = 0.1
-# close() gives its reply lists 0.25 s to be deleted (scriptpool.producer._client._CLOSE_S); twice that.
+# close() gives its reply lists 0.25 s to be deleted (scriptpool.producer._links._CLOSE_S); twice that.
 CLOSE_BOUND_S = 0.5
 NO_BREAKER = BreakerPolicy(error_threshold=10**9)  # every call tries: none is refused early
 
@@ -84,13 +83,8 @@ def silent() -> Iterator[SilentRedis]:
     server.close()
 
 
-@pytest.fixture
-def deployer(redis_client: redis.Redis, pool_settings: Settings, sandbox: Sandbox) -> Registry:
-    """The pool's registry, with EP ``test`` running ECHO for the test shop."""
-    registry = Registry(redis_client, pool_settings, sandbox)
-    registry.define_extension_point("test")
-    registry.deploy("test", SHOP, guests.ECHO)
-    return registry
+# The pool's registry, with EP ``test`` running ECHO for the test shop.
+deployer = deployer_fixture(deploy={("test", SHOP): guests.ECHO})
 
 
 def _good_call(settings: Settings, note: str) -> None:
@@ -233,8 +227,8 @@ def test_close_is_prompt_whatever_redis_does(
 
 _TIMED_RUN = """
 import atexit, sys, time
-from scriptpool.cli._cli import main
-import producer, redis  # imported before the clock starts: start-up is not what is timed
+from scriptpool.cli import main
+import scriptpool.producer, redis  # imported before the clock starts: start-up is not what is timed
 started = time.monotonic()
 atexit.register(lambda: print(f"TIMED {time.monotonic() - started:.3f}", file=sys.stderr))
 sys.exit(main(["run", "test", "shop", "--timeout-ms", "50"]))
@@ -463,7 +457,7 @@ except ConfigurationError as exc:
 _HUGE_STATUS = (
     _LIMITED
     + """
-from scriptpool.cli._cli import main
+from scriptpool.cli import main
 sys.exit(main(["status"]))
 """
 )

@@ -30,9 +30,10 @@ from scriptpool.producer import BreakerPolicy, Client
 from scriptpool.registry import Registry, _bounded_compile
 from scriptpool.registry import _compile as compile_module
 from scriptpool.registry._bounded_compile import Bounds, Compiled, compile_bounded
-from scriptpool.registry._structure import CAPS, Caps, read_structure
+from scriptpool.registry._structure import CAPS, Caps
+from scriptpool.registry._structure_reader import read_structure
 from tests import guests
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, deployer_fixture
 from tests.pool import WorkerProcess, pid_of, pool_fixtures
 
 # -- a tiny Wasm binary writer ---------------------------------------------------------------------
@@ -189,7 +190,7 @@ def deploy_refused(registry: Registry, wasm: bytes, *, ep: str = "test") -> tupl
 
 def good_deploy_runs(registry: Registry, sandbox: Sandbox, settings: Settings) -> None:
     """A good script deployed right after is served."""
-    from scriptpool.workers import Executor
+    from scriptpool.runtime import Executor
 
     registry.deploy("test", "after", guests.ECHO)
     result = Executor(registry, sandbox, settings).execute("test", "after", {"after": 1})
@@ -585,11 +586,7 @@ def test_lying_counts_are_refused_by_the_bytes_left(kind: str) -> None:
 pool_settings, workers = pool_fixtures(1, {"bombs0": [0]})
 
 
-@pytest.fixture
-def deployer(redis_client: redis.Redis, pool_settings: Settings, sandbox: Sandbox) -> Registry:
-    reg = Registry(redis_client, pool_settings, sandbox)
-    reg.define_extension_point("test")
-    return reg
+deployer = deployer_fixture()
 
 
 @pytest.fixture

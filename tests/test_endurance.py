@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from scriptpool.registry import Registry
-from scriptpool.workers import Executor
+from scriptpool.runtime import Executor
 from tests import guests
 
 HOSTILE = {

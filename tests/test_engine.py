@@ -1,4 +1,4 @@
-"""The in-process engine: the ABI, the report, every named error, and recovery after each."""
+"""The runtime (in process): the ABI, the report, every named error, and recovery after each."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import threading
 
 import pytest
 
-from scriptpool.config import Execution, Limits
+from scriptpool.config import Limits
+from scriptpool.config.wire import Execution
 from scriptpool.engine import FIXED_TIME_NS, Sandbox, SandboxRun, _capi
 from scriptpool.engine._capi import internals_problems
 from scriptpool.engine._engine import POOL_LIMITS
-from scriptpool.engine._wasi import GuestIO
+from scriptpool.engine._guest_io import GuestIO
 from scriptpool.registry import Registry
-from scriptpool.workers import Executor
+from scriptpool.runtime import Executor
 from tests import guests
 from tests.conftest import EXAMPLES
 

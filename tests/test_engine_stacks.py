@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from scriptpool.config import LIMIT_RANGES
+from scriptpool.config.limits import LIMIT_RANGES
 from scriptpool.engine import engine_stack_bytes
 
 

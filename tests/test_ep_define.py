@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 import redis
 
-from scriptpool.cli import EmbeddedRedis, main
+from scriptpool.cli import main
 from scriptpool.config import Settings
 from scriptpool.config.errors import ExtensionPointInUse
 from scriptpool.registry import Registry
-from scriptpool.workers import Executor
+from scriptpool.runtime import Executor
+from scriptpool.testing import EmbeddedRedis
 from tests import guests
 from tests.conftest import EXAMPLES, TEST_ARTIFACT_KEY
 from tests.pool import shop_on

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from scriptpool.cli import free_port
+from scriptpool.testing import free_port
 from tests.conftest import ROOT
 
 
@@ -19,14 +19,14 @@ def run_host(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_host_import_loads_no_worker_side() -> None:
-    """``from producer import Client`` in a fresh interpreter loads neither Celery, kombu,
-    wasmtime, jsonschema, structlog nor any package of the worker side."""
+    """``from scriptpool.producer import Client`` in a fresh interpreter loads neither Celery,
+    kombu, wasmtime, jsonschema, structlog nor any package of the worker side."""
     result = run_host(
         """
         import sys
         from scriptpool.producer import Client
         heavy = ("celery", "kombu", "wasmtime", "jsonschema", "structlog")
-        heavy += ("workers", "engine", "registry", "scriptpool")
+        heavy += tuple(f"scriptpool.{name}" for name in ("workers", "runtime", "engine", "registry", "cli"))
         print(sorted(name for name in heavy if name in sys.modules))
         """
     )

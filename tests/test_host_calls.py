@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import pytest
 
 from scriptpool.config import Limits
-from scriptpool.engine import Sandbox, SandboxRun, _wasi
-from scriptpool.engine._wasi import IOV_MAX, SSIZE_MAX, TRUNCATION_MARKER, GuestIO
+from scriptpool.engine import Sandbox, SandboxRun, _guest_io
+from scriptpool.engine._guest_io import TRUNCATION_MARKER, GuestIO
+from scriptpool.engine._wasi import IOV_MAX, SSIZE_MAX
 from tests import guests
 
 MEMORY = 156 * 65536  # the guests' memory: what the default 10,000 KiB limit holds
@@ -143,17 +144,17 @@ def test_random_get_of_10_mib_stays_within_the_wall_limit(sandbox: Sandbox) -> N
         assert (result.instantiate_s + result.run_s) * 1000 <= limits.wall_ms
     else:
         assert error.code == "wall_clock_exceeded"
-    assert figures.peak_bytes < 8 * _wasi.RANDOM_SLICE_BYTES + ALLOCATION_SLACK  # not the 10 MiB asked
+    assert figures.peak_bytes < 8 * _guest_io.RANDOM_SLICE_BYTES + ALLOCATION_SLACK  # not the 10 MiB asked
     still_healthy(sandbox)
 
 
 def test_the_random_stream_is_unchanged_by_slicing() -> None:
     """A run that asks for more than one slice sees the same stream as one made block by block
     (recorded runs replay exactly across this change)."""
-    n = 3 * _wasi.RANDOM_SLICE_BYTES + 17
+    n = 3 * _guest_io.RANDOM_SLICE_BYTES + 17
     sliced = GuestIO(b"", 0, 0).random_bytes(n)
     blocks = b"".join(
-        hashlib.sha256(_wasi.RANDOM_SEED + i.to_bytes(8, "little")).digest() for i in range(-(-n // 32))
+        hashlib.sha256(_guest_io.RANDOM_SEED + i.to_bytes(8, "little")).digest() for i in range(-(-n // 32))
     )
     assert sliced == blocks[:n]
 

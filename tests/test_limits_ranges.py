@@ -18,8 +18,9 @@ import msgpack
 import pytest
 import redis
 
-from scriptpool.config import ExtensionPoint, Job, Limits, Reply, Settings, scaled_limits
+from scriptpool.config import ExtensionPoint, Limits, Settings, scaled_limits
 from scriptpool.config.errors import ConfigurationError
+from scriptpool.config.wire import Job, Reply
 from scriptpool.engine import GuestProfiler, Sandbox
 from scriptpool.producer._publisher import TaskPublisher
 from scriptpool.registry import Registry
@@ -95,7 +96,7 @@ def test_a_limit_that_is_no_integer_is_refused(value: object) -> None:
 
 def test_the_ranges_are_the_documented_ones() -> None:
     """The table above is config's, and the README's limits table shows every range."""
-    from scriptpool.config import LIMIT_RANGES
+    from scriptpool.config.limits import LIMIT_RANGES
 
     assert LIMIT_RANGES == RANGES
     assert set(RANGES) == set(Limits().as_dict())  # a new limit needs a range too
@@ -178,8 +179,8 @@ def test_no_stack_size_can_abort_the_process_in_wasmtime() -> None:
     engine refuses such a size with ConfigurationError first. In a child process, since before
     the fix the abort took the test runner with it."""
     code = (
-        "from engine import Sandbox\n"
-        "from config.errors import ConfigurationError\n"
+        "from scriptpool.engine import Sandbox\n"
+        "from scriptpool.config.errors import ConfigurationError\n"
         "try:\n"
         f"    Sandbox().engine({4 * MIB})\n"
         "except ConfigurationError as exc:\n"

@@ -16,7 +16,7 @@ import pytest
 import redis
 import wasmtime
 
-from scriptpool.cli import free_port, main
+from scriptpool.cli import main
 from scriptpool.config.errors import (
     ForbiddenImport,
     GuestRuntimeError,
@@ -28,6 +28,7 @@ from scriptpool.config.errors import (
     StackOverflow,
     WallClockExceeded,
 )
+from scriptpool.testing import free_port
 from tests import abi, function_runner, guests
 from tests.conftest import EXAMPLES, ROOT, TEST_ARTIFACT_KEY
 

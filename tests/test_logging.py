@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from scriptpool.cli._pool_commands import worker_argv
 from scriptpool.config import Settings, configure_logging, event_name, get_logger
+from scriptpool.testing import worker_argv
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 from tests.logs import captured_events
 from tests.pool import worker_env

@@ -8,11 +8,12 @@ import json
 import msgpack
 import pytest
 
-from scriptpool.config import MAX_OUTPUT_DEPTH, ExecutionReport, Limits
+from scriptpool.config import Limits
 from scriptpool.config.errors import InvalidOutput
+from scriptpool.config.wire import MAX_OUTPUT_DEPTH, ExecutionReport
 from scriptpool.engine import Sandbox
 from scriptpool.producer import Outcome
-from scriptpool.workers._codec import from_json, from_msgpack
+from scriptpool.runtime._codec import from_json, from_msgpack
 from tests import guests
 
 GC_HEAP_BOMB = guests.wasm("""

@@ -11,17 +11,7 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from scriptpool.config import (
-    ErrorInfo,
-    Execution,
-    ExecutionReport,
-    ExtensionPoint,
-    ExtensionPointReader,
-    Keys,
-    Reconnector,
-    WorkerHeartbeat,
-    shard_count_disagreement,
-)
+from scriptpool.config import ExtensionPoint, ExtensionPointReader, Keys
 from scriptpool.config.errors import (
     DeadlineExceeded,
     GuestRuntimeError,
@@ -29,9 +19,12 @@ from scriptpool.config.errors import (
     UnknownExtensionPoint,
     error_class_for,
 )
+from scriptpool.config.heartbeats import WorkerHeartbeat, shard_count_disagreement
+from scriptpool.config.redis import Reconnector
+from scriptpool.config.wire import ErrorInfo, Execution, ExecutionReport
 from scriptpool.producer import BreakerPolicy
 from scriptpool.producer._breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from scriptpool.workers import CacheStats
+from scriptpool.runtime import CacheStats
 from scriptpool.workers import _telemetry as telemetry
 from scriptpool.workers._invalidation import InvalidationListener
 from tests.logs import captured_events

@@ -14,23 +14,17 @@ import redis
 
 from scriptpool.config import Settings
 from scriptpool.config.errors import InputTooLarge, InvalidArgument, InvalidInput, UnknownExtensionPoint
-from scriptpool.engine import Sandbox
 from scriptpool.producer import BreakerPolicy, Client
 from scriptpool.registry import Registry
 from tests import guests
-from tests.conftest import EXAMPLES, TEST_ARTIFACT_KEY
+from tests.conftest import EXAMPLES, TEST_ARTIFACT_KEY, deployer_fixture
 from tests.pool import WorkerProcess, pool_fixtures, shop_on
 
 SHARDS = 3  # shard 0: two workers, shard 1: one worker, shard 2: none (a stopped shard)
 pool_settings, workers = pool_fixtures(SHARDS, {"w0a": [0], "w0b": [0], "w1": [1]})
 
 
-@pytest.fixture
-def deployer(redis_client: redis.Redis, pool_settings: Settings, sandbox: Sandbox) -> Registry:
-    reg = Registry(redis_client, pool_settings, sandbox)
-    reg.define_extension_point("discount")
-    reg.define_extension_point("test")
-    return reg
+deployer = deployer_fixture(("discount", "test"))
 
 
 @pytest.fixture
@@ -250,7 +244,7 @@ def test_strict_raises_named_errors(client: Client, deployer: Registry) -> None:
 
 def test_unreachable_redis_gives_fallback_within_deadline(pool_settings: Settings) -> None:
     """With Redis down the caller gets the fallback before its deadline, not after retries."""
-    from scriptpool.cli import free_port
+    from scriptpool.testing import free_port
 
     dead = pool_settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with Client(dead) as c:
@@ -270,7 +264,7 @@ def test_cli_run_json_prints_the_full_outcome_and_status_shows_the_pool(
     tmp_path: object,
 ) -> None:
     """`scriptpool run --json` prints one JSON object with the report; `status` lists workers."""
-    from scriptpool.cli._cli import main
+    from scriptpool.cli import main
 
     shop = shop_on(1, SHARDS, skip=8)
     deployer.deploy("discount", shop, (EXAMPLES / "discount" / "discount.wasm").read_bytes())
@@ -324,7 +318,7 @@ def test_worker_exports_metrics_and_logs_one_event_per_execution(
     """A worker with a metrics port serves Prometheus counters; its log has one JSON event per run."""
     import urllib.request
 
-    from scriptpool.cli import free_port
+    from scriptpool.testing import free_port
 
     port = free_port()
     extra = WorkerProcess(pool_settings, [2], "w2m", {"SCRIPTPOOL_METRICS_PORT": str(port)}).wait_ready()

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from scriptpool.cli import EmbeddedRedis
 from scriptpool.config import Keys, Settings, shard_for
 from scriptpool.engine import Sandbox
 from scriptpool.producer import Client
 from scriptpool.registry import Registry
+from scriptpool.testing import EmbeddedRedis
 from tests import guests
 from tests.pool import WorkerProcess, pool_fixtures
 

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scriptpool.cli import free_port
-from scriptpool.cli._cli import build_parser, main
+from scriptpool.cli import main
+from scriptpool.cli._cli import build_parser
 from scriptpool.cli._pool_commands import parse_shards
-from scriptpool.config import VARIABLES, Settings, markdown_table
+from scriptpool.config import Settings
+from scriptpool.config.environment import VARIABLES, markdown_table
+from scriptpool.testing import free_port
 from tests import guests
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 

@@ -15,11 +15,12 @@ import msgpack
 import pytest
 import redis
 
-from scriptpool.config import Job, Keys, Settings
+from scriptpool.config import Keys, Settings
+from scriptpool.config.wire import Job
 from scriptpool.engine import Sandbox
 from scriptpool.producer._publisher import TaskPublisher
 from scriptpool.registry import Registry
-from scriptpool.workers._app import create_app
+from scriptpool.workers import create_app
 from tests import guests
 from tests.pool import WorkerProcess, pool_fixtures, shop_on
 
@@ -206,7 +207,7 @@ def test_wire_forms_carry_every_field() -> None:
     forgotten there."""
     import dataclasses
 
-    from scriptpool.config import ErrorInfo, Execution, ExecutionReport, Reply, Taken
+    from scriptpool.config.wire import ErrorInfo, Execution, ExecutionReport, Reply, Taken
 
     job = Job("id", "ep", "shop", b"{}", deadline=2.0, enqueued_at=1.0)
     assert job.to_wire() == dataclasses.asdict(job)

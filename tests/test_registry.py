@@ -20,7 +20,7 @@ from scriptpool.config.errors import (
 )
 from scriptpool.engine import Sandbox, engine_fingerprint
 from scriptpool.registry import Deployment, Registry
-from scriptpool.workers import Executor
+from scriptpool.runtime import Executor
 from tests import guests
 from tests.logs import captured_events
 

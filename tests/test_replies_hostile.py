@@ -16,11 +16,12 @@ import msgpack
 import pytest
 import redis
 
-from scriptpool.config import ErrorInfo, Execution, ExecutionReport, Job, Part, Reply, Settings
+from scriptpool.config import Settings
 from scriptpool.config.errors import InvalidReply, ScriptpoolError
-from scriptpool.producer import Client, Outcome
-from scriptpool.producer._breaker import BreakerPolicy, CircuitBreaker
-from scriptpool.producer._client import _Call
+from scriptpool.config.wire import ErrorInfo, Execution, ExecutionReport, Job, Part, Reply
+from scriptpool.producer import BreakerPolicy, Client, Outcome
+from scriptpool.producer._breaker import CircuitBreaker
+from scriptpool.producer._calls import Call
 from scriptpool.producer._replies import ReplyDispatcher, Waiter
 from scriptpool.registry import Registry
 from tests.logs import captured_events
@@ -294,7 +295,7 @@ def test_fuzzed_replies_decode_or_fail_by_value_error_and_never_raise_out_of_a_c
             raise AssertionError(f"seed {seed}: {type(exc).__name__} decoding {wire!r}") from exc
         now = time.time()
         job = Job("j", "test", "1", b"{}", deadline=now + 5, enqueued_at=now)
-        call = _Call(job, 0, CircuitBreaker(BreakerPolicy()), "fb", time.perf_counter())
+        call = Call(job, 0, CircuitBreaker(BreakerPolicy()), "fb", time.perf_counter())
         call.waiter = Waiter()
         try:
             outcome = client._conclude(call, wire)

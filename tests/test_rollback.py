@@ -19,7 +19,7 @@ from scriptpool.config.errors import InvalidArgument, NothingToRollBack
 from scriptpool.engine import Sandbox
 from scriptpool.producer import Client
 from scriptpool.registry import Registry, RolloutRules
-from scriptpool.workers import Executor
+from scriptpool.runtime import Executor
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.pool import WorkerProcess, shop_on, start_workers

@@ -10,8 +10,7 @@ import pytest
 
 from scriptpool.config.errors import RolloutConflict, ScriptNotFound
 from scriptpool.registry import ABORTED, CANARY, PROMOTED, SHADOWING, Registry, RolloutRules
-from scriptpool.workers import Executor, _judge
-from scriptpool.workers._judge import Sample, ShadowJudge, compare
+from scriptpool.runtime import Executor, Sample, ShadowJudge, _judge, compare
 from tests import guests
 
 SHARDS = 2
@@ -40,7 +39,7 @@ def call(executor: Executor, judge: ShadowJudge, shop: str, payload: Any, ep: st
 def test_comparison_is_canonical_and_counts_codes() -> None:
     """Key order does not matter; same error code is a match; a candidate failing where the live
     version did not is its own result; any other difference is a mismatch."""
-    from scriptpool.config import ErrorInfo, Execution, ExecutionReport
+    from scriptpool.config.wire import ErrorInfo, Execution, ExecutionReport
 
     def ok(output: Any) -> Execution:
         return Execution(True, output, None, ExecutionReport())
@@ -304,7 +303,7 @@ def test_a_shadow_process_that_stops_reading_never_blocks_the_worker(settings: A
     import signal
     import time
 
-    from scriptpool.config import Execution, ExecutionReport
+    from scriptpool.config.wire import Execution, ExecutionReport
     from scriptpool.workers._shadow import _RESULTS, ShadowRunner
 
     live = Execution(True, {"x": 1}, None, ExecutionReport(rollout="shadowed", rollout_id="r"))

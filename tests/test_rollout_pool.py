@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from scriptpool.config import Settings
-from scriptpool.engine import Sandbox
 from scriptpool.producer import Client, Outcome
 from scriptpool.registry import ABORTED, CANARY, PROMOTED, SHADOWING, Registry, RolloutRules, RolloutStatus
 from tests import guests
+from tests.conftest import deployer_fixture
 from tests.pool import WorkerProcess, pool_fixtures, shop_on, start_workers
 
 SHARDS = 2  # shard 0: two workers (every one must see a promotion), shard 1: one
@@ -28,13 +27,8 @@ pool_settings, workers = pool_fixtures(SHARDS, {"ro0a": [0], "ro0b": [0], "ro1":
 INVALIDATION_S = 0.1  # what a deploy takes to reach every worker (test_pool)
 
 
-@pytest.fixture
-def deployer(redis_client: redis.Redis, pool_settings: Settings, sandbox: Sandbox) -> Registry:
-    registry = Registry(redis_client, pool_settings, sandbox)
-    registry.define_extension_point("test")
-    # Room for a slow candidate (echo(burn=25M) runs about 20 ms) and a long loop (~700 ms).
-    registry.define_extension_point("heavy", limits={"fuel": 1_000_000_000, "wall_ms": 2000})
-    return registry
+# ``heavy``: room for a slow candidate (echo(burn=25M) runs about 20 ms) and a long loop (~700 ms).
+deployer = deployer_fixture({"test": {}, "heavy": {"limits": {"fuel": 1_000_000_000, "wall_ms": 2000}}})
 
 
 @pytest.fixture

@@ -8,16 +8,17 @@ import json
 
 import pytest
 
-from scriptpool.config import ExtensionPoint, Limits, Settings, parse_scale_rule, scale_factor, scaled_limits
+from scriptpool.config import ExtensionPoint, Limits, Settings, scale_factor, scaled_limits
 from scriptpool.config.errors import (
     ConfigurationError,
     DeadlineExceeded,
     InputTooLarge,
     InstructionLimitExceeded,
 )
+from scriptpool.config.scale import parse_scale_rule
 from scriptpool.producer import Client
 from scriptpool.registry import Registry
-from scriptpool.workers import Executor
+from scriptpool.runtime import Executor
 from tests import guests
 
 RATE = {"cart.lines": 0.005}  # Shopify's cart-line rate
@@ -72,7 +73,7 @@ def test_malformed_scale_rules_are_named(rule: str) -> None:
 
 
 def test_too_many_rules_are_refused() -> None:
-    from scriptpool.config import check_scale_rules
+    from scriptpool.config.scale import check_scale_rules
 
     with pytest.raises(ConfigurationError):
         check_scale_rules({f"list{n}": 0.01 for n in range(17)})

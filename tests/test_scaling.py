@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from scriptpool.cli import EmbeddedRedis, EmbeddedSentinelSet, main
-from scriptpool.cli._pool_commands import worker_argv
+from scriptpool.cli import main
 from scriptpool.config import Settings
 from scriptpool.config.errors import NotReplicated
 from scriptpool.producer import BreakerPolicy, Client
 from scriptpool.registry import Registries
+from scriptpool.testing import EmbeddedRedis, EmbeddedSentinelSet, worker_argv
 from tests import guests
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 from tests.pool import WorkerProcess, shop_on, worker_env
@@ -76,7 +76,7 @@ def test_a_shard_move_takes_every_app_its_history_and_a_rollout_under_way(
     """A join's apps with their histories, and a rollout with its candidate's module and its
     counts, move with the shard: the target then holds the same binding hash, lists and state,
     and lists the rollout as under way."""
-    from scriptpool.cli._shard_commands import copy_shard
+    from scriptpool.cli._shard_copy import copy_shard
     from scriptpool.registry import RolloutRules
 
     settings, a, b = groups

@@ -8,19 +8,16 @@ import ssl
 
 import pytest
 
-from scriptpool.config import (
-    Keys,
-    Settings,
+from scriptpool.config import Keys, Settings
+from scriptpool.config.errors import ConfigurationError
+from scriptpool.config.groups import parse_shard_groups, ranges_text, render_shard_groups
+from scriptpool.config.redis import (
     celery_broker,
     describe_redis_url,
     parse_sentinel_url,
-    parse_shard_groups,
-    ranges_text,
     redact,
     redis_tls_options,
-    render_shard_groups,
 )
-from scriptpool.config.errors import ConfigurationError
 
 A, B = "redis://a:6379/0", "redis://:secret@b:6380/1"
 S = "sentinel://:datapw@s1:26379,s2,[::1]:26381/pool/3?sentinel_password=sentpw&min_other_sentinels=1"

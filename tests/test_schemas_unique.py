@@ -9,7 +9,7 @@ import jsonschema
 import jsonschema._utils
 import pytest
 
-from scriptpool.registry._schemas import compile_validator
+from scriptpool.registry import compile_validator
 
 UNIQUE = {"type": "array", "uniqueItems": True}
 

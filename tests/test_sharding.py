@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from celery.exceptions import QueueNotFound
 
-from scriptpool.config import Settings, jump_hash, shard_for
+from scriptpool.config import Settings, shard_for
+from scriptpool.config.sharding import jump_hash
 from scriptpool.workers import create_app
 
 SHOPS = [str(n) for n in range(20_000)]

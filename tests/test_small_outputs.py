@@ -15,7 +15,7 @@ import pytest
 from scriptpool.cli import main
 from scriptpool.config import Limits
 from scriptpool.registry import Registry, RolloutRules, Tally
-from scriptpool.workers import Executor
+from scriptpool.runtime import Executor
 from tests import abi, guests
 from tests.conftest import EXAMPLES, ROOT
 from tests.test_cli import OK, cli_env
@@ -100,5 +100,5 @@ def test_the_package_graph_needs_no_venv() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert "workers -> engine:" in result.stdout and "scriptpool -> workers:" in result.stdout
+    assert "workers -> engine:" in result.stdout and "cli -> workers:" in result.stdout
     assert result.stdout.strip().endswith("imports of another package's private modules: 0")

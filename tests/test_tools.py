@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from scriptpool.cli import EmbeddedRedis
 from scriptpool.config import Settings, shard_for
 from scriptpool.engine import Sandbox
 from scriptpool.registry import Registry
+from scriptpool.testing import EmbeddedRedis
 from tests import guests
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 from tests.pool import WorkerProcess, pool_fixtures

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import secrets
 
@@ -12,10 +13,11 @@ from scriptpool.config.errors import (
     ConfigurationError,
     GuestRuntimeError,
     InvalidArgument,
+    InvalidInput,
     ScriptpoolError,
     error_class_for,
 )
-from scriptpool.workers import ByteLRU
+from scriptpool.runtime import ByteLRU, ScriptInput
 
 
 def test_lru_evicts_least_recently_used_by_bytes() -> None:
@@ -97,3 +99,24 @@ def test_errors_have_stable_codes_and_survive_pickling_free_transport() -> None:
     err = GuestRuntimeError("boom", trap_code="unreachable")
     rebuilt = pickle.loads(pickle.dumps(err))  # multiprocessing pools pickle errors
     assert (rebuilt.code, rebuilt.detail) == ("runtime_error", {"trap_code": "unreachable"})
+
+
+def test_a_script_input_decodes_only_when_a_step_needs_it() -> None:
+    """JSON text is the JSON a script reads as it came (never decoded, not copied); decoding
+    (for a MessagePack script or scaling) is strict and happens once; a host value is encoded on
+    demand and, decoded, becomes what its JSON text says. The schema check sees the host value,
+    or the text parsed leniently when nothing decoded it."""
+    text = b'{"n": NaN}'
+    data = ScriptInput.of(text)
+    assert data.json() is text and data.value == ()
+    assert math.isnan(data.for_schema()["n"])  # lenient: only the schema check reads it here
+    with pytest.raises(InvalidInput):
+        data.decoded()  # strict: NaN is not JSON
+    assert ScriptInput.of(memoryview(b"[1]")).json() == b"[1]"
+    host = ScriptInput.of({1: ("a/b",)})
+    assert host.json() == b'{"1":["a\\/b"]}' and host.for_schema() == {1: ("a/b",)}
+    decoded = host.decoded()
+    assert decoded.json_value == {"1": ["a/b"]} and decoded.for_schema() == {"1": ["a/b"]}
+    assert decoded.decoded() is decoded and ScriptInput.of(decoded) is decoded
+    assert ScriptInput.of(None).json() == b"null"  # JSON's null is a value like any other
+    assert ScriptInput.of({"x": math.inf}).captured() == b""  # what failed the run: nothing to keep

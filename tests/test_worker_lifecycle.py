@@ -15,9 +15,10 @@ import urllib.request
 import pytest
 import redis
 
-from scriptpool.cli import free_port, main
+from scriptpool.cli import main
 from scriptpool.config import Settings
 from scriptpool.producer import Client
+from scriptpool.testing import free_port
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 from tests.logs import captured_events
 from tests.pool import WorkerProcess, worker_env

@@ -1,39 +1,37 @@
-"""Workers: the in-process engine (``Executor``) and the sharded Celery pool around it; the
-captured runs workers keep (``CaptureStore``), and runs outside the pool on the same path
-(``run_loaded``, ``replay``).
+"""Workers: the sharded Celery pool around the runtime (``scriptpool.runtime``). A worker takes
+its shards' jobs, runs them on the runtime's ``Executor``, pushes the replies, and serves what
+the outside sees of it: Prometheus metrics, log events, its heartbeat, captured runs (through
+the runtime's ``CaptureWriter``) and a rollout's shadow runs.
 
-``celery -A scriptpool.workers worker`` finds the app in ``scriptpool.workers.celery``.
+``celery -A scriptpool.workers worker`` finds the app in ``scriptpool.workers.celery``;
+:func:`worker_argv` is that command line for given shards.
+
+Each name is imported on first use, so that ``scriptpool worker`` builds its command line
+without loading Celery, which the command it execs loads anyway.
 """
 
-from scriptpool.workers._app import create_app
-from scriptpool.workers._cache import ByteLRU, CacheStats
-from scriptpool.workers._capture import (
-    CaptureStore,
-    CaptureWriter,
-    RunSummary,
-    describe,
-    recorded_output,
-    valid_run_id,
-)
-from scriptpool.workers._executor import Executor
-from scriptpool.workers._local import LocalRun, Replayed, local_script, replay, run_loaded
-from scriptpool.workers._script import decode_output
+from __future__ import annotations
 
-__all__ = [
-    "ByteLRU",
-    "CacheStats",
-    "CaptureStore",
-    "CaptureWriter",
-    "Executor",
-    "LocalRun",
-    "Replayed",
-    "RunSummary",
-    "create_app",
-    "decode_output",
-    "describe",
-    "local_script",
-    "recorded_output",
-    "replay",
-    "run_loaded",
-    "valid_run_id",
-]
+import importlib
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from scriptpool.workers._app import create_app
+    from scriptpool.workers._argv import worker_argv
+
+_HOMES = {"create_app": "scriptpool.workers._app", "worker_argv": "scriptpool.workers._argv"}
+
+__all__ = ["create_app", "worker_argv"]
+
+
+def __getattr__(name: str) -> object:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'scriptpool.workers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # the next lookup is an ordinary one
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

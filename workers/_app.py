@@ -11,7 +11,8 @@ from typing import Any
 from celery import Celery, signals
 from kombu.entity import Queue
 
-from scriptpool.config import Settings, ShardGroup, celery_broker, configure_logging, get_logger
+from scriptpool.config import Settings, ShardGroup, configure_logging, get_logger
+from scriptpool.config.redis import celery_broker
 
 log = get_logger("worker")
 

@@ -27,8 +27,10 @@ import redis
 from celery import states
 from celery.backends.base import BaseBackend
 
-from scriptpool.config import ErrorInfo, Keys, Reply, Settings, get_logger, redis_command, redis_pool
+from scriptpool.config import Keys, Settings, get_logger
 from scriptpool.config.errors import WorkerFailed
+from scriptpool.config.redis import redis_pool
+from scriptpool.config.wire import ErrorInfo, Reply, redis_command
 
 log = get_logger("worker")
 

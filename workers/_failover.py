@@ -19,7 +19,8 @@ from typing import Any
 from celery import bootsteps
 from celery.worker.consumer import Consumer as CeleryConsumer
 
-from scriptpool.config import get_logger, is_sentinel, primary_address, redis_pool
+from scriptpool.config import get_logger
+from scriptpool.config.redis import is_sentinel, primary_address, redis_pool
 
 log = get_logger("worker")
 

@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import redis
 
-from scriptpool.config import PrimaryCheck, Reconnector, get_logger, redis_client
+from scriptpool.config import get_logger
+from scriptpool.config.redis import PrimaryCheck, Reconnector, redis_client
 
 log = get_logger("worker")
 

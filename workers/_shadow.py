@@ -1,6 +1,6 @@
 """Shadow runs, as the worker sees them: after a live reply has gone, a call that belongs to a
 rollout is handed to the worker's shadow process (``scriptpool.workers._shadow_process``), which runs the
-candidate on the same input at idle priority and reports to the registry (``scriptpool.workers._judge``).
+candidate on the same input at idle priority and reports to the registry (``scriptpool.runtime._judge``).
 
 The caller waits for none of it, and the worker gives it next to nothing: handing over is one
 non-blocking send of one message on a Unix socket pair, on the job's own thread, with no other
@@ -26,10 +26,10 @@ from typing import Any
 import msgpack
 from prometheus_client import Counter
 
-from scriptpool.config import Execution, Settings, get_logger
+from scriptpool.config import Settings, get_logger
+from scriptpool.config.wire import Execution
 from scriptpool.registry import CANDIDATE_ERROR, MATCH, MISMATCH
-from scriptpool.workers._executor import JUDGED
-from scriptpool.workers._judge import Sample
+from scriptpool.runtime import JUDGED, Sample
 from scriptpool.workers._shadow_process import MESSAGE_BYTES, RECORD_FIELDS
 
 log = get_logger("worker")

@@ -5,7 +5,7 @@ Unix socket pair.
 It runs at the lowest CPU priority there is (``SCHED_IDLE``, else nice 19), so a shadow run gets
 only CPU no live call wants, and it shares no lock with the worker: a looping candidate, or more
 shadow work than the machine can afford, costs spare capacity and dropped samples, never a
-caller's latency. It has an engine, a module cache and an invalidation listener of its own.
+caller's latency. It has an executor (the runtime's), a module cache and an invalidation listener of its own.
 
 It reads one sample per message and sends back its log records as they happen and the counts
 of its comparisons about once a second (the worker renders both: its log, its metrics). It ends
@@ -71,12 +71,12 @@ def main(argv: list[str]) -> int:
     logging.getLogger().setLevel(logging.INFO)
     priority = lower_priority()
 
-    from scriptpool.config import Settings, get_logger, redis_client
+    from scriptpool.config import Settings, get_logger
+    from scriptpool.config.redis import redis_client
     from scriptpool.engine import Sandbox
     from scriptpool.registry import Registry
-    from scriptpool.workers._executor import Executor
+    from scriptpool.runtime import Executor, Sample, ShadowJudge
     from scriptpool.workers._invalidation import InvalidationListener
-    from scriptpool.workers._judge import Sample, ShadowJudge
 
     log = get_logger("worker")
     settings = Settings.from_env()

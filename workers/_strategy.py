@@ -18,7 +18,8 @@ from celery.exceptions import InvalidTaskError
 from celery.worker.strategy import default
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from scriptpool.config import CONTENT_TYPE, get_logger
+from scriptpool.config import get_logger
+from scriptpool.config.wire import CONTENT_TYPE
 
 log = get_logger("worker")
 

@@ -1,4 +1,4 @@
-"""The one Celery task: run the jobs of a message on this process's engine, dropping those whose
+"""The one Celery task: run the jobs of a message on this process's runtime, dropping those whose
 callers gave up, and reply to each as soon as it is done. Also the worker's lifecycle: logging,
 its name and metrics port (claimed before it consumes anything) and its heartbeat."""
 
@@ -14,18 +14,18 @@ from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
-from scriptpool.config import Job, Keys, Reply, Settings, Taken, configure_logging, get_logger, redis_client
+from scriptpool.config import Keys, Settings, configure_logging, get_logger
 from scriptpool.config.errors import ConfigurationError
+from scriptpool.config.redis import redis_client
+from scriptpool.config.wire import Job, Reply, Taken
 from scriptpool.workers import _telemetry as telemetry
 from scriptpool.workers._backend import ReplyPusher, ReplySession, failure_reply
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from scriptpool.workers._capture import CaptureWriter
-    from scriptpool.workers._executor import Executor
+    from scriptpool.runtime import CaptureWriter, Executor, ScriptTrace
     from scriptpool.workers._invalidation import InvalidationListener
-    from scriptpool.workers._script import ScriptTrace
     from scriptpool.workers._shadow import ShadowRunner
 
 log = get_logger("worker")
@@ -44,13 +44,12 @@ class WorkerCounters:
 
 
 class WorkerState:
-    """Everything a worker process keeps hot: the engine, its caches, the invalidation listener."""
+    """What a worker process keeps hot: the runtime's executor, its caches, the invalidation listener."""
 
     def __init__(self, settings: Settings) -> None:
         from scriptpool.engine import Sandbox
         from scriptpool.registry import Registry
-        from scriptpool.workers._capture import CaptureWriter
-        from scriptpool.workers._executor import Executor
+        from scriptpool.runtime import CaptureWriter, Executor
         from scriptpool.workers._invalidation import InvalidationListener
         from scriptpool.workers._shadow import ShadowRunner
 
@@ -67,7 +66,9 @@ class WorkerState:
         self.heartbeat: telemetry.Heartbeat | None = None
         self.replies = ReplyPusher(settings)
         # Failed and sampled runs, written by a thread of their own after the replies.
-        self.capture: CaptureWriter | None = CaptureWriter(settings) if settings.capture else None
+        self.capture: CaptureWriter | None = (
+            CaptureWriter(settings, count=telemetry.record_captured) if settings.capture else None
+        )
 
     def run_job(
         self, wire: dict[str, Any], replies: ReplySession, request: Any, shard: int, worker: str

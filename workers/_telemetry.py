@@ -8,14 +8,20 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from scriptpool.config import Execution, Keys, Reconnector, WorkerHeartbeat, get_logger, redis_client
+from scriptpool.config import Keys, get_logger
 from scriptpool.config.errors import ConfigurationError
-from scriptpool.workers._cache import CacheStats
+from scriptpool.config.heartbeats import WorkerHeartbeat
+from scriptpool.config.redis import Reconnector, redis_client
+from scriptpool.config.wire import Execution
+from scriptpool.runtime import CAPTURE_RESULTS
+
+if TYPE_CHECKING:
+    from scriptpool.runtime import CacheStats
 
 log = get_logger("worker")
 
@@ -28,6 +34,9 @@ STAGE_SECONDS = Histogram(
 )
 DROPPED_STALE = Counter("scriptpool_dropped_stale_jobs", "Jobs dropped because their caller gave up")
 CACHE = Gauge("scriptpool_module_cache", "Compiled-module cache counters", ["counter"])
+CAPTURED = Counter("scriptpool_captured_runs", "Runs captured for replay, by result", ["result"])
+# Every result's child made now, so /metrics shows each at 0 before the first capture.
+_CAPTURED = {result: CAPTURED.labels(result) for result in CAPTURE_RESULTS}
 
 _STAGES = ("lookup", "instantiate", "run", "decode")
 # Labelled children resolved once: ``labels()`` takes a lock and builds a key on every call.
@@ -66,6 +75,11 @@ def record_execution(execution: Execution, **context: Any) -> None:
 
 def record_dropped() -> None:
     DROPPED_STALE.inc()
+
+
+def record_captured(result: str, runs: int) -> None:
+    """Count how ``runs`` captured runs ended (the capture writer's ``count``)."""
+    _CAPTURED[result].inc(runs)
 
 
 def start_metrics_server(port: int) -> None:

@@ -14,25 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from scriptpool.cli._local_pool import Scratch, local_pool, scratch_prefix
-from scriptpool.cli._measure import percentiles
+from scriptpool.cli._scratch import Scratch, scratch_prefix
 from scriptpool.cli._table import LiveTable
-from scriptpool.config import Settings, describe_redis_url, redis_client, shard_for
+from scriptpool.config import Settings, shard_for
+from scriptpool.config.redis import describe_redis_url, redis_client
 from scriptpool.producer import Client, Outcome
+from scriptpool.testing import TRIVIAL_WAT, local_pool, percentiles
 
 if TYPE_CHECKING:
     from scriptpool.engine import Sandbox
 
-# A trivial script: ignores its input and prints {}. The work is ours, not the guest's.
-TRIVIAL_WAT = """
-(module
-  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 64) "{}")
-  (func (export "_start")
-    (i32.store (i32.const 0) (i32.const 64)) (i32.store (i32.const 4) (i32.const 2))
-    (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
-"""
 PAYLOAD = {"cart": {"lines": [{"id": f"gid://shopify/CartLine/{i}", "quantity": i} for i in range(1, 6)]}}
 STAGES = ["lookup", "validate", "serialize", "enqueue", "queue_wait", "execute", "result", "total"]
 
@@ -159,7 +150,7 @@ def run_bench(options: BenchOptions) -> int:
 def _bench(options: BenchOptions, settings: Settings, scratch: Scratch, sandbox: Sandbox) -> dict[str, Any]:
     import wasmtime
 
-    from scriptpool.workers import Executor
+    from scriptpool.runtime import Executor
 
     print(
         f"bench: n={options.n} concurrency={options.concurrency} shards={settings.shards} "

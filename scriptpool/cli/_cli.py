@@ -152,7 +152,8 @@ def _main(argv: list[str]) -> int:
 
     from typing import TextIO, cast
 
-    from scriptpool.config import Settings, unknown_variables
+    from scriptpool.config import Settings
+    from scriptpool.config.environment import unknown_variables
 
     _log_warnings()
     for name, close in unknown_variables(os.environ):

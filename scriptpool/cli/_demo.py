@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from scriptpool.cli._files import read_module
-from scriptpool.cli._local_pool import Scratch, local_pool, scratch_prefix
 from scriptpool.cli._output import dumps
+from scriptpool.cli._scratch import Scratch, scratch_prefix
 from scriptpool.cli._table import LiveTable
-from scriptpool.config import Settings, redis_client, shard_for
+from scriptpool.config import Settings, shard_for
+from scriptpool.config.redis import redis_client
 from scriptpool.producer import Client
+from scriptpool.testing import local_pool
 
 # Shipped inside the tool package, so the demo runs from any install (not only a checkout).
 EXAMPLES = Path(str(resources.files("scriptpool.examples")))

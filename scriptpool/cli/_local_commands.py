@@ -1,5 +1,5 @@
 """``scriptpool run --local``: one module run in this process, without Redis or workers, on the
-pool's own path (``registry.compile_script``, ``workers.run_loaded``), with function-runner's
+pool's own path (``registry.compile_script``, ``runtime.run_loaded``), with function-runner's
 report.
 
 ``--json`` prints function-runner's fields first, with the same meaning, so a script written for
@@ -30,12 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from scriptpool.cli._files import read_json, read_module
 from scriptpool.cli._output import dumps, exit_code_for, print_json
-from scriptpool.config import Settings, encode_input, largest_input_bytes, scale_factor, scaled_limits
+from scriptpool.config import Settings, largest_input_bytes, scale_factor, scaled_limits
 from scriptpool.config.errors import InputTooLarge, InvalidArgument, InvalidOutput, ScriptpoolError
+from scriptpool.config.wire import encode_input
 
 if TYPE_CHECKING:
     from scriptpool.engine import GuestProfiler
-    from scriptpool.workers import LocalRun
+    from scriptpool.runtime import LocalRun
 
 # An input file may hold whitespace: it is read up to this many times the input limit.
 INPUT_TEXT_FACTOR = 4
@@ -76,7 +77,7 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
 def cmd_run_local(args: argparse.Namespace, settings: Settings) -> int:
     from scriptpool.engine import GuestProfiler, Sandbox, interval_for
     from scriptpool.registry import compile_provider, compile_script, compile_validator
-    from scriptpool.workers import local_script, run_loaded
+    from scriptpool.runtime import local_script, run_loaded
 
     if args.ep is not None or args.shop is not None:
         raise InvalidArgument("run --local takes no EP SHOP (use --ep EP for an extension point's limits)")
@@ -84,7 +85,7 @@ def cmd_run_local(args: argparse.Namespace, settings: Settings) -> int:
         raise InvalidArgument("run --local needs --input FILE (or - for stdin): the input JSON")
     limits, scale, validator = settings.limits, {}, None
     if args.limits_ep:
-        from scriptpool.cli._registry_commands import open_registry
+        from scriptpool.cli._registries import open_registry
 
         definition = open_registry(settings).extension_point(args.limits_ep)
         limits, scale = definition.limits(settings.limits), dict(definition.scale)
@@ -150,7 +151,7 @@ def function_runner_report(
     name: str, size: int, value: Any, result: LocalRun, profile: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """function-runner's JSON report of a run (see the module doc), then our fields."""
-    from scriptpool.workers import decode_output
+    from scriptpool.runtime import decode_output
 
     report, error = result.report, result.error
     success = error is None or isinstance(error, InvalidOutput)

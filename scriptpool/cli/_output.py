@@ -161,7 +161,6 @@ def dumps(value: Any, **options: Any) -> str:
 
 def classify(exc: BaseException) -> tuple[ScriptpoolError | None, ExitCode]:
     """The named error a failure means to a user, and the exit code it gets (None: a bug)."""
-    from scriptpool.config import redis_failure
     from scriptpool.config.errors import (
         BrokerUnavailable,
         ConfigurationError,
@@ -169,6 +168,7 @@ def classify(exc: BaseException) -> tuple[ScriptpoolError | None, ExitCode]:
         PoolError,
         ScriptpoolError,
     )
+    from scriptpool.config.redis import redis_failure
 
     redis = sys.modules.get("redis")  # not imported: the failure is none of its errors
     if redis is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
@@ -243,8 +243,10 @@ def report(error: ScriptpoolError, exit_code: ExitCode, *, json_output: bool) ->
 def redis_address() -> str:
     """Where SCRIPTPOOL_REDIS_URL points, without its passwords (or where every group's Redis
     is, with SCRIPTPOOL_SHARD_GROUPS)."""
-    from scriptpool.config import Settings, describe_redis_url, parse_shard_groups
+    from scriptpool.config import Settings
     from scriptpool.config.errors import ConfigurationError
+    from scriptpool.config.groups import parse_shard_groups
+    from scriptpool.config.redis import describe_redis_url
 
     url = os.environ.get("SCRIPTPOOL_REDIS_URL", Settings().redis_url)
     groups_text = os.environ.get("SCRIPTPOOL_SHARD_GROUPS", "")

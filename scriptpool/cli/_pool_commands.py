@@ -13,8 +13,9 @@ from scriptpool.cli import _local_commands
 from scriptpool.cli._files import read_json
 from scriptpool.cli._output import ExitCode, add_json_flag, dumps, exit_code_for, print_json, report
 from scriptpool.cli._status import cmd_status
-from scriptpool.config import Settings, describe_redis_url
+from scriptpool.config import Settings
 from scriptpool.config.errors import ConfigurationError, InputTooLarge, InvalidArgument
+from scriptpool.config.redis import describe_redis_url
 
 if TYPE_CHECKING:
     from scriptpool.producer import Outcome
@@ -172,31 +173,9 @@ def parse_shards(text: str, shards: int) -> list[int]:
     return chosen
 
 
-def worker_argv(
-    settings: Settings,
-    shards: list[int],
-    *,
-    name: str | None = None,
-    loglevel: str = "INFO",
-    events: bool = False,
-    pool: str = "solo",
-) -> list[str]:
-    """The plain Celery command line a shard worker runs."""
-    queues = ",".join(settings.keys.queue(n) for n in shards)
-    node = name or f"shard{'-'.join(map(str, shards))}-{os.getpid()}@%h"
-    argv = [
-        sys.executable, "-m", "celery", "-A", "scriptpool.workers", "worker", "-Q", queues, "-n", node,
-        "--pool", pool, "--loglevel", loglevel, "--without-gossip", "--without-mingle",
-    ]  # fmt: skip
-    if pool == "solo":
-        argv += ["--concurrency", "1"]  # what solo runs; Celery's default would be the CPU count
-    # Celery's worker heartbeat is an event: Flower lists a worker from its heartbeats, so a
-    # worker that sends events keeps them; without events they would be sent to nobody.
-    argv.append("--events" if events else "--without-heartbeat")
-    return argv
-
-
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from scriptpool.workers import worker_argv  # here: run and status load no worker side
+
     settings.require_artifact_key()
     shards = parse_shards(args.shards, settings.shards)
     settings.group_of_shards(shards)  # one group's Redis per worker (the worker checks again)

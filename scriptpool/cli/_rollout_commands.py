@@ -8,7 +8,7 @@ from typing import Any
 
 from scriptpool.cli._files import read_module
 from scriptpool.cli._output import ExitCode, add_ep_shop, add_json_flag, dumps, print_json
-from scriptpool.cli._registry_commands import open_registries
+from scriptpool.cli._registries import open_registries
 from scriptpool.config import Settings
 
 # The flags of a rollout's rules (registry.RolloutRules, field by field), with its defaults.

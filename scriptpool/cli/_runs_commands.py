@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 from scriptpool.cli._files import read_module
 from scriptpool.cli._output import ExitCode, add_json_flag, dumps, exit_code_for, print_json
-from scriptpool.config import PART_SINGLE, Limits, Settings, redis_client, shard_for
+from scriptpool.config import Limits, Settings, shard_for
 from scriptpool.config.errors import InvalidArgument, RunNotFound
+from scriptpool.config.redis import redis_client
 
 if TYPE_CHECKING:
-    from scriptpool.config import CapturedRun
-    from scriptpool.workers import CaptureStore, Replayed
+    from scriptpool.runtime import CapturedRun, CaptureStore, Replayed
 
 # Input, output and logs longer than this are cut in the text views (--json shows them whole).
 SHOWN_CHARS = 2000
@@ -59,7 +59,7 @@ def add_parsers(sub: Any) -> None:
 def _stores(settings: Settings, shop_id: str | None = None) -> list[CaptureStore]:
     """The capture store of every shard group (a worker captures into its own group's Redis),
     or of ``shop_id``'s group only."""
-    from scriptpool.workers import CaptureStore
+    from scriptpool.runtime import CaptureStore
 
     groups = [settings.group_of(shard_for(shop_id, settings.shards))] if shop_id else settings.groups
     return [CaptureStore(redis_client(g.url, timeout=5, connect_timeout=2), settings) for g in groups]
@@ -150,7 +150,7 @@ def cmd_runs_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_runs_show(args: argparse.Namespace, settings: Settings) -> int:
-    from scriptpool.workers import describe, recorded_output
+    from scriptpool.runtime import PART_SINGLE, describe, recorded_output
 
     run = _find(settings, args.run_id)
     if args.json:
@@ -184,7 +184,7 @@ def cmd_runs_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_runs_delete(args: argparse.Namespace, settings: Settings) -> int:
-    from scriptpool.workers import valid_run_id
+    from scriptpool.runtime import valid_run_id
 
     if not args.run_ids and args.shop is None:
         raise InvalidArgument("runs delete needs RUN_ID ... or --shop SHOP")
@@ -199,9 +199,9 @@ def cmd_runs_delete(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from scriptpool.cli._registry_commands import open_registries
+    from scriptpool.cli._registries import open_registries
     from scriptpool.engine import Sandbox, engine_fingerprint
-    from scriptpool.workers import replay
+    from scriptpool.runtime import replay
 
     run = _find(settings, args.run_id)
     module = read_module(args.module, Limits(**run.limits).module_bytes) if args.module else None
@@ -247,7 +247,7 @@ def _same(what: str, same: bool, recorded: str, now: str) -> str:
 
 
 def _replay_json(replayed: Replayed, engine_differs: bool) -> dict[str, Any]:
-    from scriptpool.workers import recorded_output
+    from scriptpool.runtime import recorded_output
 
     run, result = replayed.run, replayed.result
     return {

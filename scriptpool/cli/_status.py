@@ -11,17 +11,10 @@ from typing import Any
 import redis
 
 from scriptpool.cli._output import ExitCode, print_json
-from scriptpool.config import (
-    Settings,
-    ShardGroup,
-    WorkerHeartbeat,
-    describe_redis_url,
-    live_workers,
-    redis_client,
-    redis_failure,
-    shard_count_disagreement,
-)
+from scriptpool.config import Settings, ShardGroup
 from scriptpool.config.errors import BrokerUnavailable
+from scriptpool.config.heartbeats import WorkerHeartbeat, live_workers, shard_count_disagreement
+from scriptpool.config.redis import describe_redis_url, redis_client, redis_failure
 
 _TRANSPORT = (redis.ConnectionError, redis.TimeoutError, OSError)
 
@@ -209,7 +202,7 @@ def _pair_status(
     args: argparse.Namespace, settings: Settings, shards: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Where one (EP, shop) runs, and every app's script bound there."""
-    from scriptpool.cli._registry_commands import open_registries
+    from scriptpool.cli._registries import open_registries
     from scriptpool.config import shard_for
     from scriptpool.config.errors import InvalidArgument, ScriptNotFound
 

@@ -9,8 +9,9 @@ import secrets
 from typing import Any
 
 from scriptpool.cli._output import ExitCode, add_json_flag
-from scriptpool.config import Settings, artifact_key_problem, read_key_file
+from scriptpool.config import Settings
 from scriptpool.config.errors import ConfigurationError, InvalidArgument
+from scriptpool.config.settings import artifact_key_problem, read_key_file
 
 
 def add_parsers(sub: Any) -> None:

@@ -1,4 +1,6 @@
-"""Bounded load from real host clients: threads calling ``Client.run``, every call recorded."""
+"""Bounded load from real host clients: threads calling ``Client.run``, every call recorded; and
+:func:`under_load`, the fault scenarios' "put load on, break something, assert recovery and that
+a good script runs right after"."""
 
 from __future__ import annotations
 
@@ -6,11 +8,14 @@ import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from scriptpool.producer import Client
+from scriptpool.config import Settings
+from scriptpool.producer import BreakerPolicy, Client, Outcome
+from tests.pool import WorkerProcess, start_workers
 
 FALLBACK = {"fallback": True}
 
@@ -116,6 +121,11 @@ class Load:
         """Start no more calls; the ones in flight finish."""
         self._stop.set()
 
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop` was called (so not all of the plan was offered)."""
+        return self._stop.is_set()
+
     def join(self, timeout_s: float = 120.0) -> list[Call]:
         """Wait for every caller; a caller still blocked after ``timeout_s`` is a hang.
 
@@ -188,3 +198,113 @@ def answered_figures(calls: Sequence[Call], planned: int) -> dict[str, int | flo
         "not ok, by code": ", ".join(f"{code} {n:,}" for code, n in sorted(codes.items())) or "none",
         "worst answer past deadline (ms)": round(max(0.0, max(c.late_ms for c in calls)), 2),
     }
+
+
+class UnderLoad:
+    """A pool under load while a test breaks something: what :func:`under_load` yields.
+
+    ``client`` is the callers' client, ``workers`` the pool's processes by start order (their
+    pids as at the start in ``pids``), ``broken_at`` when the body began (the load had reached its
+    ``break_after`` calls), ``cleared_at`` when the body called :meth:`cleared` (the fault was
+    undone), else when the body ended. After the block, ``calls`` holds every caller's call and
+    ``after`` a good call per shop of the plan made right after the load, on the same workers."""
+
+    def __init__(self, client: Client, load: Load, workers: list[WorkerProcess]) -> None:
+        self.client = client
+        self.load = load
+        self.workers = workers
+        self.pids = [w.process.pid for w in workers]
+        self.broken_at = time.monotonic()
+        self.cleared_at: float | None = None
+        self.finished_at = 0.0
+        self.calls: list[Call] = []
+        self.after: list[tuple[Planned, Outcome]] = []
+        self.alive: dict[str, bool] = {}
+
+    def cleared(self) -> float:
+        """Mark the fault undone (now); returns the instant."""
+        self.cleared_at = time.monotonic()
+        return self.cleared_at
+
+    def join(self) -> list[Call]:
+        """Wait for every caller (once; the block's end does it if the body did not)."""
+        if not self.finished_at:
+            self.calls = self.load.join()
+            self.finished_at = time.monotonic()
+        return self.calls
+
+    def assert_recovered(self, *, dead: Sequence[str] = (), within_s: float | None = 5.0) -> float | None:
+        """What every load scenario asserts: every planned call answered (all of the plan unless
+        the load was stopped), none wrong, none later than its deadline + 50 ms; the workers not
+        in ``dead`` alive and the same processes; with ``within_s``, throughput back within that
+        many seconds of :attr:`cleared_at` (returned); and a good call on every shop of the plan
+        right after the load answered correctly. Failures show the calls' timeline."""
+        cleared_at = self.cleared_at if self.cleared_at is not None else self.finished_at
+        plan = self.load.plan
+        if not self.load.stopped:
+            assert len(self.calls) == len(plan) and len({c.index for c in self.calls}) == len(plan)
+        assert not wrong_results(plan, self.calls), timeline(self.calls, self.broken_at)
+        worst_late_ms = max(c.late_ms for c in self.calls)
+        assert worst_late_ms <= 50, f"a caller waited {worst_late_ms:.1f} ms past its deadline"
+        survivors = [w for w in self.workers if w.name not in dead]
+        assert all(self.alive[w.name] for w in survivors), self.alive
+        assert [w.process.pid for w in survivors] == [
+            pid for w, pid in zip(self.workers, self.pids, strict=True) if w.name not in dead
+        ]
+        recovered_s = None
+        if within_s is not None:
+            try:
+                recovered_s = recovery_s(self.calls, cleared_at)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{timeline(self.calls, cleared_at)}") from None
+            assert recovered_s <= within_s, timeline(self.calls, cleared_at)
+        bad_after = [
+            (p.shop, o.status, o.error_code) for p, o in self.after if not o.ok or o.output != p.expected
+        ]
+        assert self.after and not bad_after, f"good calls right after the load failed: {bad_after}"
+        return recovered_s
+
+
+@contextmanager
+def under_load(
+    settings: Settings,
+    plan: Sequence[Planned],
+    layout: dict[str, list[int]],
+    *,
+    rate: float,
+    timeout_s: float,
+    break_after: int,
+    threads: int = 8,
+    breaker: BreakerPolicy | None = None,
+    client_settings: Settings | None = None,
+) -> Iterator[UnderLoad]:
+    """Start the workers of ``layout`` (name -> shards) on ``settings``, put ``plan`` on them
+    from ``threads`` threads of one client (on ``client_settings``, default ``settings``) at
+    ``rate``, and once ``break_after`` calls are done run the block, which breaks something
+    (and calls :meth:`UnderLoad.cleared` once it is undone). After the block: every caller is
+    joined, a good call runs on every shop of the plan (its first planned call whose output is
+    known), and the workers are stopped (SIGKILLed if the block failed). Then
+    :meth:`UnderLoad.assert_recovered` asserts what every scenario does."""
+    workers = start_workers(settings, layout)
+    ok = False
+    try:
+        with Client(client_settings or settings, breaker=breaker) as client:
+            load = Load(client, plan, threads=threads, timeout_s=timeout_s, rate=rate).start()
+            load.wait_for(break_after)
+            run = UnderLoad(client, load, workers)
+            yield run
+            if run.cleared_at is None:
+                run.cleared()
+            run.join()
+            run.alive = {w.name: w.alive for w in workers}
+            firsts = {(p.ep, p.shop): p for p in reversed(plan) if p.expected is not None}
+            for planned in firsts.values():
+                outcome = client.run(planned.ep, planned.shop, planned.input, timeout=5)
+                run.after.append((planned, outcome))
+        ok = True
+    finally:
+        for worker in workers:
+            if ok:
+                worker.stop()
+            else:
+                worker.kill()

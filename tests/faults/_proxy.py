@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from scriptpool.cli import free_port
+from scriptpool.testing import free_port
 
 _CHUNK = 65536
 FORWARD, DROP, FORWARD_THEN_CUT = "forward", "drop", "forward then cut"

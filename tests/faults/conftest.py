@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from scriptpool.cli import EmbeddedRedis
+from scriptpool.testing import EmbeddedRedis
 from tests.conftest import RELIABILITY
 from tests.faults._record import Figure
 

@@ -24,11 +24,12 @@ import msgpack
 import pytest
 import redis
 
-from scriptpool.cli import EmbeddedRedis
-from scriptpool.config import Settings, Taken
+from scriptpool.config import Settings
+from scriptpool.config.wire import Taken
 from scriptpool.engine import Sandbox
 from scriptpool.producer import BreakerPolicy, Client, Outcome
 from scriptpool.registry import Registry
+from scriptpool.testing import EmbeddedRedis
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.faults.conftest import Recorder

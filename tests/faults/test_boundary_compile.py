@@ -24,7 +24,7 @@ from scriptpool.producer import BreakerPolicy, Client
 from scriptpool.registry import Registry
 from scriptpool.registry._bounded_compile import Bounds, Compiled, compile_bounded
 from tests import guests
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, deployer_fixture
 from tests.faults.conftest import Recorder
 from tests.pool import WorkerProcess, pid_of, pool_fixtures
 from tests.test_compile_bombs import (
@@ -42,11 +42,7 @@ settings, workers = pool_fixtures(1, {"compile0": [0]}, redis="private_redis", s
 TITLE = "Compile bombs at deploy and on the job path"
 
 
-@pytest.fixture(scope="module")
-def deployer(settings: Settings, sandbox: Sandbox) -> Registry:
-    registry = Registry(redis.Redis.from_url(settings.redis_url), settings, sandbox)
-    registry.define_extension_point("test")
-    return registry
+deployer = deployer_fixture(settings="settings", scope="module")
 
 
 @pytest.fixture(scope="module")

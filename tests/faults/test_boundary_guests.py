@@ -10,15 +10,15 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import redis
 
-from scriptpool.cli import rss_mb
 from scriptpool.config import Limits, Settings
-from scriptpool.engine import Sandbox
-from scriptpool.engine._wasi import IOV_MAX, RANDOM_SLICE_BYTES
+from scriptpool.engine._guest_io import RANDOM_SLICE_BYTES
+from scriptpool.engine._wasi import IOV_MAX
 from scriptpool.producer import BreakerPolicy, Client
 from scriptpool.registry import Registry
+from scriptpool.testing import rss_mb
 from tests import guests
+from tests.conftest import deployer_fixture
 from tests.faults.conftest import Recorder
 from tests.pool import WorkerProcess, pid_of, pool_fixtures, shop_on
 from tests.test_named_failures import GC_HEAP_BOMB, UNCAUGHT, nested
@@ -75,13 +75,15 @@ def worker(pool: dict[str, WorkerProcess]) -> WorkerProcess:
     return pool["boundary"]
 
 
-@pytest.fixture(scope="module")
-def deployer(settings: Settings, sandbox: Sandbox) -> Registry:
-    registry = Registry(redis.Redis.from_url(settings.redis_url), settings, sandbox)
-    registry.define_extension_point("boundary", limits=LIMITS)
-    registry.define_extension_point("unique", output_schema={"type": "array", "uniqueItems": True})
-    registry.define_extension_point("test")
-    return registry
+deployer = deployer_fixture(
+    {
+        "boundary": {"limits": LIMITS},
+        "unique": {"output_schema": {"type": "array", "uniqueItems": True}},
+        "test": {},
+    },
+    settings="settings",
+    scope="module",
+)
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,14 @@ import msgpack
 import pytest
 import redis
 
-from scriptpool.cli._pool_commands import worker_argv
-from scriptpool.config import Job, Reply, Settings
+from scriptpool.config import Settings
 from scriptpool.config.errors import ConfigurationError
-from scriptpool.engine import Sandbox
+from scriptpool.config.wire import Job, Reply
 from scriptpool.producer._publisher import TaskPublisher
 from scriptpool.registry import Registry
+from scriptpool.testing import worker_argv
 from tests import guests
-from tests.conftest import ROOT
+from tests.conftest import ROOT, deployer_fixture
 from tests.faults.conftest import Recorder
 from tests.pool import WorkerProcess, pid_of, pool_fixtures, shop_on
 
@@ -87,13 +87,10 @@ def _send(settings: Settings, ep: str, payload: bytes) -> tuple[Reply | None, fl
     return (None if popped is None else Reply.from_wire(msgpack.unpackb(popped[1]))), elapsed_ms
 
 
-@pytest.fixture(scope="module")
-def deployer(settings: Settings, sandbox: Sandbox) -> Registry:
-    """The pool's registry, with ECHO at ``good`` for the test shop."""
-    registry = Registry(redis.Redis.from_url(settings.redis_url), settings, sandbox)
-    registry.define_extension_point("good")
-    registry.deploy("good", SHOP, guests.ECHO)
-    return registry
+# The pool's registry, with ECHO at ``good`` for the test shop.
+deployer = deployer_fixture(
+    ["good"], settings="settings", scope="module", deploy={("good", SHOP): guests.ECHO}
+)
 
 
 def test_hostile_ep_records_fail_their_jobs_by_name_and_the_worker_serves_on(

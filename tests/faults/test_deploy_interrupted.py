@@ -15,11 +15,11 @@ from pathlib import Path
 
 import redis
 
-from scriptpool.cli import EmbeddedRedis
 from scriptpool.config import Settings
 from scriptpool.engine import Sandbox
 from scriptpool.producer import Client
 from scriptpool.registry import Registry
+from scriptpool.testing import EmbeddedRedis
 from tests import guests
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 from tests.faults._proxy import DROP, FORWARD, FORWARD_THEN_CUT, FaultProxy

@@ -8,17 +8,16 @@ import time
 from collections import Counter
 
 import pytest
-import redis
 
-from scriptpool.cli import rss_mb
 from scriptpool.config import Limits, Settings
 from scriptpool.config.errors import InputTooLarge, ScriptNotFound, ScriptpoolError
-from scriptpool.engine import FIXED_TIME_NS, Sandbox
-from scriptpool.engine._wasi import TRUNCATION_MARKER, GuestIO
+from scriptpool.engine import FIXED_TIME_NS
+from scriptpool.engine._guest_io import TRUNCATION_MARKER, GuestIO
 from scriptpool.producer import BreakerPolicy, Client
 from scriptpool.registry import Registry
+from scriptpool.testing import rss_mb
 from tests import guests
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, deployer_fixture
 from tests.faults._load import Load, Planned, wrong_results
 from tests.faults.conftest import Recorder
 from tests.pool import WorkerProcess, pid_of, pool_fixtures, shop_on
@@ -91,15 +90,17 @@ DEPLOY_KINDS = {
 DEPLOY_ROUNDS = 5
 
 
-@pytest.fixture(scope="module")
-def deployer(settings: Settings, sandbox: Sandbox) -> Registry:
-    registry = Registry(redis.Redis.from_url(settings.redis_url), settings, sandbox)
-    registry.define_extension_point("test", limits=GOOD_LIMITS)
-    registry.define_extension_point("hostile", limits=HOSTILE_LIMITS)
-    registry.define_extension_point("hostile-wall", limits=WALL_LIMITS)
-    registry.define_extension_point("hostile-typed", limits=HOSTILE_LIMITS, output_schema=TYPED_SCHEMA)
-    registry.add_provider("answers_v1", guests.PROVIDER)
-    return registry
+deployer = deployer_fixture(
+    {
+        "test": {"limits": GOOD_LIMITS},
+        "hostile": {"limits": HOSTILE_LIMITS},
+        "hostile-wall": {"limits": WALL_LIMITS},
+        "hostile-typed": {"limits": HOSTILE_LIMITS, "output_schema": TYPED_SCHEMA},
+    },
+    settings="settings",
+    scope="module",
+    providers={"answers_v1": guests.PROVIDER},
+)
 
 
 def test_hostile_kinds_under_load_give_named_errors_and_leave_workers_healthy(

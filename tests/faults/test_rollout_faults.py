@@ -8,11 +8,11 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from scriptpool.cli import EmbeddedRedis
 from scriptpool.config import Settings
 from scriptpool.engine import Sandbox
 from scriptpool.producer import BreakerPolicy, Client
 from scriptpool.registry import ABORTED, PROMOTED, SHADOWING, Registry, RolloutRules
+from scriptpool.testing import EmbeddedRedis
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.faults._load import Load, Planned, answered_figures, recovery_s, wrong_results

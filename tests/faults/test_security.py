@@ -28,18 +28,20 @@ import pytest
 import redis
 from kombu.exceptions import OperationalError
 
-from scriptpool.cli import EmbeddedRedis, find_redis_server, free_port
-from scriptpool.config import Job, Keys, Settings, redis_tls_options
+from scriptpool.config import Keys, Settings
 from scriptpool.config.errors import BrokerUnavailable, ConfigurationError, ScriptpoolError
+from scriptpool.config.redis import redis_tls_options
+from scriptpool.config.wire import Job
 from scriptpool.engine import FIXED_TIME_NS, Sandbox, engine_fingerprint
-from scriptpool.engine._wasi import GuestIO
+from scriptpool.engine._guest_io import GuestIO
 from scriptpool.producer import BreakerPolicy, Client
 from scriptpool.registry import Registry
 from scriptpool.registry._bounded_compile import Compiled, compile_bounded
-from scriptpool.workers import Executor
-from scriptpool.workers._app import create_app
+from scriptpool.runtime import Executor
+from scriptpool.testing import EmbeddedRedis, find_redis_server, free_port
+from scriptpool.workers import create_app
 from tests import guests
-from tests.conftest import TEST_ARTIFACT_KEY
+from tests.conftest import TEST_ARTIFACT_KEY, deployer_fixture
 from tests.faults.conftest import Recorder
 from tests.logs import captured_events
 from tests.pool import WorkerProcess, pid_of, pool_fixtures, shop_on
@@ -62,11 +64,7 @@ def workers(pool: dict[str, WorkerProcess]) -> dict[int, WorkerProcess]:
     return {worker.shards[0]: worker for worker in pool.values()}
 
 
-@pytest.fixture(scope="module")
-def deployer(settings: Settings, sandbox: Sandbox) -> Registry:
-    registry = Registry(redis.Redis.from_url(settings.redis_url), settings, sandbox)
-    registry.define_extension_point("test")
-    return registry
+deployer = deployer_fixture(settings="settings", scope="module")
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +149,7 @@ def test_tampered_or_foreign_artifacts_are_never_deserialized(
         fresh.append(compiled.artifact)
         return compiled
 
-    monkeypatch.setattr("scriptpool.registry._registry.compile_bounded", compile_watched)
+    monkeypatch.setattr("scriptpool.registry._module_store.compile_bounded", compile_watched)
     executor = Executor(deployer, sandbox, settings)
     with captured_events() as logs:
         outputs = [executor.execute("test", shop, {}).output for _, shop, _ in cases]
@@ -495,7 +493,7 @@ def test_password_protected_redis_end_to_end_and_wrong_password_is_named(
     the client runs, all through SCRIPTPOOL_REDIS_URL with the password. With a wrong password
     the client answers broker_unavailable before its deadline (BrokerUnavailable with strict), the
     CLI exits 4 (Redis unreachable) with one line, and a worker never reports ready; nothing hangs."""
-    from scriptpool.cli._cli import main
+    from scriptpool.cli import main
 
     password = uuid.uuid4().hex
     with EmbeddedRedis(password=password) as server:

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from scriptpool.cli import EmbeddedSentinelSet
 from scriptpool.config import Settings
 from scriptpool.config.errors import BrokerUnavailable, NotReplicated
 from scriptpool.producer import BreakerPolicy, Client
 from scriptpool.registry import Registries
+from scriptpool.testing import EmbeddedSentinelSet
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.faults._load import Load, Planned, answered_figures, recovery_s, timeline, wrong_results

@@ -10,10 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from scriptpool.cli import EmbeddedRedis, main
+from scriptpool.cli import main
 from scriptpool.config import Settings
 from scriptpool.producer import BreakerPolicy, Client
 from scriptpool.registry import Registries
+from scriptpool.testing import EmbeddedRedis
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.faults._load import Call, Load, Planned, answered_figures, recovery_s, timeline, wrong_results

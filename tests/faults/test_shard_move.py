@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 import redis
 
-from scriptpool.cli import EmbeddedRedis, main
+from scriptpool.cli import main
 from scriptpool.config import Settings
 from scriptpool.producer import Client, Outcome
 from scriptpool.registry import Registries
+from scriptpool.testing import EmbeddedRedis
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
 from tests.faults._load import Load, Planned, answered_figures, wrong_results

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
-import redis
-
-from scriptpool.cli import EmbeddedRedis
 from scriptpool.config import Settings
-from scriptpool.engine import Sandbox
-from scriptpool.producer import Client
-from scriptpool.registry import Registry
+from scriptpool.testing import EmbeddedRedis, make_registry
 from tests import guests
 from tests.conftest import TEST_ARTIFACT_KEY
-from tests.faults._load import Load, Planned, answered_figures, timeline, wrong_results
+from tests.faults._load import Planned, answered_figures, timeline, under_load
 from tests.faults.conftest import Recorder
-from tests.pool import shops_on, start_workers
+from tests.pool import shops_on
 
 SHARDS = 2
 JOBS = 4_000
@@ -31,38 +25,28 @@ def test_worker_sigkilled_while_a_second_serves_its_shard(
     served by the surviving worker; the jobs the dead worker held are answered by the fallback;
     no job runs twice."""
     settings = Settings(redis_url=private_redis.url, artifact_key=TEST_ARTIFACT_KEY, shards=SHARDS)
-    registry = Registry(redis.Redis.from_url(settings.redis_url), settings, Sandbox())
-    registry.define_extension_point("test")
     shops = shops_on(0, SHARDS, 6) + shops_on(1, SHARDS, 2)
-    for shop in shops:
-        registry.deploy("test", shop, guests.ECHO)
+    make_registry(settings, deploy={("test", shop): guests.ECHO for shop in shops})
     plan = [Planned("test", shops[i % len(shops)], {"i": i}, {"i": i}) for i in range(JOBS)]
 
-    workers = start_workers(settings, {"k0a": [0], "k0b": [0], "k1": [1]})
-    victim, survivor, other = workers
-    try:
-        with Client(settings) as client:
-            load = Load(client, plan, threads=8, timeout_s=TIMEOUT_S, rate=RATE).start()
-            load.wait_for(JOBS // 4)
-            executed_before_kill = len(victim.executed_jobs())
-            victim.kill()
-            # After the process is reaped: a call that started while the SIGKILL was on its way
-            # could still be served by the victim (seen once).
-            killed_at = time.monotonic()
-            calls = load.join()
-        assert survivor.alive and other.alive
-    finally:
-        for worker in workers:
-            worker.kill()
+    layout = {"k0a": [0], "k0b": [0], "k1": [1]}
+    with under_load(settings, plan, layout, rate=RATE, timeout_s=TIMEOUT_S, break_after=JOBS // 4) as run:
+        victim = run.workers[0]
+        executed_before_kill = len(victim.executed_jobs())
+        victim.kill()
+        # After the process is reaped: a call that started while the SIGKILL was on its way
+        # could still be served by the victim (seen once).
+        killed_at = run.cleared()
+    calls, workers = run.calls, run.workers
 
+    # One outcome per caller, none wrong, none past deadline + 50 ms; the survivor and the other
+    # shard's worker alive, the same processes; a good script on every shop right after.
+    run.assert_recovered(dead=["k0a"], within_s=None)
     executions = Counter(job for w in workers for job in w.executed_jobs())
     twice = [job for job, n in executions.items() if n > 1]
     not_ok = [c for c in calls if c.status != "ok"]
     shard0 = set(shops_on(0, SHARDS, 6))
     after_kill = [c for c in calls if c.started > killed_at and plan[c.index].shop in shard0]
-    assert len(calls) == JOBS and len({c.index for c in calls}) == JOBS  # one outcome per caller
-    assert not wrong_results(plan, calls)
-    assert max(c.late_ms for c in calls) <= 50
     assert executed_before_kill > 0
     assert not twice, f"jobs executed twice: {twice[:5]}"
     # What the dead worker held (the job it ran and what it had reserved) is answered by the

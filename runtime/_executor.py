@@ -1,0 +1,300 @@
+"""The runtime's executor: look up, load (hot, deserialized or compiled), run, decode, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import wasmtime
+
+from scriptpool.config import (
+    ExtensionPoint,
+    Settings,
+    check_ep,
+    check_input_size,
+    check_shop_id,
+    largest_input_bytes,
+    scale_factor,
+    scaled_limits,
+)
+from scriptpool.config.errors import InputTooLarge, InvalidInput, ScriptpoolError
+from scriptpool.config.extension_points import SINGLE
+from scriptpool.config.wire import ErrorInfo, Execution, ExecutionReport
+from scriptpool.engine import CODEC_JSON, Sandbox
+from scriptpool.registry import CANARY, Candidate, compile_validator
+from scriptpool.runtime._cache import ByteLRU, CacheStats
+from scriptpool.runtime._captured import PART_SINGLE
+from scriptpool.runtime._combine import PartsRunner
+from scriptpool.runtime._input import ScriptInput
+from scriptpool.runtime._reducers import Reducer
+from scriptpool.runtime._script import (
+    EpRuntime,
+    LoadedScript,
+    ScriptRun,
+    ScriptTrace,
+    encode_for,
+    ms,
+    run_script,
+    script_report,
+    validate,
+)
+
+if TYPE_CHECKING:
+    from scriptpool.registry import BindingSet, Deployment, Registry
+
+
+class Executor:
+    """Runs deployed scripts in this process. Thread-safe; keep one per process.
+
+    Hot state: compiled modules in a byte-bounded LRU, bindings and extension points in dicts
+    that :meth:`invalidate` clears (and that expire after ``binding_cache_ttl_s`` as a backstop).
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        sandbox: Sandbox,
+        settings: Settings,
+        *,
+        sample: Callable[[], float] = random.random,
+    ) -> None:
+        self._registry = registry
+        self._sandbox = sandbox
+        self._settings = settings
+        self._sample = sample
+        self._modules: ByteLRU[wasmtime.Module] = ByteLRU(settings.module_cache_bytes)
+        self._bindings: dict[tuple[str, str], tuple[BindingSet, float]] = {}
+        self._eps = registry.extension_point_reader(self._prepare_ep)
+        self._parts = PartsRunner(sandbox, self._load, settings.epoch_tick_ms, threads=settings.join_threads)
+        self._lock = threading.Lock()
+
+    # -- public --------------------------------------------------------------------------------
+    def execute(
+        self,
+        ep: str,
+        shop_id: str | int,
+        payload: Any,
+        *,
+        deadline: float | None = None,
+        trace: list[ScriptTrace] | None = None,
+    ) -> Execution:
+        """Run what is bound to (``ep``, ``shop_id``) on ``payload``: JSON text (bytes), a host
+        value (a JSON value), or a :class:`ScriptInput`.
+
+        ``deadline`` (Unix seconds) is the caller's: the parts of a join or chain are never run
+        past it (a single script runs under its EP's limits alone). With ``trace``, each script
+        that ran (or was about to) is appended to it, for capture after the reply. During a
+        rollout, ``report.rollout`` says which version served and whether the candidate shadows
+        the call.
+        """
+        started = time.perf_counter()
+        data = ScriptInput.of(payload)
+        try:
+            runtime, bindings = self._lookup(check_ep(ep), check_shop_id(shop_id))
+        except ScriptpoolError as exc:
+            report = ExecutionReport(lookup_ms=ms(time.perf_counter() - started))
+            return Execution(False, None, ErrorInfo.from_exception(exc), report)
+        candidate = bindings.candidate
+        if candidate is None:
+            return self._run(runtime, bindings, data, started, deadline, trace)
+        if candidate.state == CANARY:  # the JSON text is hashed: the same input, the same version
+            served = CANARY if candidate.in_canary(data.json()) else CONTROL
+        else:
+            served = SHADOWED if self._sample() < candidate.rules.shadow_rate else LIVE
+        runs = bindings.with_candidate() if served == CANARY else bindings
+        execution = self._run(runtime, runs, data, started, deadline, trace)
+        report = dataclasses.replace(execution.report, rollout=served, rollout_id=candidate.id)
+        return dataclasses.replace(execution, report=report)
+
+    def run_candidate(
+        self, ep: str, shop_id: str, payload: Any, rollout_id: str
+    ) -> tuple[Candidate, Execution] | None:
+        """For a shadow run: the candidate of rollout ``rollout_id`` at (``ep``, ``shop_id``), if
+        that rollout is still under way, and its execution on ``payload`` (as :meth:`execute`
+        takes it). No deadline: nobody waits."""
+        candidate = self.candidate(ep, shop_id, rollout_id)
+        if candidate is None:
+            return None
+        runtime, bindings = self._lookup(ep, shop_id)
+        if bindings.candidate != candidate:  # changed in between: too late for this call
+            return None
+        data = ScriptInput.of(payload)
+        shadow = self._run(runtime, bindings.with_candidate(), data, time.perf_counter(), None, None)
+        return candidate, shadow
+
+    def candidate(self, ep: str, shop_id: str, rollout_id: str) -> Candidate | None:
+        """The candidate of rollout ``rollout_id`` at (``ep``, ``shop_id``), or None once that
+        rollout is over. A cached binding that names another rollout is read again first: the
+        call being judged may be newer than the cache."""
+        candidate = self._lookup(ep, shop_id)[1].candidate
+        if candidate is None or candidate.id != rollout_id:
+            self.invalidate(ep, shop_id)
+            candidate = self._lookup(ep, shop_id)[1].candidate
+        return candidate if candidate is not None and candidate.id == rollout_id else None
+
+    def _run(
+        self,
+        runtime: EpRuntime,
+        bindings: BindingSet,
+        data: ScriptInput,
+        started: float,
+        deadline: float | None,
+        trace: list[ScriptTrace] | None,
+    ) -> Execution:
+        script: LoadedScript | None = None
+        lookup_ms: float | None = None
+        input_bytes = 0
+        factor = 1.0
+        outcome: ScriptRun | None = None
+        try:
+            if runtime.scale:
+                runtime, factor, data = _scaled(runtime, data)
+            if runtime.combine == SINGLE:
+                script = self._load(bindings.only(), runtime)
+            lookup_ms = ms(time.perf_counter() - started)
+            if script is None:  # each part encodes the input in its own codec
+                stdin = self._prepare_input(data, runtime, CODEC_JSON)
+                return self._parts.execute(
+                    runtime, bindings, stdin, lookup_ms, deadline, scale_factor=factor, trace=trace
+                )
+            stdin = self._prepare_input(data, runtime, script.deployment.codec)
+            input_bytes = len(stdin)
+            outcome = run_script(self._sandbox, script, stdin, runtime.limits, runtime.output_validator)
+            if outcome.error is not None:
+                raise outcome.error
+        except ScriptpoolError as exc:
+            if lookup_ms is None:
+                lookup_ms = ms(time.perf_counter() - started)
+            report = script_report(script, lookup_ms, input_bytes, outcome, factor)
+            if trace is not None and script is not None and runtime.capture:
+                trace.append(_trace(script, runtime, data, exc, outcome, report))
+            return Execution(False, None, ErrorInfo.from_exception(exc), report)
+        report = script_report(script, lookup_ms, input_bytes, outcome, factor)
+        if trace is not None and runtime.capture:
+            trace.append(_trace(script, runtime, data, None, outcome, report))
+        return Execution(True, outcome.output, None, report)
+
+    def invalidate(self, ep: str | None = None, shop_id: str | None = None) -> None:
+        """Forget cached bindings (of one pair, one EP, or all) and EP definitions."""
+        with self._lock:
+            if ep is None:
+                self._bindings.clear()
+                self._eps.invalidate()
+            elif shop_id is None:
+                self._eps.invalidate(ep)
+                for key in [k for k in self._bindings if k[0] == ep]:
+                    del self._bindings[key]
+            else:
+                self._bindings.pop((ep, shop_id), None)
+
+    def cache_stats(self) -> CacheStats:
+        """Counters of the compiled-module cache."""
+        return self._modules.stats()
+
+    # -- lookup --------------------------------------------------------------------------------
+    def _lookup(self, ep_name: str, shop_id: str) -> tuple[EpRuntime, BindingSet]:
+        now = time.monotonic()
+        runtime = self._eps.get(ep_name)
+        cached = self._bindings.get((ep_name, shop_id))
+        if cached is not None and cached[1] > now:
+            return runtime, cached[0]
+        bindings = self._registry.bindings(ep_name, shop_id)  # every app's, in one read
+        with self._lock:
+            self._bindings[(ep_name, shop_id)] = (bindings, now + self._settings.binding_cache_ttl_s)
+        return runtime, bindings
+
+    def _load(self, deployment: Deployment, ep: EpRuntime) -> LoadedScript:
+        # A script was deployed under its EP's module size limit: none larger is compiled for it.
+        module, source = self._module(deployment.sha256, ep.limits.stack_bytes, ep.limits.module_bytes)
+        # Provider versions are pinned in the deployment, so the hot path never asks Redis.
+        providers = {name: self._module(sha, ep.limits.stack_bytes)[0] for name, sha in deployment.providers}
+        return LoadedScript(deployment, module, providers, source)
+
+    def _prepare_ep(self, ep: ExtensionPoint) -> EpRuntime:
+        rate = ep.input_validation_rate
+        return EpRuntime(
+            limits=ep.limits(self._settings.limits),
+            input_validator=compile_validator(ep.input_schema),
+            output_validator=compile_validator(ep.output_schema),
+            input_validation_rate=self._settings.input_validation_rate if rate is None else rate,
+            combine=ep.combine,
+            reducer=Reducer.parse(ep.reducer) if ep.reducer else None,
+            scale=dict(ep.scale),
+            capture_rate=ep.capture_rate,
+            capture=ep.capture,
+        )
+
+    def _module(
+        self, sha256: str, stack_bytes: int, max_bytes: int | None = None
+    ) -> tuple[wasmtime.Module, str]:
+        key = (sha256, stack_bytes)
+        module = self._modules.get(key)
+        if module is not None:
+            return module, "hot"
+        module, source, size = self._registry.load_module(sha256, stack_bytes, max_bytes=max_bytes)
+        self._modules.put(key, module, size)
+        return module, source
+
+    # -- input ---------------------------------------------------------------------------------
+    def _prepare_input(self, data: ScriptInput, ep: EpRuntime, codec: str) -> bytes:
+        stdin, data = encode_for(data, codec)
+        check_input_size(stdin, ep.limits)
+        # Validation only sharpens error messages for script authors, so it is sampled.
+        if ep.input_validator is not None and self._sample() < ep.input_validation_rate:
+            validate(ep.input_validator, data.for_schema(), InvalidInput, "input")
+        return stdin
+
+
+_UNSET: Any = object()
+# report.rollout while a rollout is under way: who served the call, and what comes after it.
+# Shadowing: the live version, and the candidate runs on it too (SHADOWED, a share shadow_rate of
+# calls) or not (LIVE). Canary: the candidate (CANARY, the canary share) or the live version
+# (CONTROL); both are counted, to compare their error rates.
+SHADOWED, LIVE, CONTROL = "shadowed", "live", "control"
+JUDGED = frozenset({SHADOWED, CANARY, CONTROL})  # what a worker hands to its shadow process
+
+
+def _scaled(runtime: EpRuntime, data: ScriptInput) -> tuple[EpRuntime, float, ScriptInput]:
+    """The EP with its limits scaled for this input, the factor, and the input, decoded if
+    counting needed it.
+
+    JSON text is decoded to count its lists, so text larger than any factor allows is refused
+    before that; a host value is counted as it is, encoded (and normalised) later as without
+    scaling."""
+    if data.text is not None:
+        largest = largest_input_bytes(runtime.limits)
+        if len(data.text) > largest:
+            raise InputTooLarge(
+                f"input is {len(data.text)} bytes; even scaled the limit is {largest}",
+                size=len(data.text),
+                limit=largest,
+            )
+        data = data.decoded()
+    factor = scale_factor(data.json_value, runtime.scale)
+    if factor == 1.0:
+        return runtime, factor, data
+    return dataclasses.replace(runtime, limits=scaled_limits(runtime.limits, factor)), factor, data
+
+
+def _trace(
+    script: LoadedScript,
+    runtime: EpRuntime,
+    data: ScriptInput,
+    error: ScriptpoolError | None,
+    outcome: ScriptRun | None,
+    report: ExecutionReport,
+) -> ScriptTrace:
+    return ScriptTrace(
+        script.deployment,
+        data.captured(),
+        runtime.limits,
+        PART_SINGLE,
+        runtime.capture_rate,
+        error,
+        outcome,
+        report,
+    )
