@@ -20,6 +20,7 @@ import redis
 
 from scriptpool.config._keys import Keys
 from scriptpool.config.errors import ConfigurationError, ScriptpoolError, UnknownExtensionPoint
+from scriptpool.config.input_query import MAX_QUERY_BYTES, MAX_QUERY_COST
 from scriptpool.config.limits import Limits
 from scriptpool.config.scale import check_scale_rules
 
@@ -38,6 +39,12 @@ COMBINES = (SINGLE, JOIN, CHAIN)
 MAX_APPS = 25
 # The app whose module combines a join's outputs when the EP's reducer is ``wasm``.
 REDUCER_APP = "reducer"
+# How far an EP may move the input-query caps (Shopify's 3,000 bytes and cost 30 by default): the
+# compile of a query scans and walks it, so even a raised cap stays bounded. The SDL is bounded
+# too: every client and worker reads the record.
+QUERY_BYTES_RANGE = (1, 65_536)
+QUERY_COST_RANGE = (1, 1_000)
+MAX_INPUT_GRAPHQL_CHARS = 1_048_576
 _REDUCER = re.compile(r"(first|wasm|(concat|max|min):[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)")
 
 
@@ -51,6 +58,11 @@ class ExtensionPoint:
     lists to rates (``scriptpool.config.scale``). Workers capture this EP's failed runs for replay, and the
     share ``capture_rate`` of its successful ones, unless ``capture`` is off (or
     ``SCRIPTPOOL_CAPTURE`` is, everywhere).
+
+    ``input_graphql`` is the input's GraphQL schema (SDL, root type ``Input``), against which
+    each deployment's input query is checked, held to ``max_query_bytes`` and
+    ``max_query_cost`` (``scriptpool.config.input_query``). The record keeps the text only:
+    the schema is built where it is used.
     """
 
     name: str
@@ -63,6 +75,9 @@ class ExtensionPoint:
     scale: dict[str, float] = field(default_factory=dict)
     capture_rate: float = 0.0
     capture: bool = True
+    input_graphql: str | None = None
+    max_query_bytes: int = MAX_QUERY_BYTES
+    max_query_cost: int = MAX_QUERY_COST
 
     def __post_init__(self) -> None:
         # A definition is also read back from Redis, where anyone who can write may have put
@@ -103,6 +118,23 @@ class ExtensionPoint:
                 f"reducer must be concat:PATH, first, max:PATH, min:PATH or wasm (PATH like discounts or "
                 f"cart.operations), got {self.reducer!r}"
             )
+        if self.input_graphql is not None and (
+            not isinstance(self.input_graphql, str)
+            or not self.input_graphql.strip()
+            or len(self.input_graphql) > MAX_INPUT_GRAPHQL_CHARS
+        ):
+            raise ConfigurationError(
+                f"input_graphql must be GraphQL SDL text of at most {MAX_INPUT_GRAPHQL_CHARS:,} "
+                f"characters, got {_shown(self.input_graphql)}"
+            )
+        for what, value, (low, high) in (
+            ("max_query_bytes", self.max_query_bytes, QUERY_BYTES_RANGE),
+            ("max_query_cost", self.max_query_cost, QUERY_COST_RANGE),
+        ):
+            if type(value) is not int or not low <= value <= high:
+                raise ConfigurationError(
+                    f"{what} must be a whole number in [{low:,}, {high:,}], got {_shown(value)}"
+                )
 
     @property
     def max_apps(self) -> int:
@@ -126,6 +158,9 @@ class ExtensionPoint:
                 "scale": self.scale,
                 "capture_rate": self.capture_rate,
                 "capture": self.capture,
+                "input_graphql": self.input_graphql,
+                "max_query_bytes": self.max_query_bytes,
+                "max_query_cost": self.max_query_cost,
             },
             sort_keys=True,
         )
@@ -149,6 +184,10 @@ class ExtensionPoint:
                 scale=data.get("scale") or {},
                 capture_rate=data.get("capture_rate") or 0.0,
                 capture=bool(data.get("capture", True)),
+                # Records from before input queries have none, and the default caps.
+                input_graphql=data.get("input_graphql"),
+                max_query_bytes=data.get("max_query_bytes", MAX_QUERY_BYTES),
+                max_query_cost=data.get("max_query_cost", MAX_QUERY_COST),
             )
         except KeyError as exc:
             raise ConfigurationError(f"a definition has a name, this one has no {exc}") from None

@@ -11,6 +11,7 @@ of the queue (producer and workers, and what runs a script for them) use these, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ __all__ = [
     "Taken",
     "encode_input",
     "nested_deeper_than",
+    "query_digest",
     "redis_command",
 ]
 
@@ -77,6 +79,11 @@ def encode_input(value: Any) -> bytes:
         raise InvalidInput("input is nested too deeply to serialise") from None
 
 
+def query_digest(text: str) -> str:
+    """How a job and a report name an input query: the sha256 of its UTF-8 text, in hex."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 # How deeply a script's output may nest arrays and objects: serde_json's recursion limit, which
 # function-runner parses output with. Workers refuse deeper output (``invalid_output``) and
 # clients deeper replies, so host code never gets data it would recurse on without end.
@@ -110,10 +117,16 @@ class Job:
     input: bytes  # JSON text, serialised once by the caller
     deadline: float
     enqueued_at: float
+    # At an EP with an input schema: the input queries the client projected ``input`` for, as
+    # the sha256 (hex) of each query's text, by app (``#candidate`` for a rollout's candidate),
+    # and "" for an app it knew to have no query (then ``input`` is the whole input). None: the
+    # client projected nothing (an EP without a schema, or a client from before input queries).
+    # The worker compares these with the bindings it reads (``ExecutionReport.input_query_client``).
+    queries: dict[str, str] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         # Not dataclasses.asdict: that deep-copies, and this runs once per call.
-        return {
+        wire = {
             "id": self.id,
             "ep": self.ep,
             "shop_id": self.shop_id,
@@ -121,6 +134,9 @@ class Job:
             "deadline": self.deadline,
             "enqueued_at": self.enqueued_at,
         }
+        if self.queries is not None:  # absent, not null: a job without queries is as it was
+            wire["queries"] = self.queries
+        return wire
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Job:
@@ -141,7 +157,30 @@ class Job:
             and type(job.enqueued_at) is float
         ):
             raise ValueError("a job's fields have the wrong types")
+        queries = job.queries
+        if queries is not None and not (
+            type(queries) is dict
+            and len(queries) <= _MAX_JOB_QUERIES
+            and all(
+                type(app) is str
+                and len(app) <= _MAX_JOB_QUERY_KEY
+                and type(digest) is str
+                and len(digest) <= _DIGEST_CHARS
+                for app, digest in queries.items()
+            )
+        ):
+            raise ValueError(
+                f"a job's queries map at most {_MAX_JOB_QUERIES} app names to query digests "
+                f"(strings of at most {_DIGEST_CHARS} characters)"
+            )
         return job
+
+
+# A job's ``queries``: one per app an EP can bind (25), the reducer and a candidate, with room to
+# spare; an app name is short; a digest is a sha256 in hex (or "" for no query).
+_MAX_JOB_QUERIES = 64
+_MAX_JOB_QUERY_KEY = 128
+_DIGEST_CHARS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +244,12 @@ class ExecutionReport:
     rollout_id: str = ""
     # How much the EP's scale rules raised the instruction, input and output limits (1: not at all).
     scale_factor: float = 1.0
+    # At an EP with an input schema, for a script deployed with an input query: the sha256 (hex)
+    # of the query its input was projected with (always the binding's), and what the client had
+    # sent for: "current" (the same query), "stale" (another one, or none: the client had not
+    # yet heard of a deploy) or "none" (a job without queries). Empty otherwise.
+    input_query: str = ""
+    input_query_client: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         # Written out: dataclasses.asdict deep-copies recursively (a test holds the two equal).
@@ -225,6 +270,8 @@ class ExecutionReport:
             "rollout": self.rollout,
             "rollout_id": self.rollout_id,
             "scale_factor": self.scale_factor,
+            "input_query": self.input_query,
+            "input_query_client": self.input_query_client,
         }
 
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 from scriptpool.config import check_input_size, get_logger
 from scriptpool.config.errors import (
@@ -24,6 +24,7 @@ from scriptpool.producer._outcome import ERROR, FALLBACK, OK, Outcome, Timings
 from scriptpool.producer._replies import Waiter
 
 log = get_logger("client")
+T = TypeVar("T")
 
 
 class Call:
@@ -86,16 +87,17 @@ def admit(call: Call, limits: EpLimits, input: Any, payload: bytes, timeout: flo
     return None
 
 
-def read_outcome(call: Call, read: Future[EpLimits], group: str) -> EpLimits | Outcome:
-    """What the read of the call's EP from the Redis of ``group`` means for the call, once the
-    read ended or the call's deadline passed: the EP's limits, or the call's outcome. An EP that
-    is not defined raises (:class:`UnknownExtensionPoint`: a mistake in the call)."""
+def read_outcome(call: Call, read: Future[T], group: str, *, what: str = "") -> T | Outcome:
+    """What the read of the call's EP (or, naming ``what``, of its input queries) from the Redis
+    of ``group`` means for the call, once the read ended or the call's deadline passed: what was
+    read, or the call's outcome. An EP that is not defined raises
+    (:class:`UnknownExtensionPoint`: a mistake in the call)."""
     if not read.done():
         call.breaker.failure()
         return call.fallback_outcome(
             BrokerUnavailable,
             f"Redis of group {group} did not answer before the deadline "
-            f"(reading extension point {call.job.ep!r})",
+            f"(reading {what or f'extension point {call.job.ep!r}'})",
         )
     exc = read.exception()
     if exc is None:
@@ -111,7 +113,9 @@ def read_outcome(call: Call, read: Future[EpLimits], group: str) -> EpLimits | O
     call.breaker.failure()
     if isinstance(exc, TRANSPORT_ERRORS):
         return call.fallback_outcome(BrokerUnavailable, f"cannot reach Redis: {exc}")
-    return call.fallback_outcome(BrokerUnavailable, f"cannot read extension point {call.job.ep!r}: {exc!r}")
+    return call.fallback_outcome(
+        BrokerUnavailable, f"cannot read {what or f'extension point {call.job.ep!r}'}: {exc!r}"
+    )
 
 
 def reply_outcome(call: Call, raw: dict[str, Any]) -> Outcome:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -34,6 +35,7 @@ from scriptpool.config.errors import (
     ClientClosed,
     DeadlineExceeded,
     InvalidArgument,
+    InvalidInput,
     ScriptpoolError,
 )
 from scriptpool.config.wire import Job, encode_input
@@ -44,6 +46,7 @@ from scriptpool.producer._clock import LaneClock
 from scriptpool.producer._group import TRANSPORT_ERRORS, EpLimits
 from scriptpool.producer._links import Links, ShardOutlet
 from scriptpool.producer._outcome import Outcome
+from scriptpool.producer._queries import BoundQueries, prepare, prepare_async
 from scriptpool.producer._replies import Waiter
 
 log = get_logger("client")
@@ -54,10 +57,31 @@ _SHARD_COUNT_RECHECK_S = 30.0
 MAX_TIMEOUT_S = 600
 _SHARD_CACHE = 100_000
 
+
+class _Projecting:
+    """A call's input to project through its EP's input queries: the host's loaders run in the
+    caller's own style (awaited on ``run_async``), so the call yields this to its wrapper."""
+
+    __slots__ = ("bound", "input", "payload", "value")
+
+    def __init__(self, bound: BoundQueries, input: Any) -> None:
+        self.bound = bound
+        self.input = input
+        self.value: Any = None
+        self.payload = b""
+
+    def run(self) -> None:
+        self.value, self.payload = prepare(self.bound, self.input)
+
+    async def run_async(self) -> None:
+        self.value, self.payload = await prepare_async(self.bound, self.input)
+
+
 # What a call waits for, and until when (its deadline, wall clock): the read of its EP's
-# definition from Redis, or its reply. The wrapper resumes the call with the reply (None for a
-# read, or when no reply came), or throws into it what interrupted the wait.
-_Wait = tuple[Future[EpLimits] | Waiter, float]
+# definition (or of its input queries) from Redis, its input's projection, or its reply. The
+# wrapper resumes the call with the reply (None for the others, or when no reply came), or
+# throws into it what interrupted the wait.
+_Wait = tuple[Future[EpLimits] | Future[BoundQueries] | _Projecting | Waiter, float]
 _Steps = Generator[_Wait, dict[str, Any] | None, Outcome]
 
 
@@ -106,6 +130,8 @@ class Client:
             link.lanes.append(lane)
         self._breakers = BreakerBoard(breaker or BreakerPolicy())
         self._shards: dict[str, int] = {}  # shop -> shard, a cache: hashing costs 2 us a call
+        # EPs last read with an input schema: a call's input waits for their queries, unencoded.
+        self._queried: set[str] = set()
         self._publisher.submit(self._links.warm)
 
     # -- public --------------------------------------------------------------------------------
@@ -127,8 +153,12 @@ class Client:
                 try:
                     if isinstance(waiting, Waiter):
                         reply = waiting.wait(deadline - time.time())
+                    elif isinstance(waiting, _Projecting):
+                        waiting.run()
+                        reply = None
                     else:
-                        wait_for_futures((waiting,), timeout=max(deadline - time.time(), 0.0))
+                        read: Future[Any] = waiting
+                        wait_for_futures((read,), timeout=max(deadline - time.time(), 0.0))
                         reply = None
                 except BaseException as exc:  # e.g. KeyboardInterrupt: the call lets go of its lane
                     waiting, deadline = steps.throw(exc)
@@ -158,6 +188,9 @@ class Client:
                 try:
                     if isinstance(waiting, Waiter):
                         reply = await waiting.wait_async(deadline - time.time())
+                    elif isinstance(waiting, _Projecting):
+                        await waiting.run_async()
+                        reply = None
                     else:
                         await _read_ended(loop, waiting, deadline)
                         reply = None
@@ -250,7 +283,27 @@ class Client:
             if not limits.done():
                 yield limits, call.job.deadline  # another thread's read of the EP from Redis
             limits = read_outcome(call, limits, self._link_of_shard[call.shard].group.name)
-        decided = limits if isinstance(limits, Outcome) else admit(call, limits, input, payload, timeout)
+        if not isinstance(limits, Outcome) and (limits.input_graphql is not None or payload is None):
+            # An EP with an input schema (or one this client took for one): its input goes
+            # through the queries bound at (EP, shop).
+            bound = yield from self._bound_queries(call, limits, payload)
+            if isinstance(bound, Outcome):
+                return self._finish(bound, strict)
+            if bound is not None:
+                projecting = _Projecting(bound, input)
+                yield projecting, call.job.deadline  # the host's loaders, in the caller's style
+                input, payload = projecting.value, projecting.payload
+                call.job = dataclasses.replace(call.job, input=payload, queries=bound.digests)
+                call.serialized = time.perf_counter()
+            elif payload is None:  # the EP has no schema (any more): its input as it came
+                payload = encode_input(input)
+                call.job = dataclasses.replace(call.job, input=payload)
+                call.serialized = time.perf_counter()
+        if isinstance(limits, Outcome):
+            decided: Outcome | None = limits
+        else:
+            assert payload is not None  # encoded above, or by _start
+            decided = admit(call, limits, input, payload, timeout)
         if decided is not None:
             return self._finish(decided, strict)
         link = self._link_of_shard[call.shard]
@@ -270,11 +323,66 @@ class Client:
             raise
         return self._finish(self._conclude(call, reply), strict)
 
+    def _bound_queries(
+        self, call: Call, limits: EpLimits, payload: bytes | None
+    ) -> Generator[_Wait, dict[str, Any] | None, BoundQueries | Outcome | None]:
+        """The queries bound at the call's (EP, shop) if its EP has an input schema (waiting on
+        their read from Redis until the deadline), the call's outcome if that read failed, or
+        None for an EP without a schema (then the EP leaves the client's set of queried EPs)."""
+        ep = call.job.ep
+        if limits.input_graphql is None:
+            self._queried.discard(ep)
+            return None
+        self._queried.add(ep)
+        link = self._link_of_shard[call.shard]
+        bound = link.queries.fresh(ep, call.job.shop_id)
+        if bound is not None:
+            return bound
+        read = link.queries.read(ep, call.job.shop_id, limits.input_graphql)
+        if not read.done():
+            yield read, call.job.deadline  # another thread's read of the binding from Redis
+        what = f"the input queries bound at {ep}/{call.job.shop_id}"
+        return read_outcome(call, read, link.group.name, what=what)
+
+    def input_query(
+        self, ep: str, shop_id: str | int, *, timeout: float | None = None
+    ) -> dict[str, Any] | None:
+        """What the scripts bound at (``ep``, ``shop_id``) read of the input: the union of their
+        input queries' selections as nested dicts (a response key maps to None for a leaf or to
+        its own selection; a field with arguments appears as ``name({"arg":...})``; fields of an
+        abstract type's members under ``"... on Type"``), for a host that loads by query itself.
+        None when the EP has no input schema or some bound app has no query (it reads the whole
+        input). Kept coherent with deploys as :meth:`run` keeps it. Raises as :meth:`limits`
+        does (``redis.TimeoutError`` after ``timeout`` seconds without an answer)."""
+        ep = check_ep(ep)
+        shop = check_shop_id(shop_id)
+        if self._links.closed:
+            raise ClientClosed("the client is closed")
+        link = self._link_of_shard[self._shard_of(shop)]
+        started = time.monotonic()
+
+        def left() -> float | None:
+            return None if timeout is None else max(timeout - (time.monotonic() - started), 0.0)
+
+        limits = link.limits.fresh(ep)
+        if limits is None:
+            limits = _wait_read(link.read_limits(ep), left(), link.group.name, timeout)
+        if limits.input_graphql is None:
+            return None
+        bound = link.queries.fresh(ep, shop)
+        if bound is None:
+            bound = _wait_read(
+                link.queries.read(ep, shop, limits.input_graphql), left(), link.group.name, timeout
+            )
+        return bound.selection()
+
     def _start(
         self, ep: str, shop_id: str | int, input: Any, timeout: float | None, fallback: Any
-    ) -> tuple[Call, bytes, float]:
+    ) -> tuple[Call, bytes | None, float]:
         """The call, checked and encoded (mistakes in it raise here), with its payload and
-        timeout; nothing asks Redis yet."""
+        timeout; nothing asks Redis yet. The payload is None when the input waits for its EP's
+        input queries: the EP is known to have an input schema, or the input holds what only
+        such an EP takes (loaders) and the EP is not known yet."""
         started = time.perf_counter()
         ep = check_ep(ep)
         shop = check_shop_id(shop_id)
@@ -289,10 +397,17 @@ class Client:
                 f"timeout must be a number of seconds in (0, {MAX_TIMEOUT_S}], got {timeout!r}"
             )
         validated = time.perf_counter()
-        payload = encode_input(input)
+        payload: bytes | None = None
+        if ep not in self._queried:
+            try:
+                payload = encode_input(input)
+            except InvalidInput:
+                known = self._link_of_shard[self._shard_of(shop)].limits.peek(ep)
+                if known is not None and known.input_graphql is None:
+                    raise  # a known EP without an input schema: the input is not JSON
         serialized = time.perf_counter()
         now = time.time()
-        job = Job(os.urandom(16).hex(), ep, shop, payload, deadline=now + timeout, enqueued_at=now)
+        job = Job(os.urandom(16).hex(), ep, shop, payload or b"", deadline=now + timeout, enqueued_at=now)
         call = Call(job, self._shard_of(shop), self._breakers.get(shop, ep), fallback, started)
         call.validated, call.serialized = validated, serialized
         return call, payload, timeout
@@ -371,7 +486,20 @@ class Client:
         return shard
 
 
-async def _read_ended(loop: asyncio.AbstractEventLoop, read: Future[EpLimits], deadline: float) -> None:
+def _wait_read(read: Future[Any], timeout: float | None, group: str, asked: float | None) -> Any:
+    """The result of a read on a group's reader threads, waited for up to ``timeout`` seconds:
+    what it raised is raised (a fresh copy of a named error), ``redis.TimeoutError`` if it
+    did not end in time."""
+    wait_for_futures((read,), timeout=timeout)
+    if not read.done():
+        raise redis.TimeoutError(f"Redis of group {group} did not answer within {asked:g} s")
+    exc = read.exception()
+    if isinstance(exc, ScriptpoolError):
+        raise fresh_copy(exc)
+    return read.result()
+
+
+async def _read_ended(loop: asyncio.AbstractEventLoop, read: Future[Any], deadline: float) -> None:
     """Await the end of ``read`` (a thread's) until ``deadline``, the loop free meanwhile."""
     ended = loop.create_future()
     read.add_done_callback(functools.partial(_wake_loop, loop, ended))

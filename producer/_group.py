@@ -26,6 +26,7 @@ from scriptpool.config.errors import ClientClosed, ScriptpoolError
 from scriptpool.config.redis import redis_client
 from scriptpool.producer._batching import Lane
 from scriptpool.producer._publisher import TaskPublisher
+from scriptpool.producer._queries import QueryBook
 from scriptpool.producer._replies import ReplyDispatcher
 
 log = get_logger("client")
@@ -39,10 +40,12 @@ _EP_READERS = 2
 
 @dataclass(frozen=True, slots=True)
 class EpLimits:
-    """What the client knows of an EP: its limits, and its scale rules."""
+    """What the client knows of an EP: its limits, its scale rules, and its input schema (GraphQL
+    SDL; None: calls send their input as it is, with no query to project it through)."""
 
     limits: Limits
     scale: dict[str, float]
+    input_graphql: str | None = None
 
     def for_input(self, value: Any, payload: bytes) -> Limits:
         """The limits an input is checked against: an input over the base limit gets the limits
@@ -96,12 +99,18 @@ class GroupLink:
         self.limits: ExtensionPointReader[EpLimits] = ExtensionPointReader(
             self.redis,
             keys,
-            lambda ep: EpLimits(ep.limits(settings.limits), dict(ep.scale)),
+            lambda ep: EpLimits(ep.limits(settings.limits), dict(ep.scale), ep.input_graphql),
             ttl_s=_EP_CACHE_S,
         )
         self._reads: dict[str, Future[EpLimits]] = {}
         self._reads_lock = threading.Lock()
         self._readers = ThreadPoolExecutor(_EP_READERS, thread_name_prefix=f"scriptpool-ep-{group.name}")
+        # The input queries bound at each (EP, shop) of EPs with an input schema, read on the same
+        # threads; its listener starts with the first such EP (a client of EPs without one holds
+        # no subscription).
+        self.queries = QueryBook(
+            self.redis, keys, group.url, self._readers, self.limits.invalidate, group.name
+        )
 
     def read_limits(self, ep: str) -> Future[EpLimits]:
         """EP ``ep``'s limits, read from Redis on one of this group's reader threads; a read
@@ -123,6 +132,7 @@ class GroupLink:
         """No more EP reads: whoever waits on one hears :class:`ClientClosed` now (a read still
         queued will never run; one running ends with the connections, :meth:`release`)."""
         self._readers.shutdown(wait=False, cancel_futures=True)
+        self.queries.stop()
         with self._reads_lock:
             pending = list(self._reads.items())
         for ep, future in pending:

@@ -7,6 +7,7 @@ from scriptpool.registry._compile import CompiledScript, compile_provider, compi
 from scriptpool.registry._definitions import Definition, FieldChange
 from scriptpool.registry._groups import Registries
 from scriptpool.registry._providers import Provider
+from scriptpool.registry._queries import build_input_schema, check_query, query_digest
 from scriptpool.registry._registry import Registry
 from scriptpool.registry._rollouts import CANDIDATE_ERROR, MATCH, MISMATCH, Rollouts, RolloutStatus, Tally
 from scriptpool.registry._schemas import check_schema, compile_validator
@@ -33,9 +34,12 @@ __all__ = [
     "RolloutStatus",
     "Rollouts",
     "Tally",
+    "build_input_schema",
+    "check_query",
     "check_schema",
     "compile_provider",
     "compile_script",
     "compile_validator",
+    "query_digest",
     "start_compile_server",
 ]

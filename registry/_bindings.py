@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import redis
 
 from scriptpool.config import Keys, get_logger
-from scriptpool.config.errors import NothingToRollBack, ScriptNotFound, TooManyApps
+from scriptpool.config.errors import ConfigurationError, NothingToRollBack, ScriptNotFound, TooManyApps
 from scriptpool.config.extension_points import REDUCER_APP
 from scriptpool.registry._candidate import Candidate
 
@@ -32,6 +32,9 @@ log = get_logger("registry")
 
 DEFAULT_APP = "default"
 _GENERATION = "#generation"
+# A stored query is at most what a deploy accepts: 4 times the highest size cap an EP may set (the
+# raw text, comments included, that InputQuery.compile reads).
+MAX_INPUT_QUERY_CHARS = 4 * 65_536
 CANDIDATE = "#candidate"
 
 # Bind ``new_json`` (a deployment without its version) as ``app``: its version is one more than
@@ -209,6 +212,23 @@ class Deployment:
     # Set only on a kept version that a rollback to an earlier one replaced (when): a plain
     # rollback skips it. A live binding never carries it.
     rolled_back_at: float | None = None
+    # The script's input query as deployed (GraphQL text against the EP's input_graphql), or None:
+    # the script gets the whole input. Bindings from before input queries have none.
+    input_query: str | None = None
+
+    def __post_init__(self) -> None:
+        # Read back from Redis: a query that is not text fails by name, not in the GraphQL parser.
+        query = self.input_query
+        if query is not None and (not isinstance(query, str) or len(query) > MAX_INPUT_QUERY_CHARS):
+            shown = repr(query)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise ConfigurationError(
+                f"the input query of {self.ep}/{self.shop_id} app {self.app} must be GraphQL text of at "
+                f"most {MAX_INPUT_QUERY_CHARS:,} characters, got {shown}",
+                ep=self.ep,
+                shop=self.shop_id,
+                app=self.app,
+            )
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Deployment:

@@ -69,6 +69,12 @@ class Candidate:
     state: str
     started_at: float
 
+    @property
+    def input_query(self) -> str | None:
+        """The candidate's input query (None: it gets the whole input); promotion binds it."""
+        query = self.deployment.get("input_query")
+        return query if isinstance(query, str) else None
+
     def to_json(self) -> str:
         return json.dumps(
             {
@@ -86,6 +92,9 @@ class Candidate:
         data = json.loads(raw)
         providers = data["deployment"].get("providers") or []
         data["deployment"]["providers"] = [list(p) for p in providers] if providers else []
+        query = data["deployment"].get("input_query")
+        if query is not None and not isinstance(query, str):
+            raise ConfigurationError(f"a candidate's input query is GraphQL text, got {type(query).__name__}")
         return cls(
             id=data["id"],
             app=data["app"],

@@ -1,5 +1,6 @@
 """Extension points: defining one (saying what a redefinition changes, and refusing a change of
-``combine`` while shops bind apps there), reading and listing them, and removing one.
+``combine`` while shops bind apps there, or of the input schema or query caps that a bound input
+query would not pass), reading and listing them, and removing one.
 
 A mixin of :class:`Registry` (``registry/_registry.py``), which holds the Redis client, settings
 and keys it uses; every group's Redis keeps every extension point.
@@ -8,7 +9,7 @@ and keys it uses; every group's Redis keeps every extension point.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
@@ -25,8 +26,11 @@ from scriptpool.config import (
 )
 from scriptpool.config.errors import ConfigurationError, ExtensionPointInUse, UnknownExtensionPoint
 from scriptpool.config.extension_points import SINGLE
+from scriptpool.config.input_query import MAX_QUERY_BYTES, MAX_QUERY_COST
 from scriptpool.config.scale import check_scale_rules
-from scriptpool.registry._bindings import DEFAULT_APP
+from scriptpool.registry._bindings import CANDIDATE, DEFAULT_APP, Deployment
+from scriptpool.registry._candidate import Candidate
+from scriptpool.registry._queries import broken_queries, build_input_schema
 from scriptpool.registry._schemas import check_schema
 
 log = get_logger("registry")
@@ -49,7 +53,19 @@ return 1
 _DEFINE_ATTEMPTS = 5
 
 # The fields of a definition a redefinition reports, besides each limit (``limits.NAME``).
-_REPORTED = ("input_schema", "output_schema", "input_validation_rate", "scale", "capture", "capture_rate")
+_REPORTED = (
+    "input_schema",
+    "output_schema",
+    "input_validation_rate",
+    "scale",
+    "capture",
+    "capture_rate",
+    "input_graphql",
+    "max_query_bytes",
+    "max_query_cost",
+)
+# What the refusal of a schema change lists of the bound queries it would break.
+_BROKEN_SHOWN = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +86,9 @@ class FieldChange:
 class Definition:
     """What :meth:`Registry.define` did (or, for a dry run, would do): the definition, the one
     it replaces (None if it creates the EP, or replaces a record that could not be read), what
-    changes, and, when ``combine`` changes, how many shops bind apps there."""
+    changes, and, when ``combine`` changes, how many shops bind apps there; when the input
+    schema or a query cap changes under ``force``, the bound queries it breaks (``EP/SHOP app
+    APP: problem (line L, column C)``, a rollout's candidate marked as such)."""
 
     ep: ExtensionPoint
     previous: ExtensionPoint | None
@@ -78,6 +96,7 @@ class Definition:
     created: bool
     bound_shops: int | None = None
     written: bool = True
+    broken_queries: tuple[str, ...] = ()
 
 
 class ExtensionPoints:
@@ -101,13 +120,19 @@ class ExtensionPoints:
         scale: dict[str, float] | None = None,
         capture_rate: float = 0.0,
         capture: bool = True,
+        input_graphql: str | None = None,
+        max_query_bytes: int = MAX_QUERY_BYTES,
+        max_query_cost: int = MAX_QUERY_COST,
         force: bool = False,
     ) -> ExtensionPoint:
         """Create or replace an extension point definition (see :meth:`define`, which also says
         what changed): its limit overrides and schemas, and how several apps' scripts combine
         (``single``, ``join`` with a ``reducer``, ``chain``); ``scale`` rules that raise limits
         with the input; whether workers capture its runs for replay (failed ones always,
-        successful ones at ``capture_rate``). Changing ``combine`` while apps are bound there is
+        successful ones at ``capture_rate``); ``input_graphql``, the input's GraphQL schema (SDL
+        whose root type is ``Input``) that deployments' input queries select from, held to
+        ``max_query_bytes`` and ``max_query_cost``. Changing ``combine`` while apps are bound
+        there, or the schema or caps so that a bound query no longer passes, is
         :class:`ExtensionPointInUse` unless ``force``."""
         return self.define(
             name,
@@ -120,6 +145,9 @@ class ExtensionPoints:
             scale=scale,
             capture_rate=capture_rate,
             capture=capture,
+            input_graphql=input_graphql,
+            max_query_bytes=max_query_bytes,
+            max_query_cost=max_query_cost,
             force=force,
         ).ep
 
@@ -136,6 +164,9 @@ class ExtensionPoints:
         scale: dict[str, float] | None = None,
         capture_rate: float = 0.0,
         capture: bool = True,
+        input_graphql: str | None = None,
+        max_query_bytes: int = MAX_QUERY_BYTES,
+        max_query_cost: int = MAX_QUERY_COST,
         force: bool = False,
         dry_run: bool = False,
     ) -> Definition:
@@ -144,9 +175,13 @@ class ExtensionPoints:
         A definition replaces the whole record: a field not given goes back to its default, and
         the changes say so. Changing ``combine`` while shops bind apps there changes what every
         one of their calls runs (a ``single`` EP runs one of them; a ``chain`` hands each script
-        another input), so it is :class:`ExtensionPointInUse` unless ``force``; the rest is only
-        reported. ``dry_run`` checks and reports without writing. The record is replaced only if
-        it is still the one compared against, so the changes are exactly what was replaced.
+        another input), so it is :class:`ExtensionPointInUse` unless ``force``; so is changing
+        the input schema or a query cap so that a query bound there (live, or a rollout's
+        candidate) no longer passes, since its script would fail on every call. The rest is only
+        reported. A schema that does not build is refused with the problem and its line and
+        column (``invalid_argument``). ``dry_run`` checks and reports without writing. The
+        record is replaced only if it is still the one compared against, so the changes are
+        exactly what was replaced.
         """
         check_ep(name)
         self._settings.limits.with_overrides(limits)  # fails early on unknown or bad limits
@@ -154,6 +189,8 @@ class ExtensionPoints:
         check_schema(output_schema, "output_schema")
         if input_validation_rate is not None and not 0.0 <= input_validation_rate <= 1.0:
             raise ConfigurationError("input_validation_rate must lie in [0, 1]")
+        if input_graphql is not None:
+            build_input_schema(input_graphql)  # it builds, with a root type Input, or says where it does not
         ep = ExtensionPoint(
             name,
             dict(limits or {}),
@@ -165,6 +202,9 @@ class ExtensionPoints:
             check_scale_rules(scale),
             capture_rate,
             capture,
+            input_graphql,
+            max_query_bytes,
+            max_query_cost,
         )
         key = self._keys.extension_point(name)
         for _ in range(_DEFINE_ATTEMPTS):
@@ -201,8 +241,9 @@ class ExtensionPoints:
                 ep, None, (FieldChange("definition", f"unreadable: {exc.message}", "replaced"),), False
             )
         changes = _changes(previous, ep, self._settings.limits)
+        broken = self._check_queries(previous, ep, force=force)
         if previous.combine == ep.combine:
-            return Definition(ep, previous, changes, created=False)
+            return Definition(ep, previous, changes, created=False, broken_queries=broken)
         bound, sample = self.bound_shops(ep.name)
         if bound and not force:
             shown = "; ".join(f"{shop}: {', '.join(apps)}" for shop, apps in sample.items())
@@ -224,7 +265,64 @@ class ExtensionPoints:
                 requested=ep.combine,
                 bound_shops=bound,
             )
-        return Definition(ep, previous, changes, created=False, bound_shops=bound)
+        return Definition(ep, previous, changes, created=False, bound_shops=bound, broken_queries=broken)
+
+    def _check_queries(self, previous: ExtensionPoint, ep: ExtensionPoint, *, force: bool) -> tuple[str, ...]:
+        """The bound queries (live, and rollouts' candidates) that ``ep``'s schema and caps
+        would refuse, when they differ from ``previous``'s; :class:`ExtensionPointInUse` naming
+        them unless ``force``."""
+        same = (previous.input_graphql, previous.max_query_bytes, previous.max_query_cost) == (
+            ep.input_graphql,
+            ep.max_query_bytes,
+            ep.max_query_cost,
+        )
+        if same:
+            return ()
+        bound = sorted(self._bound_queries(ep.name), key=lambda pair: pair[0])  # by shop, app
+        if not bound:
+            return ()
+        broken = broken_queries(ep, bound)
+        if broken and not force:
+            shown = "; ".join(broken[:_BROKEN_SHOWN]) + (", ..." if len(broken) > _BROKEN_SHOWN else "")
+            raise ExtensionPointInUse(
+                f"extension point {ep.name}: {len(broken)} input query(ies) bound there would no longer "
+                f"pass its {'new input schema and caps' if ep.input_graphql else 'missing input schema'} "
+                f"({shown}); their scripts would fail on every call. Deploy them with queries that pass "
+                "first, or force it (--force)",
+                ep=ep.name,
+                broken=list(broken),
+            )
+        return tuple(broken)
+
+    def _bound_queries(self, ep: str) -> Iterator[tuple[str, Deployment]]:
+        """(where, deployment) of every app bound at ``ep`` with an input query, in this
+        registry's Redis, a rollout's candidate included; scans the binding keys, as
+        :meth:`bound_shops` does."""
+        head = self._keys.binding(ep, "")
+        for key in self._redis.scan_iter(match=f"{head}*", count=1000):
+            shop = _text(key)[len(head) :]
+            if ":" in shop:
+                continue
+            try:
+                fields = self._redis.hgetall(key)
+            except redis.ResponseError:  # a binding from before apps: no query
+                continue
+            for name, raw in sorted(fields.items()):
+                field = _text(name)
+                try:
+                    if field == CANDIDATE:
+                        candidate = Candidate.from_json(raw)
+                        deployment = Deployment.from_json(json.dumps(candidate.deployment))
+                        where = f"{ep}/{shop} app {candidate.app} (rollout candidate)"
+                    elif field.startswith("#"):
+                        continue
+                    else:
+                        deployment = Deployment.from_json(raw)
+                        where = f"{ep}/{shop} app {field}"
+                except (ConfigurationError, ValueError, TypeError, KeyError):
+                    continue  # a record that cannot be read runs nothing, with or without a query
+                if deployment.input_query is not None:
+                    yield where, deployment
 
     def bound_shops(self, ep: str, *, sample: int = 3) -> tuple[int, dict[str, list[str]]]:
         """How many shops bind apps at ``ep`` in this registry's Redis (one shard group), and

@@ -34,6 +34,7 @@ from scriptpool.registry._candidate import Candidate, RolloutRules
 from scriptpool.registry._compile import compile_script
 from scriptpool.registry._definitions import DEFINE, ExtensionPoints
 from scriptpool.registry._providers import Providers
+from scriptpool.registry._queries import check_query, query_digest
 from scriptpool.registry._rollouts import Rollouts
 
 log = get_logger("registry")
@@ -64,11 +65,16 @@ class Registry(ExtensionPoints, Providers):
         export: str = "_start",
         app: str = DEFAULT_APP,
         block_on_failure: bool = False,
+        input_query: str | None = None,
     ) -> Deployment:
         """Validate, store, AOT-compile and bind ``wasm`` as ``app``'s script at (``ep``,
         ``shop_id``). A single EP binds one app; a join or chain EP up to 25 (the 26th is
-        :class:`TooManyApps`), plus, for a ``wasm`` reducer, the app named ``reducer``."""
-        template, definition = self._prepare(ep, shop_id, wasm, export, app, block_on_failure)
+        :class:`TooManyApps`), plus, for a ``wasm`` reducer, the app named ``reducer``.
+
+        ``input_query`` (GraphQL text against the EP's input schema) is what the script reads
+        of the input; it is checked first, so a refused one (:class:`InvalidInputQuery`, with
+        the problem, line and column) stores nothing. None: the script gets the whole input."""
+        template, definition = self._prepare(ep, shop_id, wasm, export, app, block_on_failure, input_query)
         deployment = self._bindings.bind(template, max_apps=definition.max_apps)
         log.info("deployed", **_logged(template), version=deployment.version, bytes=len(wasm))
         return deployment
@@ -83,17 +89,27 @@ class Registry(ExtensionPoints, Providers):
         export: str = "_start",
         app: str = DEFAULT_APP,
         block_on_failure: bool = False,
+        input_query: str | None = None,
     ) -> Candidate:
         """Validate, store, compile and sign ``wasm`` as a deploy would, and put it beside
         ``app``'s live script at (``ep``, ``shop_id``) as the candidate of a rollout: callers get
-        the live version until the candidate is promoted. One rollout per (EP, shop) at a time."""
-        template, _ = self._prepare(ep, shop_id, wasm, export, app, block_on_failure)
+        the live version until the candidate is promoted. One rollout per (EP, shop) at a time.
+        ``input_query`` is the candidate's (checked as :meth:`deploy` checks it); promotion binds
+        it with the module."""
+        template, _ = self._prepare(ep, shop_id, wasm, export, app, block_on_failure, input_query)
         candidate = self.rollouts.start(template, rules)
         log.info("rollout_started", **_logged(template), rollout=candidate.id, rules=asdict(rules))
         return candidate
 
     def _prepare(
-        self, ep: str, shop_id: str | int, wasm: bytes, export: str, app: str, block_on_failure: bool
+        self,
+        ep: str,
+        shop_id: str | int,
+        wasm: bytes,
+        export: str,
+        app: str,
+        block_on_failure: bool,
+        input_query: str | None,
     ) -> tuple[dict[str, Any], ExtensionPoint]:
         """Check, store and compile a module; the deployment to bind (version still 0)."""
         shop = check_shop_id(shop_id)
@@ -105,6 +121,9 @@ class Registry(ExtensionPoints, Providers):
                 f"app {REDUCER_APP!r} is the Wasm reducer of a join EP whose reducer is wasm; {ep} has none",
                 app=app,
             )
+        if input_query is not None:
+            # Before the module is stored: a refused query leaves Redis as it was.
+            check_query(definition, input_query)
         limits = definition.limits(self._settings.limits)
         compiled = compile_script(
             self._sandbox, wasm, limits, export, lambda m: self._installed_providers(m, limits.stack_bytes)
@@ -123,6 +142,7 @@ class Registry(ExtensionPoints, Providers):
             "app": app,
             "block_on_failure": block_on_failure,
             "codec": codec,
+            "input_query": input_query,
         }
         log.debug(
             "module_linked", sha256=sha, memory_io=resolution.memory_io, glue=list(resolution.glue_functions)
@@ -179,5 +199,8 @@ class Registry(ExtensionPoints, Providers):
 
 
 def _logged(template: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a deploy's log event."""
-    return {k: template[k] for k in ("ep", "shop_id", "app", "sha256", "codec")}
+    """The fields of a deploy's log event (an input query by its digest's first 12 digits)."""
+    logged = {k: template[k] for k in ("ep", "shop_id", "app", "sha256", "codec")}
+    if template["input_query"] is not None:
+        logged["input_query"] = query_digest(template["input_query"])[:12]
+    return logged

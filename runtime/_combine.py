@@ -44,6 +44,7 @@ from scriptpool.config.wire import (
 from scriptpool.engine import Sandbox
 from scriptpool.runtime._captured import PART_CHAIN, PART_JOIN, PART_REDUCER
 from scriptpool.runtime._input import ScriptInput
+from scriptpool.runtime._queries import NO_QUERY, QueryInfo, with_query
 from scriptpool.runtime._script import (
     EpRuntime,
     LoadedScript,
@@ -59,6 +60,9 @@ if TYPE_CHECKING:
     from scriptpool.registry import BindingSet, Deployment
 
 _SOURCES = ("hot", "deserialized", "compiled")  # a call's module source is its coldest part's
+# At an EP with input queries: an app's query standing, and its own JSON input or the named
+# error that keeps it from running (scriptpool.runtime._executor gives one per call).
+PartInput = Callable[["Deployment"], tuple[QueryInfo, "bytes | ScriptpoolError"]]
 # Kept back before the caller's deadline for pushing the reply.
 REPLY_MS = 2
 _NOTHING: Any = object()  # no output to give: every part failed, or the call is blocked
@@ -98,11 +102,17 @@ class PartsRunner:
         *,
         scale_factor: float = 1.0,
         trace: list[ScriptTrace] | None = None,
+        part_input: PartInput | None = None,
     ) -> Execution:
+        """Run the parts on ``stdin`` (the call's JSON input) and combine them. With
+        ``part_input`` (an EP with input queries), each app's part gets the JSON input it gives
+        for that app instead, its report the app's query standing; a part whose input cannot be
+        made fails alone, as a script that failed."""
         contributors = bindings.contributors()
         if not contributors:
             raise ScriptNotFound("no app's script is deployed here, only the reducer")
         call = _Call(self, ep, stdin, deadline, scale_factor, trace)
+        call.part_input = part_input
         if ep.combine == JOIN:
             if self._pool is not None:
                 for attempt in self._pool.map(lambda d: call.attempt(d, stdin), contributors):
@@ -115,8 +125,7 @@ class PartsRunner:
             output = _NOTHING
             for deployment in contributors:
                 previous = None if output is _NOTHING else output
-                chained = b'{"input":%s,"previous":%s}' % (stdin, encode_input(previous))
-                attempt = call.record(call.attempt(deployment, chained))
+                attempt = call.record(call.attempt(deployment, stdin, previous=encode_input(previous)))
                 if attempt.status == PART_OK:
                     output = attempt.output
         return call.finish(output, lookup_ms)
@@ -157,9 +166,14 @@ class _Call:
         self.blocked: ErrorInfo | None = None
         self.sources: list[str] = []
         self.deployments: list[Deployment] = []  # of every part, the reducer included, in turn
+        # Each app's own input at an EP with input queries (None: every part gets ``stdin``).
+        self.part_input: PartInput | None = None
 
-    def attempt(self, deployment: Deployment, stdin: bytes, *, usable: bool = True) -> _Attempt:
-        """Run one app's script (thread-safe: it changes nothing in the call)."""
+    def attempt(
+        self, deployment: Deployment, stdin: bytes, *, usable: bool = True, previous: bytes | None = None
+    ) -> _Attempt:
+        """Run one app's script (thread-safe: it changes nothing in the call); in a chain,
+        ``previous`` is the JSON output it follows."""
         if self.blocked is not None:  # the call's error says which app blocked it
             return _Attempt(deployment, PART_SKIPPED, None, ExecutionReport())
         limits = self._limits_now()
@@ -168,6 +182,14 @@ class _Call:
             return _Attempt(deployment, PART_SKIPPED, late, ExecutionReport())
         script: LoadedScript | None = None
         outcome: ScriptRun | None = None
+        query = NO_QUERY
+        if usable and self.part_input is not None:
+            query, made = self.part_input(deployment)
+            if isinstance(made, ScriptpoolError):  # no input this app may see: it does not run
+                return _Attempt(deployment, PART_ERROR, made, with_query(ExecutionReport(), query))
+            stdin = made
+        if previous is not None:
+            stdin = b'{"input":%s,"previous":%s}' % (stdin, previous)
         given = stdin  # the JSON this part gets, as captured
         try:
             script = self.runner.load(deployment, self.ep)
@@ -180,11 +202,11 @@ class _Call:
             if usable and self.ep.reducer is not None:
                 self.ep.reducer.check(outcome.output)
         except ScriptpoolError as exc:
-            report = script_report(script, 0.0, len(stdin), outcome, self.scale_factor)
+            report = with_query(script_report(script, 0.0, len(stdin), outcome, self.scale_factor), query)
             if script is not None:
                 self._traced(deployment, given, limits, usable, exc, outcome, report)
             return _Attempt(deployment, PART_ERROR, exc, report, source=script.source if script else None)
-        report = script_report(script, 0.0, len(stdin), outcome, self.scale_factor)
+        report = with_query(script_report(script, 0.0, len(stdin), outcome, self.scale_factor), query)
         self._traced(deployment, given, limits, usable, None, outcome, report)
         return _Attempt(deployment, PART_OK, None, report, outcome.output, script.source)
 

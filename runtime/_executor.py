@@ -28,8 +28,9 @@ from scriptpool.engine import CODEC_JSON, Sandbox
 from scriptpool.registry import CANARY, Candidate, compile_validator
 from scriptpool.runtime._cache import ByteLRU, CacheStats
 from scriptpool.runtime._captured import PART_SINGLE
-from scriptpool.runtime._combine import PartsRunner
+from scriptpool.runtime._combine import PartInput, PartsRunner
 from scriptpool.runtime._input import ScriptInput
+from scriptpool.runtime._queries import NO_QUERY, EpQueries, QueryInfo, with_query
 from scriptpool.runtime._reducers import Reducer
 from scriptpool.runtime._script import (
     EpRuntime,
@@ -81,9 +82,15 @@ class Executor:
         *,
         deadline: float | None = None,
         trace: list[ScriptTrace] | None = None,
+        queries: dict[str, str] | None = None,
     ) -> Execution:
         """Run what is bound to (``ep``, ``shop_id``) on ``payload``: JSON text (bytes), a host
         value (a JSON value), or a :class:`ScriptInput`.
+
+        At an EP with an input schema, each app deployed with an input query gets that query's
+        result over ``payload`` (``scriptpool.runtime._queries``); ``queries`` is the job's
+        word on what the client projected ``payload`` for (``Job.queries``), which each such
+        app's report compares with its binding.
 
         ``deadline`` (Unix seconds) is the caller's: the parts of a join or chain are never run
         past it (a single script runs under its EP's limits alone). With ``trace``, each script
@@ -100,13 +107,13 @@ class Executor:
             return Execution(False, None, ErrorInfo.from_exception(exc), report)
         candidate = bindings.candidate
         if candidate is None:
-            return self._run(runtime, bindings, data, started, deadline, trace)
+            return self._run(runtime, bindings, data, started, deadline, trace, queries)
         if candidate.state == CANARY:  # the JSON text is hashed: the same input, the same version
             served = CANARY if candidate.in_canary(data.json()) else CONTROL
         else:
             served = SHADOWED if self._sample() < candidate.rules.shadow_rate else LIVE
         runs = bindings.with_candidate() if served == CANARY else bindings
-        execution = self._run(runtime, runs, data, started, deadline, trace)
+        execution = self._run(runtime, runs, data, started, deadline, trace, queries)
         report = dataclasses.replace(execution.report, rollout=served, rollout_id=candidate.id)
         return dataclasses.replace(execution, report=report)
 
@@ -144,12 +151,14 @@ class Executor:
         started: float,
         deadline: float | None,
         trace: list[ScriptTrace] | None,
+        queries: dict[str, str] | None = None,
     ) -> Execution:
         script: LoadedScript | None = None
         lookup_ms: float | None = None
         input_bytes = 0
         factor = 1.0
         outcome: ScriptRun | None = None
+        query = NO_QUERY
         try:
             if runtime.scale:
                 runtime, factor, data = _scaled(runtime, data)
@@ -157,11 +166,25 @@ class Executor:
                 script = self._load(bindings.only(), runtime)
             lookup_ms = ms(time.perf_counter() - started)
             if script is None:  # each part encodes the input in its own codec
-                stdin = self._prepare_input(data, runtime, CODEC_JSON)
+                # With input queries, the EP's input schema checks only a whole input.
+                whole = runtime.queries is None or queries is None or "" in queries.values()
+                stdin = self._prepare_input(data, runtime, CODEC_JSON, check=whole)
+                part_input = None if runtime.queries is None else _part_input(runtime.queries, data, queries)
                 return self._parts.execute(
-                    runtime, bindings, stdin, lookup_ms, deadline, scale_factor=factor, trace=trace
+                    runtime,
+                    bindings,
+                    stdin,
+                    lookup_ms,
+                    deadline,
+                    scale_factor=factor,
+                    trace=trace,
+                    part_input=part_input,
                 )
-            stdin = self._prepare_input(data, runtime, script.deployment.codec)
+            if runtime.queries is not None:
+                # The script gets its own query's result, whatever the client projected for.
+                query = runtime.queries.info(script.deployment, queries)
+                data = runtime.queries.input_for(script.deployment, data, query)
+            stdin = self._prepare_input(data, runtime, script.deployment.codec, check=query is NO_QUERY)
             input_bytes = len(stdin)
             outcome = run_script(self._sandbox, script, stdin, runtime.limits, runtime.output_validator)
             if outcome.error is not None:
@@ -170,10 +193,14 @@ class Executor:
             if lookup_ms is None:
                 lookup_ms = ms(time.perf_counter() - started)
             report = script_report(script, lookup_ms, input_bytes, outcome, factor)
+            if query is not NO_QUERY:
+                report = with_query(report, query)
             if trace is not None and script is not None and runtime.capture:
                 trace.append(_trace(script, runtime, data, exc, outcome, report))
             return Execution(False, None, ErrorInfo.from_exception(exc), report)
         report = script_report(script, lookup_ms, input_bytes, outcome, factor)
+        if query is not NO_QUERY:
+            report = with_query(report, query)
         if trace is not None and runtime.capture:
             trace.append(_trace(script, runtime, data, None, outcome, report))
         return Execution(True, outcome.output, None, report)
@@ -226,6 +253,7 @@ class Executor:
             scale=dict(ep.scale),
             capture_rate=ep.capture_rate,
             capture=ep.capture,
+            queries=None if ep.input_graphql is None else EpQueries(ep.input_graphql),
         )
 
     def _module(
@@ -240,11 +268,12 @@ class Executor:
         return module, source
 
     # -- input ---------------------------------------------------------------------------------
-    def _prepare_input(self, data: ScriptInput, ep: EpRuntime, codec: str) -> bytes:
+    def _prepare_input(self, data: ScriptInput, ep: EpRuntime, codec: str, *, check: bool = True) -> bytes:
         stdin, data = encode_for(data, codec)
         check_input_size(stdin, ep.limits)
-        # Validation only sharpens error messages for script authors, so it is sampled.
-        if ep.input_validator is not None and self._sample() < ep.input_validation_rate:
+        # Validation only sharpens error messages for script authors, so it is sampled. A query's
+        # result is not the whole input the schema describes (``check`` False): it is not checked.
+        if check and ep.input_validator is not None and self._sample() < ep.input_validation_rate:
             validate(ep.input_validator, data.for_schema(), InvalidInput, "input")
         return stdin
 
@@ -278,6 +307,24 @@ def _scaled(runtime: EpRuntime, data: ScriptInput) -> tuple[EpRuntime, float, Sc
     if factor == 1.0:
         return runtime, factor, data
     return dataclasses.replace(runtime, limits=scaled_limits(runtime.limits, factor)), factor, data
+
+
+def _part_input(queries: EpQueries, data: ScriptInput, sent: dict[str, str] | None) -> PartInput:
+    """For a join or chain at an EP with an input schema: each part's query standing and its
+    JSON input (its own query's result over what was sent, decoded once for all parts), or the
+    named error that keeps it from running."""
+    decoded: list[ScriptInput] = []
+
+    def part(deployment: Deployment) -> tuple[QueryInfo, bytes | ScriptpoolError]:
+        info = queries.info(deployment, sent)
+        try:
+            if deployment.input_query is not None and not decoded:
+                decoded.append(data.decoded())
+            return info, queries.input_for(deployment, decoded[0] if decoded else data, info).json()
+        except ScriptpoolError as exc:
+            return info, exc
+
+    return part
 
 
 def _trace(

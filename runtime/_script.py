@@ -20,6 +20,7 @@ from scriptpool.runtime._input import ScriptInput
 if TYPE_CHECKING:
     from scriptpool.engine import GuestProfiler
     from scriptpool.registry import Deployment
+    from scriptpool.runtime._queries import EpQueries
     from scriptpool.runtime._reducers import Reducer
 
 
@@ -38,6 +39,8 @@ class EpRuntime:
     scale: dict[str, float] = field(default_factory=dict)
     capture_rate: float = 0.0
     capture: bool = True
+    # The EP's input schema and its apps' compiled queries; None for an EP without a schema.
+    queries: EpQueries | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,13 +20,12 @@ from scriptpool.config.errors import (
     error_class_for,
 )
 from scriptpool.config.heartbeats import WorkerHeartbeat, shard_count_disagreement
-from scriptpool.config.redis import Reconnector
+from scriptpool.config.redis import InvalidationListener, Reconnector
 from scriptpool.config.wire import ErrorInfo, Execution, ExecutionReport
 from scriptpool.producer import BreakerPolicy
 from scriptpool.producer._breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from scriptpool.runtime import CacheStats
 from scriptpool.workers import _telemetry as telemetry
-from scriptpool.workers._invalidation import InvalidationListener
 from tests.logs import captured_events
 
 

@@ -72,11 +72,10 @@ def main(argv: list[str]) -> int:
     priority = lower_priority()
 
     from scriptpool.config import Settings, get_logger
-    from scriptpool.config.redis import redis_client
+    from scriptpool.config.redis import InvalidationListener, redis_client
     from scriptpool.engine import Sandbox
     from scriptpool.registry import Registry
     from scriptpool.runtime import Executor, Sample, ShadowJudge
-    from scriptpool.workers._invalidation import InvalidationListener
 
     log = get_logger("worker")
     settings = Settings.from_env()

@@ -24,8 +24,8 @@ from scriptpool.workers._backend import ReplyPusher, ReplySession, failure_reply
 if TYPE_CHECKING:
     from celery import Celery
 
+    from scriptpool.config.redis import InvalidationListener
     from scriptpool.runtime import CaptureWriter, Executor, ScriptTrace
-    from scriptpool.workers._invalidation import InvalidationListener
     from scriptpool.workers._shadow import ShadowRunner
 
 log = get_logger("worker")
@@ -47,10 +47,10 @@ class WorkerState:
     """What a worker process keeps hot: the runtime's executor, its caches, the invalidation listener."""
 
     def __init__(self, settings: Settings) -> None:
+        from scriptpool.config.redis import InvalidationListener
         from scriptpool.engine import Sandbox
         from scriptpool.registry import Registry
         from scriptpool.runtime import CaptureWriter, Executor
-        from scriptpool.workers._invalidation import InvalidationListener
         from scriptpool.workers._shadow import ShadowRunner
 
         self.settings = settings
@@ -100,7 +100,7 @@ class WorkerState:
         trace: list[ScriptTrace] | None = [] if self.capture is not None else None
         try:
             execution = self.executor.execute(
-                job.ep, job.shop_id, job.input, deadline=job.deadline, trace=trace
+                job.ep, job.shop_id, job.input, deadline=job.deadline, trace=trace, queries=job.queries
             )
         except Exception as exc:  # the worker failed (e.g. Redis lost mid-lookup), not the script
             log.warning("job_failed", job=job.id, ep=job.ep, shop=job.shop_id, error=repr(exc))

@@ -23,7 +23,9 @@ Connections (``_clients``, ``_primary``):
 * :func:`redis_failure`: what a failure to use a Redis means to a user;
 * :func:`primary_address`, :class:`PrimaryCheck`: where Sentinel says the primary is now.
 
-Sessions (``_reconnect``): :class:`Reconnector`, the one reconnect loop with capped backoff.
+Sessions (``_reconnect``, ``_invalidation``): :class:`Reconnector`, the one reconnect loop with
+capped backoff; :class:`InvalidationListener`, the subscription to the invalidation channel that
+keeps a worker's (and a client's) caches of bindings and EP definitions coherent.
 """
 
 from scriptpool.config.redis._clients import (
@@ -33,6 +35,7 @@ from scriptpool.config.redis._clients import (
     redis_failure,
     redis_pool,
 )
+from scriptpool.config.redis._invalidation import InvalidationListener
 from scriptpool.config.redis._primary import PrimaryCheck, primary_address
 from scriptpool.config.redis._reconnect import Reconnector
 from scriptpool.config.redis._urls import (
@@ -46,6 +49,7 @@ from scriptpool.config.redis._urls import (
 )
 
 __all__ = [
+    "InvalidationListener",
     "PrimaryCheck",
     "Reconnector",
     "SentinelURL",

@@ -8,11 +8,19 @@ from typing import TYPE_CHECKING, Any
 
 from scriptpool.cli._files import read_module
 from scriptpool.cli._output import ExitCode, add_ep_shop, add_json_flag, print_json
+from scriptpool.cli._query_text import located, query_summary, read_query, summary_text
 from scriptpool.cli._registries import open_registries, utc_text
 from scriptpool.config import Settings
 
 if TYPE_CHECKING:
+    from scriptpool.config import ExtensionPoint
     from scriptpool.registry import Deployment
+
+INPUT_QUERY_HELP = (
+    "the script's input query (GraphQL, e.g. the run.graphql that Shopify's toolchains build beside "
+    "the module), checked against the EP's --input-graphql schema and caps: the script gets only "
+    "what it selects (default: the whole input; a run.graphql is never picked up unless named here)"
+)
 
 
 def add_parsers(sub: Any) -> None:
@@ -29,6 +37,7 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="if this app's script fails, the whole call fails (else only its part is dropped)",
     )
+    deploy.add_argument("--input-query", metavar="QUERY.graphql", help=INPUT_QUERY_HELP)
     add_json_flag(deploy)
     deploy.set_defaults(func=cmd_deploy)
 
@@ -61,23 +70,37 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> int:
+    from scriptpool.config.errors import InvalidInputQuery
     from scriptpool.registry import start_compile_server
 
     start_compile_server()  # it loads (about 0.5 s) while this reads the EP and the module
     registries = open_registries(settings)
     what = f"the deploy of {args.module} to {args.ep}/{args.shop}"
     with registries.on_shop(args.shop, what=what, again="deploy the same module again") as registry:
-        limits = registry.extension_point(args.ep).limits(settings.limits)  # an unknown EP before any read
-        wasm = read_module(args.module, limits.module_bytes)
-        deployment = registry.deploy(
-            args.ep, args.shop, wasm, export=args.export, app=args.app, block_on_failure=args.block_on_failure
-        )
+        definition = registry.extension_point(args.ep)  # an unknown EP before any read
+        wasm = read_module(args.module, definition.limits(settings.limits).module_bytes)
+        query = read_query(args.input_query) if args.input_query else None
+        try:
+            deployment = registry.deploy(
+                args.ep,
+                args.shop,
+                wasm,
+                export=args.export,
+                app=args.app,
+                block_on_failure=args.block_on_failure,
+                input_query=query,
+            )
+        except InvalidInputQuery as exc:
+            raise located(args.input_query or "-", exc) from None
+    shown = _deployment(deployment, len(wasm), active=True, definition=definition, full=True)
     if args.json:
-        print_json(_deployment(deployment, len(wasm), active=True))
+        print_json(shown)
     else:
+        summary = summary_text(shown["input_query"])
         print(
             f"deployed {args.module} to {_where(deployment)} "
             f"as version {deployment.version} (sha256 {deployment.sha256[:12]})"
+            + (f", input query {summary}" if summary else "")
         )
     return ExitCode.OK
 
@@ -112,7 +135,7 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
         )
     what = f"the rollback of {args.ep}/{args.shop}"
     with registries.on_shop(args.shop, what=what, again=again) as registry:
-        registry.extension_point(args.ep)  # an unknown EP by name, not as nothing deployed
+        definition = registry.extension_point(args.ep)  # an unknown EP by name, not as nothing deployed
         try:
             replaced = registry.binding(args.ep, str(args.shop), app=args.app).version
         except ScriptNotFound:
@@ -120,7 +143,8 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
         deployment = registry.rollback(args.ep, args.shop, app=args.app, to=args.to)
         size = registry.module_size(deployment.sha256)
     if args.json:
-        print_json({**_deployment(deployment, size, active=True), "replaced_version": replaced})
+        shown = _deployment(deployment, size, active=True, definition=definition, full=True)
+        print_json({**shown, "replaced_version": replaced})
     elif replaced == deployment.version:
         print(f"version {deployment.version} of {_where(deployment)} is live already")
     else:
@@ -149,7 +173,7 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
     from scriptpool.config.errors import ScriptNotFound
 
     registry = open_registries(settings).reader_for_shop(args.shop)
-    registry.extension_point(args.ep)
+    definition = registry.extension_point(args.ep)
     shop = str(args.shop)
     try:
         current = registry.bindings(args.ep, shop).apps
@@ -164,7 +188,8 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
         if app in current:
             kept.append((current[app], True))
         for deployment, active in sorted(kept, key=lambda pair: -pair[0].version):
-            rows.append(_deployment(deployment, registry.module_size(deployment.sha256), active=active))
+            size = registry.module_size(deployment.sha256)
+            rows.append(_deployment(deployment, size, active=active, definition=definition, full=args.json))
     if args.json:
         live = {app: deployment.version for app, deployment in sorted(current.items())}
         print_json({"ep": args.ep, "shop": shop, "apps": sorted(current), "live": live, "versions": rows})
@@ -175,12 +200,23 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
     from scriptpool.cli._table import LiveTable
 
     table = LiveTable(
-        [("app", 16), ("version", 7), ("sha256", 12), ("bytes", 9), ("deployed (UTC)", 19), ("active", 13)]
+        [
+            ("app", 16),
+            ("version", 7),
+            ("sha256", 12),
+            ("bytes", 9),
+            ("deployed (UTC)", 19),
+            ("input query", 28),
+            ("active", 13),
+        ]
     )
     for row in rows:
         serving = ("yes, blocking" if row["block_on_failure"] else "yes") if row["active"] else ""
         marked = "rolled back" if row["rolled_back"] else serving
-        table.row(row["app"], row["version"], row["sha256"][:12], row["bytes"], row["deployed"], marked)
+        query = summary_text(row["input_query"]) or "whole input"
+        table.row(
+            row["app"], row["version"], row["sha256"][:12], row["bytes"], row["deployed"], query, marked
+        )
     return ExitCode.OK
 
 
@@ -193,7 +229,17 @@ def _where(deployment: Deployment) -> str:
     return where if deployment.app == "default" else f"{where} app {deployment.app}"
 
 
-def _deployment(deployment: Deployment, size: int, *, active: bool) -> dict[str, Any]:
+def _deployment(
+    deployment: Deployment,
+    size: int,
+    *,
+    active: bool,
+    definition: ExtensionPoint,
+    full: bool,
+) -> dict[str, Any]:
+    """A deployment as ``deploy``, ``rollback`` and ``history`` show it; with the EP's
+    ``definition``, its input query's digest, size and cost (``full``: and its text)."""
+    query = deployment.input_query
     return {
         "ep": deployment.ep,
         "shop": deployment.shop_id,
@@ -207,4 +253,6 @@ def _deployment(deployment: Deployment, size: int, *, active: bool) -> dict[str,
         "active": active,
         # When a rollback to an earlier version replaced it: a plain rollback skips it.
         "rolled_back": None if deployment.rolled_back_at is None else utc_text(deployment.rolled_back_at),
+        # None: the script gets the whole input.
+        "input_query": query_summary(query, definition, full=full),
     }

@@ -1,5 +1,6 @@
 """``scriptpool ep define``, ``ep list`` and ``ep show``: extension points, where scripts plug
-in, with their limits, schemas, combine and capture; defined in every shard group."""
+in, with their limits, schemas (JSON Schema, and the GraphQL input schema that input queries
+select from), combine and capture; defined in every shard group."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from scriptpool.cli._files import SCHEMA_LIMIT, read_json
 from scriptpool.cli._output import ExitCode, add_json_flag, print_json
+from scriptpool.cli._query_text import located, read_schema
 from scriptpool.cli._registries import TRANSPORT, open_registries, open_registry
 from scriptpool.config import Limits, Settings
 from scriptpool.config.errors import BrokerUnavailable, ConfigurationError, InvalidArgument
+from scriptpool.config.extension_points import QUERY_BYTES_RANGE, QUERY_COST_RANGE
+from scriptpool.config.input_query import MAX_QUERY_BYTES, MAX_QUERY_COST
 from scriptpool.config.scale import parse_scale_rule
 
 if TYPE_CHECKING:
@@ -48,6 +52,28 @@ def add_parsers(sub: Any) -> None:
     define.add_argument("--input-schema", metavar="FILE", help="JSON Schema of the input (sampled)")
     define.add_argument("--output-schema", metavar="FILE", help="JSON Schema every output must meet")
     define.add_argument(
+        "--input-graphql",
+        metavar="SCHEMA.graphql",
+        help="the input's GraphQL schema (SDL, root type Input), as Shopify's Function APIs publish "
+        "theirs: each deploy's --input-query selects from it, and its script gets only that",
+    )
+    define.add_argument(
+        "--max-query-bytes",
+        type=_whole(*QUERY_BYTES_RANGE),
+        default=MAX_QUERY_BYTES,
+        metavar="N",
+        help=f"an input query's size cap, comments excluded, in [{QUERY_BYTES_RANGE[0]:,}, "
+        f"{QUERY_BYTES_RANGE[1]:,}] (default {MAX_QUERY_BYTES:,}, Shopify's)",
+    )
+    define.add_argument(
+        "--max-query-cost",
+        type=_whole(*QUERY_COST_RANGE),
+        default=MAX_QUERY_COST,
+        metavar="N",
+        help=f"an input query's cost cap, in [{QUERY_COST_RANGE[0]:,}, {QUERY_COST_RANGE[1]:,}] (default "
+        f"{MAX_QUERY_COST}, Shopify's; README, Input queries)",
+    )
+    define.add_argument(
         "--input-validation-rate",
         type=float,
         metavar="R",
@@ -79,8 +105,9 @@ def add_parsers(sub: Any) -> None:
     define.add_argument(
         "--force",
         action="store_true",
-        help="change --combine even though shops bind apps there (else refused: it changes what "
-        "their calls run)",
+        help="change --combine even though shops bind apps there, or the input schema or query caps "
+        "though input queries bound there would no longer pass (else refused: it changes what their "
+        "calls run)",
     )
     define.add_argument(
         "--dry-run", action="store_true", help="say what the definition would change, and write nothing"
@@ -112,6 +139,14 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
         scale[path] = rate
     if args.no_capture and args.capture_rate:
         raise InvalidArgument("--capture-rate and --no-capture contradict each other: give one")
+    input_graphql = read_schema(args.input_graphql) if args.input_graphql else None
+    if input_graphql is not None:
+        from scriptpool.registry import build_input_schema
+
+        try:
+            build_input_schema(input_graphql)  # once here, for a refusal that names the file
+        except InvalidArgument as exc:
+            raise located(args.input_graphql, exc) from None
     registries = open_registries(settings)
 
     def define(registry: Registry, *, dry_run: bool = False) -> Definition:
@@ -126,6 +161,9 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
             scale=scale,
             capture_rate=args.capture_rate,
             capture=not args.no_capture,
+            input_graphql=input_graphql,
+            max_query_bytes=args.max_query_bytes,
+            max_query_cost=args.max_query_cost,
             force=args.force,
             dry_run=dry_run,
         )
@@ -165,6 +203,7 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
             "written": first.written,
             "changes": [_change(change) for change in first.changes],
             "bound_shops": first.bound_shops,
+            "broken_queries": list(first.broken_queries),
         }
         if differing:
             shown["changes_by_group"] = {name: [_change(c) for c in d.changes] for name, d in done}
@@ -198,7 +237,7 @@ def _change_lines(definition: Definition) -> list[str]:
     lines = []
     for change in definition.changes:
         before, after = _shown(change.field, change.before), _shown(change.field, change.after)
-        if change.field.endswith("_schema"):
+        if change.field.endswith("_schema") or change.field == "input_graphql":
             text = "added" if change.before is None else "removed" if change.after is None else "replaced"
         else:
             text = f"{before} -> {after}"
@@ -207,6 +246,9 @@ def _change_lines(definition: Definition) -> list[str]:
         if change.field == "combine" and definition.bound_shops:
             text += f" (forced: {definition.bound_shops} shop(s) bind apps here)"
         lines.append(f"  {change.field}: {text}")
+    if definition.broken_queries:
+        lines.append(f"  forced: {len(definition.broken_queries)} bound input query(ies) no longer pass:")
+        lines += [f"    {where}" for where in definition.broken_queries]
     return lines
 
 
@@ -251,6 +293,12 @@ def cmd_ep_show(args: argparse.Namespace, settings: Settings) -> int:
         f"  input schema  {'yes' if shown['input_schema'] else 'none'} (checked for a share {rate} of inputs)"
     )
     print(f"  output schema {'yes' if shown['output_schema'] else 'none'}")
+    graphql = (
+        f"yes (queries up to {shown['max_query_bytes']:,} bytes and cost {shown['max_query_cost']:,})"
+        if shown["input_graphql"]
+        else "none (scripts get the whole input)"
+    )
+    print(f"  input graphql {graphql}")
     scale = ", ".join(f"{path} x {rate}" for path, rate in shown["scale"].items())
     print(f"  scale         {scale or 'none (fixed limits)'}")
     capture = (
@@ -258,6 +306,21 @@ def cmd_ep_show(args: argparse.Namespace, settings: Settings) -> int:
     )
     print(f"  capture       {capture}")
     return ExitCode.OK
+
+
+def _whole(low: int, high: int) -> Any:
+    """An argparse type: a whole number in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must lie in [{low:,}, {high:,}], got {value:,}")
+        return value
+
+    return parse
 
 
 def _parse_limits(text: str | None) -> dict[str, int] | None:
@@ -290,4 +353,7 @@ def _extension_point(ep: Any, settings: Settings) -> dict[str, Any]:
         "scale": ep.scale,
         "capture": ep.capture,
         "capture_rate": ep.capture_rate,
+        "input_graphql": ep.input_graphql,
+        "max_query_bytes": ep.max_query_bytes,
+        "max_query_cost": ep.max_query_cost,
     }

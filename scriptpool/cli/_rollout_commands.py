@@ -8,6 +8,7 @@ from typing import Any
 
 from scriptpool.cli._files import read_module
 from scriptpool.cli._output import ExitCode, add_ep_shop, add_json_flag, dumps, print_json
+from scriptpool.cli._query_text import located, query_summary, read_query, summary_text
 from scriptpool.cli._registries import open_registries
 from scriptpool.config import Settings
 
@@ -54,6 +55,12 @@ def add_parsers(sub: Any) -> None:
     start.add_argument(
         "--app", default="default", help="the app whose live script it would replace (default: default)"
     )
+    start.add_argument(
+        "--input-query",
+        metavar="QUERY.graphql",
+        help="the candidate's input query, checked as `deploy --input-query` checks it; promotion binds "
+        "it with the module (default: the candidate gets the whole input)",
+    )
     for flag, kind, default, metavar, text in _RULES:
         start.add_argument(
             flag, type=kind, default=default, metavar=metavar, help=f"{text} (default {default})"
@@ -77,6 +84,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
+    from scriptpool.config.errors import InvalidInputQuery
     from scriptpool.registry import RolloutRules
 
     fields = [flag[2:].replace("-", "_") for flag, *_ in _RULES]
@@ -84,9 +92,16 @@ def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
     what = f"the rollout of {args.module} at {args.ep}/{args.shop}"
     again = f"see `scriptpool rollout status {args.ep} {args.shop}`, and start it again if it is not there"
     with open_registries(settings).on_shop(args.shop, what=what, again=again) as registry:
-        limits = registry.extension_point(args.ep).limits(settings.limits)
-        wasm = read_module(args.module, limits.module_bytes)
-        candidate = registry.start_rollout(args.ep, args.shop, wasm, rules, export=args.export, app=args.app)
+        definition = registry.extension_point(args.ep)
+        wasm = read_module(args.module, definition.limits(settings.limits).module_bytes)
+        query = read_query(args.input_query) if args.input_query else None
+        try:
+            candidate = registry.start_rollout(
+                args.ep, args.shop, wasm, rules, export=args.export, app=args.app, input_query=query
+            )
+        except InvalidInputQuery as exc:
+            raise located(args.input_query or "-", exc) from None
+    summary = query_summary(candidate.input_query, definition, full=True)
     if args.json:
         print_json(
             {
@@ -96,6 +111,7 @@ def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
                 "rollout": candidate.id,
                 "sha256": candidate.deployment["sha256"],
                 "state": candidate.state,
+                "input_query": summary,
             }
         )
     else:
@@ -103,6 +119,7 @@ def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
         print(
             f"rollout {candidate.id} of {args.module} at {where}: shadowing {rules.shadow_rate:.0%} of "
             f"calls, promoting after {rules.promote_after} compared runs"
+            + (f"; input query {summary_text(summary)}" if summary else "")
         )
     return ExitCode.OK
 

@@ -11,6 +11,7 @@ from typing import Any
 import redis
 
 from scriptpool.cli._output import ExitCode, print_json
+from scriptpool.cli._query_text import summary_text
 from scriptpool.config import Settings, ShardGroup
 from scriptpool.config.errors import BrokerUnavailable
 from scriptpool.config.heartbeats import WorkerHeartbeat, live_workers, shard_count_disagreement
@@ -176,7 +177,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"\n{pair['ep']}/{pair['shop']} ({pair['combine']}): shard {pair['shard']}, workers {workers}")
         for app in pair["apps"]:
             blocking = ", blocks on failure" if app["block_on_failure"] else ""
-            print(f"  app {app['app']}: version {app['version']} (sha256 {app['sha256'][:12]}){blocking}")
+            query = summary_text(app["input_query"]) or "none (the whole input)"
+            print(
+                f"  app {app['app']}: version {app['version']} (sha256 {app['sha256'][:12]}){blocking}, "
+                f"input query {query}"
+            )
         if not pair["apps"]:
             print("  nothing deployed")
     for rollout in rollouts:
@@ -202,6 +207,7 @@ def _pair_status(
     args: argparse.Namespace, settings: Settings, shards: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Where one (EP, shop) runs, and every app's script bound there."""
+    from scriptpool.cli._query_text import query_summary
     from scriptpool.cli._registries import open_registries
     from scriptpool.config import shard_for
     from scriptpool.config.errors import InvalidArgument, ScriptNotFound
@@ -228,6 +234,7 @@ def _pair_status(
                 "sha256": d.sha256,
                 "block_on_failure": d.block_on_failure,
                 "deployed_at": d.deployed_at,
+                "input_query": query_summary(d.input_query, definition, full=True),
             }
             for name, d in sorted(apps.items())
         ],

@@ -1,15 +1,19 @@
-"""Keeps a worker's hot caches coherent: deploys and rollbacks publish, every worker listens."""
+"""Keeps hot caches coherent: deploys, rollbacks and EP definitions publish, every worker (and
+every client that caches bound input queries) listens."""
 
 from __future__ import annotations
 
 import json
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
-from scriptpool.config import get_logger
-from scriptpool.config.redis import PrimaryCheck, Reconnector, redis_client
+from scriptpool.config._logging import get_logger
+from scriptpool.config.redis._clients import redis_client
+from scriptpool.config.redis._primary import PrimaryCheck
+from scriptpool.config.redis._reconnect import Reconnector
 
 log = get_logger("worker")
 
@@ -26,23 +30,40 @@ class InvalidationListener:
     10 s freeze without this check).
     """
 
-    def __init__(self, redis_url: str, channel: str, invalidate: Callable[[str | None, str | None], None]):
+    def __init__(
+        self,
+        redis_url: str,
+        channel: str,
+        invalidate: Callable[[str | None, str | None], None],
+        *,
+        name: str = "invalidation_listener",
+        logger: Any = None,
+    ):
         self._url = redis_url
         self._channel = channel
         self._invalidate = invalidate
+        self._log = logger or log  # the worker's by default; a client logs as the client
         self._subscribed = threading.Event()
         # A short cap: until it subscribes again a worker may serve a binding a deploy replaced
         # (the resubscription then forgets everything), so it retries at least twice a second.
-        self._loop = Reconnector("invalidation_listener", self._session, max_backoff_s=0.5, logger=log)
+        self._loop = Reconnector(name, self._session, max_backoff_s=0.5, logger=self._log)
 
     def start(self) -> InvalidationListener:
+        """Start listening on a daemon thread; returns itself."""
         self._loop.start()
         return self
 
     def wait_subscribed(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the subscription; whether it is subscribed."""
         return self._subscribed.wait(timeout)
 
+    @property
+    def subscribed(self) -> bool:
+        """Subscribed now: what it has not been told of since has not been published."""
+        return self._subscribed.is_set()
+
     def stop(self) -> None:
+        """Stop listening (the thread ends within its read timeout)."""
         self._loop.stop()
 
     def _session(self, loop: Reconnector) -> None:
@@ -70,4 +91,4 @@ class InvalidationListener:
             event = json.loads(data)
             self._invalidate(event.get("ep"), event.get("shop_id"))
         except (ValueError, AttributeError):
-            log.warning("invalidation_message_malformed", data=repr(data)[:200])
+            self._log.warning("invalidation_message_malformed", data=repr(data)[:200])
