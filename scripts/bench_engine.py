@@ -3,11 +3,12 @@
 Run: .venv/bin/python scripts/bench_engine.py [--runs 5000] [--baseline REF] [--profile]
 Starts a private Redis; prints one JSON object.
 
-``--baseline REF`` loads the ``workers`` package of git revision REF (e.g. HEAD, before your
-uncommitted changes) under another name into this same process and runs it against the same
-Redis, scripts and inputs, interleaved with the current code in batches whose order alternates.
-Only ``workers`` is REF's: ``config`` and ``engine`` (which had been inside ``workers`` before it
-moved out) are today's for both.
+``--baseline REF`` loads the executor's package (``runtime``, or ``workers`` before the runtime
+had a layer of its own) of git revision REF (e.g. HEAD, before your uncommitted changes) under
+another name into this same process and runs it against the same Redis, scripts and inputs,
+interleaved with the current code in batches whose order alternates. Only that package is REF's:
+``config``, ``engine`` and ``registry`` are today's for both; for a change to those, run the
+bench in a ``git archive REF`` copy (``PYTHONPATH=COPY``) and alternate the two by hand.
 Both variants see the same machine noise, so compare their medians and p99 with each other.
 ``--profile`` prints a cProfile breakdown of the current code's hot trivial path to stderr.
 """
@@ -100,9 +101,15 @@ def spin_for(target_us: float) -> Callable[[], float]:
 
 
 def load_baseline(ref: str) -> Any:
-    """Import the ``workers`` package of git revision ``ref`` as ``baseline_workers``."""
+    """Import the executor's package of git revision ``ref``, renamed so that it sits beside
+    today's: ``runtime/`` as ``baseline_runtime`` from the namespace split on, ``workers/`` as
+    ``baseline_workers`` before it. It runs on today's engine, registry and config."""
+    era_of_runtime = (
+        subprocess.run(["git", "cat-file", "-e", f"{ref}:runtime/__init__.py"], cwd=ROOT).returncode == 0
+    )
+    folder, imported = ("runtime", r"scriptpool\.runtime") if era_of_runtime else ("workers", "workers")
     listing = subprocess.run(
-        ["git", "ls-tree", "-r", "--name-only", ref, "--", "workers"],
+        ["git", "ls-tree", "-r", "--name-only", ref, "--", folder],
         cwd=ROOT,
         check=True,
         capture_output=True,
@@ -117,8 +124,8 @@ def load_baseline(ref: str) -> Any:
             ["git", "show", f"{ref}:{name}"], cwd=ROOT, check=True, capture_output=True, text=True
         ).stdout
         # Imports and lazy-export tables name the package: point them at the renamed copy.
-        text = re.sub(r"(?<![\w.])workers(?=\.|\s+import)", "baseline_workers", text)
-        path = target / name.replace("workers", "baseline_workers", 1)
+        text = re.sub(rf"(?<![\w.]){imported}(?=\.|\s+import)", f"baseline_{folder}", text)
+        path = target / name.replace(folder, f"baseline_{folder}", 1)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     sys.path.insert(0, str(target))
@@ -129,16 +136,20 @@ def load_baseline(ref: str) -> Any:
     register = REGISTRY.register
     REGISTRY.register = lambda collector: None  # type: ignore[method-assign]
     try:
-        package = importlib.import_module("baseline_workers")
-        importlib.import_module("baseline_workers._telemetry")
+        package = importlib.import_module(f"baseline_{folder}")
+        if not era_of_runtime:
+            importlib.import_module("baseline_workers._telemetry")
         return package
     finally:
         REGISTRY.register = register  # type: ignore[method-assign]
 
 
 def baseline_telemetry() -> Any:
-    """The baseline's telemetry module (imported with the package by :func:`load_baseline`)."""
-    return importlib.import_module("baseline_workers._telemetry")
+    """The baseline's telemetry module, or None: since the runtime split the telemetry is the
+    workers' and a baseline runtime runs with today's."""
+    if "baseline_workers._telemetry" not in sys.modules:
+        return None
+    return sys.modules["baseline_workers._telemetry"]
 
 
 def interleave(variants: dict[str, Callable[[], float]], runs: int) -> dict[str, list[float]]:
@@ -237,8 +248,8 @@ def worker_extras(last: dict[str, Any], with_baseline: bool, runs: int) -> dict[
 
     variants["to_wire current"] = cost(execution.to_wire)
     variants["record_execution current"] = cost(lambda: _telemetry.record_execution(execution, **context))
-    if with_baseline:
-        old = baseline_telemetry()
+    old = baseline_telemetry() if with_baseline else None
+    if old is not None:
         variants["to_wire baseline (dataclasses.asdict)"] = cost(lambda: dataclasses.asdict(execution))
         variants["record_execution baseline"] = cost(lambda: old.record_execution(execution, **context))
     samples = interleave(variants, runs)

@@ -1,7 +1,8 @@
 """Print which layer of the ``scriptpool`` namespace imports which (``config -> ...`` means
-``scriptpool.config``), and any import of another layer's private module: ``python scripts/package_graph.py``, with any Python 3.11 (the venv is not needed: it
-reads the sources with the standard library's ``ast``, as import-linter's grimp reads them,
-every import counted, those inside functions and ``TYPE_CHECKING`` blocks too)."""
+``scriptpool.config``), and any import of another layer's private module: ``python
+scripts/package_graph.py``, with any Python 3.11 (the venv is not needed: it reads the sources
+with the standard library's ``ast``, as import-linter's grimp reads them, every import counted,
+those inside functions and ``TYPE_CHECKING`` blocks too)."""
 
 from __future__ import annotations
 
