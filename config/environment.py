@@ -23,7 +23,7 @@ __all__ = ["VARIABLES", "Variable", "markdown_table", "unknown_variables"]
 class Variable:
     """One environment variable: the setting it fills and how its text becomes the value.
 
-    ``field`` is a :class:`~config.Settings` attribute, or ``limits.<name>`` for a default limit.
+    ``field`` is a :class:`~scriptpool.config.Settings` attribute, or ``limits.<name>`` for a default limit.
     ``scale`` converts units: the variable's number times ``scale`` is the field's value.
     ``auto``: the text ``auto`` means None, which the setting resolves itself (``auto`` says how,
     for the README).

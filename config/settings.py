@@ -138,7 +138,8 @@ def read_key_file(path: str) -> bytes:
 class Settings:
     """Everything configurable about scriptpool. Build with :meth:`from_env` at the edge.
 
-    Each field is filled from one ``SCRIPTPOOL_*`` variable (``config.VARIABLES`` lists them).
+    Each field is filled from one ``SCRIPTPOOL_*`` variable
+    (``scriptpool.config.environment.VARIABLES`` lists them).
     """
 
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -309,7 +310,8 @@ class Settings:
         return {v.name: v.render(values[v.field]) for v in environment.VARIABLES}
 
     def field_values(self) -> dict[str, Any]:
-        """Every field by its ``config.VARIABLES`` name (``limits.fuel`` for a limit)."""
+        """Every field by its ``scriptpool.config.environment.VARIABLES`` name (``limits.fuel`` for a
+        limit)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         values.update({f"limits.{k}": v for k, v in self.limits.as_dict().items()})
         return values

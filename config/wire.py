@@ -7,6 +7,9 @@ here too: the client writes the envelope, the worker checks it); the worker answ
 Public as ``scriptpool.config.wire`` rather than names of ``scriptpool.config``: only the two ends
 of the queue (producer and workers, and what runs a script for them) use these, and
 ``from scriptpool.config.wire import Job, Reply`` says which side of the core a module touches.
+
+Long on purpose (past 450 lines): every type on the wire, with the checks that decode it from a
+hostile message, in one file, so the two ends cannot drift apart.
 """
 
 from __future__ import annotations

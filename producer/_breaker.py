@@ -10,7 +10,7 @@ What counts as a failure: only what says the pool is not answering, or not in ti
 the deadline (``timeout``), Redis unreachable (``broker_unavailable``), a worker that failed or
 sent a reply it could not have sent (``worker_error``, ``invalid_reply``), and a script stopped by
 its wall clock (``wall_clock_exceeded``, which depends on the worker's load). These are the error
-classes with ``trips_breaker`` (``config.errors``). A script's other errors (a trap, invalid
+classes with ``trips_breaker`` (``scriptpool.config.errors``). A script's other errors (a trap, invalid
 output, a fuel, memory or stack limit) are answers, given promptly and decided by the input:
 counting them would let five bad carts turn away the good ones after them, for a cost the
 script's limits already bound. Such an answer counts as a success, as any reply does.

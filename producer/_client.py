@@ -5,6 +5,10 @@ the call, yields what it has to wait for (the read of its EP's definition, on a 
 its reply), each until the call's deadline, and returns its outcome. The two wrappers differ only
 in how they wait: ``run`` blocks its thread; ``run_async`` awaits, and the event loop never blocks
 on Redis (an EP read and the publish run on the client's threads).
+
+Long on purpose (past 450 lines): the call body, its two drivers and the client's lifecycle are
+one flow read top to bottom; the parts that stand alone are beside it already (``_calls``: the
+call and its outcome, ``_links``: the groups' connections, ``_queries``: input queries).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import time
 from collections.abc import Callable, Generator
@@ -56,6 +61,20 @@ _SHARD_COUNT_RECHECK_S = 30.0
 # Callers wait in checkout paths; anything longer is a mistake (inf would overflow the wait).
 MAX_TIMEOUT_S = 600
 _SHARD_CACHE = 100_000
+
+
+def _json_but_loaders(value: Any) -> bool:
+    """Whether ``value`` is JSON once its loaders (callables, which only an EP with an input
+    schema takes) are left out: what may wait for its EP's definition rather than be refused."""
+    try:
+        json.dumps(value, allow_nan=False, default=lambda o: None if callable(o) else _not_json(o))
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
+
+
+def _not_json(value: Any) -> None:
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 class _Projecting:
@@ -405,6 +424,8 @@ class Client:
                 known = self._link_of_shard[self._shard_of(shop)].limits.peek(ep)
                 if known is not None and known.input_graphql is None:
                     raise  # a known EP without an input schema: the input is not JSON
+                if not _json_but_loaders(input):
+                    raise  # not JSON whatever the EP: refused before anything asks Redis
         serialized = time.perf_counter()
         now = time.time()
         job = Job(os.urandom(16).hex(), ep, shop, payload or b"", deadline=now + timeout, enqueued_at=now)

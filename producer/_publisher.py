@@ -4,7 +4,7 @@
 publisher costs 0.2 ms, a Redis round trip included. ``send_task`` spends that on work this pool
 never needs per call: a producer from a pool, routing, the ``saferepr`` of the arguments, publish
 retry wrappers, signals, and redis-py's per-command layers. Our queues are plain Redis lists
-whose names are fixed (``config.Keys.queue``), so this module writes the same message kombu's
+whose names are fixed (``scriptpool.config.Keys.queue``), so this module writes the same message kombu's
 Redis transport writes: the protocol v2 headers and properties of
 ``celery.app.amqp.AMQP.as_task_v2``, a msgpack body (``[args, kwargs, embed]``) base64-encoded as
 ``kombu.transport.virtual.Channel`` encodes it, all in kombu's JSON envelope, pushed with the

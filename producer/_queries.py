@@ -49,7 +49,7 @@ _COMPILED_ENTRIES = 1_024
 _SCHEMAS = 64
 # The caps a stored query is compiled under here. The deploy held it to its EP's caps; an EP
 # that lowers its caps later must not break the queries already bound, so these are the widest
-# an EP may set (config.extension_points).
+# an EP may set (scriptpool.config.extension_points).
 _RUN_MAX_BYTES = 65_536
 _RUN_MAX_COST = 1_000
 # The key under which a job names a rollout candidate's query (no app name starts with '#').

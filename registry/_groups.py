@@ -5,7 +5,7 @@ in every group. Every write made here is acknowledged only once the group's requ
 have it (``SCRIPTPOOL_DEPLOY_REPLICAS``, ``WAIT`` after the write): the registry itself writes as
 it always does, and this module only chooses the Redis and waits afterwards.
 
-Why a fresh one-connection session per write (``config.WriteSession``): ``WAIT`` counts the
+Why a fresh one-connection session per write (``scriptpool.config.redis.WriteSession``): ``WAIT`` counts the
 writes of its own connection, so it must follow the registry's writes, pipelines and scripts on
 that same connection, and a connection that broke and reconnected in between (perhaps to a
 promoted replica) would answer for nothing it wrote.

@@ -75,7 +75,7 @@ def check_imports(module: ModuleShape, providers: Mapping[str, wasmtime.Module])
 
 
 def check_provider_shape(name: str, module: ModuleShape) -> None:
-    """A memory-I/O provider's imports and exports (``engine.check_memory_io_provider``)."""
+    """A memory-I/O provider's imports and exports (``scriptpool.engine.check_memory_io_provider``)."""
     check_memory_io_provider(name, _as_module(module))
 
 

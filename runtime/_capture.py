@@ -2,9 +2,9 @@
 ones (the EP's ``capture_rate``), after the reply has gone out, so ``scriptpool runs`` can list
 them and ``scriptpool replay`` can run them again.
 
-The store, in the deployment's Redis (``config.Keys``):
+The store, in the deployment's Redis (``scriptpool.config.Keys``):
 
-* ``run:<id>``: the record (MessagePack of :class:`config.CapturedRun`), expiring after the TTL;
+* ``run:<id>``: the record (MessagePack of :class:`scriptpool.runtime.CapturedRun`), expiring after the TTL;
 * ``runs``: every id scored by capture time (µs), the order eviction follows;
 * ``runs:expiry``: every id scored by when it expires;
 * ``runs:summary``: id -> what a listing shows (JSON, no input, output or logs);

@@ -44,7 +44,7 @@ class ScriptInput:
 
     def json(self) -> bytes:
         """The JSON text: as the call gave it, or the host value encoded (:class:`InvalidInput`
-        if it cannot be), minified as ``config.wire.encode_input`` writes it."""
+        if it cannot be), minified as ``scriptpool.config.wire.encode_input`` writes it."""
         return self.text if self.text is not None else encode_input(self.value[0])
 
     def decoded(self) -> ScriptInput:

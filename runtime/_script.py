@@ -178,7 +178,7 @@ class ScriptTrace:
     deployment: Deployment
     input: bytes
     limits: Limits
-    part: str  # config.PART_SINGLE, PART_JOIN, PART_CHAIN or PART_REDUCER
+    part: str  # scriptpool.runtime.PART_SINGLE, PART_JOIN, PART_CHAIN or PART_REDUCER
     capture_rate: float
     error: ScriptpoolError | None
     outcome: ScriptRun | None

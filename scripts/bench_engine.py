@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import cProfile
-import dataclasses
 import functools
 import importlib
 import io
@@ -101,13 +100,23 @@ def spin_for(target_us: float) -> Callable[[], float]:
 
 
 def load_baseline(ref: str) -> Any:
-    """Import the executor's package of git revision ``ref``, renamed so that it sits beside
-    today's: ``runtime/`` as ``baseline_runtime`` from the namespace split on, ``workers/`` as
-    ``baseline_workers`` before it. It runs on today's engine, registry and config."""
+    """Import the runtime package of git revision ``ref`` (one that has it) as
+    ``baseline_runtime``, beside today's. It runs on today's engine, registry and config."""
     era_of_runtime = (
-        subprocess.run(["git", "cat-file", "-e", f"{ref}:runtime/__init__.py"], cwd=ROOT).returncode == 0
+        subprocess.run(
+            ["git", "cat-file", "-e", f"{ref}:runtime/__init__.py"], cwd=ROOT, capture_output=True
+        ).returncode
+        == 0
     )
-    folder, imported = ("runtime", r"scriptpool\.runtime") if era_of_runtime else ("workers", "workers")
+    if not era_of_runtime:
+        # Its workers import the top-level config/engine/registry of their day, whose names
+        # today's core no longer has: run this script in a `git archive REF` copy instead.
+        raise SystemExit(
+            f"bench_engine: --baseline {ref}: that revision predates the runtime layer (and the one "
+            "scriptpool namespace); run this bench in `git archive REF | tar -x -C COPY` with "
+            "PYTHONPATH=COPY and alternate the two runs by hand"
+        )
+    folder, imported = "runtime", r"scriptpool\.runtime"
     listing = subprocess.run(
         ["git", "ls-tree", "-r", "--name-only", ref, "--", folder],
         cwd=ROOT,
@@ -136,20 +145,9 @@ def load_baseline(ref: str) -> Any:
     register = REGISTRY.register
     REGISTRY.register = lambda collector: None  # type: ignore[method-assign]
     try:
-        package = importlib.import_module(f"baseline_{folder}")
-        if not era_of_runtime:
-            importlib.import_module("baseline_workers._telemetry")
-        return package
+        return importlib.import_module(f"baseline_{folder}")
     finally:
         REGISTRY.register = register  # type: ignore[method-assign]
-
-
-def baseline_telemetry() -> Any:
-    """The baseline's telemetry module, or None: since the runtime split the telemetry is the
-    workers' and a baseline runtime runs with today's."""
-    if "baseline_workers._telemetry" not in sys.modules:
-        return None
-    return sys.modules["baseline_workers._telemetry"]
 
 
 def interleave(variants: dict[str, Callable[[], float]], runs: int) -> dict[str, list[float]]:
@@ -166,7 +164,7 @@ def interleave(variants: dict[str, Callable[[], float]], runs: int) -> dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5000)
-    parser.add_argument("--baseline", metavar="REF", help="also run the engine of git revision REF")
+    parser.add_argument("--baseline", metavar="REF", help="also run the runtime of git revision REF")
     parser.add_argument("--profile", action="store_true", help="cProfile the hot trivial path")
     args = parser.parse_args()
     discount = (ROOT / "examples/discount/discount.wasm").read_bytes()
@@ -181,10 +179,9 @@ def main() -> None:
         registry.deploy("bench", "discount", discount)
         executors: dict[str, Any] = {"current": Executor(registry, sandbox, settings)}
         if baseline is not None:
-            # Since the engine left the workers package, a baseline's workers run on today's engine.
-            old_sandbox = getattr(baseline, "Sandbox", Sandbox)()
-            old_registry = Registry(redis.Redis.from_url(server.url), settings, old_sandbox)
-            executors[f"baseline {args.baseline}"] = baseline.Executor(old_registry, old_sandbox, settings)
+            # A baseline runtime runs on today's engine and registry.
+            old_registry = Registry(redis.Redis.from_url(server.url), settings, sandbox)
+            executors[f"baseline {args.baseline}"] = baseline.Executor(old_registry, sandbox, settings)
         out: dict[str, Any] = {"runs": args.runs, "variants": list(executors)}
         runs_of: dict[str, list[float]] = {}
         last: dict[str, Any] = {}
@@ -216,14 +213,14 @@ def main() -> None:
             }
             if NOISE in samples:
                 out[f"hot_{name}_us"][NOISE] = summary(samples[NOISE])
-        out["worker_extras_us"] = worker_extras(last, baseline is not None, args.runs)
+        out["worker_extras_us"] = worker_extras(last, args.runs)
         if args.profile:
             profile(executors["current"])
         out["discount_cold_ms"] = cold(sandbox, registry, settings, discount)
         print(json.dumps(out, indent=2))
 
 
-def worker_extras(last: dict[str, Any], with_baseline: bool, runs: int) -> dict[str, Any]:
+def worker_extras(last: dict[str, Any], runs: int) -> dict[str, Any]:
     """Per-execution costs a worker adds after ``execute``: ``Execution.to_wire()`` and
     ``telemetry.record_execution`` (metrics and the JSON log event, logged as a worker does:
     structlog through stdlib logging, here into /dev/null)."""
@@ -248,10 +245,6 @@ def worker_extras(last: dict[str, Any], with_baseline: bool, runs: int) -> dict[
 
     variants["to_wire current"] = cost(execution.to_wire)
     variants["record_execution current"] = cost(lambda: _telemetry.record_execution(execution, **context))
-    old = baseline_telemetry() if with_baseline else None
-    if old is not None:
-        variants["to_wire baseline (dataclasses.asdict)"] = cost(lambda: dataclasses.asdict(execution))
-        variants["record_execution baseline"] = cost(lambda: old.record_execution(execution, **context))
     samples = interleave(variants, runs)
     return {name: summary(values) for name, values in samples.items()}
 

@@ -1,5 +1,5 @@
-"""Rewrite the README's configuration table from config.VARIABLES (a test holds them equal):
-``.venv/bin/python scripts/update_readme.py``."""
+"""Rewrite the README's configuration table from scriptpool.config.environment.VARIABLES (a test
+holds them equal): ``.venv/bin/python scripts/update_readme.py``."""
 
 from __future__ import annotations
 

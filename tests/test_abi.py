@@ -1,6 +1,11 @@
 """The current Shopify ABIs, in process: codec by import, memory-I/O providers, MessagePack over
 WASI, the Wasm API trampolined and untrampolined, the report, per-memory limits, and every
-hostile provider answered with its named error and the executor healthy right after."""
+hostile provider answered with its named error and the executor healthy right after.
+
+Long on purpose: one section per ABI the pool runs, each test one promise of it, all sharing the
+in-process registry and executor fixtures, the ``healthy`` check and the expected API values at
+the top; split by ABI, those would be repeated or moved out of sight of the tests that read
+them."""
 
 from __future__ import annotations
 

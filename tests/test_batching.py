@@ -1,4 +1,9 @@
-"""Coalescing calls per shard: the lane's rules in isolation, then through real Celery workers."""
+"""Coalescing calls per shard: the lane's rules in isolation, then through real Celery workers.
+
+Long on purpose: the same lane, tested three ways in three sections (its rules against the
+``_Harness`` publisher at the top, then through a three-shard pool of real workers started once
+for the module, then the reply dispatcher that feeds it); a rule and the end-to-end test that
+shows it holding in a pool stay side by side."""
 
 from __future__ import annotations
 

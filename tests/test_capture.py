@@ -1,7 +1,11 @@
 """Captured runs against real workers: a failing script in the pool is captured and replays
 identically, a fixed module passes on the captured input, sampling at 0 keeps no successful
 run, the caps evict the oldest, the TTL removes everything, a worker killed mid-capture leaves
-no broken record, and readers skip what they cannot read."""
+no broken record, and readers skip what they cannot read.
+
+Long on purpose: one test per promise of the capture store, all through the three workers (capture
+on, a one-second TTL, capture off) the module starts once at the top; split files would each
+start their own."""
 
 from __future__ import annotations
 

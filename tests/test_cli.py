@@ -1,5 +1,9 @@
 """The command line as a new user meets it: one clear line per mistake, exit codes that say what
-happened, bounded reads, JSON output everywhere, and the views of what is deployed."""
+happened, bounded reads, JSON output everywhere, and the views of what is deployed.
+
+Long on purpose: one test per kind of mistake or view, most of them through the ``cli_env``,
+``run_cli`` and ``one_line`` helpers at the top; the file reads as the tool's contract with a
+new user, which split files would scatter."""
 
 from __future__ import annotations
 

@@ -1,7 +1,11 @@
 """What a new user met (issue 21, items 4 to 6): a Redis that accepts connections and never
 answers, a typo in the Redis URL, values no setting or policy can take, a client given a URL or
 used after ``close()``; and an EP record in Redis that cannot be used. Each gets its fallback by
-its deadline, or one named error, and the same process serves a good call right after."""
+its deadline, or one named error, and the same process serves a good call right after.
+
+Long on purpose: one section per item of issue 21, each test one thing the user met, sharing the
+``SilentRedis`` server, the deployed echo and the ``_good_call`` check at the top; the items are
+one report and read best as one file."""
 
 from __future__ import annotations
 

@@ -5,6 +5,10 @@ anything compiles, then the compile child's time and memory bounds), nothing is 
 good deploy right after works. The structural reader is tested against hostile bytes, and a
 real worker that must compile a planted bomb on the job path answers with the named error and
 serves a good script right after, in the same process.
+
+Long on purpose: the tiny Wasm binary writer and the bombs built with it at the top are shared
+by every section (at deploy, the structural reader, on the job path), and the structural reader's
+test module (``FEATURES_WAT``) alone is over a hundred lines of WAT.
 """
 
 from __future__ import annotations

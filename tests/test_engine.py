@@ -1,4 +1,8 @@
-"""The runtime (in process): the ABI, the report, every named error, and recovery after each."""
+"""The runtime (in process): the ABI, the report, every named error, and recovery after each.
+
+Long on purpose: one short test per named error or promise of the sandbox and executor, sharing
+the in-process registry, executor and sandbox fixtures and the ``run_good_after`` check; the
+fast-path section tests the wasmtime internals those same runs go through."""
 
 from __future__ import annotations
 

@@ -1,6 +1,11 @@
 """Input queries (scriptpool.config.input_query): the EP's GraphQL input schema, a script's query
 refused or compiled at deploy, and the projection that gives the script exactly the query's
-result. Pure logic: no Redis, no workers."""
+result. Pure logic: no Redis, no workers.
+
+Long on purpose: one short test per rule (a refusal, a null, a loader, a merge), in sections
+that follow ``scriptpool.config.input_query`` from schema to merged plans, sharing the example
+schemas and the ``_refusal``/``_executed``/``Counted`` helpers at the top; the tests are
+quick and independent, and split files would each need those helpers again."""
 
 from __future__ import annotations
 

@@ -2,7 +2,10 @@
 --input-graphql``), a deployment's query (``deploy`` and ``rollout start --input-query``),
 checked at deploy against the schema and its caps, refused with one ``invalid_input_query``
 naming the problem and its line and column, kept in the binding and shown by ``history`` and
-``status``. What a call does with the query is tested beside the client and worker."""
+``status``. What a call does with the query is tested beside the client and worker.
+
+Long on purpose: one test per refusal and per command, sharing the schema and registry fixtures
+at the top."""
 
 from __future__ import annotations
 

@@ -24,6 +24,9 @@ from tests import guests
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY
 
 PACKAGES = ("config", "engine", "registry", "runtime", "workers", "producer", "scriptpool")
+# Every package of the namespace by its importable name: the layers, the tool and the test utilities.
+LAYERS = ("config", "engine", "registry", "runtime", "workers", "producer", "cli", "testing")
+NAMESPACE = ("scriptpool", *(f"scriptpool.{layer}" for layer in LAYERS))
 
 
 def _codes() -> set[str]:
@@ -53,11 +56,13 @@ def test_no_error_code_is_spelled_outside_config_errors() -> None:
     assert offenders == []
 
 
-@pytest.mark.parametrize("package", PACKAGES)
+@pytest.mark.parametrize("package", NAMESPACE)
 def test_every_package_is_typed_and_exports_what_its_all_names(package: str) -> None:
-    """Each package ships ``py.typed`` and an ``__all__`` whose every name exists."""
+    """Each package ships ``py.typed`` in its own folder (where it is imported from) and an
+    ``__all__`` whose every name exists."""
     module = importlib.import_module(package)
-    assert (ROOT / package / "py.typed").is_file()
+    (folder,) = module.__path__
+    assert (Path(folder) / "py.typed").is_file(), package
     names = module.__all__
     assert names and all(hasattr(module, name) for name in names), package
 
@@ -135,8 +140,9 @@ PRIVATE_ALLOWED: dict[str, set[str]] = {
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
-    """(line, module) of every import in ``path``, ``from m import n`` giving ``m.n`` too, and of
-    every string in it that is Python code importing something (a child process's program)."""
+    """(line, module) of every import in ``path``, ``from m import n`` giving ``m.n`` too, of every
+    ``import_module("m")`` or ``__import__("m")`` with a literal name, and of every string in it
+    that is Python code importing something (a child process's program)."""
     found: list[tuple[int, str]] = []
     pending = [(0, ast.parse(path.read_text()))]
     while pending:
@@ -147,6 +153,8 @@ def _imports(path: Path) -> list[tuple[int, str]]:
                 found += [(line, alias.name) for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 found += [(line, node.module)] + [(line, f"{node.module}.{a.name}") for a in node.names]
+            elif isinstance(node, ast.Call) and (named := _imported_by_name(node)) is not None:
+                found.append((line, named))
             elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "import" in node.value:
                 try:
                     code = ast.parse(textwrap.dedent(node.value))
@@ -154,6 +162,17 @@ def _imports(path: Path) -> list[tuple[int, str]]:
                     continue  # prose, not a program
                 pending.append((line - 1, code))
     return found
+
+
+def _imported_by_name(call: ast.Call) -> str | None:
+    """The module ``call`` imports if it names it by a literal string (``importlib.import_module``,
+    however it was imported, or ``__import__``), else None."""
+    func = call.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    if name not in {"import_module", "__import__"} or not call.args:
+        return None
+    first = call.args[0]
+    return first.value if isinstance(first, ast.Constant) and isinstance(first.value, str) else None
 
 
 def test_tests_and_scripts_import_the_namespace_and_its_public_names() -> None:
@@ -185,6 +204,9 @@ def test_the_import_check_finds_old_names_and_private_modules(tmp_path: Path) ->
         "    from <scriptpool.cli._pool_commands> import <worker_argv>\n"
         "CHILD = '''\nfrom <workers> import <Executor>\n'''\n"
         "PROSE = 'nothing to import here'\n"
+        "LAYER = importlib.import_module('<config.errors>')\n"
+        "OTHER = __import__('<producer>')\n"
+        "BUILT = import_module(f'baseline_{name}')\n"
     )
     sample.write_text(program.replace("<", "").replace(">", ""))
     assert sorted(_imports(sample)) == [
@@ -193,6 +215,8 @@ def test_the_import_check_finds_old_names_and_private_modules(tmp_path: Path) ->
         (3, "scriptpool.cli._pool_commands.worker_argv"),
         (5, "workers"),
         (5, "workers.Executor"),
+        (8, "config.errors"),
+        (9, "producer"),
     ]
 
 

@@ -64,8 +64,9 @@ def test_compose_redis_persists_with_aof_and_prometheus_scrapes_every_worker() -
 
 
 def test_readme_documents_every_setting_and_the_two_commands() -> None:
-    """The README's configuration table is the one generated from config.VARIABLES (so it lists
-    every variable with its default); CI runs the README's test command."""
+    """The README's configuration table is the one generated from
+    scriptpool.config.environment.VARIABLES (so it lists every variable with its default); CI runs
+    the README's test command."""
     assert markdown_table(Settings().field_values()) in README
     assert "make demo" in README and "make test" in README
     assert re.search(r"^make test$", (ROOT / ".ci" / "run").read_text(), re.M)

@@ -19,8 +19,8 @@ log = get_logger("worker")
 
 def broker_config(settings: Settings) -> dict[str, Any]:
     """The broker part of Celery's settings: ``settings.redis_url`` (a worker's is its group's),
-    connected as every other client of ours connects (``config.celery_broker``: TLS verified as
-    redis-py does, Sentinel with the same credentials and timeouts)."""
+    connected as every other client of ours connects (``scriptpool.config.redis.celery_broker``:
+    TLS verified as redis-py does, Sentinel with the same credentials and timeouts)."""
     broker = celery_broker(settings.redis_url, timeout=1.0, connect_timeout=0.25)
     broker["broker_transport_options"].update(
         max_retries=0,

@@ -1,6 +1,6 @@
 """``scriptpool run --local``: one module run in this process, without Redis or workers, on the
-pool's own path (``registry.compile_script``, ``runtime.run_loaded``), with function-runner's
-report.
+pool's own path (``scriptpool.registry.compile_script``, ``scriptpool.runtime.run_loaded``), with
+function-runner's report.
 
 ``--json`` prints function-runner's fields first, with the same meaning, so a script written for
 ``function-runner --json`` reads it unchanged:

@@ -12,7 +12,7 @@ from scriptpool.cli._query_text import located, query_summary, read_query, summa
 from scriptpool.cli._registries import open_registries
 from scriptpool.config import Settings
 
-# The flags of a rollout's rules (registry.RolloutRules, field by field), with its defaults.
+# The flags of a rollout's rules (scriptpool.registry.RolloutRules, field by field), with its defaults.
 _RULES: tuple[tuple[str, type, float, str, str], ...] = (
     ("--shadow-rate", float, 1.0, "R", "share of live calls also run on the candidate"),
     ("--promote-after", int, 100, "N", "compared runs before promotion"),

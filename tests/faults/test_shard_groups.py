@@ -114,12 +114,13 @@ def test_killing_one_groups_redis_leaves_the_other_group_fully_served(
     assert all(c.status == "ok" for c in b_calls), timeline(
         [c for c in b_calls if c.status != "ok"], killed_at
     )
-    # Within noise: these 2 cores are shared with A's failing callers, the status command and,
-    # in CI, whatever else runs; one run's B p95 moved between 2 and 14 ms with nothing failing,
-    # and to 40 ms in a run beside other suites. What isolation rules out is a B call waiting
-    # on anything of A's: A's deadline (500 ms) or socket timeout (1 s), or a fallback.
-    assert down_p50 <= max(3 * base_p50, base_p50 + 10), (base_p50, down_p50)
-    assert down_p95 <= max(3 * base_p95, base_p95 + 50), (base_p95, down_p95)
+    # Not a bound on this machine's speed: these 2 cores are shared with A's failing callers, the
+    # status command and, in CI, whatever else runs (one run's B p50 moved from 1.8 to 12 ms
+    # beside another suite, with nothing failing). What isolation rules out is a B call waiting
+    # on anything of A's: A's deadline (500 ms) or socket timeout (1 s), or a fallback. So B's
+    # p50 stays under a quarter of that deadline and its p95 under half.
+    assert down_p50 < TIMEOUT_S * 1000 / 4, (base_p50, down_p50)
+    assert down_p95 < TIMEOUT_S * 1000 / 2, (base_p95, down_p95)
     assert max(b_during) < TIMEOUT_S * 1000, max(b_during)
     assert breaker_samples and max(b for _, b in breaker_samples) == 0  # B's breakers never open
     assert max(a for a, _ in breaker_samples) > 0  # A's do: its callers get circuit_open at once
@@ -138,8 +139,9 @@ def test_killing_one_groups_redis_leaves_the_other_group_fully_served(
         f"its own Redis) and 4 of group B (shard 1, another Redis), interleaved; one solo worker per "
         f"shard; one Client; deadline {TIMEOUT_S * 1000:.0f} ms",
         fault=f"SIGKILL group A's Redis after {JOBS // 4:,} jobs; restart it (AOF) {DOWN_S:.0f} s later",
-        asserted="every B call ok; B's p50 <= max(3x, +10 ms) and p95 <= max(3x, +50 ms) of its "
-        "baseline, no B call as slow as the deadline; B's breakers never open, A's do; every A call "
+        asserted="every B call ok; B's p50 under a quarter of the deadline and p95 under half (no B "
+        "call waits on A's deadline or socket timeout), none as slow as the deadline; B's breakers "
+        "never open, A's do; every A call "
         "during the outage falls back by its deadline + 50 ms; A's throughput back within 5 s of the "
         "restart; status names group A unreachable (exit 4) and shard 1 served",
         figures={
