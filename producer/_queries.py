@@ -5,7 +5,8 @@ Only EPs whose definition has an ``input_graphql`` come here; a call to any othe
 input as it always did. For one that has, the client reads the binding hash of (EP, shop) (one
 HGETALL, on the group's reader threads: never on a caller's event loop), compiles each app's
 query against the EP's schema once (by digest), merges them (``merge``: the union of what they
-select) and keeps that per (EP, shop) in a bounded LRU. An :class:`InvalidationListener` on the
+select) and keeps that per (EP, shop) in a bounded LRU, for at most ``QUERY_CACHE_TTL_S`` (the
+backstop for an invalidation missed while the subscription stayed up). An :class:`InvalidationListener` on the
 group's invalidation channel drops an entry as soon as a deploy, rollback or rollout of that
 (EP, shop) is published, and an EP's entries (with its cached definition) when the EP is
 redefined; a read that an invalidation overtook is used once but not kept, and nothing is kept
@@ -23,6 +24,7 @@ from __future__ import annotations
 import inspect
 import json
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
@@ -44,6 +46,10 @@ log = get_logger("client")
 
 # (EP, shop) pairs whose bound queries one group's link keeps; the least recently used goes first.
 QUERY_CACHE_ENTRIES = 4_096
+# How long an entry is used without reading Redis again: the backstop, as for the client's EP
+# definitions (scriptpool.producer._group) and a worker's bindings, for an invalidation missed
+# while the subscription stayed up.
+QUERY_CACHE_TTL_S = 5.0
 # Queries and schemas compiled, by digest: deploys are rare, so this holds every live one.
 _COMPILED_ENTRIES = 1_024
 _SCHEMAS = 64
@@ -99,7 +105,8 @@ class QueryBook:
         self._forget_ep = forget_ep
         self._group = group
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, str], BoundQueries] = OrderedDict()
+        # (EP, shop) -> the queries and when (time.monotonic()) they expire.
+        self._entries: OrderedDict[tuple[str, str], tuple[BoundQueries, float]] = OrderedDict()
         self._reads: dict[tuple[str, str], Future[BoundQueries]] = {}
         self._changes = 0  # invalidations heard: a read that one overtook is not kept
         self._schemas: dict[str, InputSchema] = {}
@@ -109,12 +116,17 @@ class QueryBook:
 
     # -- the cache ---------------------------------------------------------------------------
     def fresh(self, ep: str, shop: str) -> BoundQueries | None:
-        """The queries bound at (``ep``, ``shop``) if known, without asking Redis."""
+        """The queries bound at (``ep``, ``shop``) if known (and not expired), without asking
+        Redis."""
         with self._lock:
             found = self._entries.get((ep, shop))
-            if found is not None:
-                self._entries.move_to_end((ep, shop))
-            return found
+            if found is None:
+                return None
+            if found[1] <= time.monotonic():
+                del self._entries[(ep, shop)]
+                return None
+            self._entries.move_to_end((ep, shop))
+            return found[0]
 
     def read(self, ep: str, shop: str, sdl: str) -> Future[BoundQueries]:
         """The queries bound at (``ep``, ``shop``), read on the group's reader threads (a read
@@ -195,7 +207,7 @@ class QueryBook:
             return
         with self._lock:
             if keep and self._changes == changes and not self._stopped:
-                self._entries[key] = bound
+                self._entries[key] = (bound, time.monotonic() + QUERY_CACHE_TTL_S)
                 self._entries.move_to_end(key)
                 while len(self._entries) > QUERY_CACHE_ENTRIES:
                     self._entries.popitem(last=False)
@@ -304,7 +316,7 @@ def prepare(bound: BoundQueries, value: Any) -> tuple[Any, bytes]:
             return value, encode_input(value)  # no loaders: the input as it came, at today's cost
         except InvalidInput:
             pass
-    full = _materialise(value, memo)
+    full = _materialise(value, _Loads(memo, sync=True))
     if union is not _MISSING:
         full = _overlay(full, union)
     return full, encode_input(full)
@@ -321,29 +333,55 @@ async def prepare_async(bound: BoundQueries, value: Any) -> tuple[Any, bytes]:
             return value, encode_input(value)
         except InvalidInput:
             pass
-    full = await _materialise_async(value, memo)
+    full = await _materialise_async(value, _Loads(memo, sync=False))
     if union is not _MISSING:
         full = _overlay(full, union)
     return full, encode_input(full)
 
 
-# The projection's memo is keyed (id(loader), argument key), "" for no arguments: a loader the
-# merged plan called already is not called again here (scriptpool.config.input_query).
-def _loaded(loader: Any, memo: dict[Any, Any]) -> Any:
+class _Loads:
+    """The loaders of one call's whole input: ``memo`` is the merged projection's, keyed
+    (id(loader), argument key), "" for no arguments (scriptpool.config.input_query), so a
+    loader the projection called already is not called again; ``with_arguments`` holds the ids
+    of those it called with arguments, read once here rather than per loader; ``sync``: on
+    ``run``, where a loader must not return an awaitable."""
+
+    __slots__ = ("memo", "sync", "with_arguments")
+
+    def __init__(self, memo: dict[Any, Any], *, sync: bool) -> None:
+        self.memo = memo
+        self.sync = sync
+        self.with_arguments = {key[0] for key in memo if type(key) is tuple and key[1]}
+
+
+def _loaded(loader: Any, loads: _Loads) -> Any:
+    memo = loads.memo
     hit = memo.get((id(loader), ""), _MISSING)
     if hit is not _MISSING:
         return hit[1]
-    if _takes_arguments(loader, memo):
+    if _takes_arguments(loader, loads):
         return _MISSING
     value = loader()
+    if loads.sync and inspect.isawaitable(value):
+        close = getattr(value, "close", None)
+        if close is not None:
+            close()  # a coroutine never awaited would warn
+        raise InvalidInput(
+            f"a loader in the input ({_named(loader)}) returned an awaitable: use run_async for "
+            "asynchronous loaders"
+        )
     memo[(id(loader), "")] = (loader, value)
     return value
 
 
-def _takes_arguments(loader: Any, memo: dict[Any, Any]) -> bool:
+def _named(loader: Any) -> str:
+    return str(getattr(loader, "__qualname__", None) or type(loader).__name__)[:100]
+
+
+def _takes_arguments(loader: Any, loads: _Loads) -> bool:
     """A loader for a field with arguments cannot be called without them: it is left out of the
     whole input (its values for the bound queries' arguments are added by ``_overlay``)."""
-    if any(type(k) is tuple and k[0] == id(loader) and k[1] for k in memo):
+    if id(loader) in loads.with_arguments:
         return True
     try:
         inspect.signature(loader).bind()
@@ -354,7 +392,7 @@ def _takes_arguments(loader: Any, memo: dict[Any, Any]) -> bool:
     return False
 
 
-def _materialise(value: Any, memo: dict[Any, Any]) -> Any:
+def _materialise(value: Any, loads: _Loads) -> Any:
     """``value`` with every zero-argument loader called (once), recursively."""
     if type(value) in _LEAVES or value is None:
         return value
@@ -362,49 +400,49 @@ def _materialise(value: Any, memo: dict[Any, Any]) -> Any:
         out = {}
         for key, item in value.items():
             if item is not None and type(item) not in _LEAVES and callable(item):
-                item = _loaded(item, memo)
+                item = _loaded(item, loads)
                 if item is _MISSING:
                     continue
-            out[key] = _materialise(item, memo)
+            out[key] = _materialise(item, loads)
         return out
     if isinstance(value, (list, tuple)):
-        return [_materialise(_call_item(item, memo), memo) for item in value]
+        return [_materialise(_call_item(item, loads), loads) for item in value]
     if callable(value):
-        loaded = _loaded(value, memo)
-        return None if loaded is _MISSING else _materialise(loaded, memo)
+        loaded = _loaded(value, loads)
+        return None if loaded is _MISSING else _materialise(loaded, loads)
     return value  # not JSON: encode_input names it
 
 
-def _call_item(item: Any, memo: dict[Any, Any]) -> Any:
+def _call_item(item: Any, loads: _Loads) -> Any:
     if item is not None and type(item) not in _LEAVES and callable(item):
-        loaded = _loaded(item, memo)
+        loaded = _loaded(item, loads)
         return None if loaded is _MISSING else loaded
     return item
 
 
-async def _materialise_async(value: Any, memo: dict[Any, Any]) -> Any:
+async def _materialise_async(value: Any, loads: _Loads) -> Any:
     if type(value) in _LEAVES or value is None:
         return value
     if callable(value) and not isinstance(value, Mapping):
-        loaded = _loaded(value, memo)
+        loaded = _loaded(value, loads)
         if loaded is _MISSING:
             return None
         if inspect.isawaitable(loaded):
             loaded = await loaded
-            memo[(id(value), "")] = (value, loaded)
-        return await _materialise_async(loaded, memo)
+            loads.memo[(id(value), "")] = (value, loaded)
+        return await _materialise_async(loaded, loads)
     if isinstance(value, Mapping):
         out = {}
         for key, item in value.items():
             loader = item is not None and type(item) not in _LEAVES and callable(item)
-            if loader and _takes_arguments(item, memo):
+            if loader and _takes_arguments(item, loads):
                 continue
-            out[key] = await _materialise_async(item, memo)
+            out[key] = await _materialise_async(item, loads)
         return out
     if isinstance(value, (list, tuple)):
-        return [await _materialise_async(item, memo) for item in value]
+        return [await _materialise_async(item, loads) for item in value]
     if inspect.isawaitable(value):
-        return await _materialise_async(await value, memo)
+        return await _materialise_async(await value, loads)
     return value
 
 

@@ -30,7 +30,7 @@ from scriptpool.runtime._cache import ByteLRU, CacheStats
 from scriptpool.runtime._captured import PART_SINGLE
 from scriptpool.runtime._combine import PartInput, PartsRunner
 from scriptpool.runtime._input import ScriptInput
-from scriptpool.runtime._queries import NO_QUERY, EpQueries, QueryInfo, with_query
+from scriptpool.runtime._queries import NO_QUERY, STALE, EpQueries, QueryInfo, with_query
 from scriptpool.runtime._reducers import Reducer
 from scriptpool.runtime._script import (
     EpRuntime,
@@ -118,11 +118,19 @@ class Executor:
         return dataclasses.replace(execution, report=report)
 
     def run_candidate(
-        self, ep: str, shop_id: str, payload: Any, rollout_id: str
+        self,
+        ep: str,
+        shop_id: str,
+        payload: Any,
+        rollout_id: str,
+        *,
+        queries: dict[str, str] | None = None,
     ) -> tuple[Candidate, Execution] | None:
         """For a shadow run: the candidate of rollout ``rollout_id`` at (``ep``, ``shop_id``), if
         that rollout is still under way, and its execution on ``payload`` (as :meth:`execute`
-        takes it). No deadline: nobody waits."""
+        takes it). ``queries`` is the job's (``Job.queries``; the candidate's own query under
+        ``#candidate``): the candidate is judged on what the live script got. No deadline:
+        nobody waits."""
         candidate = self.candidate(ep, shop_id, rollout_id)
         if candidate is None:
             return None
@@ -130,7 +138,7 @@ class Executor:
         if bindings.candidate != candidate:  # changed in between: too late for this call
             return None
         data = ScriptInput.of(payload)
-        shadow = self._run(runtime, bindings.with_candidate(), data, time.perf_counter(), None, None)
+        shadow = self._run(runtime, bindings.with_candidate(), data, time.perf_counter(), None, None, queries)
         return candidate, shadow
 
     def candidate(self, ep: str, shop_id: str, rollout_id: str) -> Candidate | None:
@@ -160,6 +168,17 @@ class Executor:
         outcome: ScriptRun | None = None
         query = NO_QUERY
         try:
+            if queries and runtime.queries is None and "" not in queries.values():
+                # The client projected the input for queries (it sends the whole input when some
+                # app has none), but the EP has no input schema (any more): no script may read a
+                # projection as the whole input.
+                query = ("", STALE)
+                raise InvalidInput(
+                    "the client sent the input projected for input queries, but the EP has no "
+                    "input schema now (it had not yet heard of the redefinition): not run on a "
+                    "partial input; the client's next call sends the whole input",
+                    client=STALE,
+                )
             if runtime.scale:
                 runtime, factor, data = _scaled(runtime, data)
             if runtime.combine == SINGLE:

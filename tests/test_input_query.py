@@ -10,6 +10,7 @@ quick and independent, and split files would each need those helpers again."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import pickle
 import subprocess
@@ -20,10 +21,17 @@ from typing import Any
 import pytest
 from graphql import execute_sync
 
-from scriptpool.config.errors import InvalidArgument, InvalidInputQuery, RegistryError, error_class_for
+from scriptpool.config.errors import (
+    InputTooLarge,
+    InvalidArgument,
+    InvalidInputQuery,
+    RegistryError,
+    error_class_for,
+)
 from scriptpool.config.input_query import (
     MAX_QUERY_BYTES,
     MAX_QUERY_COST,
+    MAX_SELECTIONS,
     InputQuery,
     InputSchema,
     merge,
@@ -294,6 +302,84 @@ def test_list_argument_over_100_elements_is_refused() -> None:
     assert "101 elements" in error.detail["problem"]
 
 
+def _alias_bomb(k: int) -> str:
+    """Five levels of ``k`` aliases joined by fragments: ``k ** 5`` selections, costing 0."""
+
+    def aliases(prefix: str, body: str) -> str:
+        return " ".join(f"{prefix}{i}:{body}" for i in range(k))
+
+    return (
+        "query{" + aliases("r", "cart{...C}") + "}\n"
+        "fragment C on Cart{" + aliases("a", "lines{...L}") + "}\n"
+        "fragment L on CartLine{" + aliases("b", "merchandise{...M}") + "}\n"
+        "fragment M on ProductVariant{" + aliases("c", "product{...P}") + "}\n"
+        "fragment P on Product{" + aliases("d", "__typename") + "}\n"
+    )
+
+
+def test_aliases_multiplied_by_fragments_are_refused_where_they_pass_the_selection_cap() -> None:
+    """Fields that cost nothing (``__typename``, objects) still count against the selections
+    cap once fragments are spread: 16 aliases on five levels (16 ** 5 fields in 1.4 kB, cost 0,
+    which the cost cap lets through) are refused at the field that passes the cap."""
+    text = _alias_bomb(16)
+    assert query_bytes(text) < MAX_QUERY_BYTES
+    error = _refusal(DISCOUNT, text)
+    assert error.detail["measure"] == "selections"
+    assert error.detail["cap"] == MAX_SELECTIONS
+    assert "more than 2,000 fields once fragments are spread" in error.detail["problem"]
+    # r0 a0 b0 c0, then d0..d15 under each of c0..c15 (272 each under b0, ...): the 2,001st
+    # field is d0 of fragment P, on line 5.
+    assert "field 'd0'" in error.detail["problem"]
+    assert (error.detail["line"], error.detail["column"]) == (5, 23)
+    # A larger one is refused the same way, at once (the counts are not expanded).
+    assert _refusal(DISCOUNT, _alias_bomb(28), max_bytes=10_000).detail["measure"] == "selections"
+
+
+def test_selection_cap_counts_every_field_and_alias() -> None:
+    """``cart`` and 1,999 aliases of ``__typename`` are 2,000 selections, the cap, accepted;
+    one more alias is refused at that alias."""
+    fields = " ".join(f"t{i}: __typename" for i in range(MAX_SELECTIONS - 1))
+    accepted = InputQuery.compile(DISCOUNT, "{ cart { " + fields + " } }", max_bytes=65_536)
+    assert accepted.cost == 0
+    error = _refusal(DISCOUNT, "{ cart { " + fields + " last: __typename } }", max_bytes=65_536)
+    assert error.detail["measure"] == "selections"
+    assert "field 'last'" in error.detail["problem"]
+
+
+def test_a_chain_of_repeated_spreads_is_refused() -> None:
+    """Each fragment spreading the next twice: 2 ** 60 fields from 2.4 kB, refused by the
+    selections count (each fragment counted once, not walked per spread) where it passes the
+    cap, in the last fragment."""
+    n = 60
+    text = (
+        "query { cart { ...F0 } }\n"
+        + "".join(f"fragment F{i} on Cart {{ ...F{i + 1} ...F{i + 1} }}\n" for i in range(n))
+        + f"fragment F{n} on Cart {{ __typename }}\n"
+    )
+    assert query_bytes(text) < MAX_QUERY_BYTES
+    error = _refusal(DISCOUNT, text)
+    assert error.detail["measure"] == "selections"
+    assert (error.detail["line"], error.detail["column"]) == (n + 2, 24)
+
+
+def test_cost_of_a_fragment_spread_twice_is_refused_inside_it() -> None:
+    """A fragment's cost is counted once and added at each spread; a spread that passes the cap
+    is entered to name the field: here ``id`` in the fragment, at its second spread."""
+    text = "{ cart { ...F ...F } }\nfragment F on Cart { lines { quantity id } }"
+    assert InputQuery.compile(DISCOUNT, text).cost == 4
+    error = _refusal(DISCOUNT, text, max_cost=3)
+    assert error.detail["measure"] == "cost"
+    assert "at field 'id'" in error.detail["problem"]
+    assert (error.detail["line"], error.detail["column"]) == (2, 39)
+
+
+def test_a_fragment_cycle_is_refused_by_validation() -> None:
+    """The selections count cuts a cycle of spreads (it does not go round it) and leaves the
+    refusal to graphql-core's validation."""
+    text = "{ cart { ...A } }\nfragment A on Cart { ...B }\nfragment B on Cart { ...A }"
+    assert "within itself" in _refusal(DISCOUNT, text).detail["problem"]
+
+
 def test_unused_fragment_and_unknown_type_condition_are_refused() -> None:
     """The rest of graphql-core's validation applies as written."""
     assert (
@@ -362,7 +448,7 @@ EQUIVALENT_QUERIES = [
     "{ missing: shop { name } items { ... on Book { name } } }",
     "{ shop { name ... on Shop { name domain } name } }",
     "{ items { ... on Gift { __typename } } }",
-    "query Q($skip: Boolean = true) { shop { name @skip(if: $skip) domain @include(if: true) } }",
+    "query Q { shop { name @skip(if: true) domain @include(if: true) } }",
 ]
 
 
@@ -486,40 +572,24 @@ def test_metafield_arguments_in_the_shopify_style() -> None:
     assert result == {"discountNode": {"config": {"jsonValue": {"min": 2}}, "other": None}}
 
 
-def test_variables_fill_arguments_and_directives() -> None:
-    """Query variables (Shopify's input query variables) are coerced and used; a plan is kept
-    per set of values; a wrong value is refused."""
-    text = """
-    query Q($tags: [String!]!, $withName: Boolean!) {
-      shop { name @include(if: $withName) domain }
-      cart: config(key: "cart", scope: $tags)
-    }
-    """
-    schema = InputSchema.from_sdl(
-        "type Input { shop: Shop config(key: String!, scope: [String!]): [String] }\n"
-        "type Shop { name: String domain: String }"
+def test_variables_are_refused_at_their_definition() -> None:
+    """Nothing supplies variable values when a script runs, so a query declaring variables
+    (which would fail on every call) is refused at deploy, at the first variable's definition;
+    literal arguments and directives are what a query uses instead."""
+    error = _refusal(
+        DISCOUNT,
+        "query Q(\n  $tags: [String!]!) { cart { buyerIdentity { customer { hasAnyTag(tags: $tags) } } } }",
     )
-    query = InputQuery.compile(schema, text)
-    assert query.variable_names == ("tags", "withName")
-    host = {"shop": {"name": "Acme", "domain": "d"}, "config": lambda key, scope: [key, *scope]}
-    variables = {"tags": ["a", "b"], "withName": False}
-    assert query.project(host, variables=variables) == {"shop": {"domain": "d"}, "cart": ["cart", "a", "b"]}
-    assert query.plan(variables) is query.plan(dict(variables))
-    assert project(query, host, variables={"tags": [], "withName": True}) == {
-        "shop": {"name": "Acme", "domain": "d"},
-        "cart": ["cart"],
-    }
-    executed = execute_sync(
-        schema.schema,
-        query.document,
-        root_value={**host, "config": lambda _info, key, scope: [key, *scope]},
-        variable_values=variables,
+    assert error.detail["problem"].startswith("variables are not supported: $tags")
+    assert (error.detail["line"], error.detail["column"]) == (2, 3)
+    with_default = "query Q($withName: Boolean = true) { shop { name @include(if: $withName) } }"
+    assert "$withName" in _refusal(SCHEMA, with_default).detail["problem"]
+    literal = InputQuery.compile(
+        SCHEMA, '{ shop { name @include(if: false) domain } cart: config(key: "cart") }'
     )
-    assert executed.data == query.project(host, variables=variables)
-    with pytest.raises(InvalidInputQuery, match="withName"):
-        query.plan({"tags": []})
-    with pytest.raises(InvalidInputQuery, match="101 elements"):
-        query.plan({"tags": ["x"] * 101, "withName": True})
+    assert literal.variable_names == ()
+    host = {"shop": {"name": "Acme", "domain": "d"}, "config": lambda key, scope: [key, scope]}
+    assert literal.project(host) == {"shop": {"domain": "d"}, "cart": ["cart", "app"]}
 
 
 def test_lists_are_projected_element_wise() -> None:
@@ -543,6 +613,38 @@ def test_objects_are_read_by_attribute_as_graphql_reads_them() -> None:
     assert InputQuery.compile(SCHEMA, "{ shop { name domain } }").project({"shop": Shop()}) == {
         "shop": {"name": "Acme", "domain": "acme.example"}
     }
+
+
+def test_a_projection_over_its_budget_is_input_too_large() -> None:
+    """Each list's elements are charged (length times what the query selects in one) before
+    they are built: past ``max_values`` (MAX_PROJECTED_VALUES by default) the call fails with
+    ``input_too_large``, however small the input; an endless iterable is refused too."""
+    query = InputQuery.compile(SCHEMA, "{ items { ... on Gift { a: wrapped b: wrapped c: wrapped } } }")
+    gift = {"__typename": "Gift", "wrapped": True}
+    # The root and its list, then 4 values per item (the item and its three aliases).
+    assert query.project({"items": [gift] * 10}, max_values=42)["items"][9] == {
+        "a": True,
+        "b": True,
+        "c": True,
+    }
+    with pytest.raises(InputTooLarge) as caught:
+        query.project({"items": [gift] * 10}, max_values=41)
+    assert caught.value.detail["limit"] == 41
+    with pytest.raises(InputTooLarge):
+        query.project({"items": [gift] * 30_000})  # 120,002 values from one shared dict
+    with pytest.raises(InputTooLarge):
+        query.project({"items": itertools.repeat(gift)})
+    with pytest.raises(InputTooLarge):
+        asyncio.run(query.plan().project_async({"items": [gift] * 30_000}))
+    assert len(query.project({"items": [gift] * 20_000})["items"]) == 20_000
+
+
+def test_a_merged_plan_is_held_to_the_budget_too() -> None:
+    """The union the client projects is charged as each app's plan is."""
+    one = InputQuery.compile(SCHEMA, "{ grid }").plan()
+    with pytest.raises(InputTooLarge):
+        merge([one]).project({"grid": [[1] * 10] * 10}, max_values=100)
+    assert merge([one]).project({"grid": [[1] * 10] * 10}, max_values=200)["grid"][0] == [1] * 10
 
 
 def test_selection_lists_what_the_plan_reads() -> None:
@@ -645,6 +747,52 @@ def test_async_loaders_are_awaited_once_and_only_when_selected() -> None:
     }
     assert calls == ["shop", "owner"]
     assert asyncio.run(query.plan().project_async(HOST)) == query.project(HOST)
+
+
+def test_loaders_in_lists_and_at_the_root_are_called_once() -> None:
+    """A loader may stand for a list's element (of objects, of abstract types, of leaves or of
+    lists) or for the whole input: called, once per call however often it appears, not read
+    by attribute (which would give nulls)."""
+    book = Counted({"__typename": "Book", "name": "SICP", "isbn": "1"})
+    person = Counted({"name": "Ada"})
+    cell = Counted(7)
+    row = Counted([8, None])
+    host = Counted(
+        {"items": [book, book], "grid": [[1, cell], row, row], "shop": {"name": "Acme", "owner": person}}
+    )
+    query = InputQuery.compile(SCHEMA, "{ items { ... on Book { isbn } } grid shop { owner { name } } }")
+    assert query.project(host) == {
+        "items": [{"isbn": "1"}, {"isbn": "1"}],
+        "grid": [[1, 7], [8, None], [8, None]],
+        "shop": {"owner": {"name": "Ada"}},
+    }
+    assert [len(c.calls) for c in (host, book, cell, row, person)] == [1, 1, 1, 1, 1]
+    shops = InputQuery.compile(
+        InputSchema.from_sdl("type Input { shops: [Shop] }\ntype Shop { name: String }"), "{ shops { name } }"
+    )
+    acme = Counted({"name": "Acme"})
+    assert shops.project({"shops": [acme, Counted(None), acme]}) == {
+        "shops": [{"name": "Acme"}, None, {"name": "Acme"}]
+    }
+    assert len(acme.calls) == 1
+
+
+def test_async_loaders_in_lists_are_awaited_once() -> None:
+    """On ``project_async`` a list's elements may be loaders returning awaitables: each called
+    and awaited once; on ``project`` one is refused as a field's is."""
+    calls: list[str] = []
+
+    async def book() -> dict[str, Any]:
+        calls.append("book")
+        await asyncio.sleep(0)
+        return {"__typename": "Book", "isbn": "1"}
+
+    query = InputQuery.compile(SCHEMA, "{ items { ... on Book { isbn } } }")
+    result = asyncio.run(query.plan().project_async({"items": [book, book]}))
+    assert result == {"items": [{"isbn": "1"}, {"isbn": "1"}]}
+    assert calls == ["book"]
+    with pytest.raises(InvalidArgument, match="use run_async"):
+        query.project({"items": [book]})
 
 
 # -- joins and chains: merged plans -----------------------------------------------------------

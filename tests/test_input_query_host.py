@@ -291,7 +291,9 @@ def test_a_deploy_that_changes_the_query_reaches_a_running_client_and_no_script_
         while not stop.is_set():
             outcome = client.run(cart_ep, "live", host_input(Counter()), timeout=10)
             assert outcome.report is not None, outcome.error
-            seen.append((outcome.report.input_query, outcome.report.input_query_client, outcome.output))
+            code = "" if outcome.error is None else outcome.error.code
+            output = outcome.output if outcome.ok else code
+            seen.append((outcome.report.input_query, outcome.report.input_query_client, output))
 
     caller = threading.Thread(target=calling)
     caller.start()
@@ -319,9 +321,9 @@ def test_a_deploy_that_changes_the_query_reaches_a_running_client_and_no_script_
     stale = [output for _, client_was, output in seen if client_was == "stale"]
     print(f"{len(seen)} calls, {len(stale)} of them projected by the client for the replaced query")
     for digest, client_was, output in seen:
-        # A stale job still gets QUERY_B's result over what was sent (A's union), as GraphQL
-        # gives it: null for the non-null fields A's union lacks, up to the root.
-        assert output == (expected[digest] if client_was == "current" else stale_b_over_a())
+        # A stale job for QUERY_B over what was sent (A's union) lacks B's non-null cost fields:
+        # it is not run (its script would see nulls up to the root), and says so.
+        assert output == (expected[digest] if client_was == "current" else InvalidInput.code)
     assert seen[-1][:2] == (DIGEST_B, "current")
 
 
@@ -337,10 +339,11 @@ def stale_b_over_a() -> Any:
 def test_a_stale_job_is_projected_with_the_binding_s_query_and_reported_stale(
     deployer: Registry, executor_iq: Executor, cart_ep: str
 ) -> None:
-    """A job projected for QUERY_A reaches a worker after the deploy of QUERY_B: the script gets
-    QUERY_B's shape (what the old union lacks is null, nulling its nullable parent), the report
-    says stale; a job without queries says none; an app deployed without a query that gets a
-    projection (the client thought it had one) is not run: ``invalid_input``, stale."""
+    """A job projected for QUERY_A reaches a worker after the deploy of QUERY_B, whose non-null
+    cost fields A's union lacks: not run on that partial input (``invalid_input``, naming the
+    field; GraphQL would null up to the root), the report says stale; a job without queries
+    says none; an app deployed without a query that gets a projection (the client thought it
+    had one) is not run: ``invalid_input``, stale."""
     deployer.deploy(cart_ep, "stale", guests.ECHO, input_query=QUERY_B)
     schema = InputSchema.from_sdl(SDL)
     union_a = InputQuery.compile(schema, QUERY_A).plan()
@@ -348,10 +351,15 @@ def test_a_stale_job_is_projected_with_the_binding_s_query_and_reported_stale(
 
     sent = merge([union_a]).project(host_input(Counter()))
     stale = executor_iq.execute(cart_ep, "stale", encode_input(sent), queries={"default": DIGEST_A})
-    assert stale.ok, stale.error
     # QUERY_B's non-null cost fields are missing from A's union: GraphQL nulls up to the root.
-    assert stale.output is None and stale.output == stale_b_over_a()
+    assert stale_b_over_a() is None
+    assert not stale.ok and stale.error is not None and stale.error.code == InvalidInput.code
+    assert "'cart.lines[0].cost'" in stale.error.message and stale.error.detail["client"] == "stale"
     assert (stale.report.input_query, stale.report.input_query_client) == (DIGEST_B, "stale")
+    # The same union without queries named (a job from a client that names none): refused too.
+    unnamed = executor_iq.execute(cart_ep, "stale", encode_input(sent))
+    assert not unnamed.ok and unnamed.error is not None and unnamed.error.code == InvalidInput.code
+    assert unnamed.report.input_query_client == "none"
     whole = executor_iq.execute(cart_ep, "stale", encode_input(EXPECTED_B))
     assert whole.ok and whole.output == EXPECTED_B
     assert (whole.report.input_query, whole.report.input_query_client) == (DIGEST_B, "none")
@@ -428,3 +436,219 @@ def test_an_ep_without_an_input_schema_is_as_it_was(deployer: Registry, client: 
     assert client.input_query("iq_plain", "s") is None
     with pytest.raises(InvalidInput):
         client.run("iq_plain", "s", {"cart": lambda: {}})
+
+
+# -- review fixes ---------------------------------------------------------------------------------
+
+
+def test_a_stale_job_missing_only_nullable_fields_runs_with_nulls(
+    deployer: Registry, executor_iq: Executor, cart_ep: str
+) -> None:
+    """Stale, but what the new query reads and the old union lacks is nullable (the buyer's
+    customer): the script runs with null there, as GraphQL gives it, and the report says stale."""
+    query = "query Input { cart { buyerIdentity { email customer { id } } } }"
+    deployer.deploy(cart_ep, "nullable", guests.ECHO, input_query=query)
+    from scriptpool.config.input_query import merge
+
+    sent = merge([InputQuery.compile(InputSchema.from_sdl(SDL), QUERY_A).plan()]).project(
+        host_input(Counter())
+    )
+    stale = executor_iq.execute(cart_ep, "nullable", encode_input(sent), queries={"default": DIGEST_A})
+    assert stale.ok, stale.error
+    assert stale.output == {"cart": {"buyerIdentity": {"email": None, "customer": None}}}
+    assert stale.report.input_query_client == "stale"
+
+
+def test_ep_runtimes_share_compiled_schemas_and_plans_across_reloads(
+    deployer: Registry, executor_iq: Executor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker makes its EP's runtime again whenever the cached definition expires or is
+    invalidated: the schema is built and the query compiled once per process all the same."""
+    from scriptpool.config.input_query import InputQuery as Query
+    from scriptpool.config.input_query import InputSchema as Schema
+
+    sdl = SDL + f"\ntype Unique{time.time_ns()} {{ x: Int }}\n"  # a schema no test compiled yet
+    deployer.define_extension_point("iq_reload", input_graphql=sdl)
+    deployer.deploy("iq_reload", "s", guests.ECHO, input_query=QUERY_B)
+    built: Counter[str] = Counter()
+    from_sdl, compile_query = Schema.from_sdl, Query.compile
+
+    def counted_schema(text: str) -> Schema:
+        built["schema"] += 1
+        return from_sdl(text)
+
+    def counted_query(schema: Schema, text: str, **caps: int) -> Query:
+        built["query"] += 1
+        return compile_query(schema, text, **caps)
+
+    monkeypatch.setattr(Schema, "from_sdl", staticmethod(counted_schema))
+    monkeypatch.setattr(Query, "compile", staticmethod(counted_query))
+    for _ in range(3):
+        executor_iq.invalidate("iq_reload")  # what an expiry or an invalidation does
+        done = executor_iq.execute("iq_reload", "s", encode_input(EXPECTED_B), queries={"default": DIGEST_B})
+        assert done.ok and done.output == EXPECTED_B, done.error
+    assert built == Counter({"schema": 1, "query": 1})
+
+
+def test_a_query_that_does_not_compile_is_refused_without_compiling_it_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bound query that does not compile against the EP's schema (the EP was redefined since):
+    ``invalid_input_query`` on every job, from a runtime made again too, compiled once."""
+    from types import SimpleNamespace
+
+    from scriptpool.config.errors import InvalidInputQuery
+    from scriptpool.config.input_query import InputQuery as Query
+    from scriptpool.runtime._input import ScriptInput
+    from scriptpool.runtime._queries import EpQueries
+
+    sdl = SDL + f"\ntype Unique{time.time_ns()} {{ x: Int }}\n"
+    text = "query Input { cart { gone } }"
+    deployment: Any = SimpleNamespace(input_query=text, app="a")
+    calls: Counter[str] = Counter()
+    compile_query = Query.compile
+
+    def counted(schema: InputSchema, query: str, **caps: int) -> Query:
+        calls["compile"] += 1
+        return compile_query(schema, query, **caps)
+
+    monkeypatch.setattr(Query, "compile", staticmethod(counted))
+    for _ in range(2):
+        queries = EpQueries(sdl)  # as after each expiry of the EP's definition
+        for _ in range(2):
+            with pytest.raises(InvalidInputQuery, match="gone"):
+                queries.input_for(deployment, ScriptInput(b"{}"), (query_digest(text), "current"))
+    assert calls["compile"] == 1
+
+
+def test_a_projected_job_at_an_ep_without_a_schema_now_is_not_run(
+    deployer: Registry, executor_iq: Executor
+) -> None:
+    """The client projected for queries, but the EP was redefined without an input schema: no
+    script reads that projection as the whole input (``invalid_input``, stale); a job naming an
+    app without a query (the whole input was sent) runs."""
+    deployer.define_extension_point("iq_dropped")
+    deployer.deploy("iq_dropped", "s", guests.ECHO)
+    refused = executor_iq.execute("iq_dropped", "s", encode_input(EXPECTED_A), queries={"default": DIGEST_A})
+    assert not refused.ok and refused.error is not None and refused.error.code == InvalidInput.code
+    assert refused.report.input_query_client == "stale"
+    whole = executor_iq.execute("iq_dropped", "s", encode_input({"x": 1}), queries={"default": ""})
+    assert whole.ok and whole.output == {"x": 1}
+
+
+def test_a_shadow_run_judges_the_candidate_on_its_own_query_s_result(
+    deployer: Registry, executor_iq: Executor, cart_ep: str
+) -> None:
+    """During a rollout the client sends the union of the live query (A) and the candidate's
+    (B, named under ``#candidate``); the shadow run, given the job's queries, gives the candidate
+    exactly B's result and reports the client current."""
+    from scriptpool.config.input_query import merge
+    from scriptpool.registry import RolloutRules
+
+    deployer.deploy(cart_ep, "shadow", guests.ECHO, input_query=QUERY_A)
+    candidate = deployer.start_rollout(
+        cart_ep, "shadow", guests.ECHO, RolloutRules(promote_after=1_000), input_query=QUERY_B
+    )
+    schema = InputSchema.from_sdl(SDL)
+    plans = [InputQuery.compile(schema, q).plan() for q in (QUERY_A, QUERY_B)]
+    sent = encode_input(merge(plans).project(host_input(Counter())))
+    ran = executor_iq.run_candidate(
+        cart_ep, "shadow", sent, candidate.id, queries={"default": DIGEST_A, "#candidate": DIGEST_B}
+    )
+    assert ran is not None
+    shadow = ran[1]
+    assert shadow.ok and shadow.output == EXPECTED_B, shadow.error
+    assert (shadow.report.input_query, shadow.report.input_query_client) == (DIGEST_B, "current")
+
+
+def test_the_client_s_queries_expire_without_an_invalidation(
+    deployer: Registry,
+    client: Client,
+    cart_ep: str,
+    pool_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A binding changed without an invalidation reaching the client (one missed while its
+    subscription stayed up) reaches it all the same once its cached queries expire."""
+    from scriptpool.producer import _queries as client_queries
+
+    monkeypatch.setattr(client_queries, "QUERY_CACHE_TTL_S", 1.0)
+    deployer.deploy(cart_ep, "ttl", guests.ECHO, input_query=QUERY_A)
+    client.input_query(cart_ep, "ttl")  # starts the client's listener if no test did
+    time.sleep(0.2)  # the deploy's invalidation heard, the listener subscribed: the next is kept
+    selection_a = client.input_query(cart_ep, "ttl")
+    assert selection_a is not None and set(selection_a) == {"cart", "shop"}
+    key = pool_settings.keys.binding(cart_ep, "ttl")
+    redis_client = redis.Redis.from_url(pool_settings.redis_url)  # the pool's, not flushed
+    stored = json.loads(redis_client.hget(key, "default") or b"{}")
+    stored["input_query"] = QUERY_B
+    redis_client.hset(key, "default", json.dumps(stored))  # no invalidation published
+    assert client.input_query(cart_ep, "ttl") == selection_a  # cached: nothing told the client
+    deadline = time.monotonic() + 5
+    while (selection := client.input_query(cart_ep, "ttl")) == selection_a:
+        assert time.monotonic() < deadline, "the client's queries never expired"
+        time.sleep(0.02)
+    assert selection is not None and set(selection) == {"cart"}
+
+
+def test_an_asynchronous_loader_on_run_is_refused_in_the_whole_input_too() -> None:
+    """Some app has no query, so the whole input is sent with every loader called: on ``run`` a
+    loader that returns an awaitable is refused by name (``invalid_input``: use run_async), and
+    the coroutine is closed, never left to warn."""
+    from scriptpool.config.input_query import merge
+    from scriptpool.producer._queries import BoundQueries, prepare
+
+    schema = InputSchema.from_sdl(SDL)
+    bound = BoundQueries(merge([InputQuery.compile(schema, QUERY_A).plan()]), True, {"a": DIGEST_A, "b": ""})
+    made: list[Any] = []
+
+    async def reviews() -> list[str]:
+        return ["never awaited"]
+
+    def loader() -> Any:
+        made.append(reviews())
+        return made[-1]
+
+    value = host_input(Counter())
+    value["reviews"] = loader
+    with pytest.raises(InvalidInput, match="run_async"):
+        prepare(bound, value)
+    assert len(made) == 1 and made[0].cr_frame is None  # closed
+
+
+def test_the_whole_input_reads_which_loaders_took_arguments_once_per_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A join where one app's query calls a loader with arguments and another app has no query:
+    the whole input leaves that loader out (its value for the query's arguments is added under
+    its canonical key) and calls each other zero-argument loader once; which loaders took
+    arguments is read from the projection's memo once per call, not once per loader."""
+    from scriptpool.config.input_query import merge
+    from scriptpool.producer import _queries as client_queries
+
+    schema = InputSchema.from_sdl(SDL)
+    query = (
+        "query Input { cart { lines { merchandise { ... on ProductVariant "
+        '{ product { hasAnyTag(tags: ["vip"]) } } } } } }'
+    )
+    plan = merge([InputQuery.compile(schema, query).plan()])
+    bound = client_queries.BoundQueries(plan, True, {"a": "x", "b": ""})
+    found: list[set[int]] = []
+    loads = client_queries._Loads
+
+    class Counted(loads):  # type: ignore[misc, valid-type]
+        """One call's loads, kept as they are made."""
+
+        def __init__(self, memo: dict[Any, Any], *, sync: bool) -> None:
+            super().__init__(memo, sync=sync)
+            found.append(self.with_arguments)
+
+    monkeypatch.setattr(client_queries, "_Loads", Counted)
+    calls: Counter[str] = Counter()
+    value = host_input(calls)
+    del value["shop"]  # its loader takes arguments that no query here gives
+    full, _ = client_queries.prepare(bound, value)
+    assert len(found) == 1 and len(found[0]) == 2  # both lines' hasAnyTag loaders, found once
+    product = full["cart"]["lines"][1]["merchandise"]["product"]
+    assert "hasAnyTag" not in product and product['hasAnyTag({"tags":["vip"]})'] is True
+    assert calls == Counter({"tags0": 1, "tags1": 1, "buyer": 1, "cart_cost": 1, "reviews": 1})

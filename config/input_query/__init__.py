@@ -16,10 +16,11 @@ How the host supplies values:
 
 * A mapping is read by field name (any other object by attribute, as graphql-core's default
   resolver reads it).
-* Any value may instead be a callable: a loader. It is called only if the query selects its
-  field, and at most once per call (per distinct arguments): results are kept in a per-call memo
-  keyed by the callable's identity, which a caller may share between projections
-  (``memo=``) so that loaders shared by several apps' queries run once. On
+* Any value may instead be a callable: a loader (a field's value, a list's element, or the
+  whole input). It is called only if the query selects it, and at most once per call (per
+  distinct arguments): results are kept in a per-call memo keyed by the callable's identity,
+  which a caller may share between projections (``memo=``) so that loaders shared by several
+  apps' queries run once. On
   :meth:`Projection.project_async` a loader may return an awaitable, which is awaited.
 * A field with arguments (``metafield(namespace: "app", key: "config")``, ``hasAnyTag(tags:
   [...])``): the host's value for the field is a callable that takes the coerced arguments as
@@ -41,15 +42,21 @@ projection takes 0.55 ms; graphql-core's ``execute_sync`` with its default resol
 dict takes 4.0 ms (over 7 times as long, and the document is parsed and validated outside that
 time). ``json.dumps`` of the full input takes 1.2 ms and of the projection 0.24 ms, so projecting
 and then encoding the selection (0.8 ms) costs less than encoding the full input would. So the
-plan is compiled once per query (and set of variable values) into plain tuples and walked without
+plan is compiled once per query into plain tuples and walked without
 graphql-core, which is imported only to build a schema and to compile a query (at deploy, or the
 first call that needs a plan), never by ``scriptpool --version`` or by a call without queries.
 
 Caps, as Shopify documents them for Function input queries (an EP may raise both):
 :data:`MAX_QUERY_BYTES` (3,000 bytes of query text, comments excluded) and
-:data:`MAX_QUERY_COST` (30, counted by :func:`field_cost`'s table). Any refusal is one
+:data:`MAX_QUERY_COST` (30, counted by :func:`field_cost`'s table). Beyond Shopify's, the same
+for every EP: :data:`MAX_QUERY_DEPTH`, :data:`MAX_LIST_ARGUMENT`, no variables (nothing supplies
+their values when a script runs), and :data:`MAX_SELECTIONS` fields once fragments are spread
+(every field and alias, those that cost nothing included: aliases multiplied through fragments
+are not bounded by the cost cap). Any refusal is one
 :class:`~scriptpool.config.errors.InvalidInputQuery` whose ``detail`` names the ``problem`` and
-its ``line`` and ``column``.
+its ``line`` and ``column``. A projection builds at most :data:`MAX_PROJECTED_VALUES` values
+(each list charged before its elements are built), past which it fails with
+:class:`~scriptpool.config.errors.InputTooLarge`.
 
 Its private modules, one concept each: ``_schema`` (the schema, the caps, the refusal),
 ``_cost`` (the cost table and walk), ``_query`` (size, parsing, validation: :class:`InputQuery`),
@@ -59,22 +66,25 @@ Its private modules, one concept each: ``_schema`` (the schema, the caps, the re
 
 from scriptpool.config.input_query._cost import field_cost
 from scriptpool.config.input_query._merge import merge, project, project_async
-from scriptpool.config.input_query._projection import Projection
+from scriptpool.config.input_query._projection import MAX_PROJECTED_VALUES, Projection
 from scriptpool.config.input_query._query import InputQuery, query_bytes
 from scriptpool.config.input_query._schema import (
     MAX_LIST_ARGUMENT,
     MAX_QUERY_BYTES,
     MAX_QUERY_COST,
     MAX_QUERY_DEPTH,
+    MAX_SELECTIONS,
     ROOT_TYPE,
     InputSchema,
 )
 
 __all__ = [
     "MAX_LIST_ARGUMENT",
+    "MAX_PROJECTED_VALUES",
     "MAX_QUERY_BYTES",
     "MAX_QUERY_COST",
     "MAX_QUERY_DEPTH",
+    "MAX_SELECTIONS",
     "ROOT_TYPE",
     "InputQuery",
     "InputSchema",

@@ -11,10 +11,12 @@ from scriptpool.config.input_query._projection import (
     ABSTRACT,
     LEAF,
     LIST,
+    MAX_PROJECTED_VALUES,
     OBJECT,
     TYPENAME,
     Field,
     Projection,
+    plan_size,
 )
 from scriptpool.config.input_query._query import InputQuery
 
@@ -27,10 +29,11 @@ def project(
     *,
     variables: Mapping[str, Any] | None = None,
     memo: dict[Any, Any] | None = None,
+    max_values: int = MAX_PROJECTED_VALUES,
 ) -> Any:
     """Return ``query``'s result over the host value ``value`` (see :meth:`Projection.project`)."""
     plan = query.plan(variables) if isinstance(query, InputQuery) else query
-    return plan.project(value, memo=memo)
+    return plan.project(value, memo=memo, max_values=max_values)
 
 
 async def project_async(
@@ -39,10 +42,11 @@ async def project_async(
     *,
     variables: Mapping[str, Any] | None = None,
     memo: dict[Any, Any] | None = None,
+    max_values: int = MAX_PROJECTED_VALUES,
 ) -> Any:
     """Like :func:`project`, awaiting loaders that return awaitables."""
     plan = query.plan(variables) if isinstance(query, InputQuery) else query
-    return await plan.project_async(value, memo=memo)
+    return await plan.project_async(value, memo=memo, max_values=max_values)
 
 
 def merge(projections: Sequence[Projection]) -> Projection:
@@ -64,7 +68,8 @@ def _merge_nodes(nodes: list[tuple[Any, ...]]) -> tuple[Any, ...]:
     if kind == LEAF:
         return (LEAF, False, first[2], first[3])
     if kind == LIST:
-        return (LIST, False, _merge_nodes([n[2] for n in nodes]))
+        item = _merge_nodes([n[2] for n in nodes])
+        return (LIST, False, item, plan_size(item))
     if kind == OBJECT:
         return (OBJECT, False, first[2], _merge_fields([n[3] for n in nodes], typename=False))
     members: dict[str, list[tuple[Field, ...]]] = {}

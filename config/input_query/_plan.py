@@ -16,6 +16,7 @@ from scriptpool.config.input_query._projection import (
     enum_coerce,
     float_coerce,
     int_coerce,
+    plan_size,
     safe,
 )
 
@@ -71,7 +72,8 @@ class Compiler:
         if isinstance(type_, GraphQLNonNull):
             type_ = type_.of_type
         if isinstance(type_, GraphQLList):
-            return (LIST, non_null, self.node(type_.of_type, field_nodes))
+            item = self.node(type_.of_type, field_nodes)
+            return (LIST, non_null, item, plan_size(item))
         if isinstance(type_, GraphQLObjectType):
             return (OBJECT, non_null, type_.name, self.fields(type_, field_nodes))
         if isinstance(type_, GraphQLInterfaceType | GraphQLUnionType):

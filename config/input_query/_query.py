@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from scriptpool.config.errors import InvalidArgument
-from scriptpool.config.input_query._cost import Coster
+from scriptpool.config.input_query._cost import Coster, check_selections
 from scriptpool.config.input_query._plan import Compiler
-from scriptpool.config.input_query._projection import Projection
+from scriptpool.config.input_query._projection import MAX_PROJECTED_VALUES, Projection
 from scriptpool.config.input_query._schema import (
     MAX_LIST_ARGUMENT,
     MAX_QUERY_BYTES,
@@ -130,10 +130,11 @@ class InputQuery:
         """Parse ``text``, validate it against ``schema`` and hold it to the caps; refuse it
         with one ``invalid_input_query`` naming the problem and its line and column: a syntax
         error, anything graphql-core's validation rejects (an unknown field, a wrong argument,
-        an unused fragment, ...), not exactly one ``query`` operation, introspection, nesting
-        past :data:`MAX_QUERY_DEPTH`, a list argument past :data:`MAX_LIST_ARGUMENT`
-        elements, more than ``max_bytes`` bytes without comments, or a cost past
-        ``max_cost``. A query without variables is compiled into its plan here."""
+        an unused fragment, ...), not exactly one ``query`` operation, variables (nothing
+        would supply their values), introspection, nesting past :data:`MAX_QUERY_DEPTH`, more
+        than :data:`MAX_SELECTIONS` fields once fragments are spread, a list argument past
+        :data:`MAX_LIST_ARGUMENT` elements, more than ``max_bytes`` bytes without comments,
+        or a cost past ``max_cost``. The query is compiled into its plan here."""
         from graphql import GraphQLError, OperationDefinitionNode, OperationType, parse, validate
 
         if not isinstance(text, str):
@@ -170,6 +171,19 @@ class InputQuery:
                     f"an input query is a query, not a {operation.operation.value}",
                     *node_location(operation),
                 )
+            if operation.variable_definitions:
+                # Nothing supplies variable values when a script runs (a deployment binds the
+                # query's text only), so a query with variables would fail on every call.
+                definition = operation.variable_definitions[0]
+                raise refuse(
+                    f"variables are not supported: ${definition.variable.name.value} (an input "
+                    "query's arguments are literals)",
+                    *node_location(definition),
+                )
+        if operations:
+            # Before validation: graphql-core's rules walk what is written, but the plan and
+            # the projection walk the spread fragments, which may multiply without end.
+            check_selections(document, operations[0])
         try:
             errors = validate(schema.schema, document, max_errors=1)
         except RecursionError:  # pragma: no cover - bounded by MAX_QUERY_DEPTH; a backstop
@@ -181,8 +195,7 @@ class InputQuery:
         operation = operations[0]
         cost = Coster(schema, document, max_cost).run(operation)
         query = cls(schema=schema, text=text, document=document, operation=operation, size=size, cost=cost)
-        if not operation.variable_definitions:
-            query.plan()
+        query.plan()
         return query
 
     @property
@@ -214,9 +227,16 @@ class InputQuery:
         self._plans[key] = projection
         return projection
 
-    def project(self, value: Any, *, variables: Mapping[str, Any] | None = None) -> Any:
-        """Return the query's result over ``value``: ``self.plan(variables).project(value)``."""
-        return self.plan(variables).project(value)
+    def project(
+        self,
+        value: Any,
+        *,
+        variables: Mapping[str, Any] | None = None,
+        max_values: int = MAX_PROJECTED_VALUES,
+    ) -> Any:
+        """Return the query's result over ``value``: ``self.plan(variables).project(value)``
+        (see :meth:`Projection.project` for ``max_values``)."""
+        return self.plan(variables).project(value, max_values=max_values)
 
 
 def _check_lists(values: Mapping[str, Any]) -> None:

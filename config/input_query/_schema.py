@@ -17,6 +17,7 @@ __all__ = [
     "MAX_QUERY_BYTES",
     "MAX_QUERY_COST",
     "MAX_QUERY_DEPTH",
+    "MAX_SELECTIONS",
     "ROOT_TYPE",
     "InputSchema",
     "graphql_location",
@@ -41,6 +42,16 @@ MAX_LIST_ARGUMENT = 100
 #: a 3,000-byte query of ``{a{a{a...`` nests 1,500 levels (only recent graphql-core 3.2 releases
 #: guard their parser); this keeps every pass far inside Python's recursion limit.
 MAX_QUERY_DEPTH = 64
+
+#: Fields a query may select once its fragments are spread: every field and alias counted as
+#: often as it is reached, ``__typename`` and the other fields that cost nothing included. Not a
+#: Shopify rule, and the same for every EP: the cost cap does not bound a query's size, since
+#: fields that cost 0 (``__typename``, object fields, fields in a ``Metafield``) may be aliased
+#: and spread without end (five fragments of 16 aliases each select 16 ** 5 fields in 1.4 kB).
+#: 2,000 leaves room for the highest cost cap an EP may set (1,000, a leaf costing at least 1)
+#: with the objects that hold those leaves, and keeps a plan, and each object the projection
+#: builds from it, small.
+MAX_SELECTIONS = 2_000
 
 
 def graphql_location(error: Any) -> tuple[int, int]:

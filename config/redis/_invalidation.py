@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,9 @@ from scriptpool.config.redis._primary import PrimaryCheck
 from scriptpool.config.redis._reconnect import Reconnector
 
 log = get_logger("worker")
+
+# How long a SUBSCRIBE may wait for its confirmation (the connection's own timeout).
+_CONFIRM_S = 5.0
 
 
 class InvalidationListener:
@@ -69,21 +73,38 @@ class InvalidationListener:
     def _session(self, loop: Reconnector) -> None:
         client = redis_client(self._url, timeout=5, connect_timeout=1)
         try:
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            pubsub = client.pubsub()
             pubsub.subscribe(self._channel)
+            # Subscribed only once Redis confirms it: a message published before that is not
+            # delivered, so until then nothing cached may count as coherent.
+            if not self._confirmed(pubsub, loop):
+                return
             self._invalidate(None, None)  # anything published while we were away is lost
             self._subscribed.set()
             loop.healthy()
             primary = PrimaryCheck(client.connection_pool)
             while not loop.stopping.is_set():
                 message = pubsub.get_message(timeout=1.0)
-                if message is not None:
+                if message is not None and message.get("type") == "message":
                     self.apply(message["data"])
                 if primary.moved(pubsub.connection):
                     raise redis.ConnectionError("Sentinel moved the primary: subscribing there")
         finally:
             self._subscribed.clear()
             client.close()
+
+    @staticmethod
+    def _confirmed(pubsub: Any, loop: Reconnector) -> bool:
+        """Wait for the SUBSCRIBE confirmation (False: stopping meanwhile); a connection error
+        if it does not come within the connection's timeout."""
+        until = time.monotonic() + _CONFIRM_S
+        while not loop.stopping.is_set():
+            message = pubsub.get_message(timeout=0.5)
+            if message is not None and message.get("type") == "subscribe":
+                return True
+            if time.monotonic() > until:
+                raise redis.ConnectionError("Redis did not confirm the subscription")
+        return False
 
     def apply(self, data: bytes) -> None:
         """Forget what one invalidation message names; a malformed one is logged and ignored."""
