@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -80,17 +81,76 @@ class Keys:
         """SCAN pattern matching the artifacts of one module, for every engine fingerprint."""
         return f"{self.prefix}:artifact:*:{sha256}"
 
+    # -- script data (config/store.py) -----------------------------------------------------
+    def data_app(self, app: str) -> str:
+        """An app's data for every shop (scope APP): a hash of key -> JSON text. Not a shop's key:
+        every shard group's Redis holds it, as extension points are."""
+        return f"{self.prefix}:data-app:{app}"
+
+    def data_shop(self, app: str, shop_id: str) -> str:
+        """An app's data for one shop (scope SHOP): a hash of key -> JSON text."""
+        return f"{self.prefix}:data-shop:{app}:{shop_id}"
+
+    @staticmethod
+    def session_digest(token: str) -> str:
+        """What stands for a session token in key names and messages: any token string (colons,
+        spaces, megabytes) becomes 32 hex digits, and the token itself is never stored."""
+        return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+    def data_session(self, app: str, shop_id: str, token: str) -> str:
+        """One shop's session for one app (scope SESSION): a hash of key -> JSON text that expires
+        (its TTL is set again by every write)."""
+        return self.data_session_of_digest(app, shop_id, self.session_digest(token))
+
+    def data_session_of_digest(self, app: str, shop_id: str, digest: str) -> str:
+        """:meth:`data_session` from the token's digest (what invalidation messages carry)."""
+        return f"{self.prefix}:data-session:{app}:{digest}:{shop_id}"
+
+    def data_bytes(self, shop_id: str) -> str:
+        """A counter: the bytes (keys and values) a shop's SHOP and live SESSION data hold, every
+        app's together (what ``MAX_BYTES_PER_SHOP`` bounds)."""
+        return f"{self.prefix}:data-bytes:{shop_id}"
+
+    def data_sessions(self, shop_id: str) -> str:
+        """A shop's sessions (their key names), scored by when each expires (ms): a session that
+        expired gives its bytes back to :meth:`data_bytes` at the shop's next write."""
+        return f"{self.prefix}:data-sessions:{shop_id}"
+
+    def data_session_sizes(self, shop_id: str) -> str:
+        """A hash of a shop's session key name -> the bytes that session holds (what an expired
+        session gives back; Redis drops the session itself without telling anyone)."""
+        return f"{self.prefix}:data-session-sizes:{shop_id}"
+
+    def data_app_pattern(self) -> str:
+        """SCAN pattern matching every app's APP data."""
+        return f"{self.prefix}:data-app:*"
+
     # -- what belongs to one shop (moves with it when its shard changes group) ---------------
     # Keep these in step with the per-shop keys above: `scriptpool shard move` copies exactly the
     # keys they match, and a per-shop key they miss would be left behind in the old group.
-    _SHOP_KINDS: ClassVar[tuple[str, ...]] = ("binding", "history", "rollout", "rollout-samples")
+    # Kinds named <kind>:<EP or app>:<shop>, except data-session (<app>:<digest>:<shop>).
+    _SHOP_KINDS: ClassVar[tuple[str, ...]] = (
+        "binding",
+        "history",
+        "rollout",
+        "rollout-samples",
+        "data-shop",
+        "data-session",
+    )
+    # Kinds named <kind>:<shop>: a shop's data bookkeeping.
+    _SHOP_ONLY_KINDS: ClassVar[tuple[str, ...]] = ("data-bytes", "data-sessions", "data-session-sizes")
+    _DATA_KINDS: ClassVar[frozenset[str]] = frozenset(
+        {"data-shop", "data-session", "data-bytes", "data-sessions", "data-session-sizes"}
+    )
 
     def shop_key_patterns(self, shop_id: str = "*") -> tuple[str, ...]:
         """SCAN patterns matching every key of ``shop_id`` (``*``: of every shop): its bindings,
-        their apps' history and its rollouts' state and samples. Transient keys (deploy locks) and
-        the set of rollouts under way (``rollouts_under_way``, rebuilt by the copy) are not
+        their apps' history, its rollouts' state and samples, and its SHOP and SESSION data with
+        their byte counts. Transient keys (deploy locks), the set of rollouts under way
+        (``rollouts_under_way``, rebuilt by the copy) and APP data (every group's) are not
         among them."""
         patterns = [f"{self.prefix}:{kind}:*:{shop_id}" for kind in self._SHOP_KINDS]
+        patterns += [f"{self.prefix}:{kind}:{shop_id}" for kind in self._SHOP_ONLY_KINDS]
         return (*patterns, f"{self.prefix}:history:*:{shop_id}#*")
 
     def shop_of_key(self, key: str) -> str | None:
@@ -100,21 +160,37 @@ class Keys:
 
     def binding_of_key(self, key: str) -> str | None:
         """The binding a key matched by :meth:`shop_key_patterns` goes with: its history and its
-        rollout's keys change with it, and move with it."""
+        rollout's keys change with it, and move with it (None for data, which goes with none)."""
         parsed = self._parse_shop_key(key)
-        return self.binding(parsed[1], parsed[2]) if parsed else None
+        return self.binding(parsed[1], parsed[2]) if parsed and parsed[0] not in self._DATA_KINDS else None
+
+    def is_data(self, key: str) -> bool:
+        """Whether ``key`` (one of :meth:`shop_key_patterns`) is a shop's data or its bookkeeping."""
+        parsed = self._parse_shop_key(key)
+        return parsed is not None and parsed[0] in self._DATA_KINDS
 
     def is_binding(self, key: str) -> bool:
         """Whether ``key`` (one of :meth:`shop_key_patterns`) is a current binding."""
         return key.startswith(f"{self.prefix}:binding:")
 
     def _parse_shop_key(self, key: str) -> tuple[str, str, str] | None:
-        """(kind, EP, shop) of a per-shop key."""
+        """(kind, EP or app, shop) of a per-shop key ("" for the kinds named by their shop only)."""
+        for kind in self._SHOP_ONLY_KINDS:
+            head = f"{self.prefix}:{kind}:"
+            if key.startswith(head) and (shop := key[len(head) :]) and ":" not in shop:
+                return kind, "", shop
         for kind in self._SHOP_KINDS:
             head = f"{self.prefix}:{kind}:"
             if not key.startswith(head):
                 continue
-            ep, colon, shop = key[len(head) :].partition(":")
+            rest = key[len(head) :]
+            if kind == "data-session":  # <app>:<digest>:<shop>
+                app, _, rest = rest.partition(":")
+                digest, colon, shop = rest.partition(":")
+                if app and digest and colon and shop and ":" not in shop:
+                    return kind, app, shop
+                continue
+            ep, colon, shop = rest.partition(":")
             if kind == "history":
                 shop = shop.partition("#")[0]  # an app's history: <shop>#<app>
             if colon and ep and shop and ":" not in shop:
@@ -150,7 +226,8 @@ class Keys:
         return f"{self.prefix}:reply:{client_id}"
 
     def invalidations(self) -> str:
-        """Pub/sub channel on which deploys and rollbacks announce changed bindings."""
+        """Pub/sub channel on which deploys and rollbacks announce changed bindings, and data
+        writes changed data (messages with a ``data`` field: ``scriptpool.config.store``)."""
         return f"{self.prefix}:invalidate"
 
     # -- captured runs (workers/_capture.py) --------------------------------------------------

@@ -19,6 +19,7 @@ __all__ = [
     "CircuitOpen",
     "ClientClosed",
     "ConfigurationError",
+    "DataNotFound",
     "DeadlineExceeded",
     "ExecutionError",
     "ExtensionPointInUse",
@@ -47,6 +48,7 @@ __all__ = [
     "ScriptpoolError",
     "ShardNotDrained",
     "StackOverflow",
+    "StoreLimitExceeded",
     "TooManyApps",
     "UnknownExtensionPoint",
     "WallClockExceeded",
@@ -192,6 +194,13 @@ class RunNotFound(RegistryError):
     code = "run_not_found"
 
 
+class DataNotFound(RegistryError):
+    """Raised when a data key asked for (``scriptpool data get``) is not stored in its scope;
+    ``detail`` names the ``app``, ``scope``, ``shop`` and ``key``."""
+
+    code = "data_not_found"
+
+
 class ArtifactRejected(RegistryError):
     """Raised when a stored AOT artifact fails its signature or fingerprint check."""
 
@@ -261,6 +270,15 @@ class OutputTooLarge(ExecutionError):
     """Raised when a guest writes more to stdout than the output limit."""
 
     code = "output_too_large"
+
+
+class StoreLimitExceeded(ExecutionError):
+    """Raised when a data write passes a store limit (``scriptpool.config.store``): a key too long
+    or not printable, a value too large, too deep or not JSON, too many keys in a scope, too many
+    bytes for a shop, too many writes in a run. ``detail`` names ``limit``, ``scope`` and ``key``.
+    Nothing of the refused call is written."""
+
+    code = "store_limit_exceeded"
 
 
 # -- the pool (enqueue and await) -----------------------------------------------------------------

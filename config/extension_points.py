@@ -23,6 +23,7 @@ from scriptpool.config.errors import ConfigurationError, ScriptpoolError, Unknow
 from scriptpool.config.input_query import MAX_QUERY_BYTES, MAX_QUERY_COST
 from scriptpool.config.limits import Limits
 from scriptpool.config.scale import check_scale_rules
+from scriptpool.config.store import MAX_SESSION_TTL_S, MIN_SESSION_TTL_S
 
 __all__ = ["CHAIN", "JOIN", "MAX_APPS", "REDUCER_APP", "SINGLE", "ExtensionPoint", "ExtensionPointReader"]
 
@@ -63,6 +64,9 @@ class ExtensionPoint:
     each deployment's input query is checked, held to ``max_query_bytes`` and
     ``max_query_cost`` (``scriptpool.config.input_query``). The record keeps the text only:
     the schema is built where it is used.
+
+    ``session_ttl_s`` is how long a session of this EP's scripts lives after its last write
+    (None: ``scriptpool.config.store.DEFAULT_SESSION_TTL_S``).
     """
 
     name: str
@@ -78,6 +82,7 @@ class ExtensionPoint:
     input_graphql: str | None = None
     max_query_bytes: int = MAX_QUERY_BYTES
     max_query_cost: int = MAX_QUERY_COST
+    session_ttl_s: int | None = None
 
     def __post_init__(self) -> None:
         # A definition is also read back from Redis, where anyone who can write may have put
@@ -135,6 +140,12 @@ class ExtensionPoint:
                 raise ConfigurationError(
                     f"{what} must be a whole number in [{low:,}, {high:,}], got {_shown(value)}"
                 )
+        ttl = self.session_ttl_s
+        if ttl is not None and (type(ttl) is not int or not MIN_SESSION_TTL_S <= ttl <= MAX_SESSION_TTL_S):
+            raise ConfigurationError(
+                f"session_ttl_s must be whole seconds in [{MIN_SESSION_TTL_S:,}, {MAX_SESSION_TTL_S:,}] "
+                f"(1 minute to 30 days), got {_shown(ttl)}"
+            )
 
     @property
     def max_apps(self) -> int:
@@ -161,6 +172,7 @@ class ExtensionPoint:
                 "input_graphql": self.input_graphql,
                 "max_query_bytes": self.max_query_bytes,
                 "max_query_cost": self.max_query_cost,
+                "session_ttl_s": self.session_ttl_s,
             },
             sort_keys=True,
         )
@@ -188,6 +200,7 @@ class ExtensionPoint:
                 input_graphql=data.get("input_graphql"),
                 max_query_bytes=data.get("max_query_bytes", MAX_QUERY_BYTES),
                 max_query_cost=data.get("max_query_cost", MAX_QUERY_COST),
+                session_ttl_s=data.get("session_ttl_s"),  # records from before data: the default
             )
         except KeyError as exc:
             raise ConfigurationError(f"a definition has a name, this one has no {exc}") from None

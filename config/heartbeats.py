@@ -41,6 +41,14 @@ class WorkerHeartbeat:
     at: float = 0.0
     # Jobs taken per shard (run or dropped as stale): `shard drain` watches them stop growing.
     shard_jobs: dict[int, int] = field(default_factory=dict)
+    # The script data cache's counters: reads served from memory (``hits``) and from Redis
+    # (``misses``), in all and per scope (``hits_shop``...), and ``entries`` and ``bytes``.
+    store: dict[str, int] = field(default_factory=dict)
+
+    def store_hit_ratio(self) -> float | None:
+        """The share of script data reads served from memory, None before any."""
+        reads = self.store.get("hits", 0) + self.store.get("misses", 0)
+        return self.store.get("hits", 0) / reads if reads else None
 
     def to_json(self, **extra: Any) -> str:
         """The value stored in Redis; ``extra`` adds fields readers ignore (the claim token)."""
@@ -56,6 +64,7 @@ class WorkerHeartbeat:
                 "cache": self.cache,
                 "at": self.at,
                 "shard_jobs": {str(k): v for k, v in self.shard_jobs.items()},
+                "store": self.store,
                 **extra,
             }
         )
@@ -76,6 +85,7 @@ class WorkerHeartbeat:
                 cache={str(k): int(v) for k, v in (data.get("cache") or {}).items()},
                 at=float(data.get("at", 0.0)),
                 shard_jobs={int(k): int(v) for k, v in (data.get("shard_jobs") or {}).items()},
+                store={str(k): int(v) for k, v in (data.get("store") or {}).items()},
             )
         except (ValueError, TypeError, KeyError, AttributeError):
             return None

@@ -27,6 +27,7 @@ __all__ = [
     "CONTENT_ENCODING",
     "CONTENT_TYPE",
     "MAX_OUTPUT_DEPTH",
+    "MAX_SESSION_CHARS",
     "PART_ERROR",
     "PART_OK",
     "PART_SKIPPED",
@@ -41,6 +42,7 @@ __all__ = [
     "nested_deeper_than",
     "query_digest",
     "redis_command",
+    "valid_session",
 ]
 
 # The envelope kombu's Redis transport writes for a msgpack task message; workers accept no other.
@@ -126,6 +128,9 @@ class Job:
     # client projected nothing (an EP without a schema, or a client from before input queries).
     # The worker compares these with the bindings it reads (``ExecutionReport.input_query_client``).
     queries: dict[str, str] | None = None
+    # The buyer's session token (``client.run(..., session=)``): the SESSION scope of script
+    # data is keyed by it (within the job's shop). None: the call has no session.
+    session: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         # Not dataclasses.asdict: that deep-copies, and this runs once per call.
@@ -139,6 +144,8 @@ class Job:
         }
         if self.queries is not None:  # absent, not null: a job without queries is as it was
             wire["queries"] = self.queries
+        if self.session is not None:  # absent, not null: a job without a session is as it was
+            wire["session"] = self.session
         return wire
 
     @classmethod
@@ -160,6 +167,9 @@ class Job:
             and type(job.enqueued_at) is float
         ):
             raise ValueError("a job's fields have the wrong types")
+        session = job.session
+        if session is not None and not (type(session) is str and valid_session(session)):
+            raise ValueError(f"a job's session is a string of 1 to {MAX_SESSION_CHARS} printable characters")
         queries = job.queries
         if queries is not None and not (
             type(queries) is dict
@@ -177,6 +187,16 @@ class Job:
                 f"(strings of at most {_DIGEST_CHARS} characters)"
             )
         return job
+
+
+#: The longest session token a call may carry.
+MAX_SESSION_CHARS = 256
+
+
+def valid_session(token: str) -> bool:
+    """Whether ``token`` (a str) is a session token: 1 to :data:`MAX_SESSION_CHARS` printable
+    characters (it becomes part of a Redis key and of log lines)."""
+    return 0 < len(token) <= MAX_SESSION_CHARS and token.isprintable()
 
 
 # A job's ``queries``: one per app an EP can bind (25), the reducer and a candidate, with room to
@@ -253,6 +273,9 @@ class ExecutionReport:
     # yet heard of a deploy) or "none" (a job without queries). Empty otherwise.
     input_query: str = ""
     input_query_client: str = ""
+    # Writes the script's output listed (``storeWrites``) that the worker applies after the
+    # reply: a successful run's, counted (the writes themselves never travel to the host).
+    store_writes: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         # Written out: dataclasses.asdict deep-copies recursively (a test holds the two equal).
@@ -275,6 +298,7 @@ class ExecutionReport:
             "scale_factor": self.scale_factor,
             "input_query": self.input_query,
             "input_query_client": self.input_query_client,
+            "store_writes": self.store_writes,
         }
 
     @classmethod

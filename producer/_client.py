@@ -43,7 +43,7 @@ from scriptpool.config.errors import (
     InvalidInput,
     ScriptpoolError,
 )
-from scriptpool.config.wire import Job, encode_input
+from scriptpool.config.wire import MAX_SESSION_CHARS, Job, encode_input, valid_session
 from scriptpool.producer._batching import BatchPolicy, Lane
 from scriptpool.producer._breaker import BreakerBoard, BreakerPolicy
 from scriptpool.producer._calls import Call, admit, fresh_copy, read_outcome, reply_outcome
@@ -163,9 +163,13 @@ class Client:
         timeout: float | None = None,
         fallback: Any = None,
         strict: bool = False,
+        session: str | None = None,
     ) -> Outcome:
-        """Run the script of (``ep``, ``shop_id``) on ``input``; wait at most ``timeout`` seconds."""
-        steps = self._call(ep, shop_id, input, timeout, fallback, strict, None)
+        """Run the script of (``ep``, ``shop_id``) on ``input``; wait at most ``timeout`` seconds.
+
+        ``session`` is the buyer's session token (1 to 256 printable characters): scripts read
+        and write that session's data (the SESSION scope) within this shop."""
+        steps = self._call(ep, shop_id, input, timeout, fallback, strict, None, session)
         try:
             waiting, deadline = next(steps)
             while True:
@@ -196,11 +200,12 @@ class Client:
         timeout: float | None = None,
         fallback: Any = None,
         strict: bool = False,
+        session: str | None = None,
     ) -> Outcome:
         """The asyncio twin of :meth:`run`: the event loop never blocks on Redis (an EP read
         on a cache miss and the publish run on the client's threads)."""
         loop = asyncio.get_running_loop()
-        steps = self._call(ep, shop_id, input, timeout, fallback, strict, loop)
+        steps = self._call(ep, shop_id, input, timeout, fallback, strict, loop, session)
         try:
             waiting, deadline = next(steps)
             while True:
@@ -292,11 +297,12 @@ class Client:
         fallback: Any,
         strict: bool,
         loop: asyncio.AbstractEventLoop | None,
+        session: str | None = None,
     ) -> _Steps:
         """One call in either style (``loop``: the caller's event loop, None for a thread): it
         checks and plans the call, yields each wait with the call's deadline (``_Wait``) and
         returns the outcome. Mistakes in the call raise, as ``strict`` outcomes do."""
-        call, payload, timeout = self._start(ep, shop_id, input, timeout, fallback)
+        call, payload, timeout = self._start(ep, shop_id, input, timeout, fallback, session)
         limits = self._known_limits(call)
         if isinstance(limits, Future):
             if not limits.done():
@@ -396,7 +402,13 @@ class Client:
         return bound.selection()
 
     def _start(
-        self, ep: str, shop_id: str | int, input: Any, timeout: float | None, fallback: Any
+        self,
+        ep: str,
+        shop_id: str | int,
+        input: Any,
+        timeout: float | None,
+        fallback: Any,
+        session: str | None = None,
     ) -> tuple[Call, bytes | None, float]:
         """The call, checked and encoded (mistakes in it raise here), with its payload and
         timeout; nothing asks Redis yet. The payload is None when the input waits for its EP's
@@ -415,6 +427,12 @@ class Client:
             raise InvalidArgument(
                 f"timeout must be a number of seconds in (0, {MAX_TIMEOUT_S}], got {timeout!r}"
             )
+        if session is not None and not (type(session) is str and valid_session(session)):
+            raise InvalidArgument(
+                f"session must be a string of 1 to {MAX_SESSION_CHARS} printable characters, "
+                f"got {_shown(session)}",
+                kind="session",
+            )
         validated = time.perf_counter()
         payload: bytes | None = None
         if ep not in self._queried:
@@ -428,7 +446,15 @@ class Client:
                     raise  # not JSON whatever the EP: refused before anything asks Redis
         serialized = time.perf_counter()
         now = time.time()
-        job = Job(os.urandom(16).hex(), ep, shop, payload or b"", deadline=now + timeout, enqueued_at=now)
+        job = Job(
+            os.urandom(16).hex(),
+            ep,
+            shop,
+            payload or b"",
+            deadline=now + timeout,
+            enqueued_at=now,
+            session=session,
+        )
         call = Call(job, self._shard_of(shop), self._breakers.get(shop, ep), fallback, started)
         call.validated, call.serialized = validated, serialized
         return call, payload, timeout

@@ -246,7 +246,7 @@ class QueryBook:
                 plans.append(plan)
         from scriptpool.config.input_query import merge
 
-        return BoundQueries(merge(plans) if plans else None, whole, digests)
+        return BoundQueries(_without_store(merge(plans)) if plans else None, whole, digests)
 
     def _plan(self, ep: str, shop: str, app: str, sdl: str, text: str, digest: str) -> Projection | None:
         sdl_digest = query_digest(sdl)
@@ -286,6 +286,19 @@ class QueryBook:
                 future.set_result(result)
         except InvalidStateError:  # settled already, by close or by the read
             pass
+
+
+def _without_store(plan: Projection) -> Projection:
+    """The merged plan without the root's ``store`` fields: script data is the worker's to
+    resolve from what it holds (``scriptpool.runtime._store``), so the host neither loads nor
+    sends it; those fields are absent from what is sent, not null."""
+    from scriptpool.config.input_query import STORE_FIELD, Projection
+
+    kind, non_null, type_name, fields = plan.root
+    kept = tuple(f for f in fields if f[1] != STORE_FIELD)
+    if len(kept) == len(fields):
+        return plan
+    return Projection(root=(kind, non_null, type_name, kept), merged=True)
 
 
 def _stored_query(raw: bytes | str, *, candidate: bool) -> str | None:

@@ -63,6 +63,7 @@ _REPORTED = (
     "input_graphql",
     "max_query_bytes",
     "max_query_cost",
+    "session_ttl_s",
 )
 # What the refusal of a schema change lists of the bound queries it would break.
 _BROKEN_SHOWN = 3
@@ -123,6 +124,7 @@ class ExtensionPoints:
         input_graphql: str | None = None,
         max_query_bytes: int = MAX_QUERY_BYTES,
         max_query_cost: int = MAX_QUERY_COST,
+        session_ttl_s: int | None = None,
         force: bool = False,
     ) -> ExtensionPoint:
         """Create or replace an extension point definition (see :meth:`define`, which also says
@@ -131,8 +133,9 @@ class ExtensionPoints:
         with the input; whether workers capture its runs for replay (failed ones always,
         successful ones at ``capture_rate``); ``input_graphql``, the input's GraphQL schema (SDL
         whose root type is ``Input``) that deployments' input queries select from, held to
-        ``max_query_bytes`` and ``max_query_cost``. Changing ``combine`` while apps are bound
-        there, or the schema or caps so that a bound query no longer passes, is
+        ``max_query_bytes`` and ``max_query_cost``; ``session_ttl_s``, how long its scripts'
+        sessions live after their last write (None: the default). Changing ``combine`` while apps
+        are bound there, or the schema or caps so that a bound query no longer passes, is
         :class:`ExtensionPointInUse` unless ``force``."""
         return self.define(
             name,
@@ -148,6 +151,7 @@ class ExtensionPoints:
             input_graphql=input_graphql,
             max_query_bytes=max_query_bytes,
             max_query_cost=max_query_cost,
+            session_ttl_s=session_ttl_s,
             force=force,
         ).ep
 
@@ -167,6 +171,7 @@ class ExtensionPoints:
         input_graphql: str | None = None,
         max_query_bytes: int = MAX_QUERY_BYTES,
         max_query_cost: int = MAX_QUERY_COST,
+        session_ttl_s: int | None = None,
         force: bool = False,
         dry_run: bool = False,
     ) -> Definition:
@@ -205,6 +210,7 @@ class ExtensionPoints:
             input_graphql,
             max_query_bytes,
             max_query_cost,
+            session_ttl_s,
         )
         key = self._keys.extension_point(name)
         for _ in range(_DEFINE_ATTEMPTS):

@@ -13,6 +13,11 @@ What the layers above use of it:
   ``recorded_output``) and the worker's writer thread (``CaptureWriter``, which counts what it
   does through a callback: ``CAPTURE_RESULTS``).
 * ``ByteLRU`` / ``CacheStats``: the compiled-module cache and its counters.
+* ``StoreCache`` / ``StoreStats``: the script data that input queries select with
+  ``store(scope:, key:)``, hot in the process, and its per-scope hit counters.
+* Writes a script returns (``STORE_WRITES``, the output's ``storeWrites``): taken out of the
+  output and checked in the run, handed to the caller as ``AppWrites`` (each a ``StoreWrite``)
+  for a successful call, to apply after the reply.
 
 It imports no Celery, kombu or metrics library: the workers layer (``scriptpool.workers``) wraps
 it in the Celery pool and its metrics, and local runs and replays need none of that.
@@ -33,7 +38,9 @@ from scriptpool.runtime._input import ScriptInput
 from scriptpool.runtime._judge import Sample, ShadowJudge, compare
 from scriptpool.runtime._local import LocalRun, Replayed, local_script, replay, run_loaded
 from scriptpool.runtime._script import ScriptTrace, decode_output
+from scriptpool.runtime._store import StoreCache, StoreStats
 from scriptpool.runtime._writer import CAPTURE_RESULTS, CaptureWriter
+from scriptpool.runtime._writes import STORE_WRITES, AppWrites, StoreWrite
 
 __all__ = [
     "CAPTURE_FORMAT",
@@ -44,6 +51,8 @@ __all__ = [
     "PART_JOIN",
     "PART_REDUCER",
     "PART_SINGLE",
+    "STORE_WRITES",
+    "AppWrites",
     "ByteLRU",
     "CacheStats",
     "CaptureStore",
@@ -57,6 +66,9 @@ __all__ = [
     "ScriptInput",
     "ScriptTrace",
     "ShadowJudge",
+    "StoreCache",
+    "StoreStats",
+    "StoreWrite",
     "compare",
     "decode_output",
     "describe",

@@ -48,6 +48,9 @@ class CapturedRun:
     job_id: str
     worker: str
     engine: str  # the engine fingerprint it ran on: a replay on another one may count differently
+    # Whether the call had a session: a SESSION write (``storeWrites``) needs one, so a replay
+    # checks the writes as the worker did. Only the fact is kept, never the buyer's token.
+    session: bool = False
 
     @property
     def status(self) -> str:
@@ -81,6 +84,8 @@ class CapturedRun:
             "job_id": self.job_id,
             "worker": self.worker,
             "engine": self.engine,
+            # Absent when false: records of runs without a session are as they were.
+            **({"session": True} if self.session else {}),
         }
 
     @classmethod
@@ -111,6 +116,7 @@ class CapturedRun:
             job_id=str(data["job_id"]),
             worker=str(data["worker"]),
             engine=str(data["engine"]),
+            session=data.get("session") is True,
         )
         return run
 

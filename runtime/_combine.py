@@ -16,6 +16,11 @@ with that part's error and the parts after it are skipped. Each script runs unde
 limits, but never past the call's deadline: its wall-clock limit is cut to the time left before
 the deadline (less a margin for the reply), and a part with no time left is skipped with
 ``timeout``. So a slow script costs its own part, and the parts after it only what it left them.
+
+Writes (``storeWrites``): each part's go to its own app's data; those of a part that failed are
+never applied, and a call that fails (blocked, nothing combined, the reducer failed, or the
+combined output fails the schema) applies none, the successful parts' included: the caller got
+an error, as if nothing had run.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from scriptpool.runtime._script import (
     script_report,
     validate,
 )
+from scriptpool.runtime._writes import NO_WRITES, AppWrites, StoreWrite
 
 if TYPE_CHECKING:
     from scriptpool.registry import BindingSet, Deployment
@@ -103,16 +109,21 @@ class PartsRunner:
         scale_factor: float = 1.0,
         trace: list[ScriptTrace] | None = None,
         part_input: PartInput | None = None,
+        session: bool = False,
+        writes: list[AppWrites] | None = None,
+        session_ttl_s: int | None = None,
     ) -> Execution:
         """Run the parts on ``stdin`` (the call's JSON input) and combine them. With
         ``part_input`` (an EP with input queries), each app's part gets the JSON input it gives
         for that app instead, its report the app's query standing; a part whose input cannot be
-        made fails alone, as a script that failed."""
+        made fails alone, as a script that failed. ``session``: whether the call has one (a
+        SESSION write needs it); a successful call appends its parts' writes to ``writes``."""
         contributors = bindings.contributors()
         if not contributors:
             raise ScriptNotFound("no app's script is deployed here, only the reducer")
         call = _Call(self, ep, stdin, deadline, scale_factor, trace)
         call.part_input = part_input
+        call.session = session
         if ep.combine == JOIN:
             if self._pool is not None:
                 for attempt in self._pool.map(lambda d: call.attempt(d, stdin), contributors):
@@ -128,7 +139,15 @@ class PartsRunner:
                 attempt = call.record(call.attempt(deployment, stdin, previous=encode_input(previous)))
                 if attempt.status == PART_OK:
                     output = attempt.output
-        return call.finish(output, lookup_ms)
+        execution = call.finish(output, lookup_ms)
+        if execution.ok and call.writes:
+            if writes is not None:
+                writes.extend(AppWrites(app, w, session_ttl_s) for app, w in call.writes)
+            count = sum(len(w) for _, w in call.writes)
+            execution = dataclasses.replace(
+                execution, report=dataclasses.replace(execution.report, store_writes=count)
+            )
+        return execution
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +160,7 @@ class _Attempt:
     report: ExecutionReport
     output: Any = None
     source: str | None = None
+    writes: tuple[StoreWrite, ...] = NO_WRITES
 
 
 class _Call:
@@ -168,6 +188,8 @@ class _Call:
         self.deployments: list[Deployment] = []  # of every part, the reducer included, in turn
         # Each app's own input at an EP with input queries (None: every part gets ``stdin``).
         self.part_input: PartInput | None = None
+        self.session = False  # whether the call has a session: a SESSION write needs one
+        self.writes: list[tuple[str, tuple[StoreWrite, ...]]] = []  # successful parts', by app
 
     def attempt(
         self, deployment: Deployment, stdin: bytes, *, usable: bool = True, previous: bytes | None = None
@@ -196,19 +218,23 @@ class _Call:
             # The call's input is JSON text, the part's its codec.
             stdin = encode_for(ScriptInput(stdin), deployment.codec)[0]
             check_input_size(stdin, limits)
-            outcome = run_script(self.runner.sandbox, script, stdin, limits, self.ep.output_validator)
+            outcome = run_script(
+                self.runner.sandbox, script, stdin, limits, self.ep.output_validator, session=self.session
+            )
             if outcome.error is not None:
                 raise outcome.error
             if usable and self.ep.reducer is not None:
                 self.ep.reducer.check(outcome.output)
         except ScriptpoolError as exc:
             report = with_query(script_report(script, 0.0, len(stdin), outcome, self.scale_factor), query)
+            if report.store_writes:  # a failed part writes nothing (its output's reducer check failed)
+                report = dataclasses.replace(report, store_writes=0)
             if script is not None:
                 self._traced(deployment, given, limits, usable, exc, outcome, report)
             return _Attempt(deployment, PART_ERROR, exc, report, source=script.source if script else None)
         report = with_query(script_report(script, 0.0, len(stdin), outcome, self.scale_factor), query)
         self._traced(deployment, given, limits, usable, None, outcome, report)
-        return _Attempt(deployment, PART_OK, None, report, outcome.output, script.source)
+        return _Attempt(deployment, PART_OK, None, report, outcome.output, script.source, outcome.writes)
 
     def _traced(
         self,
@@ -236,6 +262,8 @@ class _Call:
             self.sources.append(attempt.source)
         if attempt.status == PART_OK:
             self.outputs.append(attempt.output)
+            if attempt.writes:
+                self.writes.append((deployment.app, attempt.writes))
         elif deployment.block_on_failure and self.blocked is None and error is not None:
             self.blocked = ErrorInfo(
                 error.code, f"app {deployment.app} failed and blocks the call: {error.message}"

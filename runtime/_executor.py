@@ -43,6 +43,8 @@ from scriptpool.runtime._script import (
     script_report,
     validate,
 )
+from scriptpool.runtime._store import DataContext, StoreCache
+from scriptpool.runtime._writes import AppWrites
 
 if TYPE_CHECKING:
     from scriptpool.registry import BindingSet, Deployment, Registry
@@ -62,8 +64,12 @@ class Executor:
         settings: Settings,
         *,
         sample: Callable[[], float] = random.random,
+        store: StoreCache | None = None,
     ) -> None:
         self._registry = registry
+        # Script data that input queries select (``store(scope:, key:)``); made on first use
+        # (on the settings' Redis: the shard group's, in a worker) unless given.
+        self._store = store
         self._sandbox = sandbox
         self._settings = settings
         self._sample = sample
@@ -83,6 +89,8 @@ class Executor:
         deadline: float | None = None,
         trace: list[ScriptTrace] | None = None,
         queries: dict[str, str] | None = None,
+        session: str | None = None,
+        writes: list[AppWrites] | None = None,
     ) -> Execution:
         """Run what is bound to (``ep``, ``shop_id``) on ``payload``: JSON text (bytes), a host
         value (a JSON value), or a :class:`ScriptInput`.
@@ -97,6 +105,10 @@ class Executor:
         that ran (or was about to) is appended to it, for capture after the reply. During a
         rollout, ``report.rollout`` says which version served and whether the candidate shadows
         the call.
+
+        ``session`` is the call's session token (a SESSION write needs one). With ``writes``, a
+        successful call appends each app's checked ``storeWrites`` to it, for the caller to apply
+        after the reply; a canary candidate's are left out (a candidate never writes).
         """
         started = time.perf_counter()
         data = ScriptInput.of(payload)
@@ -107,14 +119,21 @@ class Executor:
             return Execution(False, None, ErrorInfo.from_exception(exc), report)
         candidate = bindings.candidate
         if candidate is None:
-            return self._run(runtime, bindings, data, started, deadline, trace, queries)
+            return self._run(runtime, bindings, data, started, deadline, trace, queries, session, writes)
         if candidate.state == CANARY:  # the JSON text is hashed: the same input, the same version
             served = CANARY if candidate.in_canary(data.json()) else CONTROL
         else:
             served = SHADOWED if self._sample() < candidate.rules.shadow_rate else LIVE
         runs = bindings.with_candidate() if served == CANARY else bindings
-        execution = self._run(runtime, runs, data, started, deadline, trace, queries)
+        ran: list[AppWrites] | None = [] if writes is not None else None
+        execution = self._run(runtime, runs, data, started, deadline, trace, queries, session, ran)
         report = dataclasses.replace(execution.report, rollout=served, rollout_id=candidate.id)
+        if ran:
+            kept = [w for w in ran if served != CANARY or w.app != candidate.app]
+            if writes is not None:
+                writes.extend(kept)
+            if len(kept) != len(ran):
+                report = dataclasses.replace(report, store_writes=sum(len(w.writes) for w in kept))
         return dataclasses.replace(execution, report=report)
 
     def run_candidate(
@@ -125,12 +144,14 @@ class Executor:
         rollout_id: str,
         *,
         queries: dict[str, str] | None = None,
+        session: str | None = None,
     ) -> tuple[Candidate, Execution] | None:
         """For a shadow run: the candidate of rollout ``rollout_id`` at (``ep``, ``shop_id``), if
         that rollout is still under way, and its execution on ``payload`` (as :meth:`execute`
         takes it). ``queries`` is the job's (``Job.queries``; the candidate's own query under
-        ``#candidate``): the candidate is judged on what the live script got. No deadline:
-        nobody waits."""
+        ``#candidate``): the candidate is judged on what the live script got, with the call's
+        ``session``'s data (as this process holds it now). No deadline: nobody waits, and
+        its ``storeWrites`` are never applied."""
         candidate = self.candidate(ep, shop_id, rollout_id)
         if candidate is None:
             return None
@@ -138,7 +159,10 @@ class Executor:
         if bindings.candidate != candidate:  # changed in between: too late for this call
             return None
         data = ScriptInput.of(payload)
-        shadow = self._run(runtime, bindings.with_candidate(), data, time.perf_counter(), None, None, queries)
+        # No ``writes``: a candidate's storeWrites are checked as the live script's, never applied.
+        shadow = self._run(
+            runtime, bindings.with_candidate(), data, time.perf_counter(), None, None, queries, session
+        )
         return candidate, shadow
 
     def candidate(self, ep: str, shop_id: str, rollout_id: str) -> Candidate | None:
@@ -160,6 +184,8 @@ class Executor:
         deadline: float | None,
         trace: list[ScriptTrace] | None,
         queries: dict[str, str] | None = None,
+        session: str | None = None,
+        writes: list[AppWrites] | None = None,
     ) -> Execution:
         script: LoadedScript | None = None
         lookup_ms: float | None = None
@@ -188,7 +214,11 @@ class Executor:
                 # With input queries, the EP's input schema checks only a whole input.
                 whole = runtime.queries is None or queries is None or "" in queries.values()
                 stdin = self._prepare_input(data, runtime, CODEC_JSON, check=whole)
-                part_input = None if runtime.queries is None else _part_input(runtime.queries, data, queries)
+                part_input = (
+                    None
+                    if runtime.queries is None
+                    else _part_input(runtime.queries, data, queries, DataContext(self.store, session))
+                )
                 return self._parts.execute(
                     runtime,
                     bindings,
@@ -198,14 +228,26 @@ class Executor:
                     scale_factor=factor,
                     trace=trace,
                     part_input=part_input,
+                    session=session is not None,
+                    writes=writes,
+                    session_ttl_s=runtime.session_ttl_s,
                 )
             if runtime.queries is not None:
                 # The script gets its own query's result, whatever the client projected for.
                 query = runtime.queries.info(script.deployment, queries)
-                data = runtime.queries.input_for(script.deployment, data, query)
+                data = runtime.queries.input_for(
+                    script.deployment, data, query, DataContext(self.store, session)
+                )
             stdin = self._prepare_input(data, runtime, script.deployment.codec, check=query is NO_QUERY)
             input_bytes = len(stdin)
-            outcome = run_script(self._sandbox, script, stdin, runtime.limits, runtime.output_validator)
+            outcome = run_script(
+                self._sandbox,
+                script,
+                stdin,
+                runtime.limits,
+                runtime.output_validator,
+                session=session is not None,
+            )
             if outcome.error is not None:
                 raise outcome.error
         except ScriptpoolError as exc:
@@ -222,20 +264,42 @@ class Executor:
             report = with_query(report, query)
         if trace is not None and runtime.capture:
             trace.append(_trace(script, runtime, data, None, outcome, report))
+        if writes is not None and outcome.writes:
+            writes.append(AppWrites(script.deployment.app, outcome.writes, runtime.session_ttl_s))
         return Execution(True, outcome.output, None, report)
 
     def invalidate(self, ep: str | None = None, shop_id: str | None = None) -> None:
-        """Forget cached bindings (of one pair, one EP, or all) and EP definitions."""
+        """Forget cached bindings (of one pair, one EP, or all) and EP definitions; forgetting
+        all (the listener's (re)subscription: messages may have been missed) forgets the cached
+        script data too."""
         with self._lock:
             if ep is None:
                 self._bindings.clear()
                 self._eps.invalidate()
+                if self._store is not None:
+                    self._store.invalidate(None)
             elif shop_id is None:
                 self._eps.invalidate(ep)
                 for key in [k for k in self._bindings if k[0] == ep]:
                     del self._bindings[key]
             else:
                 self._bindings.pop((ep, shop_id), None)
+
+    @property
+    def store(self) -> StoreCache:
+        """This executor's cache of script data (made on first use)."""
+        store = self._store
+        if store is None:
+            with self._lock:
+                if self._store is None:
+                    from scriptpool.config.redis import redis_client
+
+                    client = redis_client(self._settings.redis_url, timeout=2, connect_timeout=1)
+                    self._store = StoreCache(
+                        client, self._settings.keys, backstop_s=self._settings.binding_cache_ttl_s
+                    )
+                store = self._store
+        return store
 
     def cache_stats(self) -> CacheStats:
         """Counters of the compiled-module cache."""
@@ -273,6 +337,7 @@ class Executor:
             capture_rate=ep.capture_rate,
             capture=ep.capture,
             queries=None if ep.input_graphql is None else EpQueries(ep.input_graphql),
+            session_ttl_s=ep.session_ttl_s,
         )
 
     def _module(
@@ -328,7 +393,9 @@ def _scaled(runtime: EpRuntime, data: ScriptInput) -> tuple[EpRuntime, float, Sc
     return dataclasses.replace(runtime, limits=scaled_limits(runtime.limits, factor)), factor, data
 
 
-def _part_input(queries: EpQueries, data: ScriptInput, sent: dict[str, str] | None) -> PartInput:
+def _part_input(
+    queries: EpQueries, data: ScriptInput, sent: dict[str, str] | None, context: DataContext
+) -> PartInput:
     """For a join or chain at an EP with an input schema: each part's query standing and its
     JSON input (its own query's result over what was sent, decoded once for all parts), or the
     named error that keeps it from running."""
@@ -339,7 +406,7 @@ def _part_input(queries: EpQueries, data: ScriptInput, sent: dict[str, str] | No
         try:
             if deployment.input_query is not None and not decoded:
                 decoded.append(data.decoded())
-            return info, queries.input_for(deployment, decoded[0] if decoded else data, info).json()
+            return info, queries.input_for(deployment, decoded[0] if decoded else data, info, context).json()
         except ScriptpoolError as exc:
             return info, exc
 

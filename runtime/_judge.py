@@ -37,16 +37,21 @@ class Sample:
     shop: str
     payload: bytes
     live: Execution
+    # The call's session token: the candidate reads the same session's data as the live script.
+    session: str | None = None
 
     def pack(self) -> bytes:
         """The sample as one MessagePack message (the reply's own wire form of the outcome)."""
-        wire = (self.ep, self.shop, self.payload, self.live.to_wire())
+        wire: tuple[Any, ...] = (self.ep, self.shop, self.payload, self.live.to_wire())
+        if self.session is not None:
+            wire += (self.session,)
         return bytes(msgpack.packb(wire, use_bin_type=True))
 
     @classmethod
     def unpack(cls, message: bytes) -> Sample:
-        ep, shop, payload, live = msgpack.unpackb(message, raw=False)
-        return cls(ep, shop, payload, Execution.from_wire(live))
+        ep, shop, payload, live, *rest = msgpack.unpackb(message, raw=False)
+        session = rest[0] if rest and type(rest[0]) is str else None
+        return cls(ep, shop, payload, Execution.from_wire(live), session)
 
 
 def compare(live: Execution, candidate: Execution) -> tuple[str, str]:
@@ -137,7 +142,9 @@ class ShadowJudge:
 
     def _shadow_run(self, sample: Sample, candidate: Candidate, tally: Tally) -> str | None:
         cpu_started = time.thread_time()
-        found = self._executor.run_candidate(sample.ep, sample.shop, sample.payload, candidate.id)
+        found = self._executor.run_candidate(
+            sample.ep, sample.shop, sample.payload, candidate.id, session=sample.session
+        )
         if found is None:  # the rollout changed meanwhile
             return None
         shadow = found[1]

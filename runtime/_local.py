@@ -5,7 +5,9 @@ the sandbox and decodes and checks its output, then the pool's report. Only the 
 the module comes from a file or from the registry by its sha256, not from a binding.
 
 Two things the pool does are not done here: the input schema check (the pool samples it; it
-only sharpens error messages), and the caller's deadline (a local run has none).
+only sharpens error messages), and the caller's deadline (a local run has none). And nothing is
+ever written: the writes a script's output lists (``storeWrites``) are checked as the pool
+checks them and shown (:attr:`LocalRun.writes`), never applied.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from scriptpool.registry import Deployment, compile_script, compile_validator
 from scriptpool.runtime._captured import CapturedRun
 from scriptpool.runtime._input import ScriptInput
 from scriptpool.runtime._script import LoadedScript, ScriptRun, encode_for, run_script, script_report
+from scriptpool.runtime._writes import NO_WRITES, StoreWrite
 
 if TYPE_CHECKING:
     from scriptpool.engine import GuestProfiler
@@ -48,6 +51,11 @@ class LocalRun:
         return self.outcome.output if self.ok and self.outcome is not None else None
 
     @property
+    def writes(self) -> tuple[StoreWrite, ...]:
+        """The writes a successful run's output listed, checked: shown, never applied."""
+        return self.outcome.writes if self.ok and self.outcome is not None else NO_WRITES
+
+    @property
     def stdout(self) -> bytes:
         run = self.outcome.run if self.outcome is not None else None
         return run.stdout if run is not None else b""
@@ -66,15 +74,19 @@ def run_loaded(
     output_validator: Any = None,
     scale_factor: float = 1.0,
     profiler: GuestProfiler | None = None,
+    session: bool = False,
 ) -> LocalRun:
-    """Run ``script`` on ``json_input`` under ``limits``, as a worker runs a single script."""
+    """Run ``script`` on ``json_input`` under ``limits``, as a worker runs a single script
+    (``session``: whether the call is taken to have a session, which a SESSION write needs)."""
     stdin = b""
     outcome: ScriptRun | None = None
     error: ScriptpoolError | None = None
     try:
         stdin = encode_for(ScriptInput(json_input), script.deployment.codec)[0]
         check_input_size(stdin, limits)
-        outcome = run_script(sandbox, script, stdin, limits, output_validator, profiler=profiler)
+        outcome = run_script(
+            sandbox, script, stdin, limits, output_validator, profiler=profiler, session=session
+        )
         error = outcome.error
     except ScriptpoolError as exc:
         error = exc
@@ -170,6 +182,7 @@ def replay(
         limits,
         output_validator=_output_validator(registry, run.ep),
         scale_factor=run.scale_factor,
+        session=run.session,
     )
     return Replayed(run, result, "recorded" if module is None else "file")
 

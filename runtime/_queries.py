@@ -17,6 +17,10 @@ errors of those that do not compile, are kept per process, shared by every :clas
 an EP's runtime is made again whenever its cached definition expires or is invalidated, and
 must not rebuild its schema or recompile its queries on a job's path then.
 
+Script data: a query's root ``store(scope:, key:)`` fields are resolved here, for the app, the
+job's shop and its session, from the worker's cache (``scriptpool.runtime._store``): the client
+never sends them, and what it sent under those names is overridden.
+
 Nothing here runs for an EP without an input schema: its runtime has no :class:`EpQueries`.
 """
 
@@ -28,10 +32,12 @@ from typing import TYPE_CHECKING, Any
 from scriptpool.config.errors import InvalidInput, ScriptpoolError
 from scriptpool.config.wire import query_digest
 from scriptpool.runtime._input import ScriptInput
+from scriptpool.runtime._store import placeholder, splice
 
 if TYPE_CHECKING:
     from scriptpool.config.input_query import InputSchema, Projection
     from scriptpool.registry import Deployment
+    from scriptpool.runtime._store import DataContext
 
 # The client's word on the queries it projected for (ExecutionReport.input_query_client).
 CURRENT, STALE, NONE = "current", "stale", "none"
@@ -65,6 +71,8 @@ class EpQueries:
         self.sdl = sdl
         self._sdl_digest: str | None = None  # computed with the first plan, off the EP's load
         self._plans: dict[str, Projection | ScriptpoolError] = {}
+        # digest -> the plan's root ``store`` selections: (canonical key, scope, key) each.
+        self._reads: dict[str, tuple[tuple[str, str, str], ...]] = {}
 
     def info(self, deployment: Deployment, sent: dict[str, str] | None) -> QueryInfo:
         """The digest of ``deployment``'s query and the client's standing: ``current`` if the
@@ -78,12 +86,22 @@ class EpQueries:
             return digest, NONE
         return digest, CURRENT if digest in sent.values() else STALE
 
-    def input_for(self, deployment: Deployment, data: ScriptInput, info: QueryInfo) -> ScriptInput:
+    def input_for(
+        self,
+        deployment: Deployment,
+        data: ScriptInput,
+        info: QueryInfo,
+        context: DataContext | None = None,
+    ) -> ScriptInput:
         """The input ``deployment``'s script gets: its query's result over ``data`` (what the
         client sent), or ``data`` itself for an app without a query when ``data`` is the whole
         input. :class:`InvalidInput` when it is not (``info`` says ``stale``), or when the
         client was not current and the result would lose a value the query declares non-null;
-        ``invalid_input_query`` if the bound query does not compile against the schema."""
+        ``invalid_input_query`` if the bound query does not compile against the schema.
+
+        The query's ``store(scope:, key:)`` fields are read from ``context`` (the worker's data
+        of this app, the call's shop and session), whatever the client sent under those
+        names; without a context they are null."""
         text = deployment.input_query
         if text is None:
             if info[1] == STALE:
@@ -97,6 +115,23 @@ class EpQueries:
             return data
         plan = self._plan(text, info[0])
         value = data.decoded().json_value
+        reads = self._reads.get(info[0])
+        if reads is None:
+            reads = self._reads[info[0]] = store_reads(plan)
+        texts: list[bytes] = []
+        if reads and type(value) is dict:
+            # The data goes in under each field's canonical key, which the plan reads first:
+            # a value the host sent there (or under ``store``) is never what a script sees. A
+            # value read goes in as a placeholder, its JSON text spliced into the input's.
+            value = dict(value)
+            app, shop = deployment.app, deployment.shop_id
+            for canonical, scope, key in reads:
+                read = None if context is None else context.read(app, shop, scope, key)
+                if read is None:
+                    value[canonical] = None
+                else:
+                    value[canonical] = placeholder(len(texts))
+                    texts.append(read)
         result = plan.project(value)
         if info[1] != CURRENT:
             # What was sent was projected for other queries (or for none the job names): a
@@ -116,6 +151,8 @@ class EpQueries:
                     client=info[1],
                     field=None if lost is None else lost[1:],
                 )
+        if texts:
+            return ScriptInput(splice(result, texts))  # decoded only for a MessagePack script
         return ScriptInput(None, (result,))
 
     def _plan(self, text: str, digest: str) -> Projection:
@@ -127,6 +164,23 @@ class EpQueries:
         if isinstance(found, ScriptpoolError):
             raise _copy(found)
         return found
+
+
+def store_reads(plan: Projection) -> tuple[tuple[str, str, str], ...]:
+    """The ``store`` fields ``plan`` selects at its root: (canonical key, scope, key) each,
+    once per distinct argument set."""
+    from scriptpool.config.input_query import STORE_FIELD
+
+    found: dict[str, tuple[str, str, str]] = {}
+    root = plan.root
+    if root[0] != _OBJECT:
+        return ()
+    for _key, name, alt, args, _arg_key, _node in root[3]:
+        if name == STORE_FIELD and alt is not None and args:
+            scope, key = args.get("scope"), args.get("key")
+            if type(scope) is str and type(key) is str:
+                found[alt] = (alt, scope, key)
+    return tuple(found.values())
 
 
 def compiled(sdl: str, sdl_digest: str, text: str, digest: str) -> Projection | ScriptpoolError:

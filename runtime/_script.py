@@ -16,6 +16,7 @@ from scriptpool.config.wire import ExecutionReport
 from scriptpool.engine import CODEC_JSON, CODEC_MSGPACK, Sandbox, SandboxRun
 from scriptpool.runtime._codec import from_json, from_msgpack, to_msgpack
 from scriptpool.runtime._input import ScriptInput
+from scriptpool.runtime._writes import NO_WRITES, StoreWrite, take_writes
 
 if TYPE_CHECKING:
     from scriptpool.engine import GuestProfiler
@@ -41,6 +42,9 @@ class EpRuntime:
     capture: bool = True
     # The EP's input schema and its apps' compiled queries; None for an EP without a schema.
     queries: EpQueries | None = None
+    # How long a session's data lives after a script's write (ExtensionPoint.session_ttl_s;
+    # None: the store's default).
+    session_ttl_s: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,9 @@ class ScriptRun:
     error: ScriptpoolError | None
     run: SandboxRun | None
     decode_ms: float
+    # The writes its output listed (``storeWrites``, taken out of ``output``), checked; none
+    # when it failed.
+    writes: tuple[StoreWrite, ...] = NO_WRITES
 
 
 def run_script(
@@ -71,8 +78,13 @@ def run_script(
     validator: Any,
     *,
     profiler: GuestProfiler | None = None,
+    session: bool = False,
 ) -> ScriptRun:
-    """Run ``script`` on ``stdin`` and decode its output; never raises for what the script did."""
+    """Run ``script`` on ``stdin`` and decode its output; never raises for what the script did.
+
+    The output's ``storeWrites`` are taken out before the output schema sees it, and checked
+    (``scriptpool.runtime._writes``; ``session``: whether the call has one): a bad write fails
+    the run."""
     run = sandbox.run(
         script.module,
         stdin,
@@ -85,10 +97,13 @@ def run_script(
         return ScriptRun(None, run.error, run, 0.0)
     started = time.perf_counter()
     try:
-        output = decode_output(run.stdout, validator, script.deployment.codec)
+        decoded = decode_output(run.stdout, None, script.deployment.codec)
+        output, writes = take_writes(decoded, session=session)
+        if validator is not None:
+            validate(validator, output, InvalidOutput, "output")
     except ScriptpoolError as exc:
         return ScriptRun(None, exc, run, ms(time.perf_counter() - started))
-    return ScriptRun(output, None, run, ms(time.perf_counter() - started))
+    return ScriptRun(output, None, run, ms(time.perf_counter() - started), writes)
 
 
 def encode_for(data: ScriptInput, codec: str) -> tuple[bytes, ScriptInput]:
@@ -161,6 +176,7 @@ def script_report(
         instantiate_ms=ms(run.instantiate_s),
         run_ms=ms(run.run_s),
         decode_ms=outcome.decode_ms if outcome is not None else 0.0,
+        store_writes=len(outcome.writes) if outcome is not None else 0,
         module_source=script.source,
         sha256=deployment.sha256,
         version=deployment.version,

@@ -49,8 +49,10 @@ def _uncounted(result: str, runs: int) -> None:
     """The default ``count``: nothing is counted (a writer outside a worker)."""
 
 
-def captured_run(trace: ScriptTrace, *, job_id: str, worker: str, engine: str, now: float) -> CapturedRun:
-    """The record of one traced script run."""
+def captured_run(
+    trace: ScriptTrace, *, job_id: str, worker: str, engine: str, now: float, session: bool = False
+) -> CapturedRun:
+    """The record of one traced script run (``session``: whether its call had one)."""
     deployment, outcome = trace.deployment, trace.outcome
     run = outcome.run if outcome is not None else None
     return CapturedRun(
@@ -75,6 +77,7 @@ def captured_run(trace: ScriptTrace, *, job_id: str, worker: str, engine: str, n
         job_id=job_id,
         worker=worker,
         engine=engine,
+        session=session,
     )
 
 
@@ -137,7 +140,14 @@ class CaptureWriter:
             try:
                 for trace in traces:
                     self._write(
-                        captured_run(trace, job_id=job.id, worker=worker, engine=self._engine, now=now)
+                        captured_run(
+                            trace,
+                            job_id=job.id,
+                            worker=worker,
+                            engine=self._engine,
+                            now=now,
+                            session=job.session is not None,
+                        )
                     )
             finally:
                 with self._lock:

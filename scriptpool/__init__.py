@@ -27,7 +27,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from scriptpool.config import Limits, Settings, errors
     from scriptpool.config.errors import ScriptpoolError
-    from scriptpool.producer import BatchPolicy, BreakerPolicy, Client, Outcome, Timings
+    from scriptpool.producer import BatchPolicy, BreakerPolicy, Client, DataStore, Outcome, Timings
     from scriptpool.registry import Registry
 
 # Where each public name lives.
@@ -35,6 +35,7 @@ _HOMES = {
     "BatchPolicy": "scriptpool.producer",
     "BreakerPolicy": "scriptpool.producer",
     "Client": "scriptpool.producer",
+    "DataStore": "scriptpool.producer",
     "Limits": "scriptpool.config",
     "Outcome": "scriptpool.producer",
     "Registry": "scriptpool.registry",
@@ -48,6 +49,7 @@ __all__ = [
     "BatchPolicy",
     "BreakerPolicy",
     "Client",
+    "DataStore",
     "Limits",
     "Outcome",
     "Registry",

@@ -58,7 +58,7 @@ class ShadowRunner:
         self._started_at = -RESTART_AFTER_S
         self._stopped = False
 
-    def offer(self, ep: str, shop: str, payload: bytes, live: Execution) -> None:
+    def offer(self, ep: str, shop: str, payload: bytes, live: Execution, session: str | None = None) -> None:
         """Hand over a call just answered. Costs nothing when no rollout is under way there."""
         if live.report.rollout not in JUDGED or self._stopped:
             return
@@ -67,7 +67,7 @@ class ShadowRunner:
             _RESULTS["dropped"].inc()
             return
         try:
-            message = Sample(ep, shop, payload, live).pack()
+            message = Sample(ep, shop, payload, live, session).pack()
         except (TypeError, ValueError, OverflowError):  # as the reply: what the wire cannot carry
             _RESULTS["dropped"].inc()
             return

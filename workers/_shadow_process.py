@@ -75,14 +75,23 @@ def main(argv: list[str]) -> int:
     from scriptpool.config.redis import InvalidationListener, redis_client
     from scriptpool.engine import Sandbox
     from scriptpool.registry import Registry
-    from scriptpool.runtime import Executor, Sample, ShadowJudge
+    from scriptpool.runtime import Executor, Sample, ShadowJudge, StoreCache
 
     log = get_logger("worker")
     settings = Settings.from_env()
     sandbox = Sandbox(settings.epoch_tick_ms)
-    registry = Registry(redis_client(settings.redis_url, timeout=2, connect_timeout=1), settings, sandbox)
-    executor = Executor(registry, sandbox, settings)
-    listener = InvalidationListener(settings.redis_url, settings.keys.invalidations(), executor.invalidate)
+    client = redis_client(settings.redis_url, timeout=2, connect_timeout=1)
+    registry = Registry(client, settings, sandbox)
+    # Candidates read script data as live scripts do, from a cache of this process's own.
+    store = StoreCache(client, settings.keys, backstop_s=settings.binding_cache_ttl_s)
+    executor = Executor(registry, sandbox, settings, store=store)
+    listener = InvalidationListener(
+        settings.redis_url,
+        settings.keys.invalidations(),
+        executor.invalidate,
+        on_data=store.invalidate,
+    )
+    store.coherent = lambda: listener.subscribed
     listener.start().wait_subscribed(5)
     judge = ShadowJudge(executor, registry.rollouts)
     log.info("shadow_process_ready", pid=os.getpid(), priority=priority)

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from scriptpool.config.redis import InvalidationListener
-    from scriptpool.runtime import CaptureWriter, Executor, ScriptTrace
+    from scriptpool.runtime import AppWrites, CaptureWriter, Executor, ScriptTrace
     from scriptpool.workers._shadow import ShadowRunner
+    from scriptpool.workers._writes import StoreWriter
 
 log = get_logger("worker")
 
@@ -50,21 +51,31 @@ class WorkerState:
         from scriptpool.config.redis import InvalidationListener
         from scriptpool.engine import Sandbox
         from scriptpool.registry import Registry
-        from scriptpool.runtime import CaptureWriter, Executor
+        from scriptpool.runtime import CaptureWriter, Executor, StoreCache
         from scriptpool.workers._shadow import ShadowRunner
+        from scriptpool.workers._writes import StoreWriter
 
         self.settings = settings
         self.pid = os.getpid()
         client = redis_client(settings.redis_url, timeout=2, connect_timeout=1)
         sandbox = Sandbox(settings.epoch_tick_ms)
-        self.executor: Executor = Executor(Registry(client, settings, sandbox), sandbox, settings)
+        # Script data that input queries select, hot in this process (the shard group's Redis).
+        store = StoreCache(client, settings.keys, backstop_s=settings.binding_cache_ttl_s)
+        registry = Registry(client, settings, sandbox)
+        self.executor: Executor = Executor(registry, sandbox, settings, store=store)
         self.shadows: ShadowRunner = ShadowRunner(settings)
         self.counters = WorkerCounters()
         self.listener: InvalidationListener = InvalidationListener(
-            settings.redis_url, settings.keys.invalidations(), self.executor.invalidate
+            settings.redis_url,
+            settings.keys.invalidations(),
+            self.executor.invalidate,
+            on_data=store.invalidate,
         ).start()
+        store.coherent = lambda: self.listener.subscribed
         self.heartbeat: telemetry.Heartbeat | None = None
         self.replies = ReplyPusher(settings)
+        # Scripts' storeWrites, applied on the job's thread right after its reply.
+        self.store_writes: StoreWriter = StoreWriter(client, settings)
         # Failed and sampled runs, written by a thread of their own after the replies.
         self.capture: CaptureWriter | None = (
             CaptureWriter(settings, count=telemetry.record_captured) if settings.capture else None
@@ -98,9 +109,17 @@ class WorkerState:
             )
             return
         trace: list[ScriptTrace] | None = [] if self.capture is not None else None
+        writes: list[AppWrites] = []
         try:
             execution = self.executor.execute(
-                job.ep, job.shop_id, job.input, deadline=job.deadline, trace=trace, queries=job.queries
+                job.ep,
+                job.shop_id,
+                job.input,
+                deadline=job.deadline,
+                trace=trace,
+                queries=job.queries,
+                session=job.session,
+                writes=writes,
             )
         except Exception as exc:  # the worker failed (e.g. Redis lost mid-lookup), not the script
             log.warning("job_failed", job=job.id, ep=job.ep, shop=job.shop_id, error=repr(exc))
@@ -109,15 +128,21 @@ class WorkerState:
         finished = time.time()
         # A caller past its deadline has returned its fallback and stopped listening: a reply
         # would only recreate the reply list of a client that may be gone.
-        if finished <= job.deadline:
+        replied = finished <= job.deadline
+        if replied:
             replies.push(Reply(job.id, execution, None, shard, worker, received, finished).to_wire())
+        if writes:  # a successful call's (the executor hands over none of a failed one)
+            self.store_writes.apply(job, writes, replied=replied)
+            # This process's next job reads them at once, not when its listener hears of them.
+            self.executor.store.forget_written(job.shop_id, job.session, writes)
         self.counters.executed += 1
         telemetry.record_execution(
             execution, job=job.id, shop=job.shop_id, ep=job.ep, shard=shard, worker=worker
         )
         if trace and self.capture is not None:
             self.capture.offer(job, trace, worker)
-        self.shadows.offer(job.ep, job.shop_id, job.input, execution)  # a rollout's, after the reply
+        # A rollout's, after the reply.
+        self.shadows.offer(job.ep, job.shop_id, job.input, execution, job.session)
 
     def announce(self, name: str, shards: list[int]) -> None:
         """Claim the worker's name and open its metrics port, or raise ConfigurationError; then
@@ -135,6 +160,7 @@ class WorkerState:
                 self.counters.executed,
                 self.counters.dropped_stale,
                 dict(self.counters.by_shard),
+                self.executor.store.stats(),
             ),
         )
         heartbeat.claim()

@@ -17,11 +17,12 @@ from scriptpool.config import Keys, get_logger
 from scriptpool.config.errors import ConfigurationError
 from scriptpool.config.heartbeats import WorkerHeartbeat
 from scriptpool.config.redis import Reconnector, redis_client
+from scriptpool.config.store import SCOPES as STORE_SCOPES
 from scriptpool.config.wire import Execution
 from scriptpool.runtime import CAPTURE_RESULTS
 
 if TYPE_CHECKING:
-    from scriptpool.runtime import CacheStats
+    from scriptpool.runtime import CacheStats, StoreStats
 
 log = get_logger("worker")
 
@@ -37,6 +38,28 @@ CACHE = Gauge("scriptpool_module_cache", "Compiled-module cache counters", ["cou
 CAPTURED = Counter("scriptpool_captured_runs", "Runs captured for replay, by result", ["result"])
 # Every result's child made now, so /metrics shows each at 0 before the first capture.
 _CAPTURED = {result: CAPTURED.labels(result) for result in CAPTURE_RESULTS}
+
+# Writes scripts returned (``storeWrites``) as the worker dealt with them after the reply:
+# applied; refused by a store cap checked at apply time (keys per scope, bytes per shop), which
+# no caller hears of any more; failed (Redis did not answer: the run's writes are lost); late
+# (the caller had given up, so it never saw the run: its writes are not applied).
+STORE_WRITE_RESULTS = ("applied", "refused", "failed", "late")
+STORE_WRITES = Counter(
+    "scriptpool_store_writes", "Script data writes after the reply, by result", ["result"]
+)
+_STORE_WRITES = {result: STORE_WRITES.labels(result) for result in STORE_WRITE_RESULTS}
+
+# The script data cache (scriptpool.runtime.StoreCache), set with each heartbeat: per scope
+# only (APP, SHOP, SESSION), never per app, shop or key.
+STORE_CACHE_READS = Gauge(
+    "scriptpool_store_cache_reads", "Script data reads since the worker started, by scope", ["scope"]
+)
+STORE_CACHE_HIT_RATIO = Gauge(
+    "scriptpool_store_cache_hit_ratio",
+    "Share of script data reads served from the worker's memory since it started, by scope",
+    ["scope"],
+)
+STORE_CACHE_BYTES = Gauge("scriptpool_store_cache_bytes", "Bytes of script data the worker holds")
 
 _STAGES = ("lookup", "instantiate", "run", "decode")
 # Labelled children resolved once: ``labels()`` takes a lock and builds a key on every call.
@@ -71,6 +94,11 @@ def record_execution(execution: Execution, **context: Any) -> None:
         decode_ms=report.decode_ms,
         module_source=report.module_source,
     )
+
+
+def record_store_writes(result: str, writes: int) -> None:
+    """Count ``writes`` script data writes that ended as ``result`` (one of STORE_WRITE_RESULTS)."""
+    _STORE_WRITES[result].inc(writes)
 
 
 def record_dropped() -> None:
@@ -166,6 +194,7 @@ class Heartbeat:
         held = self._refresh(keys=[self._key], args=args)
         for name, count in beat.cache.items():
             CACHE.labels(name).set(count)
+        _store_gauges(beat.store)
         return json.loads(held) if held else None
 
     def _session(self, loop: Reconnector) -> None:
@@ -189,6 +218,32 @@ def _alive(pid: int) -> bool:
     return pid > 0
 
 
+def _store_gauges(store: dict[str, int]) -> None:
+    if "bytes" in store:
+        STORE_CACHE_BYTES.set(store["bytes"])
+    for scope in STORE_SCOPES:
+        hits, misses = store.get(f"hits_{scope.lower()}", 0), store.get(f"misses_{scope.lower()}", 0)
+        STORE_CACHE_READS.labels(scope).set(hits + misses)
+        if hits + misses:
+            STORE_CACHE_HIT_RATIO.labels(scope).set(hits / (hits + misses))
+
+
+def describe_store(stats: StoreStats | None) -> dict[str, int]:
+    """The script data cache's counters as a heartbeat carries them."""
+    if stats is None:
+        return {}
+    out = {
+        "entries": stats.entries,
+        "bytes": stats.bytes,
+        "hits": sum(stats.hits.values()),
+        "misses": sum(stats.misses.values()),
+    }
+    for scope in STORE_SCOPES:
+        out[f"hits_{scope.lower()}"] = stats.hits.get(scope, 0)
+        out[f"misses_{scope.lower()}"] = stats.misses.get(scope, 0)
+    return out
+
+
 def describe_worker(
     name: str,
     shards: list[int],
@@ -197,9 +252,10 @@ def describe_worker(
     executed: int,
     dropped: int,
     shard_jobs: dict[int, int] | None = None,
+    store: StoreStats | None = None,
 ) -> WorkerHeartbeat:
     """The heartbeat payload. ``shard_count`` is the worker's ``SCRIPTPOOL_SHARDS``: clients and
-    ``status`` compare it with their own."""
+    ``status`` compare it with their own. ``store``: the script data cache's counters."""
     cache = {
         "entries": stats.entries,
         "bytes": stats.bytes,
@@ -219,4 +275,5 @@ def describe_worker(
         cache,
         time.time(),
         dict(shard_jobs or {}),
+        describe_store(store),
     )

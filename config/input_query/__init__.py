@@ -75,6 +75,10 @@ from scriptpool.config.input_query._schema import (
     MAX_QUERY_DEPTH,
     MAX_SELECTIONS,
     ROOT_TYPE,
+    STORE_COST,
+    STORE_FIELD,
+    STORE_SCOPES,
+    STORE_SDL,
     InputSchema,
 )
 
@@ -86,6 +90,10 @@ __all__ = [
     "MAX_QUERY_DEPTH",
     "MAX_SELECTIONS",
     "ROOT_TYPE",
+    "STORE_COST",
+    "STORE_FIELD",
+    "STORE_SCOPES",
+    "STORE_SDL",
     "InputQuery",
     "InputSchema",
     "Projection",

@@ -19,6 +19,14 @@ __all__ = [
     "MAX_QUERY_DEPTH",
     "MAX_SELECTIONS",
     "ROOT_TYPE",
+    "STORE_COST",
+    "STORE_COST_KEY",
+    "STORE_FIELD",
+    "STORE_SCOPES",
+    "STORE_SCOPE_TYPE",
+    "STORE_SDL",
+    "STORE_SIGNATURE",
+    "STORE_VALUE_TYPE",
     "InputSchema",
     "graphql_location",
     "node_location",
@@ -42,6 +50,24 @@ MAX_LIST_ARGUMENT = 100
 #: a 3,000-byte query of ``{a{a{a...`` nests 1,500 levels (only recent graphql-core 3.2 releases
 #: guard their parser); this keeps every pass far inside Python's recursion limit.
 MAX_QUERY_DEPTH = 64
+
+#: Script data, which every input schema offers (added unless the SDL declares it identically):
+#: ``store(scope: StoreScope!, key: String!): JSON`` on ``Input``, its value resolved by the
+#: worker from data it holds (``scriptpool.runtime._store``), never loaded or sent by the host.
+STORE_FIELD = "store"
+STORE_VALUE_TYPE = "JSON"
+STORE_SCOPE_TYPE = "StoreScope"
+STORE_SCOPES = ("APP", "SHOP", "SESSION")
+STORE_SIGNATURE = f"{STORE_FIELD}(scope: {STORE_SCOPE_TYPE}!, key: String!): {STORE_VALUE_TYPE}"
+#: What the SDL of every input schema is taken to include (shown by the README).
+STORE_SDL = (
+    f"scalar {STORE_VALUE_TYPE}\nenum {STORE_SCOPE_TYPE} {{ {' '.join(STORE_SCOPES)} }}\n"
+    f"extend type {ROOT_TYPE} {{ {STORE_SIGNATURE} }}\n"
+)
+#: One selection of ``store`` costs as a metafield does (3): it is a keyed read of stored data.
+#: An EP's ``costs`` may set another under :data:`STORE_COST_KEY`.
+STORE_COST = 3
+STORE_COST_KEY = f"{ROOT_TYPE}.{STORE_FIELD}"
 
 #: Fields a query may select once its fragments are spread: every field and alias counted as
 #: often as it is reached, ``__typename`` and the other fields that cost nothing included. Not a
@@ -155,6 +181,7 @@ class InputSchema:
             types=list(built.type_map.values()),
             directives=built.directives,
         )
+        schema = _with_store(schema)
         problems = validate_schema(schema)
         if problems:
             line, column = graphql_location(problems[0])
@@ -173,4 +200,70 @@ class InputSchema:
                 )
             if type(value) is not int or value < 0:
                 raise InvalidArgument(f"the input cost of {key} must be an integer >= 0, not {value!r}")
-        return cls(sdl=sdl, schema=schema, costs=dict(costs or {}))
+        return cls(sdl=sdl, schema=schema, costs={STORE_COST_KEY: STORE_COST, **(costs or {})})
+
+
+def _with_store(schema: GraphQLSchema) -> GraphQLSchema:
+    """``schema`` with what every input schema has for script data (:data:`STORE_SDL`): the
+    ``JSON`` scalar, the ``StoreScope`` enum and ``Input.store``, each added unless the SDL
+    declares it identically; one it declares otherwise is refused (``invalid_argument`` at
+    its declaration), since queries select ``store`` by this exact signature."""
+    from graphql import (
+        GraphQLEnumType,
+        GraphQLNonNull,
+        GraphQLScalarType,
+        Undefined,
+        extend_schema,
+        get_named_type,
+        parse,
+    )
+
+    missing: list[str] = []
+    json_type = schema.type_map.get(STORE_VALUE_TYPE)
+    if json_type is None:
+        missing.append(f"scalar {STORE_VALUE_TYPE}")
+    elif not isinstance(json_type, GraphQLScalarType) or json_type.ast_node is None:
+        _conflict(json_type, f"type {STORE_VALUE_TYPE!r} must be declared as `scalar {STORE_VALUE_TYPE}`")
+    scope_type = schema.type_map.get(STORE_SCOPE_TYPE)
+    if scope_type is None:
+        missing.append(f"enum {STORE_SCOPE_TYPE} {{ {' '.join(STORE_SCOPES)} }}")
+    elif not isinstance(scope_type, GraphQLEnumType) or set(scope_type.values) != set(STORE_SCOPES):
+        _conflict(
+            scope_type,
+            f"type {STORE_SCOPE_TYPE!r} must be declared as `enum {STORE_SCOPE_TYPE} "
+            f"{{ {' '.join(STORE_SCOPES)} }}`",
+        )
+    root = schema.query_type
+    assert root is not None
+    declared = root.fields.get(STORE_FIELD)
+    if declared is None:
+        missing.append(f"extend type {ROOT_TYPE} {{ {STORE_SIGNATURE} }}")
+    else:
+        args = declared.args
+        same = (
+            not isinstance(declared.type, GraphQLNonNull)
+            and get_named_type(declared.type).name == STORE_VALUE_TYPE
+            and list(args) == ["scope", "key"]
+            and str(args["scope"].type) == f"{STORE_SCOPE_TYPE}!"
+            and str(args["key"].type) == "String!"
+            and all(a.default_value is Undefined for a in args.values())
+        )
+        if not same:
+            _conflict(
+                declared,
+                f"field {ROOT_TYPE}.{STORE_FIELD} is script data's: declare it as "
+                f"`{STORE_SIGNATURE}` or not at all",
+            )
+    if not missing:
+        return schema
+    return extend_schema(schema, parse("\n".join(missing)), assume_valid=True)
+
+
+def _conflict(declared: Any, problem: str) -> None:
+    line, column = node_location(getattr(declared, "ast_node", None))
+    raise InvalidArgument(
+        f"input schema refused: {problem} (line {line}, column {column})",
+        problem=problem,
+        line=line,
+        column=column,
+    )

@@ -42,10 +42,14 @@ class InvalidationListener:
         *,
         name: str = "invalidation_listener",
         logger: Any = None,
+        on_data: Callable[[bytes], None] | None = None,
     ):
         self._url = redis_url
         self._channel = channel
         self._invalidate = invalidate
+        # Data writes publish on the same channel (scriptpool.config.store): their messages go
+        # to on_data, never to invalidate (whose (None, None) would forget every binding).
+        self._on_data = on_data
         self._log = logger or log  # the worker's by default; a client logs as the client
         self._subscribed = threading.Event()
         # A short cap: until it subscribes again a worker may serve a binding a deploy replaced
@@ -107,9 +111,14 @@ class InvalidationListener:
         return False
 
     def apply(self, data: bytes) -> None:
-        """Forget what one invalidation message names; a malformed one is logged and ignored."""
+        """Forget what one invalidation message names (a data write's goes to ``on_data``); a
+        malformed one is logged and ignored."""
         try:
             event = json.loads(data)
+            if "data" in event:  # a data write's message, not a binding's
+                if self._on_data is not None:
+                    self._on_data(data)
+                return
             self._invalidate(event.get("ep"), event.get("shop_id"))
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):
             self._log.warning("invalidation_message_malformed", data=repr(data)[:200])

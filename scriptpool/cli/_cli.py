@@ -40,6 +40,7 @@ COMMANDS = {
     "worker": "_pool_commands",
     "rollout": "_rollout_commands",
     "shard": "_shard_commands",
+    "data": "_data_commands",
     "runs": "_runs_commands",
     "replay": "_runs_commands",
     "demo": "_tool_commands",

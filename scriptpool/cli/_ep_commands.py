@@ -17,6 +17,7 @@ from scriptpool.config.errors import BrokerUnavailable, ConfigurationError, Inva
 from scriptpool.config.extension_points import QUERY_BYTES_RANGE, QUERY_COST_RANGE
 from scriptpool.config.input_query import MAX_QUERY_BYTES, MAX_QUERY_COST
 from scriptpool.config.scale import parse_scale_rule
+from scriptpool.config.store import DEFAULT_SESSION_TTL_S, MAX_SESSION_TTL_S, MIN_SESSION_TTL_S
 
 if TYPE_CHECKING:
     from scriptpool.registry import Definition, FieldChange, Registry
@@ -72,6 +73,15 @@ def add_parsers(sub: Any) -> None:
         metavar="N",
         help=f"an input query's cost cap, in [{QUERY_COST_RANGE[0]:,}, {QUERY_COST_RANGE[1]:,}] (default "
         f"{MAX_QUERY_COST}, Shopify's; README, Input queries)",
+    )
+    define.add_argument(
+        "--session-ttl",
+        dest="session_ttl_s",
+        type=_whole(MIN_SESSION_TTL_S, MAX_SESSION_TTL_S),
+        metavar="SECONDS",
+        help=f"how long a session its scripts write lives after the last write, in [{MIN_SESSION_TTL_S}, "
+        f"{MAX_SESSION_TTL_S:,}] (1 minute to 30 days; default {DEFAULT_SESSION_TTL_S:,}; README, Script "
+        "data and sessions)",
     )
     define.add_argument(
         "--input-validation-rate",
@@ -164,6 +174,7 @@ def cmd_ep_define(args: argparse.Namespace, settings: Settings) -> int:
             input_graphql=input_graphql,
             max_query_bytes=args.max_query_bytes,
             max_query_cost=args.max_query_cost,
+            session_ttl_s=args.session_ttl_s,
             force=args.force,
             dry_run=dry_run,
         )
@@ -254,7 +265,7 @@ def _change_lines(definition: Definition) -> list[str]:
 
 def _shown(field: str, value: Any) -> str:
     if value is None:
-        return "default" if field == "input_validation_rate" else "none"
+        return "default" if field in ("input_validation_rate", "session_ttl_s") else "none"
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, int):
@@ -305,6 +316,8 @@ def cmd_ep_show(args: argparse.Namespace, settings: Settings) -> int:
         f"failed runs and a share {shown['capture_rate']} of successful ones" if shown["capture"] else "off"
     )
     print(f"  capture       {capture}")
+    default = "" if shown["session_ttl_s_set"] else " (the default)"
+    print(f"  sessions      live {shown['session_ttl_s']:,} s after their last write{default}")
     return ExitCode.OK
 
 
@@ -356,4 +369,6 @@ def _extension_point(ep: Any, settings: Settings) -> dict[str, Any]:
         "input_graphql": ep.input_graphql,
         "max_query_bytes": ep.max_query_bytes,
         "max_query_cost": ep.max_query_cost,
+        "session_ttl_s": DEFAULT_SESSION_TTL_S if ep.session_ttl_s is None else ep.session_ttl_s,
+        "session_ttl_s_set": ep.session_ttl_s is not None,
     }

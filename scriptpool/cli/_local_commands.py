@@ -100,7 +100,12 @@ def cmd_run_local(args: argparse.Namespace, settings: Settings) -> int:
     factor = scale_factor(value, scale) if scale else 1.0
     limits = scaled_limits(limits, factor)
     script = local_script(compiled, limits)
-    result = run_loaded(sandbox, script, payload, limits, output_validator=validator, scale_factor=factor)
+    # A local run never writes; a SESSION write is checked as in a call with a session when the
+    # run is given one (``--session``), else refused as the pool refuses it.
+    session = getattr(args, "session", None) is not None
+    result = run_loaded(
+        sandbox, script, payload, limits, output_validator=validator, scale_factor=factor, session=session
+    )
     profile: dict[str, Any] | None = None
     if args.profile:
         # Runs are deterministic: the same run again, sampled about 2,000 times over its length.
@@ -113,6 +118,7 @@ def cmd_run_local(args: argparse.Namespace, settings: Settings) -> int:
             output_validator=validator,
             scale_factor=factor,
             profiler=profiler,
+            session=session,
         )
         profile = _write_profile(args.profile, os.path.basename(args.local), profiler, again, result)
     report = function_runner_report(os.path.basename(args.local), len(wasm), value, result, profile)
@@ -184,6 +190,8 @@ def function_runner_report(
         "sha256": result.deployment.sha256,
         "export": result.deployment.export,
         "providers": {name: sha for name, sha in result.deployment.providers},
+        # What the output's storeWrites asked for, checked: a local run applies none.
+        "store_writes": [write.shown() for write in result.writes],
     }
     if profile is not None:
         fields["profile"] = profile
@@ -228,6 +236,9 @@ def _print(report: dict[str, Any]) -> None:
           f"export {report['export']}, codec {report['codec']}")  # fmt: skip
     print(f"outcome:      {status}")
     print(f"output:       {dumps(report['output'])[:2000]}")
+    if report["store_writes"]:
+        print(f"writes:       {len(report['store_writes'])}, not applied (a local run never writes): "
+              f"{dumps(report['store_writes'])[:2000]}")  # fmt: skip
     if report["logs"]:
         print("logs:         " + report["logs"].rstrip().replace("\n", "\n              "))
     scaled = f" (limits scaled x{report['scale_factor']:g})" if report["scale_factor"] != 1.0 else ""

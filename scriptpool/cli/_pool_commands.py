@@ -46,6 +46,12 @@ def add_parsers(sub: Any) -> None:
         metavar="MS",
         help="the caller's deadline in ms, in (0, 600000] (default SCRIPTPOOL_DEADLINE_MS)",
     )
+    run.add_argument(
+        "--session",
+        metavar="TOKEN",
+        help="the buyer's session token (1 to 256 printable characters): scripts read and write "
+        "its SESSION data within the shop",
+    )
     _local_commands.add_arguments(run)
     add_json_flag(run)
     run.set_defaults(func=cmd_run)
@@ -110,7 +116,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         else:
             limit = INPUT_TEXT_FACTOR * limits.input_bytes
             payload = read_json(args.input, limit, InputTooLarge, "input") if args.input else {}
-        outcome = client.run(args.ep, args.shop, payload, timeout=run_timeout)
+        outcome = client.run(args.ep, args.shop, payload, timeout=run_timeout, session=args.session)
     exit_code = exit_code_for(outcome.error_code)
     if args.json:
         print_json(outcome.to_dict())

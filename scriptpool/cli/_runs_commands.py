@@ -221,6 +221,9 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     )
     if result.ok:
         print(f"outcome:      ok, output {_cut(dumps(result.output))}")
+        if result.writes:  # a replay is a pure run again: it shows the writes, applies none
+            shown = [write.shown() for write in result.writes]
+            print(f"writes:       {len(shown)}, not applied: {_cut(dumps(shown))}")
     elif result.error is not None:
         print(f"outcome:      error {result.error.code}: {result.error.message}")
     recorded = run.error_code or "ok"
@@ -262,6 +265,7 @@ def _replay_json(replayed: Replayed, engine_differs: bool) -> dict[str, Any]:
             else {"code": result.error.code, "message": result.error.message, "detail": result.error.detail},
             "stdout": result.stdout.decode("utf-8", errors="replace"),
             "report": result.report.to_wire(),
+            "store_writes": [write.shown() for write in result.writes],  # never applied
         },
         "recorded": {
             "status": run.status,

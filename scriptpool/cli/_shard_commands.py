@@ -4,9 +4,10 @@ while its shops are being called, with no caller seeing a missing script.
 The procedure (README, "Moving a shard"):
 
 1. ``shard move S --to URL`` copies what shard S's shops need into URL's Redis: exactly the keys
-   ``Keys.shop_key_patterns`` matches for each shop of S (bindings, their apps' history, and
-   rollouts with their candidates' state), the modules and artifacts those name, and any
-   extension point or provider the target lacks; it prints the new ``SCRIPTPOOL_SHARD_GROUPS``.
+   ``Keys.shop_key_patterns`` matches for each shop of S (bindings, their apps' history,
+   rollouts with their candidates' state, and SHOP and SESSION data), the modules and artifacts
+   those name, and any extension point, provider or APP data the target lacks; it prints the new
+   ``SCRIPTPOOL_SHARD_GROUPS``.
    Nothing is deleted, so both groups can serve S meanwhile.
 2. Start workers for S with the new map: they serve S's queue in the new group.
 3. Give every client and deployer the new map (a rolling restart). A client still on the old map
@@ -110,7 +111,8 @@ def cmd_move(args: argparse.Namespace, settings: Settings) -> int:
         f"copied shard {args.shard} ({report.shops} shops) from {report.source} to {report.target}: "
         f"{report.bindings} bindings, {report.histories} histories, {report.modules} modules, "
         f"{report.artifacts} artifacts, {report.extension_points} extension points, "
-        f"{report.providers} providers ({report.unchanged} bindings already there, "
+        f"{report.providers} providers, {report.data} data keys, {report.app_data} APP data "
+        f"({report.unchanged} bindings already there, "
         f"{len(report.kept_newer)} newer there: kept)"
     )
     if report.changed_meanwhile:
@@ -181,7 +183,7 @@ def drain_shard(
                     queue_depth=depth,
                 )
             time.sleep(0.2)
-        late = copy_shard(settings, shard, source_url, target_url)
+        late = copy_shard(settings, shard, source_url, target_url, late=True)
         report = DrainReport(
             shard,
             describe_redis_url(source_url),

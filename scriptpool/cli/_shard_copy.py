@@ -2,11 +2,15 @@
 and the late copy of its step 4 (``shard drain``); the procedure is in ``_shard_commands``.
 
 A copy takes exactly the keys ``Keys.shop_key_patterns`` matches for each shop of the shard
-(bindings, their apps' history, and rollouts with their candidates' state), the modules and
-artifacts those name, and any extension point or provider the target lacks. It uses DUMP and
-RESTORE, so values, list order and expiry travel byte for byte. A binding the target already
-holds in a newer version (deployed there after the switch) is kept, not overwritten; copying
-again is safe.
+(bindings, their apps' history, rollouts with their candidates' state, and the shops' SHOP and
+SESSION data with its byte counts), the modules and artifacts those name, and any extension
+point, provider or app's APP data the target lacks. It uses DUMP and RESTORE, so values, list
+order and expiry (a session's TTL) travel byte for byte. A binding the target already holds in a
+newer version (deployed there after the switch) is kept, not overwritten; copying again is safe.
+
+Data has no version to compare: ``shard move`` (before the switch, while the old group is the
+one scripts write to) replaces the target's copy of each data key; the late copy of ``shard
+drain`` (after it, when scripts write to the new group) only adds the keys the target lacks.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class CopyReport:
     extension_points: int = 0
     providers: int = 0
     changed_meanwhile: list[str] = field(default_factory=list)  # deployed on the source during the copy
+    data: int = 0  # the shops' SHOP and SESSION data keys (and their byte counts)
+    app_data: int = 0  # apps' APP data the target lacked
     replicas: int = 0
 
 
@@ -111,7 +117,7 @@ def _copy(source: redis.Redis, target: redis.Redis, names: list[str], *, replace
         with target.pipeline(transaction=False) as pipe:
             queued = 0
             for name, dump, ttl in zip(batch, answers[0::2], answers[1::2], strict=True):
-                if dump is None:
+                if dump is None or int(ttl) == -2:  # gone (a session expired between the two)
                     continue
                 pipe.restore(name, max(int(ttl), 0), dump, replace=replace)
                 queued += 1
@@ -125,12 +131,14 @@ def _copy(source: redis.Redis, target: redis.Redis, names: list[str], *, replace
     return written
 
 
-def copy_shard(settings: Settings, shard: int, source_url: str, target_url: str) -> CopyReport:
-    """Copy what shard ``shard``'s shops need from one Redis to another (step 1 and the late copy
-    of step 4 of the procedure), then wait for the target's replicas. A Redis lost on the way is
-    one ``BrokerUnavailable`` naming both ends: the copy is safe to run again."""
+def copy_shard(
+    settings: Settings, shard: int, source_url: str, target_url: str, *, late: bool = False
+) -> CopyReport:
+    """Copy what shard ``shard``'s shops need from one Redis to another (step 1, or with ``late``
+    the late copy of step 4 of the procedure), then wait for the target's replicas. A Redis lost
+    on the way is one ``BrokerUnavailable`` naming both ends: the copy is safe to run again."""
     try:
-        return _copy_shard(settings, shard, source_url, target_url)
+        return _copy_shard(settings, shard, source_url, target_url, late=late)
     except TRANSPORT as exc:
         raise BrokerUnavailable(
             f"lost Redis while copying shard {shard} from {describe_redis_url(source_url)} to "
@@ -138,7 +146,9 @@ def copy_shard(settings: Settings, shard: int, source_url: str, target_url: str)
         ) from None
 
 
-def _copy_shard(settings: Settings, shard: int, source_url: str, target_url: str) -> CopyReport:
+def _copy_shard(
+    settings: Settings, shard: int, source_url: str, target_url: str, *, late: bool
+) -> CopyReport:
     keys = settings.keys
     report = CopyReport(shard, describe_redis_url(source_url), describe_redis_url(target_url))
     source = redis_client(source_url, timeout=10, connect_timeout=2)
@@ -150,7 +160,8 @@ def _copy_shard(settings: Settings, shard: int, source_url: str, target_url: str
         names = shard_keys(source, keys, shard, settings.shards)
         report.shops = len({keys.shop_of_key(name) for name in names})
         bindings = [name for name in names if keys.is_binding(name)]
-        companions = [name for name in names if not keys.is_binding(name)]
+        data = [name for name in names if keys.is_data(name)]
+        companions = [name for name in names if not keys.is_binding(name) and not keys.is_data(name)]
         # Which bindings to (re)write: the target lacks them, or holds an older version.
         source_raw = dict(zip(bindings, _values(source, bindings), strict=True))
         target_raw = dict(zip(bindings, _values(target, bindings), strict=True))
@@ -191,6 +202,11 @@ def _copy_shard(settings: Settings, shard: int, source_url: str, target_url: str
         report.artifacts = _copy(source, target, artifact_names, replace=False)
         report.extension_points = _copy(source, target, [keys.extension_point(n) for n in eps], replace=False)
         report.providers = _copy(source, target, [keys.provider(n) for n in providers], replace=False)
+        app_data = sorted(_text(raw) for raw in source.scan_iter(match=keys.data_app_pattern(), count=1000))
+        report.app_data = _copy(source, target, app_data, replace=False)
+        # Data before the bindings whose scripts read it. Before the switch the source is the
+        # group scripts write to (its copy wins); after it, the target is (its keys are kept).
+        report.data = _copy(source, target, data, replace=not late)
         if eps:
             target.sadd(keys.extension_points(), *eps)
         if providers:

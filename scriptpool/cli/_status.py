@@ -1,5 +1,5 @@
-"""``scriptpool status``: every shard group's Redis, shards, live workers and queue depths, and
-whether every group holds every extension point and provider."""
+"""``scriptpool status``: every shard group's Redis, shards, live workers and queue depths, the
+script data it holds, and whether every group holds every extension point and provider."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from scriptpool.config import Settings, ShardGroup
 from scriptpool.config.errors import BrokerUnavailable
 from scriptpool.config.heartbeats import WorkerHeartbeat, live_workers, shard_count_disagreement
 from scriptpool.config.redis import describe_redis_url, redis_client, redis_failure
+from scriptpool.config.store import DataSizes, data_sizes
 
 _TRANSPORT = (redis.ConnectionError, redis.TimeoutError, OSError)
 
@@ -32,6 +33,7 @@ class GroupView:
     extension_points: dict[str, str] = field(default_factory=dict)  # name -> definition JSON
     providers: dict[str, str] = field(default_factory=dict)  # name -> module sha256
     rollouts: list[dict[str, Any]] = field(default_factory=list)  # under way
+    data: DataSizes | None = None  # script data held (README, Script data and sessions)
 
     @property
     def reachable(self) -> bool:
@@ -61,6 +63,7 @@ def read_group(settings: Settings, group: ShardGroup, *, definitions: bool) -> G
                 if raw:
                     view.providers[name] = str(json.loads(raw).get("sha256", ""))
         view.rollouts = _rollouts_under_way(client, settings)
+        view.data = data_sizes(client, keys)
     except _TRANSPORT as exc:
         view.error = str(exc)
         view.failure = redis_failure(f"at {describe_redis_url(group.url)}", exc)
@@ -158,6 +161,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                         "reachable": v.reachable,
                         "error": v.error,
                         "live_workers": len(v.beats),
+                        "data": _data(v.data),
                     }
                     for v in views
                 ],
@@ -184,6 +188,15 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             )
         if not pair["apps"]:
             print("  nothing deployed")
+    for view in views:
+        if view.data is not None and (view.data.shops or view.data.apps):
+            d = view.data
+            where = f"group {view.group.name}: " if several else ""
+            more = "" if d.complete else " (at least: counted up to a bound)"
+            print(
+                f"{where}script data: {d.shops:,} shop(s) hold {d.shop_bytes:,} bytes of SHOP and SESSION "
+                f"data; {d.apps:,} app(s) hold {d.app_keys:,} APP key(s){more}"
+            )
     for rollout in rollouts:
         print(
             f"rollout at {rollout['ep']}/{rollout['shop']} (app {rollout['app']}): {rollout['state']}, "
@@ -259,7 +272,7 @@ def _print_table(
         where = describe_redis_url(views[0].group.url)
         print(f"redis {where}  shards {settings.shards}  live workers {len(beats)}")
     columns = [("shard", 5), ("queue depth", 11), ("worker", 36), ("executed", 9), ("dropped", 7)]
-    columns += [("modules", 7), ("cache hit %", 11)]
+    columns += [("modules", 7), ("cache hit %", 11), ("data hit %", 10)]
     if several:
         columns.insert(1, ("group", 9))
     table = LiveTable(columns)
@@ -268,10 +281,10 @@ def _print_table(
     for row in shards:
         lead: list[Any] = [row["shard"], row["group"]] if several else [row["shard"]]
         if not reachable[row["group"]]:
-            table.row(*lead, None, "NONE: its Redis is unreachable", None, None, None, None)
+            table.row(*lead, None, "NONE: its Redis is unreachable", None, None, None, None, None)
             continue
         if not row["workers"]:
-            table.row(*lead, row["queue_depth"], "NONE: callers get fallbacks", None, None, None, None)
+            table.row(*lead, row["queue_depth"], "NONE: callers get fallbacks", None, None, None, None, None)
         for name in row["workers"]:
             beat = by_name[name]
             lookups = beat.cache.get("hits", 0) + beat.cache.get("misses", 0)
@@ -284,7 +297,21 @@ def _print_table(
                 beat.dropped_stale,
                 beat.cache.get("entries"),
                 ratio,
+                None if (data := beat.store_hit_ratio()) is None else 100.0 * data,
             )
+
+
+def _data(sizes: DataSizes | None) -> dict[str, Any] | None:
+    """One group's data sizes for ``--json`` (None: its Redis did not answer)."""
+    if sizes is None:
+        return None
+    return {
+        "shops": sizes.shops,
+        "shop_bytes": sizes.shop_bytes,
+        "apps": sizes.apps,
+        "app_keys": sizes.app_keys,
+        "complete": sizes.complete,
+    }
 
 
 def _beat(beat: WorkerHeartbeat) -> dict[str, Any]:
@@ -297,6 +324,7 @@ def _beat(beat: WorkerHeartbeat) -> dict[str, Any]:
         "executed": beat.executed,
         "dropped_stale": beat.dropped_stale,
         "cache": beat.cache,
+        "store": beat.store,
     }
 
 
