@@ -133,6 +133,9 @@ PRIVATE_ALLOWED: dict[str, set[str]] = {
     "tests/test_product.py": {"scriptpool.cli"},
     "tests/test_bench.py": {"scriptpool.cli"},
     "tests/test_scaling.py": {"scriptpool.cli"},
+    # The input queries' caches and projections on either side of the queue, checked directly
+    # (schemas and plans compiled once per process, the loaders' memo, a stale job's refusal).
+    "tests/test_input_query_host.py": {"scriptpool.runtime", "scriptpool.producer"},
     # Settings' internal bounds and the keys the repository publishes (never to be accepted).
     "tests/test_artifact_key.py": {"scriptpool.config"},
     "tests/test_client_robustness.py": {"scriptpool.config"},
