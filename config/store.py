@@ -44,6 +44,7 @@ import redis
 
 from scriptpool.config._keys import Keys
 from scriptpool.config.errors import InvalidArgument, StoreLimitExceeded
+from scriptpool.config.wire import MAX_SESSION_CHARS, valid_session
 
 __all__ = [
     "APP",
@@ -97,7 +98,7 @@ DEFAULT_SESSION_TTL_S = 1_800
 MIN_SESSION_TTL_S = 60
 MAX_SESSION_TTL_S = 30 * 24 * 3600
 # Tokens are hashed, so any string is safe; the cap only bounds what a caller hashes per run.
-MAX_SESSION_TOKEN_CHARS = 1_024
+MAX_SESSION_TOKEN_CHARS = MAX_SESSION_CHARS  # one rule with the client and the job (config.wire)
 
 
 def _refuse(
@@ -134,11 +135,11 @@ def check_key(key: object, scope: str | None = None) -> str:
 
 
 def check_session_token(token: object) -> str:
-    """Return ``token`` if it can name a session: a non-empty string of at most
-    ``MAX_SESSION_TOKEN_CHARS`` characters (any characters: it is hashed)."""
-    if not isinstance(token, str) or not token or len(token) > MAX_SESSION_TOKEN_CHARS:
+    """Return ``token`` if it can name a session: 1 to ``MAX_SESSION_TOKEN_CHARS`` printable
+    characters, the rule ``client.run(session=)`` and a job's ``session`` follow too."""
+    if not isinstance(token, str) or not valid_session(token):
         raise InvalidArgument(
-            f"a session token must be a string of 1..{MAX_SESSION_TOKEN_CHARS} characters",
+            f"a session token must be a string of 1 to {MAX_SESSION_TOKEN_CHARS} printable characters",
             kind="session",
         )
     return token

@@ -210,12 +210,13 @@ def test_wire_forms_carry_every_field() -> None:
     from scriptpool.config.wire import ErrorInfo, Execution, ExecutionReport, Reply, Taken
 
     job = Job("id", "ep", "shop", b"{}", deadline=2.0, enqueued_at=1.0)
-    # A job without input queries carries no "queries" key (what a 0.1 worker also reads).
-    assert job.to_wire() == {k: v for k, v in dataclasses.asdict(job).items() if k != "queries"}
+    # A job without input queries or a session carries neither key (what a 0.1 worker reads).
+    optional = ("queries", "session")
+    assert job.to_wire() == {k: v for k, v in dataclasses.asdict(job).items() if k not in optional}
     assert Job.from_wire(job.to_wire()) == job
-    queried = dataclasses.replace(job, queries={"default": "ab" * 32, "other": ""})
-    assert queried.to_wire() == dataclasses.asdict(queried)
-    assert Job.from_wire(queried.to_wire()) == queried
+    full = dataclasses.replace(job, queries={"default": "ab" * 32, "other": ""}, session="buyer-1")
+    assert full.to_wire() == dataclasses.asdict(full)
+    assert Job.from_wire(full.to_wire()) == full
     execution = Execution(True, {"x": [1]}, None, ExecutionReport(instructions=7, logs="l", sha256="s"))
     failed = Reply("id", None, ErrorInfo("worker_error", "lost Redis", {"n": 1}), 1, "w@h:1", 1.0, 2.0)
     for reply in (Reply("id", execution, None, 1, "w@h:1", received_at=1.0, finished_at=2.0), failed):

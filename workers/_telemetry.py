@@ -44,9 +44,7 @@ _CAPTURED = {result: CAPTURED.labels(result) for result in CAPTURE_RESULTS}
 # no caller hears of any more; failed (Redis did not answer: the run's writes are lost); late
 # (the caller had given up, so it never saw the run: its writes are not applied).
 STORE_WRITE_RESULTS = ("applied", "refused", "failed", "late")
-STORE_WRITES = Counter(
-    "scriptpool_store_writes", "Script data writes after the reply, by result", ["result"]
-)
+STORE_WRITES = Counter("scriptpool_store_writes", "Script data writes after the reply, by result", ["result"])
 _STORE_WRITES = {result: STORE_WRITES.labels(result) for result in STORE_WRITE_RESULTS}
 
 # The script data cache (scriptpool.runtime.StoreCache), set with each heartbeat: per scope
