@@ -14,16 +14,19 @@ Limits (constants: an extension point cannot change them): a key is 1..``MAX_KEY
 printable characters; a value is JSON, minified to at most ``MAX_VALUE_BYTES`` and nested at
 most ``MAX_VALUE_DEPTH`` deep; a scope (one hash) holds at most ``MAX_KEYS_PER_SCOPE`` keys; the
 SHOP and live SESSION data of one shop, every app's together, hold at most
-``MAX_BYTES_PER_SHOP`` (a key's UTF-8 bytes plus its value's count); a run returns at most
+``MAX_BYTES_PER_SHOP`` (each entry counts its key's UTF-8 bytes, its value's and
+``ENTRY_OVERHEAD_BYTES``; each live session ``SESSION_OVERHEAD_BYTES`` more); a run returns at most
 ``MAX_WRITES_PER_RUN`` writes. Passing any is :class:`StoreLimitExceeded` naming the limit.
 
 Every write goes through :func:`apply_writes`: one Lua script, so a call's writes are applied all
 or none, and the caps on keys and bytes are checked where the writes happen (two writers cannot
-race past them). It publishes one invalidation per key written, on ``Keys.invalidations()`` (the
-channel bindings use, so one subscription and its forget-all-on-resubscribe cover both):
-``{"data": SCOPE, "app": A, "shop_id": S or null, "session": DIGEST or null, "key": K}``. One
-message per key rather than per call: a reader caching one key drops exactly it, and a call
-writes few keys (a partner's one; a run's at most 64).
+race past them). It publishes one invalidation per call, listing every key written, on
+``Keys.invalidations()`` (the channel bindings use, so one subscription and its
+forget-all-on-resubscribe cover both): ``{"data": 1, "app": A, "shop_id": S or null, "session":
+DIGEST or null, "keys": [[SCOPE, KEY], ...]}``. One message per call rather than per key: every
+worker of the group decodes every message on one thread, and a burst of one per key (a run
+writes up to 64) overflowed Redis's output buffer for the subscriber, which then forgot
+everything; a call's message stays bounded (at most ``MAX_WRITES_PER_RUN`` keys).
 
 Expired sessions: Redis drops a session when its TTL passes without telling anyone, so each shop
 keeps its sessions' expiry times and sizes (``Keys.data_sessions``, ``Keys.data_session_sizes``);
@@ -49,6 +52,7 @@ from scriptpool.config.wire import MAX_SESSION_CHARS, valid_session
 __all__ = [
     "APP",
     "DEFAULT_SESSION_TTL_S",
+    "ENTRY_OVERHEAD_BYTES",
     "MAX_BYTES_PER_SHOP",
     "MAX_KEYS_PER_SCOPE",
     "MAX_KEY_CHARS",
@@ -61,6 +65,7 @@ __all__ = [
     "SCOPES",
     "SCRIPT_SCOPES",
     "SESSION",
+    "SESSION_OVERHEAD_BYTES",
     "SHOP",
     "DataInvalidation",
     "DataSizes",
@@ -78,6 +83,7 @@ __all__ = [
     "hash_sizes",
     "invalidation_message",
     "parse_invalidation",
+    "recount_shop",
     "scope_hash",
 ]
 
@@ -93,6 +99,13 @@ MAX_VALUE_BYTES = 64 * 1024
 MAX_VALUE_DEPTH = 32
 MAX_KEYS_PER_SCOPE = 1_000
 MAX_BYTES_PER_SHOP = 4 * 1024 * 1024
+# What MAX_BYTES_PER_SHOP counts beyond keys and values, so that it bounds Redis's memory: an
+# entry (SHOP or SESSION) costs its hash field's bookkeeping, and a live session its key name
+# three times over (its hash, its member of Keys.data_sessions, its field of
+# Keys.data_session_sizes, ~70 characters each) with those structures' own entries. Measured on
+# Redis 7: ~490 bytes of memory per one-key session; 2 bytes of it were counted before these.
+ENTRY_OVERHEAD_BYTES = 64
+SESSION_OVERHEAD_BYTES = 256
 MAX_WRITES_PER_RUN = 64
 DEFAULT_SESSION_TTL_S = 1_800
 MIN_SESSION_TTL_S = 60
@@ -230,9 +243,9 @@ def decode_value(raw: bytes | str) -> Any:
 
 
 def entry_bytes(key: str, value: bytes) -> int:
-    """What one entry counts against ``MAX_BYTES_PER_SHOP``: its key's UTF-8 bytes plus its
-    value's."""
-    return len(key.encode()) + len(value)
+    """What one entry counts against ``MAX_BYTES_PER_SHOP``: its key's UTF-8 bytes, its value's
+    and ``ENTRY_OVERHEAD_BYTES`` (a session's first entry costs ``SESSION_OVERHEAD_BYTES`` more)."""
+    return len(key.encode()) + len(value) + ENTRY_OVERHEAD_BYTES
 
 
 # -- invalidation messages ----------------------------------------------------------------------
@@ -240,50 +253,65 @@ def entry_bytes(key: str, value: bytes) -> int:
 
 @dataclass(frozen=True, slots=True)
 class DataInvalidation:
-    """One data write's invalidation: what changed (``session`` is the token's digest)."""
+    """One call's writes, announced together: ``keys`` are the (scope, key) pairs written of
+    ``app``'s data; APP ones are every shop's, SHOP ones ``shop_id``'s, SESSION ones the session
+    of ``shop_id`` whose token's digest is ``session``."""
 
-    scope: str
     app: str
     shop_id: str | None
     session: str | None
-    key: str
+    keys: tuple[tuple[str, str], ...]
 
 
-def invalidation_message(scope: str, app: str, shop_id: str | None, session: str | None, key: str) -> str:
-    """The message announcing a change to ``key`` (``session``: the token's digest,
-    ``Keys.session_digest``; None unless scope is SESSION; ``shop_id`` None for APP)."""
+def invalidation_message(
+    app: str, shop_id: str | None, session: str | None, keys: Iterable[tuple[str, str]]
+) -> str:
+    """The one message announcing a call's writes of ``app``'s data: ``keys`` the (scope, key)
+    pairs written, each listed once (``session``: the token's digest, ``Keys.session_digest``,
+    needed only for SESSION keys; ``shop_id`` None when the call has no shop, APP keys only)."""
     return json.dumps(
-        {"data": scope, "app": app, "shop_id": shop_id, "session": session, "key": key},
+        {"data": 1, "app": app, "shop_id": shop_id, "session": session, "keys": list(dict.fromkeys(keys))},
         separators=(",", ":"),
         ensure_ascii=False,
     )
 
 
-# A real message is at most about 1 KiB (a key of 256 characters, each escaped at worst twice).
-_MAX_MESSAGE_BYTES = 8 * 1024
+# A real message lists at most MAX_WRITES_PER_RUN keys of at most MAX_KEY_CHARS characters, each
+# 4 UTF-8 bytes at worst (about 70 KiB); the rest is an app, a shop and a digest.
+_MAX_MESSAGE_BYTES = MAX_WRITES_PER_RUN * (4 * MAX_KEY_CHARS + 32) + 8 * 1024
 
 
-def parse_invalidation(data: bytes | str) -> DataInvalidation | None:
-    """The data invalidation ``data`` holds, or None if it is not one or is malformed in any way
-    (anyone who can publish on the channel can send anything)."""
-    if len(data) > _MAX_MESSAGE_BYTES:
+def parse_invalidation(data: bytes | str | Any) -> DataInvalidation | None:
+    """The data invalidation ``data`` holds (its text, or the object it decodes to, as the
+    listener hands it over), or None if it is not one or is malformed in any way (anyone who
+    can publish on the channel can send anything)."""
+    if isinstance(data, (bytes, str)):
+        if len(data) > _MAX_MESSAGE_BYTES:
+            return None
+        try:
+            data = json.loads(data)
+        except (ValueError, TypeError, RecursionError):  # not JSON, not UTF-8, nested past the stack
+            return None
+    if not isinstance(data, dict) or data.get("data") != 1:
         return None
-    try:
-        event = json.loads(data)
-    except (ValueError, TypeError, RecursionError):  # not JSON, not UTF-8, nested past the stack
+    app, shop, session, listed = (data.get(n) for n in ("app", "shop_id", "session", "keys"))
+    if not isinstance(app, str) or not app or not isinstance(listed, list):
         return None
-    if not isinstance(event, dict):
+    if len(listed) > MAX_WRITES_PER_RUN or not (shop is None or (isinstance(shop, str) and shop)):
         return None
-    scope, app, shop, session, key = (event.get(n) for n in ("data", "app", "shop_id", "session", "key"))
-    if scope not in SCOPES or not isinstance(app, str) or not app or not isinstance(key, str):
+    if not (session is None or (isinstance(session, str) and session)):
         return None
-    if scope == APP:
-        ok = shop is None and session is None
-    elif scope == SHOP:
-        ok = isinstance(shop, str) and bool(shop) and session is None
-    else:
-        ok = isinstance(shop, str) and bool(shop) and isinstance(session, str) and bool(session)
-    return DataInvalidation(scope, app, shop, session, key) if ok else None
+    keys: list[tuple[str, str]] = []
+    for pair in listed:
+        if not isinstance(pair, list) or len(pair) != 2:
+            return None
+        scope, key = pair
+        if scope not in SCOPES or not isinstance(key, str):
+            return None
+        if scope != APP and (shop is None or (scope == SESSION and session is None)):
+            return None
+        keys.append((scope, key))
+    return DataInvalidation(app, shop, session, tuple(keys))
 
 
 # -- the one atomic write -----------------------------------------------------------------------
@@ -322,11 +350,17 @@ class Refusal:
 # Applies a call's writes all or none. KEYS: 1 the shop's byte counter, 2 its sessions by expiry,
 # 3 its sessions' sizes, then one hash per write. ARGV: 1 channel ('' = publish nothing), 2 max
 # keys per scope, 3 max bytes per shop, 4 session TTL (ms), 5 '1' if the call has a shop, then
-# five per write: scope, key, 'set' or 'del', value, message ('' = none). Returns 0, or
-# {write number (1-based), limit, current, maximum} for the first write that passes a cap.
+# five per write: scope, key, 'set' or 'del', value, message (the first write's: the call's one
+# invalidation; '' in the others). Returns 0, or {write number (1-based), limit, current,
+# maximum} for the first write that passes a cap.
 # Expired sessions named in the shop's sorted set are read by name (not in KEYS): shard groups
-# are separate Redis servers, never one cluster, so every key is on this server.
-_LUA = """
+# are separate Redis servers, never one cluster, so every key is on this server. The first line
+# sets the costs counted beyond keys and values (ENTRY_OVERHEAD_BYTES, SESSION_OVERHEAD_BYTES);
+# a session's size in its sizes hash includes them, so what expiry gives back is what was charged.
+_LUA_COSTS = f"local entry_cost, session_cost = {ENTRY_OVERHEAD_BYTES}, {SESSION_OVERHEAD_BYTES}\n"
+_LUA = (
+    _LUA_COSTS
+    + """
 local max_keys, max_bytes, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local counted = ARGV[5] == '1'
 local bytes_key, sessions_key, sizes_key = KEYS[1], KEYS[2], KEYS[3]
@@ -377,13 +411,14 @@ for i = 1, n do
   local old = state.sizes[field]
   if old == nil then
     if redis.call('HEXISTS', hash, field) == 1 then
-      old = #field + redis.call('HSTRLEN', hash, field)
+      old = #field + redis.call('HSTRLEN', hash, field) + entry_cost
     else
       old = -1
     end
   end
   local new = -1
-  if op == 'set' then new = #field + #value end
+  if op == 'set' then new = #field + #value + entry_cost end
+  local was = state.count
   if old < 0 and new >= 0 then
     state.count = state.count + 1
     if state.count > max_keys then return {i, 'keys_per_scope', state.count - 1, max_keys} end
@@ -393,6 +428,10 @@ for i = 1, n do
   state.sizes[field] = new
   if scope ~= 'APP' then
     local d = math.max(new, 0) - math.max(old, 0)
+    -- A session costs session_cost while it holds a key (its names in the three structures).
+    if scope == 'SESSION' and (was > 0) ~= (state.count > 0) then
+      if state.count > 0 then d = d + session_cost else d = d - session_cost end
+    end
     delta = delta + d
     if scope == 'SESSION' then sessions[hash] = (sessions[hash] or 0) + d end
     if d > 0 and total + delta > max_bytes then
@@ -423,14 +462,11 @@ for name, d in pairs(sessions) do
     redis.call('ZREM', sessions_key, name)
   end
 end
-if ARGV[1] ~= '' then
-  for i = 1, n do
-    local message = ARGV[5 + (i - 1) * 5 + 5]
-    if message ~= '' then redis.call('PUBLISH', ARGV[1], message) end
-  end
-end
+-- One message for the whole call, listing every key it wrote (the first write's slot holds it).
+if ARGV[1] ~= '' and ARGV[10] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[10]) end
 return 0
 """
+)
 _SHA = hashlib.sha1(_LUA.encode()).hexdigest()
 
 
@@ -482,8 +518,8 @@ def apply_writes(
 
     The caps on keys per scope and bytes per shop are checked inside the script, so writers
     racing each other cannot pass them together. Every write to a session sets its TTL to
-    ``session_ttl_s`` (None: ``DEFAULT_SESSION_TTL_S``). Each key written is announced once on
-    ``channel`` (None: ``keys.invalidations()``; "": nowhere). Redis failures propagate as
+    ``session_ttl_s`` (None: ``DEFAULT_SESSION_TTL_S``). The keys written are announced in one
+    message on ``channel`` (None: ``keys.invalidations()``; "": nowhere). Redis failures propagate as
     redis-py's errors."""
     batch = [Write(*w) for w in writes]
     if len(batch) > MAX_WRITES_PER_RUN:
@@ -517,7 +553,13 @@ def apply_writes(
         ttl_s * 1000,
         "1" if shop_id is not None else "0",
     ]
-    announced: set[tuple[str, str]] = set()
+    # The call's one invalidation (every key written, once) rides in the first write's slot.
+    message = invalidation_message(
+        app,
+        shop_id,
+        digest if any(w.scope == SESSION for w in batch) else None,
+        [(w.scope, w.key) for w in batch],
+    )
     for scope, key, value in batch:
         if scope == APP:
             hash_name = keys.data_app(app)
@@ -526,17 +568,6 @@ def apply_writes(
         else:
             hash_name = keys.data_session_of_digest(app, shop, digest or "")
         names.append(hash_name)
-        # One message per key however often the call writes it.
-        message = ""
-        if (hash_name, key) not in announced:
-            announced.add((hash_name, key))
-            message = invalidation_message(
-                scope,
-                app,
-                None if scope == APP else shop_id,
-                digest if scope == SESSION else None,
-                key,
-            )
         args += [
             scope,
             key,
@@ -544,6 +575,7 @@ def apply_writes(
             value if value is not None else b"",
             message,
         ]
+        message = ""
     try:
         answer: Any = redis_client.evalsha(_SHA, len(names), *names, *args)
     except redis.exceptions.NoScriptError:
@@ -557,10 +589,70 @@ def apply_writes(
         message = f"{write.scope} data of app {app!r} already holds {current} keys, the most a scope may hold"
     else:
         message = (
-            f"shop {shop_id!r}'s SHOP and SESSION data hold {current} bytes; "
+            f"the SHOP and SESSION data of shop {shop_id!r} count {current} bytes "
+            f"({ENTRY_OVERHEAD_BYTES} per key and {SESSION_OVERHEAD_BYTES} per session included); "
             f"writing {write.key!r} would pass {maximum}"
         )
     return Refusal(int(number) - 1, limit, write.scope, write.key, message, int(current), int(maximum))
+
+
+# Sets a shop's counter, its sessions' sizes and their expiry times from what its hashes hold.
+# KEYS: 1 the counter, 2 the sessions by expiry, 3 the sessions' sizes, then ARGV[1] SHOP hashes,
+# then session hashes. Sessions the bookkeeping names (written since the caller listed the keys)
+# are counted too. Returns the new count.
+_RECOUNT_LUA = (
+    _LUA_COSTS
+    + """
+local bytes_key, sessions_key, sizes_key = KEYS[1], KEYS[2], KEYS[3]
+local shops = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function held(name)
+  local entries = redis.call('HGETALL', name)
+  local sum = 0
+  for j = 1, #entries, 2 do sum = sum + #entries[j] + #entries[j + 1] + entry_cost end
+  return sum, #entries / 2
+end
+local total = 0
+for i = 4, 3 + shops do total = total + held(KEYS[i]) end
+local names = {}
+for i = 4 + shops, #KEYS do names[KEYS[i]] = true end
+for _, name in ipairs(redis.call('HKEYS', sizes_key)) do names[name] = true end
+for _, name in ipairs(redis.call('ZRANGE', sessions_key, 0, -1)) do names[name] = true end
+redis.call('DEL', sizes_key, sessions_key)
+for name in pairs(names) do
+  local sum, count = held(name)
+  local left = redis.call('PTTL', name)
+  if count > 0 then
+    sum = sum + session_cost
+    total = total + sum
+    redis.call('HSET', sizes_key, name, sum)
+    -- A session without a TTL (none we wrote) never expires: it stays counted.
+    if left > 0 then redis.call('ZADD', sessions_key, now + left, name) end
+  end
+end
+if total > 0 then redis.call('SET', bytes_key, total) else redis.call('DEL', bytes_key) end
+return total
+"""
+)
+
+
+def recount_shop(
+    redis_client: redis.Redis,
+    keys: Keys,
+    shop_id: str,
+    shop_hashes: Iterable[str],
+    session_hashes: Iterable[str],
+) -> int:
+    """Set ``shop_id``'s byte counter, its sessions' sizes and expiry times from what its data
+    hashes really hold (``shop_hashes``: its SHOP data, one per app; ``session_hashes``: its
+    sessions; sessions its bookkeeping names are counted too), in one Lua script, so the result
+    is consistent with whatever wrote before it. Returns the new count. ``shard copy`` runs it
+    after copying a shop's data, which it cannot copy at one instant."""
+    shops, sessions = list(shop_hashes), list(session_hashes)
+    names = [keys.data_bytes(shop_id), keys.data_sessions(shop_id), keys.data_session_sizes(shop_id)]
+    names += shops + sessions
+    return int(redis_client.eval(_RECOUNT_LUA, len(names), *names, len(shops)))
 
 
 def hash_sizes(raw: dict[Any, Any]) -> dict[str, int]:

@@ -53,8 +53,11 @@ log = get_logger("worker")
 #: The bytes of data values one worker process keeps (their JSON text, plus
 #: :data:`ENTRY_OVERHEAD` per entry); the least recently read go first.
 STORE_CACHE_BYTES = 64 * 1024 * 1024
-#: What an entry costs beyond its value's JSON: its key tuple and bookkeeping, roughly.
-ENTRY_OVERHEAD = 200
+#: What an entry costs beyond its value's JSON: its key tuple (with a SESSION entry's digest),
+#: its value tuple and expiry, and the ordered map's slot and links. Measured (tracemalloc, 50k
+#: absent SESSION entries, the key string shared with the query as it is): about 355 bytes,
+#: so 400; 200 let a 64 MiB budget hold about 113 MiB.
+ENTRY_OVERHEAD = 400
 #: How long an entry is used without reading Redis again, unless invalidated sooner.
 BACKSTOP_S = 5.0
 
@@ -105,6 +108,9 @@ class StoreCache:
         self._items: OrderedDict[EntryKey, tuple[bytes | None, int, float]] = OrderedDict()
         self._bytes = 0
         self._loading: dict[EntryKey, object] = {}  # reads in flight, each with its token
+        # (app, shop or None) -> entries held of it: a write's message about data this process
+        # holds nothing of (most, in a group of many shops) costs one lookup.
+        self._held: dict[tuple[str, str | None], int] = {}
         self._lock = threading.Lock()
         self._hits = dict.fromkeys(SCOPES, 0)
         self._misses = dict.fromkeys(SCOPES, 0)
@@ -189,38 +195,63 @@ class StoreCache:
         return text, len(text) + ENTRY_OVERHEAD, expires
 
     def _put(self, entry: EntryKey, value: bytes | None, size: int, expires: float) -> None:
-        old = self._items.pop(entry, None)
-        if old is not None:
-            self._bytes -= old[1]
+        self._drop(entry)
         if size > self.budget_bytes:
             return
         self._items[entry] = (value, size, expires)
         self._bytes += size
+        owner = (entry[1], entry[2])
+        self._held[owner] = self._held.get(owner, 0) + 1
         while self._bytes > self.budget_bytes:
-            _, evicted = self._items.popitem(last=False)
+            gone, evicted = self._items.popitem(last=False)
             self._bytes -= evicted[1]
+            self._unhold(gone)
+
+    def _drop(self, entry: EntryKey) -> None:
+        """(Under the lock.) Forget ``entry`` if held."""
+        old = self._items.pop(entry, None)
+        if old is not None:
+            self._bytes -= old[1]
+            self._unhold(entry)
+
+    def _unhold(self, entry: EntryKey) -> None:
+        owner = (entry[1], entry[2])
+        left = self._held[owner] - 1
+        if left:
+            self._held[owner] = left
+        else:
+            del self._held[owner]
 
     # -- coherence -------------------------------------------------------------------------
-    def invalidate(self, message: bytes | str | None) -> None:
-        """(The listener's thread.) Drop the entry a data message names
-        (``scriptpool.config.store.invalidation_message``: one key of one scope); ``None``
-        drops everything (on every (re)subscription). A malformed message is ignored."""
+    def invalidate(self, message: Any) -> None:
+        """(The listener's thread.) Drop every entry a data message lists
+        (``scriptpool.config.store.invalidation_message``: one call's keys; its text or, as the
+        listener hands it over, the object it decodes to); ``None`` drops everything (on every
+        (re)subscription). A malformed message is ignored."""
         if message is None:
             with self._lock:
                 self._items.clear()
                 self._loading.clear()
+                self._held.clear()
                 self._bytes = 0
             return
         event = parse_invalidation(message)
         if event is None:
             log.warning("store_invalidation_malformed", data=repr(message)[:200])
             return
-        entry: EntryKey = (event.scope, event.app, event.shop_id, event.session, event.key)
+        app, shop, session = event.app, event.shop_id, event.session
         with self._lock:
-            self._loading.pop(entry, None)
-            old = self._items.pop(entry, None)
-            if old is not None:
-                self._bytes -= old[1]
+            if not self._loading and (app, None) not in self._held and (app, shop) not in self._held:
+                return  # nothing of this app's data here, for every shop or for this one
+            for scope, key in event.keys:
+                if scope == APP:
+                    entry: EntryKey = (APP, app, None, None, key)
+                elif scope == SHOP:
+                    entry = (SHOP, app, shop, None, key)
+                else:
+                    entry = (SESSION, app, shop, session, key)
+                self._loading.pop(entry, None)
+                self._drop(entry)
 
     def forget_written(self, shop: str, session: str | None, writes: Iterable[AppWrites]) -> None:
         """Drop what a call at ``shop`` (with the session token ``session``) just wrote, at once:
@@ -234,9 +265,7 @@ class StoreCache:
                     else:
                         entry = (write.scope, done.app, None if write.scope == APP else shop, None, write.key)
                     self._loading.pop(entry, None)
-                    old = self._items.pop(entry, None)
-                    if old is not None:
-                        self._bytes -= old[1]
+                    self._drop(entry)
 
     def stats(self) -> StoreStats:
         """The counters now."""

@@ -42,12 +42,18 @@ def store(settings: Settings, redis_client: redis.Redis) -> Iterator[DataStore]:
 
 
 def stored_bytes(client: redis.Redis, keys: Keys, shop: str) -> int:
-    """What a shop's SHOP and SESSION data really hold (keys and values), counted from the hashes
-    themselves: what the shop's counter must equal."""
+    """What a shop's SHOP and SESSION data really count, from the hashes themselves: each entry
+    its key and value and ``ENTRY_OVERHEAD_BYTES``, each live session ``SESSION_OVERHEAD_BYTES``
+    more: what the shop's counter must equal."""
     total = 0
-    for pattern in (f"{keys.prefix}:data-shop:*:{shop}", f"{keys.prefix}:data-session:*:{shop}"):
+    for pattern, cost in (
+        (f"{keys.prefix}:data-shop:*:{shop}", 0),
+        (f"{keys.prefix}:data-session:*:{shop}", st.SESSION_OVERHEAD_BYTES),
+    ):
         for name in client.scan_iter(match=pattern, count=1000):
-            total += sum(len(k) + len(v) for k, v in client.hgetall(name).items())
+            entries = client.hgetall(name)
+            if entries:
+                total += cost + sum(len(k) + len(v) + st.ENTRY_OVERHEAD_BYTES for k, v in entries.items())
     return total
 
 
@@ -80,7 +86,8 @@ def test_set_get_list_and_delete_through_the_host_api(store: DataStore, redis_cl
     assert (
         counter(redis_client, keys, "1234")
         == stored_bytes(redis_client, keys, "1234")
-        == len("note") + len('"ünïcode"'.encode())
+        == st.entry_bytes("note", '"ünïcode"'.encode())
+        == len("note") + len('"ünïcode"'.encode()) + st.ENTRY_OVERHEAD_BYTES
     )
 
 
@@ -123,6 +130,33 @@ def test_the_cli_sets_gets_lists_and_deletes_with_json(
     assert "nothing to delete" in capsys.readouterr().out
 
 
+def test_data_get_shows_a_value_that_is_not_json_as_stored_with_a_warning(
+    cli_env: str, redis_client: redis.Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value put into Redis by hand (not JSON, not even UTF-8) is printed as stored, with one
+    warning on stderr; with ``--json`` its ``value`` is null and ``stored`` holds the text."""
+    keys = Keys()
+    redis_client.hset(keys.data_shop("carrier", "7"), "raw", b"not json \xff")
+    assert main(["data", "get", "--app", "carrier", "--shop", "7", "raw"]) == OK
+    captured = capsys.readouterr()
+    assert captured.out == "not json \ufffd\n"
+    assert captured.err.splitlines() == [
+        "scriptpool: warning: the value of 'raw' in app carrier's data for shop 7 is not JSON "
+        "(not written by scriptpool); shown as stored"
+    ]
+    assert main(["data", "get", "--app", "carrier", "--shop", "7", "raw", "--json"]) == OK
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["value"], shown["stored"], shown["bytes"]) == (None, "not json \ufffd", 10)
+    redis_client.hset(keys.data_app("carrier"), "deep", b"[" * 100_000)
+    assert main(["data", "get", "--app", "carrier", "deep"]) == OK
+    assert "is not JSON" in capsys.readouterr().err
+    redis_client.hset(keys.data_app("carrier"), "text", b'"a string"')
+    assert main(["data", "get", "--app", "carrier", "text", "--json"]) == OK
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["value"] == "a string" and "stored" not in captured.out
+    assert captured.err == ""
+
+
 def test_data_is_isolated_across_apps_shops_and_sessions(
     store: DataStore, settings: Settings, redis_client: redis.Redis
 ) -> None:
@@ -133,11 +167,12 @@ def test_data_is_isolated_across_apps_shops_and_sessions(
     assert store.get("a", "k") is None  # not the APP scope either
     keys = settings.keys
     write = st.Write(st.SESSION, "seen", st.encode_value(["sku-1"]))
-    assert st.apply_writes(redis_client, keys, "a", "1", "token:with spaces\n", [write]) is None
-    assert store.get_session("a", "1", "token:with spaces\n") == {"seen": ["sku-1"]}
-    assert store.get_session("a", "2", "token:with spaces\n") == {}
-    assert store.get_session("b", "1", "token:with spaces\n") == {}
-    assert store.get_session("a", "1", "token:with spaces") == {}
+    token = "token:with spaces:*?"  # colons, spaces and glob characters: hashed, never in a key
+    assert st.apply_writes(redis_client, keys, "a", "1", token, [write]) is None
+    assert store.get_session("a", "1", token) == {"seen": ["sku-1"]}
+    assert store.get_session("a", "2", token) == {}
+    assert store.get_session("b", "1", token) == {}
+    assert store.get_session("a", "1", token[:-1]) == {}
     # Tokens never appear in keys: they are hashed, so any string is safe.
     assert not list(redis_client.scan_iter(match="*token*"))
 
@@ -236,7 +271,7 @@ def test_a_shops_bytes_are_capped_across_its_apps(settings: Settings, redis_clie
     assert 40 < written < 80  # both apps wrote, and the second stopped at the cap
     total = counter(redis_client, keys, "1")
     assert total == stored_bytes(redis_client, keys, "1") <= st.MAX_BYTES_PER_SHOP
-    assert total + len(value) + 3 > st.MAX_BYTES_PER_SHOP  # the refused one would have passed it
+    assert total + st.entry_bytes("v99", value) > st.MAX_BYTES_PER_SHOP  # the refused one would pass it
     assert st.apply_writes(redis_client, keys, "b", "2", None, [st.Write(st.SHOP, "v0", value)]) is None
     assert st.apply_writes(redis_client, keys, "a", "1", None, [st.Write(st.SHOP, "v0", None)]) is None
     assert st.apply_writes(redis_client, keys, "b", "1", None, [st.Write(st.SHOP, "new", value)]) is None
@@ -281,6 +316,48 @@ def test_writers_racing_each_other_never_pass_the_caps(settings: Settings, redis
     client.close()
 
 
+def test_every_session_and_entry_counts_its_overhead_up_to_the_cap(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A new session of one tiny key costs its key, its value, ``ENTRY_OVERHEAD_BYTES`` and
+    ``SESSION_OVERHEAD_BYTES`` (its names Redis keeps in three places): sessions of one byte stop
+    at exactly the cap divided by that, not at 2 million; a second key in a session costs no second
+    session; deleting a session's keys gives back exactly what they cost; the refusal names the
+    shop plainly."""
+    keys = settings.keys
+    tiny = [st.Write(st.SESSION, "k", b"0")]
+    each = st.SESSION_OVERHEAD_BYTES + st.entry_bytes("k", b"0")
+    assert each == 256 + 1 + 1 + 64
+    expected = st.MAX_BYTES_PER_SHOP // each
+    for i in range(expected):
+        assert st.apply_writes(redis_client, keys, "a", "1", f"tok-{i}", tiny, channel="") is None
+    assert counter(redis_client, keys, "1") == expected * each
+    refusal = st.apply_writes(redis_client, keys, "a", "1", "one-more", tiny, channel="")
+    assert refusal is not None and (refusal.limit, refusal.current) == ("bytes_per_shop", expected * each)
+    assert refusal.message == (
+        f"the SHOP and SESSION data of shop '1' count {expected * each} bytes (64 per key and 256 per "
+        f"session included); writing 'k' would pass {st.MAX_BYTES_PER_SHOP}"
+    )
+    assert not redis_client.exists(keys.data_session("a", "1", "one-more"))
+    assert redis_client.hlen(keys.data_session_sizes("1")) == redis_client.zcard(keys.data_sessions("1"))
+    assert redis_client.hlen(keys.data_session_sizes("1")) == expected
+    # Room for one entry but not a session: a key in an existing session fits.
+    gone = [st.Write(st.SESSION, "k", None)]
+    assert st.apply_writes(redis_client, keys, "a", "1", "tok-0", gone, channel="") is None
+    assert counter(redis_client, keys, "1") == (expected - 1) * each
+    assert not redis_client.hexists(keys.data_session_sizes("1"), keys.data_session("a", "1", "tok-0"))
+    two = [st.Write(st.SESSION, "k", b"0"), st.Write(st.SESSION, "k2", b"0")]
+    assert st.apply_writes(redis_client, keys, "a", "1", "tok-0", two, channel="") is None
+    assert counter(redis_client, keys, "1") == expected * each + st.entry_bytes("k2", b"0")
+    assert counter(redis_client, keys, "1") == stored_bytes(redis_client, keys, "1")
+    size = redis_client.hget(keys.data_session_sizes("1"), keys.data_session("a", "1", "tok-0"))
+    assert int(size or 0) == each + st.entry_bytes("k2", b"0")
+    # A set and a delete of a new session in one call leave nothing counted.
+    both = [st.Write(st.SESSION, "k", b"0"), st.Write(st.SESSION, "k", None)]
+    assert st.apply_writes(redis_client, keys, "b", "2", "t", both, channel="") is None
+    assert counter(redis_client, keys, "2") == 0 and not redis_client.hlen(keys.data_session_sizes("2"))
+
+
 def test_a_session_expires_after_its_ttl_and_gives_its_bytes_back(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
@@ -296,11 +373,16 @@ def test_a_session_expires_after_its_ttl_and_gives_its_bytes_back(
     # A real expiry: one second.
     assert st.apply_writes(redis_client, keys, "a", "1", "short", [write], session_ttl_s=1) is None
     both = counter(redis_client, keys, "1")
-    assert both == stored_bytes(redis_client, keys, "1") == 2 * (4 + len(write.value or b""))
+    one = st.SESSION_OVERHEAD_BYTES + st.entry_bytes("seen", write.value or b"")
+    assert both == stored_bytes(redis_client, keys, "1") == 2 * one
     time.sleep(1.2)
     assert not redis_client.exists(keys.data_session("a", "1", "short"))
     assert st.apply_writes(redis_client, keys, "b", "1", None, [st.Write(st.SHOP, "x", b"1")]) is None
-    assert counter(redis_client, keys, "1") == stored_bytes(redis_client, keys, "1") == both // 2 + 2
+    assert (
+        counter(redis_client, keys, "1")
+        == stored_bytes(redis_client, keys, "1")
+        == one + st.entry_bytes("x", b"1")
+    )
     # The same token again: a new session, counted once.
     assert st.apply_writes(redis_client, keys, "a", "1", "short", [write], session_ttl_s=1) is None
     time.sleep(1.2)
@@ -340,11 +422,12 @@ def test_the_session_ttl_is_an_extension_point_setting(
 # -- invalidation ------------------------------------------------------------------------------------
 
 
-def test_every_write_publishes_its_invalidation_and_a_refusal_none(
+def test_every_call_publishes_one_invalidation_listing_its_keys_and_a_refusal_none(
     store: DataStore, settings: Settings, redis_client: redis.Redis
 ) -> None:
-    """A set, a delete and a script's writes each announce every key they change, once, on the
-    invalidation channel, in the documented form; a refused call announces nothing."""
+    """A set, a delete and a script's writes each announce, in ONE message per call in the
+    documented form, every key they change (once, however often written); a refused call
+    announces nothing."""
     keys = settings.keys
     pubsub = redis_client.pubsub()
     pubsub.subscribe(keys.invalidations())
@@ -355,50 +438,73 @@ def test_every_write_publishes_its_invalidation_and_a_refusal_none(
     writes = [
         st.Write(st.SESSION, "seen", b"1"),
         st.Write(st.SHOP, "count", b"1"),
+        st.Write(st.APP, "config", b"3"),
         st.Write(st.SHOP, "count", b"2"),
     ]
     assert st.apply_writes(redis_client, keys, "a", "5", "tok", writes) is None
     _refused("value_depth", lambda: store.set("a", "deep", nested(40)))
     refusal = st.apply_writes(redis_client, keys, "a", "5", None, [st.Write(st.SHOP, "\x00", b"1")])
     assert refusal is not None and refusal.limit == "key_printable"
-    seen: list[st.DataInvalidation | None] = []
+    same = [st.Write(st.SHOP, "k", b"1")] * st.MAX_WRITES_PER_RUN
+    assert st.apply_writes(redis_client, keys, "a", "5", None, same) is None
+    raw: list[bytes] = []
     while (message := pubsub.get_message(timeout=0.5)) is not None:
-        seen.append(st.parse_invalidation(message["data"]))
+        raw.append(message["data"])
     digest = Keys.session_digest("tok")
-    assert seen == [
-        st.DataInvalidation("APP", "a", None, None, "rates"),
-        st.DataInvalidation("SHOP", "a", "5", None, "rates"),
-        st.DataInvalidation("SHOP", "a", "5", None, "rates"),
-        st.DataInvalidation("SESSION", "a", "5", digest, "seen"),
-        st.DataInvalidation("SHOP", "a", "5", None, "count"),
+    assert [st.parse_invalidation(m) for m in raw] == [
+        st.DataInvalidation("a", None, None, (("APP", "rates"),)),
+        st.DataInvalidation("a", "5", None, (("SHOP", "rates"),)),
+        st.DataInvalidation("a", "5", None, (("SHOP", "rates"),)),
+        st.DataInvalidation("a", "5", digest, (("SESSION", "seen"), ("SHOP", "count"), ("APP", "config"))),
+        st.DataInvalidation("a", "5", None, (("SHOP", "k"),)),
     ]
+    assert json.loads(raw[3]) == {
+        "data": 1,
+        "app": "a",
+        "shop_id": "5",
+        "session": digest,
+        "keys": [["SESSION", "seen"], ["SHOP", "count"], ["APP", "config"]],
+    }
     pubsub.close()
 
 
 def test_invalidation_messages_parse_and_hostile_ones_are_none(settings: Settings) -> None:
-    """The parser takes exactly the builder's messages; anything else anyone could publish is
-    None; and the binding listener hands data messages to ``on_data``, never forgetting its
-    bindings for them."""
-    message = st.invalidation_message("SHOP", "a", "7", None, "k")
-    assert json.loads(message) == {"data": "SHOP", "app": "a", "shop_id": "7", "session": None, "key": "k"}
-    assert st.parse_invalidation(message) == st.DataInvalidation("SHOP", "a", "7", None, "k")
+    """The parser takes exactly the builder's messages (as text or decoded); anything else
+    anyone could publish is None; and the binding listener hands data messages, decoded once,
+    to ``on_data``, never forgetting its bindings for them."""
+    message = st.invalidation_message("a", "7", None, [("SHOP", "k"), ("APP", "c"), ("SHOP", "k")])
+    decoded = {"data": 1, "app": "a", "shop_id": "7", "session": None, "keys": [["SHOP", "k"], ["APP", "c"]]}
+    assert json.loads(message) == decoded
+    expected = st.DataInvalidation("a", "7", None, (("SHOP", "k"), ("APP", "c")))
+    assert st.parse_invalidation(message) == st.parse_invalidation(decoded) == expected
+    # The longest a call's message can be: every write a distinct key of 4-byte characters.
+    longest = [
+        ("SHOP", "\U0001f600" * (st.MAX_KEY_CHARS - 1) + chr(65 + i)) for i in range(st.MAX_WRITES_PER_RUN)
+    ]
+    assert st.parse_invalidation(st.invalidation_message("a", "7", "d" * 64, longest)) is not None
+    too_many = [["APP", str(i)] for i in range(st.MAX_WRITES_PER_RUN + 1)]
     for hostile in (
         b"\xff\xfe",
         b"",
         b"[]",
         b"null",
         b'"data"',
-        b'{"data": "GLOBAL", "app": "a", "shop_id": null, "session": null, "key": "k"}',
-        b'{"data": "APP", "app": "a", "shop_id": "7", "session": null, "key": "k"}',
-        b'{"data": "SHOP", "app": "a", "shop_id": null, "session": null, "key": "k"}',
-        b'{"data": "SESSION", "app": "a", "shop_id": "7", "session": null, "key": "k"}',
-        b'{"data": "SHOP", "app": 5, "shop_id": "7", "session": null, "key": "k"}',
-        b'{"data": "SHOP", "app": "a", "shop_id": "7", "session": null, "key": ["k"]}',
+        b'{"data": "SHOP", "app": "a", "shop_id": "7", "session": null, "key": "k"}',
+        b'{"data": 1, "app": "a", "shop_id": null, "session": null, "keys": [["GLOBAL", "k"]]}',
+        b'{"data": 1, "app": "a", "shop_id": null, "session": null, "keys": [["SHOP", "k"]]}',
+        b'{"data": 1, "app": "a", "shop_id": "7", "session": null, "keys": [["SESSION", "k"]]}',
+        b'{"data": 1, "app": 5, "shop_id": "7", "session": null, "keys": [["SHOP", "k"]]}',
+        b'{"data": 1, "app": "a", "shop_id": "7", "session": null, "keys": [["SHOP", ["k"]]]}',
+        b'{"data": 1, "app": "a", "shop_id": "7", "session": null, "keys": [["SHOP"]]}',
+        b'{"data": 1, "app": "a", "shop_id": "7", "session": null, "keys": ["SHOP"]}',
+        b'{"data": 1, "app": "a", "shop_id": "", "session": null, "keys": []}',
+        b'{"data": 1, "app": "a", "shop_id": "7", "session": null, "keys": {}}',
+        json.dumps({"data": 1, "app": "a", "shop_id": None, "session": None, "keys": too_many}).encode(),
         b"[" * 100_000,
     ):
         assert st.parse_invalidation(hostile) is None
     forgotten: list[tuple[str | None, str | None]] = []
-    data: list[bytes] = []
+    data: list[object] = []
     listener = InvalidationListener(
         settings.redis_url,
         settings.keys.invalidations(),
@@ -408,7 +514,7 @@ def test_invalidation_messages_parse_and_hostile_ones_are_none(settings: Setting
     listener.apply(message.encode())
     listener.apply(b'{"ep": "discount", "shop_id": "7"}')
     listener.apply(b"[" * 100_000)  # logged and ignored, not a RecursionError on its thread
-    assert data == [message.encode()] and forgotten == [("discount", "7")]
+    assert data == [decoded] and forgotten == [("discount", "7")]
 
 
 # -- shard groups --------------------------------------------------------------------------------------
@@ -463,9 +569,10 @@ def test_app_data_is_in_every_group_and_shop_data_in_its_shops(
     sizes = {group["group"]: group["data"] for group in shown["groups"]}
     assert [s["shops"] for s in sizes.values()] == [1, 1]
     assert [s["app_keys"] for s in sizes.values()] == [1, 1]
-    assert [s["shop_bytes"] for s in sizes.values()] == [len("local") + 3, len("local") + 3]
+    one = st.entry_bytes("local", b'"a"')
+    assert [s["shop_bytes"] for s in sizes.values()] == [one, one]
     main(["status"])
-    assert "script data: 1 shop(s) hold 8 bytes of SHOP and SESSION data" in capsys.readouterr().out
+    assert f"script data: 1 shop(s) hold {one} bytes of SHOP and SESSION data" in capsys.readouterr().out
 
 
 def test_a_shard_move_carries_a_shops_data_with_its_ttl(
@@ -504,6 +611,84 @@ def test_a_shard_move_carries_a_shops_data_with_its_ttl(
     assert drained["late_copy"]["data"] == 1  # the late session: the target lacked it
     assert b.hget(keys.data_shop("carrier", shop), "rates") == b"[2]"
     assert 0 < b.pttl(keys.data_session("carrier", shop, "late")) <= 300_000
+
+
+def test_recounting_a_shop_sets_its_counter_from_what_its_hashes_hold(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """``recount_shop`` replaces a wrong counter and lost bookkeeping with what the hashes hold:
+    sessions it is given and sessions only the bookkeeping names are counted, an expired one the
+    bookkeeping still names is dropped, and the sessions' expiry times are set again."""
+    keys = settings.keys
+    writes = [st.Write(st.SHOP, "rates", b"[1]"), st.Write(st.SESSION, "seen", b'"sku"')]
+    assert st.apply_writes(redis_client, keys, "a", "3", "kept", writes, session_ttl_s=600) is None
+    assert st.apply_writes(redis_client, keys, "a", "3", "named", writes[1:], session_ttl_s=600) is None
+    assert st.apply_writes(redis_client, keys, "a", "3", "gone", writes[1:], session_ttl_s=600) is None
+    right = counter(redis_client, keys, "3")
+    redis_client.delete(keys.data_session("a", "3", "gone"))  # as if it expired, unswept
+    redis_client.set(keys.data_bytes("3"), 9_999_999)
+    redis_client.hdel(keys.data_session_sizes("3"), keys.data_session("a", "3", "kept"))
+    redis_client.zrem(keys.data_sessions("3"), keys.data_session("a", "3", "kept"))
+    shop_hashes = [keys.data_shop("a", "3")]
+    total = st.recount_shop(redis_client, keys, "3", shop_hashes, [keys.data_session("a", "3", "kept")])
+    one_session = st.SESSION_OVERHEAD_BYTES + st.entry_bytes("seen", b'"sku"')
+    assert (
+        total
+        == counter(redis_client, keys, "3")
+        == stored_bytes(redis_client, keys, "3")
+        == right - one_session
+    )
+    sizes = redis_client.hgetall(keys.data_session_sizes("3"))
+    assert sizes == {
+        keys.data_session("a", "3", t).encode(): str(one_session).encode() for t in ("kept", "named")
+    }
+    expiries = dict(redis_client.zrange(keys.data_sessions("3"), 0, -1, withscores=True))
+    assert set(expiries) == set(sizes)
+    assert all(
+        time.time() * 1000 + 590_000 < when <= time.time() * 1000 + 600_000 for when in expiries.values()
+    )
+    # Nothing left: no counter at all.
+    redis_client.delete(*shop_hashes, *(n.decode() for n in sizes))
+    assert st.recount_shop(redis_client, keys, "3", [], []) == 0
+    assert not redis_client.exists(
+        keys.data_bytes("3"), keys.data_session_sizes("3"), keys.data_sessions("3")
+    )
+
+
+def test_a_shard_move_recounts_the_counters_it_copied(
+    groups: tuple[Settings, redis.Redis, redis.Redis],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A counter copied at another instant than its hashes (here: a source counter off by a
+    phantom 3 MB, as a delete landing between the two DUMPs leaves it) is recounted on the target
+    from what it holds, by ``shard move`` and by the late copy of ``shard drain`` (which adds a
+    session the target's counter never saw); the shop can then use its whole 4 MiB."""
+    settings, a, b = groups
+    keys = settings.keys
+    shop = shop_on(0, SHARDS, skip=5)
+    writes = [st.Write(st.SHOP, "rates", b"[1]"), st.Write(st.SESSION, "seen", b'"sku"')]
+    assert st.apply_writes(a, keys, "carrier", shop, "tok", writes, session_ttl_s=600) is None
+    a.incrby(keys.data_bytes(shop), 3_000_000)
+    a.hdel(keys.data_session_sizes(shop), keys.data_session("carrier", shop, "tok"))
+    source, target = settings.group_of(0).url, settings.group_of(1).url
+    assert main(["shard", "move", "0", "--to", target, "--json"]) == OK
+    report = json.loads(capsys.readouterr().out)
+    assert counter(b, keys, shop) == stored_bytes(b, keys, shop) == stored_bytes(a, keys, shop) > 0
+    assert counter(a, keys, shop) > 3_000_000  # the source is left as it was
+    assert b.hlen(keys.data_session_sizes(shop)) == 1
+    # The late copy: a session written in the old group after the switch is added, and counted.
+    assert st.apply_writes(a, keys, "carrier", shop, "late", writes[1:], session_ttl_s=300) is None
+    b.incrby(keys.data_bytes(shop), 3_000_000)  # drift on the target too
+    monkeypatch.setenv("SCRIPTPOOL_SHARD_GROUPS", report["shard_groups"])
+    assert main(["shard", "drain", "0", "--from", source, "--quiet-s", "0.2", "--json"]) == OK
+    assert json.loads(capsys.readouterr().out)["late_copy"]["data"] == 1
+    assert counter(b, keys, shop) == stored_bytes(b, keys, shop)
+    assert b.hlen(keys.data_session_sizes(shop)) == 2
+    big = st.encode_value("x" * 60_000)
+    fill = [st.Write(st.SHOP, f"n{i}", big) for i in range(60)]  # 3.6 MB: refused with phantom bytes
+    assert st.apply_writes(b, keys, "carrier", shop, None, fill, channel="") is None
+    assert counter(b, keys, shop) == stored_bytes(b, keys, shop)
 
 
 def test_data_keys_are_a_shops_keys() -> None:

@@ -15,15 +15,17 @@ import msgpack
 import pytest
 import redis
 
-from scriptpool.config import Settings, get_logger
-from scriptpool.config.errors import InvalidArgument
+from scriptpool.config import Keys, Settings, get_logger
+from scriptpool.config.errors import InvalidArgument, InvalidInputQuery
 from scriptpool.config.input_query import InputQuery, InputSchema
-from scriptpool.config.store import SESSION, apply_writes, encode_value
+from scriptpool.config.redis import InvalidationListener
+from scriptpool.config.store import APP, SESSION, SHOP, apply_writes, encode_value, invalidation_message
 from scriptpool.config.wire import Execution, ExecutionReport, Job
 from scriptpool.engine import Sandbox
 from scriptpool.producer import Client, DataStore
 from scriptpool.registry import Registry
-from scriptpool.runtime import CaptureStore, Sample, replay
+from scriptpool.runtime import CaptureStore, Sample, StoreCache, replay
+from scriptpool.runtime._store import ENTRY_OVERHEAD
 from tests import guests
 from tests.conftest import deployer_fixture
 from tests.pool import pool_fixtures, shop_on
@@ -247,6 +249,70 @@ def test_the_schema_offers_store_at_a_metafield_s_cost_and_refuses_a_conflicting
         with pytest.raises(InvalidArgument) as refused:
             InputSchema.from_sdl(sdl)
         assert refused.value.detail["line"] == line
+
+
+def test_store_below_the_root_is_refused_at_compile() -> None:
+    """``store`` is resolved by the worker only in the operation's root selection set (a
+    fragment spread or inlined there counts as root); selected below it, where ``Input`` is
+    reached from a field, the value would come from the host's JSON: refused where it is."""
+    schema = InputSchema.from_sdl("type Input { cart: Cart, parent: Input }\ntype Cart { total: Int }")
+    fine = (
+        'query { a: store(scope: SHOP, key: "k") ...F ... on Input { c: store(scope: APP, key: "k") }'
+        ' parent { cart { total } } }\nfragment F on Input { b: store(scope: SESSION, key: "k") }'
+    )
+    assert InputQuery.compile(schema, fine).cost > 0
+    for query, line, column in (
+        ('query { parent { s: store(scope: SHOP, key: "k") } }', 1, 18),
+        ('query { cart { total }\n  parent { parent { store(scope: APP, key: "k") } } }', 2, 21),
+        ('query { parent { ... on Input { store(scope: APP, key: "k") } } }', 1, 33),
+        # The same fragment spread at the root is fine; spread below it, it is not.
+        ('query { ...F parent { ...F } }\nfragment F on Input { store(scope: APP, key: "k") }', 2, 23),
+    ):
+        with pytest.raises(InvalidInputQuery) as refused:
+            InputQuery.compile(schema, query)
+        assert refused.value.detail["problem"] == "store is selectable only at the root"
+        assert (refused.value.detail["line"], refused.value.detail["column"]) == (line, column)
+    # A field named store on another type is that type's own.
+    other = InputSchema.from_sdl("type Input { cart: Cart }\ntype Cart { store: String }")
+    assert InputQuery.compile(other, "query { cart { store } }").cost >= 0
+
+
+def test_one_message_drops_every_key_it_lists_from_a_worker_s_cache(pool_settings: Settings) -> None:
+    """A call's one invalidation, through the listener as a worker receives it, drops every
+    entry it lists (APP, SHOP and SESSION) and nothing else; a message about data the worker
+    holds nothing of drops nothing."""
+    client = redis.Redis.from_url(pool_settings.redis_url)
+    keys = pool_settings.keys
+    digest = Keys.session_digest("tok")
+    try:
+        writes = [(APP, "k1", b"1"), (SHOP, "k2", b"2"), (SESSION, "k3", b"3"), (SHOP, "kept", b"4")]
+        assert apply_writes(client, keys, "inv", "s1", "tok", writes, channel="") is None
+        cache = StoreCache(client, keys, backstop_s=60)
+        listener = InvalidationListener(
+            pool_settings.redis_url, "unused", lambda ep, shop: None, on_data=cache.invalidate
+        )
+        reads = [
+            (APP, "s1", None, "k1"),
+            (SHOP, "s1", None, "k2"),
+            (SESSION, "s1", digest, "k3"),
+            (SHOP, "s1", None, "kept"),
+        ]
+        for scope, shop, session, key in reads:
+            assert cache.read(scope, "inv", shop, session, key) is not None
+        assert cache.stats().entries == 4
+        listener.apply(invalidation_message("other", "s1", None, [(SHOP, "k2")]).encode())
+        listener.apply(invalidation_message("inv", "s2", None, [(SHOP, "k2")]).encode())
+        assert cache.stats().entries == 4
+        message = invalidation_message("inv", "s1", digest, [(APP, "k1"), (SHOP, "k2"), (SESSION, "k3")])
+        listener.apply(message.encode())
+        stats = cache.stats()
+        assert stats.entries == 1 and stats.bytes == len(b"4") + ENTRY_OVERHEAD
+        misses = sum(stats.misses.values())
+        for scope, shop, session, key in reads:
+            cache.read(scope, "inv", shop, session, key)
+        assert sum(cache.stats().misses.values()) == misses + 3
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize("session", ["", "x" * 257, "tab\there", "new\nline", 42, b"bytes"])

@@ -17,6 +17,8 @@ from scriptpool.config.input_query._schema import (
     MAX_QUERY_BYTES,
     MAX_QUERY_COST,
     MAX_QUERY_DEPTH,
+    ROOT_TYPE,
+    STORE_FIELD,
     InputSchema,
     graphql_location,
     node_location,
@@ -132,7 +134,8 @@ class InputQuery:
         error, anything graphql-core's validation rejects (an unknown field, a wrong argument,
         an unused fragment, ...), not exactly one ``query`` operation, variables (nothing
         would supply their values), introspection, nesting past :data:`MAX_QUERY_DEPTH`, more
-        than :data:`MAX_SELECTIONS` fields once fragments are spread, a list argument past
+        than :data:`MAX_SELECTIONS` fields once fragments are spread, ``store`` selected
+        anywhere but the operation's root selection set, a list argument past
         :data:`MAX_LIST_ARGUMENT` elements, more than ``max_bytes`` bytes without comments,
         or a cost past ``max_cost``. The query is compiled into its plan here."""
         from graphql import GraphQLError, OperationDefinitionNode, OperationType, parse, validate
@@ -193,6 +196,7 @@ class InputQuery:
         if not operations:  # pragma: no cover - validation requires an operation
             raise refuse("the document has no query", 1, 1)
         operation = operations[0]
+        _check_store_at_root(schema, document, operation)
         cost = Coster(schema, document, max_cost).run(operation)
         query = cls(schema=schema, text=text, document=document, operation=operation, size=size, cost=cost)
         query.plan()
@@ -237,6 +241,44 @@ class InputQuery:
         """Return the query's result over ``value``: ``self.plan(variables).project(value)``
         (see :meth:`Projection.project` for ``max_values``)."""
         return self.plan(variables).project(value, max_values=max_values)
+
+
+def _check_store_at_root(
+    schema: InputSchema, document: DocumentNode, operation: OperationDefinitionNode
+) -> None:
+    """Refuse ``Input.store`` selected anywhere but the operation's root selection set (its
+    fragments, spread or inline, count as root). The worker resolves only the root's ``store``
+    fields; one below it (``Input`` reached from a field, ``type Input { parent: Input }``)
+    would be projected from the host's JSON, data the host could forge. Runs after validation:
+    every field and type condition exists. Iterative, each fragment walked once per level (a
+    chain of spreads may be longer than Python's recursion limit)."""
+    from graphql import FieldNode, FragmentDefinitionNode, FragmentSpreadNode, get_named_type
+
+    types = schema.schema.type_map
+    root = types.get(ROOT_TYPE)
+    fragments = {d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)}
+    seen: set[tuple[str, bool]] = set()
+    stack: list[tuple[Any, Any, bool]] = [(operation.selection_set, root, True)]
+    while stack:
+        selection_set, parent, at_root = stack.pop()
+        for selection in selection_set.selections:
+            if isinstance(selection, FieldNode):
+                if selection.name.value == STORE_FIELD and parent is root and not at_root:
+                    raise refuse("store is selectable only at the root", *node_location(selection))
+                if selection.selection_set is not None:
+                    field_def = (getattr(parent, "fields", None) or {}).get(selection.name.value)
+                    if field_def is not None:
+                        stack.append((selection.selection_set, get_named_type(field_def.type), False))
+            elif isinstance(selection, FragmentSpreadNode):
+                fragment = fragments.get(selection.name.value)
+                if fragment is not None and (fragment.name.value, at_root) not in seen:
+                    seen.add((fragment.name.value, at_root))
+                    condition = types.get(fragment.type_condition.name.value)
+                    stack.append((fragment.selection_set, condition, at_root))
+            else:  # an inline fragment: its fields are at its parent's level
+                condition = selection.type_condition
+                inner = parent if condition is None else types.get(condition.name.value)
+                stack.append((selection.selection_set, inner, at_root))
 
 
 def _check_lists(values: Mapping[str, Any]) -> None:

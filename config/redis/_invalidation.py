@@ -42,13 +42,14 @@ class InvalidationListener:
         *,
         name: str = "invalidation_listener",
         logger: Any = None,
-        on_data: Callable[[bytes], None] | None = None,
+        on_data: Callable[[Any], None] | None = None,
     ):
         self._url = redis_url
         self._channel = channel
         self._invalidate = invalidate
         # Data writes publish on the same channel (scriptpool.config.store): their messages go
-        # to on_data, never to invalidate (whose (None, None) would forget every binding).
+        # to on_data, never to invalidate (whose (None, None) would forget every binding),
+        # decoded once here (on_data gets the JSON object: parse_invalidation takes it as is).
         self._on_data = on_data
         self._log = logger or log  # the worker's by default; a client logs as the client
         self._subscribed = threading.Event()
@@ -111,13 +112,13 @@ class InvalidationListener:
         return False
 
     def apply(self, data: bytes) -> None:
-        """Forget what one invalidation message names (a data write's goes to ``on_data``); a
-        malformed one is logged and ignored."""
+        """Forget what one invalidation message names (a data write's goes, decoded, to
+        ``on_data``); a malformed one is logged and ignored."""
         try:
             event = json.loads(data)
             if "data" in event:  # a data write's message, not a binding's
                 if self._on_data is not None:
-                    self._on_data(data)
+                    self._on_data(event)
                 return
             self._invalidate(event.get("ep"), event.get("shop_id"))
         except (ValueError, AttributeError, TypeError, RecursionError):

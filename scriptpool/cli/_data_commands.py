@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import TYPE_CHECKING, Any
 
 from scriptpool.cli._files import read_bounded
@@ -118,6 +119,7 @@ def cmd_data_set(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_data_get(args: argparse.Namespace, settings: Settings) -> int:
+    stored_as_is = False  # a value put into Redis by hand, not JSON: shown as stored
     with _store(settings) as store:
         session = _session_of(args, store)
         if session is not None:
@@ -125,14 +127,23 @@ def cmd_data_get(args: argparse.Namespace, settings: Settings) -> int:
                 raise _not_found(args)
             value = session[args.key]
             text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+            size = len(text.encode())
         else:
             raw = store.get_raw(args.app, args.key, shop=args.shop)
             if raw is None:
                 raise _not_found(args)
-            text = raw.decode()
-            value = json.loads(text)
+            text, size = raw.decode(errors="replace"), len(raw)
+            try:
+                value = json.loads(raw)
+            except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past the stack
+                stored_as_is, value = True, None
+    if stored_as_is:
+        warning = f"scriptpool: warning: the value of {args.key!r} in {_where_text(args)} is not JSON"
+        print(terminal_safe(f"{warning} (not written by scriptpool); shown as stored"), file=sys.stderr)
     if args.json:
-        print_json({**_where(args), "key": args.key, "bytes": len(text.encode()), "value": value})
+        # "value" null and "stored" the text: a JSON string value stays distinguishable.
+        shown = {"stored": text} if stored_as_is else {}
+        print_json({**_where(args), "key": args.key, "bytes": size, "value": value, **shown})
     else:
         print(terminal_safe(text))
     return ExitCode.OK

@@ -11,6 +11,9 @@ newer version (deployed there after the switch) is kept, not overwritten; copyin
 Data has no version to compare: ``shard move`` (before the switch, while the old group is the
 one scripts write to) replaces the target's copy of each data key; the late copy of ``shard
 drain`` (after it, when scripts write to the new group) only adds the keys the target lacks.
+Neither can copy a shop's data and its byte counter at one instant (scripts write meanwhile), so
+each copy then recounts, on the target, every shop of the shard it holds data of
+(``recount_shop``: the counter from what the hashes hold, in one Lua script).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import redis
 from scriptpool.config import Keys, Settings, shard_for
 from scriptpool.config.errors import BrokerUnavailable, InvalidArgument, NotReplicated
 from scriptpool.config.redis import WriteSession, describe_redis_url, redis_client
+from scriptpool.config.store import recount_shop
 
 BATCH = 200  # keys per pipelined round trip
 # What a lost or unreachable Redis raises.
@@ -207,6 +211,7 @@ def _copy_shard(
         # Data before the bindings whose scripts read it. Before the switch the source is the
         # group scripts write to (its copy wins); after it, the target is (its keys are kept).
         report.data = _copy(source, target, data, replace=not late)
+        recount_data(target, keys, shard, settings.shards, live=late)
         if eps:
             target.sadd(keys.extension_points(), *eps)
         if providers:
@@ -242,6 +247,47 @@ def _copy_shard(
         source.close()
         session.close()
     return report
+
+
+def _data_hashes(
+    client: redis.Redis, keys: Keys, shard: int, shards: int
+) -> dict[str, tuple[list[str], list[str]]]:
+    """Shop -> (its SHOP data hashes, its session hashes), for every shop of shard ``shard`` with
+    any data key (bookkeeping included) on ``client``: one SCAN."""
+    found: dict[str, tuple[list[str], list[str]]] = {}
+    shop_head, session_head = f"{keys.prefix}:data-shop:", f"{keys.prefix}:data-session:"
+    for raw in client.scan_iter(match=f"{keys.prefix}:data-*", count=1000):
+        name = _text(raw)
+        shop = keys.shop_of_key(name)
+        if shop is None or not keys.is_data(name) or _shard_of_shop(shop, shards) != shard:
+            continue
+        shop_hashes, session_hashes = found.setdefault(shop, ([], []))
+        if name.startswith(shop_head):
+            shop_hashes.append(name)
+        elif name.startswith(session_head):
+            session_hashes.append(name)
+    return found
+
+
+def recount_data(target: redis.Redis, keys: Keys, shard: int, shards: int, *, live: bool) -> int:
+    """Recount, on ``target``, the byte counter of every shop of shard ``shard`` it holds data of
+    (returns how many): a copy took the counter and the hashes at different instants, so the
+    counter it copied may hold bytes no hash does (locking the shop out) or miss some (letting it
+    pass the cap). With ``live`` (scripts write to the target now) a SHOP hash a script created
+    after the listing is caught by listing again; a session by the bookkeeping ``recount_shop``
+    also reads."""
+    found = _data_hashes(target, keys, shard, shards)
+    for shop, (shop_hashes, session_hashes) in found.items():
+        recount_shop(target, keys, shop, shop_hashes, session_hashes)
+    for _ in range(3 if live else 0):
+        again = _data_hashes(target, keys, shard, shards)
+        grown = [s for s, (hashes, _) in again.items() if not set(hashes) <= set(found.get(s, ([], []))[0])]
+        for shop in grown:
+            recount_shop(target, keys, shop, *again[shop])
+        found = again
+        if not grown:
+            break
+    return len(found)
 
 
 def _values(client: redis.Redis, names: list[str]) -> list[Binding | None]:
