@@ -17,6 +17,10 @@ query, the host's input projected through the merged plan (loaders called only i
 most once); when some app has none, that app needs the whole input, so every loader is called
 (``materialise``) and the fields only the queries' arguments give (``name({...})``) are added,
 so the apps with queries still read theirs.
+
+Long on purpose (past 450 lines): the cache, its reads and its invalidation share one lock and
+one notion of "kept only if nothing overtook the read"; the projection helpers below are what a
+call does with what the cache gives.
 """
 
 from __future__ import annotations

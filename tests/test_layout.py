@@ -136,6 +136,8 @@ PRIVATE_ALLOWED: dict[str, set[str]] = {
     # The input queries' caches and projections on either side of the queue, checked directly
     # (schemas and plans compiled once per process, the loaders' memo, a stale job's refusal).
     "tests/test_input_query_host.py": {"scriptpool.runtime", "scriptpool.producer"},
+    # The worker's data cache, charged per entry as it is built (what its memory bound rests on).
+    "tests/test_store_reads.py": {"scriptpool.runtime"},
     # Settings' internal bounds and the keys the repository publishes (never to be accepted).
     "tests/test_artifact_key.py": {"scriptpool.config"},
     "tests/test_client_robustness.py": {"scriptpool.config"},

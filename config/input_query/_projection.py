@@ -1,5 +1,9 @@
 """The compiled plan of an input query and its walk: :class:`Projection` gives the query's
-result over a host value (loaders called at most once per call), without graphql-core."""
+result over a host value (loaders called at most once per call), without graphql-core.
+
+Long on purpose (past 450 lines): the walk is one recursive set of functions over one plan
+layout (objects, lists, abstract types, leaves, loaders, the value budget) on the hot path of
+every call to an EP with a schema; split, its pieces would call across modules per value."""
 
 from __future__ import annotations
 
