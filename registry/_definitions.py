@@ -108,52 +108,12 @@ class ExtensionPoints:
     _keys: Keys
     _define: Callable[..., Any]  # the registered DEFINE script
 
-    def define_extension_point(
-        self,
-        name: str,
-        *,
-        limits: dict[str, int] | None = None,
-        input_schema: dict[str, Any] | None = None,
-        output_schema: dict[str, Any] | None = None,
-        input_validation_rate: float | None = None,
-        combine: str = SINGLE,
-        reducer: str | None = None,
-        scale: dict[str, float] | None = None,
-        capture_rate: float = 0.0,
-        capture: bool = True,
-        input_graphql: str | None = None,
-        max_query_bytes: int = MAX_QUERY_BYTES,
-        max_query_cost: int = MAX_QUERY_COST,
-        session_ttl_s: int | None = None,
-        force: bool = False,
-    ) -> ExtensionPoint:
-        """Create or replace an extension point definition (see :meth:`define`, which also says
-        what changed): its limit overrides and schemas, and how several apps' scripts combine
-        (``single``, ``join`` with a ``reducer``, ``chain``); ``scale`` rules that raise limits
-        with the input; whether workers capture its runs for replay (failed ones always,
-        successful ones at ``capture_rate``); ``input_graphql``, the input's GraphQL schema (SDL
-        whose root type is ``Input``) that deployments' input queries select from, held to
-        ``max_query_bytes`` and ``max_query_cost``; ``session_ttl_s``, how long its scripts'
-        sessions live after their last write (None: the default). Changing ``combine`` while apps
-        are bound there, or the schema or caps so that a bound query no longer passes, is
-        :class:`ExtensionPointInUse` unless ``force``."""
-        return self.define(
-            name,
-            limits=limits,
-            input_schema=input_schema,
-            output_schema=output_schema,
-            input_validation_rate=input_validation_rate,
-            combine=combine,
-            reducer=reducer,
-            scale=scale,
-            capture_rate=capture_rate,
-            capture=capture,
-            input_graphql=input_graphql,
-            max_query_bytes=max_query_bytes,
-            max_query_cost=max_query_cost,
-            session_ttl_s=session_ttl_s,
-            force=force,
-        ).ep
+    def define_extension_point(self, name: str, **fields: Any) -> ExtensionPoint:
+        """Create or replace extension point ``name`` and return its definition: :meth:`define`
+        with the same keyword arguments (limits and schemas, how several apps' scripts combine,
+        scale rules, capture, the GraphQL input schema and its caps, the session TTL, ``force``),
+        for a caller that does not need to hear what changed."""
+        return self.define(name, **fields).ep
 
     def define(
         self,
@@ -175,7 +135,16 @@ class ExtensionPoints:
         force: bool = False,
         dry_run: bool = False,
     ) -> Definition:
-        """:meth:`define_extension_point`, answering what it replaced and what changed.
+        """Create or replace an extension point definition, answering what it replaced and what
+        changed: its limit overrides and schemas, and how several apps' scripts combine
+        (``single``, ``join`` with a ``reducer``, ``chain``); ``scale`` rules that raise limits
+        with the input; whether workers capture its runs for replay (failed ones always,
+        successful ones at ``capture_rate``); ``input_graphql``, the input's GraphQL schema (SDL
+        whose root type is ``Input``) that deployments' input queries select from, held to
+        ``max_query_bytes`` and ``max_query_cost``; ``session_ttl_s``, how long its scripts'
+        sessions live after their last write (None: the default). Changing ``combine`` while apps
+        are bound there, or the schema or caps so that a bound query no longer passes, is
+        :class:`ExtensionPointInUse` unless ``force``.
 
         A definition replaces the whole record: a field not given goes back to its default, and
         the changes say so. Changing ``combine`` while shops bind apps there changes what every

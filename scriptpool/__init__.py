@@ -19,7 +19,7 @@ Each name below is imported on first use, so that ``import scriptpool.engine`` o
 
 from __future__ import annotations
 
-import importlib
+from scriptpool._lazy import lazy_exports
 
 # Not ``typing.TYPE_CHECKING``: importing typing is a cost ``--version`` need not pay, and mypy
 # treats any constant of this name as true.
@@ -59,15 +59,4 @@ __all__ = [
     "errors",
 ]
 
-
-def __getattr__(name: str) -> object:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'scriptpool' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # the next lookup is an ordinary one
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, globals())

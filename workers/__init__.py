@@ -12,7 +12,7 @@ without loading Celery, which the command it execs loads anyway.
 
 from __future__ import annotations
 
-import importlib
+from scriptpool._lazy import lazy_exports
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -23,15 +23,4 @@ _HOMES = {"create_app": "scriptpool.workers._app", "worker_argv": "scriptpool.wo
 
 __all__ = ["create_app", "worker_argv"]
 
-
-def __getattr__(name: str) -> object:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'scriptpool.workers' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # the next lookup is an ordinary one
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, globals())

@@ -16,7 +16,7 @@ from here, and should not pay for the registry or wasmtime to do so.
 
 from __future__ import annotations
 
-import importlib
+from scriptpool._lazy import lazy_exports
 
 # Not ``typing.TYPE_CHECKING``: importing typing is a cost the worker command need not pay, and
 # mypy treats any constant of this name as true.
@@ -56,15 +56,4 @@ __all__ = [
     "worker_argv",
 ]
 
-
-def __getattr__(name: str) -> object:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'scriptpool.testing' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # the next lookup is an ordinary one
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, globals())
