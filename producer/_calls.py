@@ -13,6 +13,7 @@ from scriptpool.config.errors import (
     ClientClosed,
     ConfigurationError,
     InvalidReply,
+    QuotaExceeded,
     ScriptpoolError,
     WorkerFailed,
     error_class_for,
@@ -151,6 +152,10 @@ def reply_outcome(call: Call, raw: dict[str, Any]) -> Outcome:
     execution = reply.execution
     if execution is None:
         error = reply.error or ErrorInfo(WorkerFailed.code, "the worker sent neither result nor error")
+        if error.code == QuotaExceeded.code:
+            # Refused without running (``quota_exceeded``): the pool answered, on purpose, so
+            # the breaker hears nothing; the caller gets its fallback now, not at its deadline.
+            return Outcome(FALLBACK, call.fallback, error.code, error, None, *where)
         call.breaker.failure()
         return Outcome(ERROR, call.fallback, error.code, error, None, *where)
     if execution.ok:

@@ -121,6 +121,7 @@ PRIVATE_ALLOWED: dict[str, set[str]] = {
     # worker's reply pusher, invalidation listener and shadow runner, each fed what a whole pool
     # cannot be made to produce.
     "tests/test_batching.py": {"scriptpool.producer", "scriptpool.workers", "scriptpool.runtime"},
+    "tests/test_fair_share.py": {"scriptpool.workers"},  # the fair queue, alone
     "tests/test_replies_hostile.py": {"scriptpool.producer"},
     "tests/test_parts.py": {"scriptpool.producer", "scriptpool.workers", "scriptpool.runtime"},
     "tests/test_publisher.py": {"scriptpool.producer"},

@@ -1,5 +1,6 @@
-"""The one Celery task: run the jobs of a message on this process's runtime, dropping those whose
-callers gave up, and reply to each as soon as it is done. Also the worker's lifecycle: logging,
+"""The one Celery task: run the jobs of a message on this process's runtime, fairly between shops
+(``scriptpool.workers._serve``), dropping those whose callers gave up, and reply to each as soon
+as it is done. Also the worker's lifecycle: logging,
 its name and metrics port (claimed before it consumes anything) and its heartbeat."""
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from celery import signals
 from scriptpool.config import Keys, Settings, configure_logging, get_logger
 from scriptpool.config.errors import ConfigurationError
 from scriptpool.config.redis import redis_client
-from scriptpool.config.wire import Job, Reply, Taken
+from scriptpool.config.wire import Job, Reply
 from scriptpool.workers import _telemetry as telemetry
 from scriptpool.workers._backend import ReplyPusher, ReplySession, failure_reply
+from scriptpool.workers._serve import Delivery, Server
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -74,6 +76,8 @@ class WorkerState:
         store.coherent = lambda: self.listener.subscribed
         self.heartbeat: telemetry.Heartbeat | None = None
         self.replies = ReplyPusher(settings)
+        # Runs each delivery's jobs, and what queues up behind them, fairly between shops.
+        self.server = Server(client, self.replies, self.run_job)
         # Scripts' storeWrites, applied on the job's thread right after its reply.
         self.store_writes: StoreWriter = StoreWriter(client, settings)
         # Failed and sampled runs, written by a thread of their own after the replies.
@@ -81,20 +85,12 @@ class WorkerState:
             CaptureWriter(settings, count=telemetry.record_captured) if settings.capture else None
         )
 
-    def run_job(
-        self, wire: dict[str, Any], replies: ReplySession, request: Any, shard: int, worker: str
-    ) -> None:
+    def run_job(self, job: Job, replies: ReplySession, shard: int) -> float:
         """Run one job and push its reply; the log event and metrics come after the reply, so
-        the caller does not wait for them."""
+        the caller does not wait for them. Returns the worker time it took, in seconds."""
+        started = time.perf_counter()
         received = time.time()
-        try:
-            job = Job.from_wire(wire)
-        except ValueError as exc:  # one bad job of a message: its own reply, and the rest run
-            job_id = wire.get("id") if isinstance(wire, dict) else None
-            log.warning("security_job_refused", shard=shard, job=str(job_id)[:64], problem=str(exc)[:200])
-            if type(job_id) is str:
-                replies.push(failure_reply(job_id, exc, request, shard))
-            return
+        worker = self.server.worker
         self.counters.by_shard[shard] = self.counters.by_shard.get(shard, 0) + 1
         if received > job.deadline:
             self.counters.dropped_stale += 1
@@ -107,7 +103,7 @@ class WorkerState:
                 shard=shard,
                 late_ms=round((received - job.deadline) * 1000, 3),
             )
-            return
+            return time.perf_counter() - started
         trace: list[ScriptTrace] | None = [] if self.capture is not None else None
         writes: list[AppWrites] = []
         try:
@@ -123,8 +119,8 @@ class WorkerState:
             )
         except Exception as exc:  # the worker failed (e.g. Redis lost mid-lookup), not the script
             log.warning("job_failed", job=job.id, ep=job.ep, shop=job.shop_id, error=repr(exc))
-            replies.push(failure_reply(job.id, exc, request, shard))
-            return
+            replies.push(failure_reply(job.id, exc, self.server.request, shard))
+            return time.perf_counter() - started
         finished = time.time()
         # A caller past its deadline has returned its fallback and stopped listening: a reply
         # would only recreate the reply list of a client that may be gone.
@@ -143,6 +139,7 @@ class WorkerState:
             self.capture.offer(job, trace, worker)
         # A rollout's, after the reply.
         self.shadows.offer(job.ep, job.shop_id, job.input, execution, job.session)
+        return time.perf_counter() - started
 
     def announce(self, name: str, shards: list[int]) -> None:
         """Claim the worker's name and open its metrics port, or raise ConfigurationError; then
@@ -210,23 +207,21 @@ def register(app: Celery) -> None:
         Strategy="scriptpool.workers._strategy:guarded",  # refuses malformed messages instead of dying
     )
     def execute(self: Any, *jobs: dict[str, Any], announce: bool = False) -> None:
-        """Run each job of the message in order, replying to each as soon as it is done.
+        """Run the jobs of the message, replying to each as soon as it is done.
 
         A message carries one job, or several for the same shard that one client coalesced
         (``scriptpool.producer._batching``); each is dropped on its own if its caller has given up. With
         ``announce`` the client first hears that the message was taken, so it can publish the
-        calls that piled up meanwhile while this worker is still busy.
+        calls that piled up meanwhile while this worker is still busy. While jobs wait, the
+        worker also takes in what queued up on the shard meanwhile and runs it all fairly
+        between shops (``scriptpool.workers._serve``).
         """
         state = worker_state(app.settings)
         request = self.request
         queue = (request.delivery_info or {}).get("routing_key") or ""
         shard = app.settings.keys.shard_of_queue(queue)
-        worker = f"{request.hostname}:{os.getpid()}"
-        with state.replies.session(request.reply_to) as replies:
-            if announce and jobs:
-                replies.push(Taken(jobs[0]["id"]).to_wire())
-            for wire in jobs:
-                state.run_job(wire, replies, request, -1 if shard is None else shard, worker)
+        delivery = Delivery(jobs, request.reply_to, announce, -1 if shard is None else shard)
+        state.server.serve(delivery, queue, request)
 
     def setup_logging(loglevel: Any = None, logfile: str | None = None, **_: Any) -> None:
         # Celery then leaves logging alone: every line, Celery's own too, is one JSON object

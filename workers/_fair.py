@@ -1,0 +1,181 @@
+"""Fair share of a worker between shops: start-time fair queuing on measured work.
+
+A worker that has several jobs waiting (a message's batch, and what it pulls from its shard's
+queue between jobs) runs them in the order of start-time fair queuing (Goyal, Vin and Cheng,
+1996), not in the order they came:
+
+* each shop has a tag, the virtual time at which its next job starts; the job with the smallest
+  tag runs next, and the system's virtual time becomes that tag;
+* running a job moves its shop's tag on by the job's work: an estimate when it starts (the
+  shop's recent mean), corrected by :meth:`FairQueue.charge` with what it really cost;
+* a shop that had nothing waiting starts at the system's virtual time: idle time is not banked
+  as credit, and a shop that comes back is served next, ahead of one that has been flooding.
+
+Work is the worker's own time on the job (lookup, instantiation, the guest, decoding): what the
+shard has too little of when it is saturated. Instructions would miss a guest's host calls and
+its instantiation, which cost the worker as much.
+
+It is work-conserving (a shop alone gets every job run as soon as the worker can) and, when
+shops compete, a job that cannot finish by its deadline in this order, and whose shop is ahead
+of the virtual time (it has had more than the shop being served), is refused at once, with
+``quota_exceeded``, instead of waiting out its caller's deadline. A late job at the front of the
+order is not refused for fairness: no other shop holds it back.
+
+Pure logic on an injected clock: no Redis, no Celery (the worker's loop is
+``scriptpool.workers._serve``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+# A job handed out (to run, or refused): the item added, and its shop.
+Handed = tuple[T, str]
+
+# A shop's work per job is its recent mean: each measurement moves it this far.
+SMOOTHING = 0.2
+# What a shop never measured is taken to cost until its first job is charged: the mean over all.
+FIRST_GUESS_S = 0.001
+# Cost estimates are clamped here: a job's time cannot be below zero, and one job that blocked
+# on a paused Redis for seconds must not make its shop look that slow for long.
+MIN_COST_S, MAX_COST_S = 1e-6, 1.0
+# Shops remembered while idle (their mean cost); past this, the longest idle are forgotten.
+MAX_IDLE_SHOPS = 10_000
+
+
+@dataclass(slots=True)
+class _Shop(Generic[T]):
+    waiting: deque[tuple[T, float]] = field(default_factory=deque)  # (item, deadline)
+    tag: float = 0.0  # virtual start time of the head job
+    cost_s: float = FIRST_GUESS_S
+    measured: bool = False
+    started: float = 0.0  # estimate charged for the job of this shop now running, if any
+
+
+class FairQueue(Generic[T]):
+    """Jobs of several shops, handed out by start-time fair queuing on measured work.
+
+    ``add`` a job (any item: the worker's delivery context), ``take`` the next one with the
+    jobs refused for being over their shop's share, then ``charge`` its shop with what it cost.
+    Not thread-safe: one worker loop owns it.
+    """
+
+    def __init__(self) -> None:
+        self._shops: dict[str, _Shop[T]] = {}
+        self._virtual = 0.0
+        self._waiting = 0
+        self._mean_cost_s = FIRST_GUESS_S
+        self._latest_tag = 0.0  # the largest tag any shop has had
+
+    def __len__(self) -> int:
+        return self._waiting
+
+    @property
+    def active_shops(self) -> int:
+        """Shops that have a job waiting."""
+        return sum(1 for shop in self._shops.values() if shop.waiting)
+
+    def add(self, item: T, shop_id: str, deadline: float) -> None:
+        """Queue ``item`` (a job of ``shop_id`` whose caller gives up at ``deadline``)."""
+        shop = self._shops.get(shop_id)
+        if shop is None:
+            if len(self._shops) >= MAX_IDLE_SHOPS:
+                self._forget_idle()
+            shop = self._shops[shop_id] = _Shop(cost_s=self._mean_cost_s)
+        if not self._waiting:
+            # The worker was idle: every shop's past is even. A shop whose last job cost more
+            # than the others' (a compile, say) carries no debt into the next busy period.
+            self._virtual = max(self._virtual, self._latest_tag)
+        if not shop.waiting:
+            # Back from idle: it starts now, in virtual time, whatever it used before.
+            shop.tag = max(shop.tag, self._virtual)
+        shop.waiting.append((item, deadline))
+        self._waiting += 1
+
+    def take(
+        self, now: float, *, check_late: bool = True
+    ) -> tuple[tuple[T, str] | None, list[tuple[T, str]]]:
+        """The next job to run, as (item, shop id), or None when nothing waits; and the jobs
+        refused because their shop is over its share and they cannot finish by their deadline
+        in this order (each leaves the queue, to be answered with ``quota_exceeded``).
+
+        ``check_late``: look for such jobs (a walk over every waiting job). The order changes
+        only when jobs arrive, so the worker asks after it took new ones in."""
+        refused = self._refuse_late(now) if check_late and self._waiting > 1 else []
+        best_id: str | None = None
+        best: _Shop[T] | None = None
+        for shop_id, shop in self._shops.items():
+            if shop.waiting and (best is None or shop.tag < best.tag):
+                best_id, best = shop_id, shop
+        if best is None or best_id is None:
+            return None, refused
+        item, _ = best.waiting.popleft()
+        self._waiting -= 1
+        self._virtual = best.tag
+        best.started = best.cost_s
+        best.tag += best.cost_s
+        self._latest_tag = max(self._latest_tag, best.tag)
+        return (item, best_id), refused
+
+    def charge(self, shop_id: str, seconds: float) -> None:
+        """The job of ``shop_id`` last taken cost ``seconds`` of the worker's time: its shop's tag
+        is corrected from the estimate to that, and its mean cost moves towards it."""
+        shop = self._shops.get(shop_id)
+        if shop is None:
+            return
+        cost = min(max(seconds, MIN_COST_S), MAX_COST_S)
+        shop.tag += cost - shop.started
+        shop.started = 0.0
+        self._latest_tag = max(self._latest_tag, shop.tag)
+        if shop.measured:
+            shop.cost_s += SMOOTHING * (cost - shop.cost_s)
+        else:
+            shop.cost_s, shop.measured = cost, True
+        self._mean_cost_s += SMOOTHING * (cost - self._mean_cost_s)
+
+    def _refuse_late(self, now: float) -> list[Handed[T]]:
+        """Walk the waiting jobs in the order they would run (by tag), adding up estimated work:
+        a job that would finish after its deadline, of a shop whose tag is ahead of the front,
+        behind some other shop's job, is refused (and adds nothing to the time the walk adds
+        up). A shop alone is never refused: nobody else holds its jobs back."""
+        order: list[tuple[float, int, str, int]] = []
+        for index, (shop_id, shop) in enumerate(self._shops.items()):
+            tag = shop.tag
+            for position in range(len(shop.waiting)):
+                order.append((tag, index, shop_id, position))
+                tag += shop.cost_s
+        if not order:
+            return []
+        order.sort()
+        front = order[0][0]
+        finish = now
+        ahead: set[str] = set()  # shops with a job before this one in the order
+        late: dict[str, set[int]] = {}
+        for tag, _, shop_id, position in order:
+            shop = self._shops[shop_id]
+            done = finish + shop.cost_s
+            if done > shop.waiting[position][1] and tag > front and (len(ahead) > 1 or shop_id not in ahead):
+                late.setdefault(shop_id, set()).add(position)
+                continue
+            ahead.add(shop_id)
+            finish = done
+        refused: list[Handed[T]] = []
+        for shop_id, positions in late.items():
+            shop = self._shops[shop_id]
+            kept: deque[tuple[T, float]] = deque()
+            for position, entry in enumerate(shop.waiting):
+                if position in positions:
+                    refused.append((entry[0], shop_id))
+                else:
+                    kept.append(entry)
+            shop.waiting = kept
+        self._waiting -= len(refused)
+        return refused
+
+    def _forget_idle(self) -> None:
+        idle = [shop_id for shop_id, shop in self._shops.items() if not shop.waiting]
+        for shop_id in idle[: max(1, len(idle) // 2)]:
+            del self._shops[shop_id]

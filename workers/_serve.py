@@ -1,0 +1,272 @@
+"""A worker's loop over its shard's jobs: fair between shops, and pulling the queue while busy.
+
+Celery hands the execute task one message. When that message holds one job and nothing else
+waits, the job runs at once, as before. Otherwise its jobs go into a :class:`FairQueue`, and
+between jobs the worker pulls the messages that have queued up on the same shard meanwhile
+(``RPOP`` with a count, never blocking) into it as well, so that a shop that floods the shard
+is seen next to the quiet shop whose one message arrived behind its flood. The queue runs them
+by start-time fair queuing on measured work and refuses, with ``quota_exceeded``, what a shop
+over its share cannot have done by its deadline (``scriptpool.workers._fair``).
+
+Messages pulled here are the same kombu envelopes Celery would have delivered
+(``scriptpool.producer._publisher`` writes them), checked as strictly as
+``scriptpool.workers._strategy`` checks Celery's: a malformed one is logged and dropped.
+
+The loop ends when nothing waits, or after :data:`SERVE_BUDGET_S` of pulling, so that Celery's
+consumer (heartbeats, control commands, a warm shutdown) gets the process back regularly; what
+was pulled by then is still run, and the rest stays in Redis for the next delivery.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import redis
+
+from scriptpool.config import Keys, get_logger
+from scriptpool.config.errors import QuotaExceeded
+from scriptpool.config.wire import BODY_ENCODING, CONTENT_TYPE, ErrorInfo, Job, Reply, Taken
+from scriptpool.workers._backend import ReplyPusher, ReplySession, failure_reply
+from scriptpool.workers._fair import FairQueue
+
+log = get_logger("worker")
+
+# Jobs a worker holds in its fair queue at most: it pulls only while fewer wait. A client's lane
+# keeps at most its window of messages per shard in the queue, so this covers many clients'
+# windows at once; with several workers on one shard, a busy one holds at most this many jobs
+# that an idle one might have run.
+LOOKAHEAD_JOBS = 256
+# Messages taken by one pull (one RPOP).
+PULL_MESSAGES = 16
+# How long one delivery keeps pulling before the process goes back to Celery's consumer.
+SERVE_BUDGET_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One task message's jobs and where their replies go."""
+
+    jobs: tuple[Any, ...]
+    reply_to: str | None
+    announce: bool
+    shard: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    job: Job
+    reply_to: str | None
+    shard: int
+
+
+RunJob = Callable[[Job, ReplySession, int], float]
+
+
+class Server:
+    """Serves deliveries for one worker process: ``run_job(job, replies, shard)`` runs a job and
+    replies to it, returning the worker time it took (seconds)."""
+
+    def __init__(self, client: redis.Redis, replies: ReplyPusher, run_job: RunJob) -> None:
+        self._redis = client
+        self._replies = replies
+        self._run_job = run_job
+        # Of the delivery being served: the Celery request (its hostname names the worker in
+        # failure replies) and the worker's name in every reply.
+        self.request: Any = None
+        self.worker = ""
+        self._fair: FairQueue[_Queued] = FairQueue()
+        self._lock = threading.Lock()
+        self.refused = 0  # jobs answered quota_exceeded for being over their shop's fair share
+
+    def serve(self, delivery: Delivery, queue: str, request: Any) -> None:
+        """Run ``delivery``'s jobs, and what the shard's queue ``queue`` holds meanwhile, fairly."""
+        # A threads pool runs deliveries side by side: each but the first has a queue of its own.
+        self.request = request
+        self.worker = f"{getattr(request, 'hostname', None) or socket.gethostname()}:{os.getpid()}"
+        shared = self._lock.acquire(blocking=False)
+        try:
+            self._serve(self._fair if shared else FairQueue(), delivery, queue, request)
+        finally:
+            if shared:
+                self._lock.release()
+
+    def _serve(self, fair: FairQueue[_Queued], delivery: Delivery, queue: str, request: Any) -> None:
+        with self._sessions() as session_for:
+            # Refusing for fairness needs a choice to make: a lone job is run as it came.
+            fresh = self._admit(fair, delivery, request, session_for) > 1
+            pulling_until = time.monotonic() + SERVE_BUDGET_S
+            first = True
+            while True:
+                # Not before the delivery's own first job: the serial path pays no pull up front.
+                if not first and len(fair) < LOOKAHEAD_JOBS and time.monotonic() < pulling_until:
+                    fresh = self._pull(fair, queue, delivery.shard, request, session_for) > 0 or fresh
+                first = False
+                if not len(fair):
+                    return
+                taken, refused = fair.take(time.time(), check_late=fresh)
+                fresh = False
+                for late, _ in refused:
+                    self._refuse(late, session_for(late.reply_to))
+                if taken is not None:
+                    queued, shop_id = taken
+                    seconds = self._run_job(queued.job, session_for(queued.reply_to), queued.shard)
+                    fair.charge(shop_id, seconds)
+
+    # -- intake ------------------------------------------------------------------------------------
+    def _admit(
+        self,
+        fair: FairQueue[_Queued],
+        delivery: Delivery,
+        request: Any,
+        session_for: Callable[[str | None], ReplySession],
+    ) -> int:
+        """Queue ``delivery``'s jobs (after its take notice, if it asks for one); how many."""
+        jobs = delivery.jobs
+        if delivery.announce and jobs and isinstance(jobs[0], dict) and type(jobs[0].get("id")) is str:
+            session_for(delivery.reply_to).push(Taken(jobs[0]["id"]).to_wire())
+        admitted = 0
+        for wire in jobs:
+            try:
+                job = Job.from_wire(wire)
+            except ValueError as exc:  # one bad job of a message: its own reply, and the rest run
+                job_id = wire.get("id") if isinstance(wire, dict) else None
+                log.warning(
+                    "security_job_refused", shard=delivery.shard, job=str(job_id)[:64], problem=str(exc)[:200]
+                )
+                if type(job_id) is str:
+                    session_for(delivery.reply_to).push(failure_reply(job_id, exc, request, delivery.shard))
+                continue
+            fair.add(_Queued(job, delivery.reply_to, delivery.shard), job.shop_id, job.deadline)
+            admitted += 1
+        return admitted
+
+    def _pull(
+        self,
+        fair: FairQueue[_Queued],
+        queue: str,
+        shard: int,
+        request: Any,
+        session_for: Callable[[str | None], ReplySession],
+    ) -> int:
+        """Take the messages waiting on ``queue`` into the fair queue, :data:`PULL_MESSAGES` per
+        round trip, until it holds :data:`LOOKAHEAD_JOBS` or the queue is empty; how many jobs
+        they brought. A Redis error leaves the queue to Celery's consumer."""
+        if not queue:
+            return 0
+        admitted = 0
+        while len(fair) < LOOKAHEAD_JOBS:
+            try:
+                raw = self._redis.rpop(queue, PULL_MESSAGES)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("pull_failed", queue=queue, error=repr(exc))
+                return admitted
+            messages = raw if isinstance(raw, list) else []
+            for envelope in messages:
+                delivery = decode_envelope(envelope, queue, shard)
+                if delivery is not None:
+                    admitted += self._admit(fair, delivery, request, session_for)
+            if len(messages) < PULL_MESSAGES:
+                return admitted
+        return admitted
+
+    def _refuse(self, queued: _Queued, replies: ReplySession) -> None:
+        job = queued.job
+        now = time.time()
+        if now > job.deadline:  # its caller has its fallback already: nobody to tell
+            log.info("stale_job_dropped", job=job.id, ep=job.ep, shop=job.shop_id, shard=queued.shard)
+            return
+        self.refused += 1
+        error = ErrorInfo(
+            QuotaExceeded.code,
+            f"shop {job.shop_id} is over its fair share of shard {queued.shard}: "
+            "this call could not have run before its deadline",
+            {"shop": job.shop_id, "shard": queued.shard, "reason": "fair_share"},
+        )
+        replies.push(Reply(job.id, None, error, queued.shard, self.worker, now, now).to_wire())
+        log.info("fair_share_refused", job=job.id, ep=job.ep, shop=job.shop_id, shard=queued.shard)
+
+    @contextmanager
+    def _sessions(self) -> Iterator[Callable[[str | None], ReplySession]]:
+        """One reply session per caller's list for the loop's lifetime, all closed at its end."""
+        sessions: dict[str | None, ReplySession] = {}
+        stack: list[Any] = []
+
+        def session_for(reply_to: str | None) -> ReplySession:
+            session = sessions.get(reply_to)
+            if session is None:
+                manager = self._replies.session(reply_to)
+                session = sessions[reply_to] = manager.__enter__()
+                stack.append(manager)
+            return session
+
+        try:
+            yield session_for
+        finally:
+            error: BaseException | None = None
+            for manager in stack:
+                try:
+                    manager.__exit__(None, None, None)
+                except BaseException as exc:  # one caller's lost acknowledgement, not the others'
+                    error = error or exc
+            if error is not None:
+                raise error
+
+
+def decode_envelope(raw: bytes | str, queue: str, shard: int) -> Delivery | None:
+    """The delivery a raw message of ``queue`` holds, or None (logged) if it is not one of our
+    task messages: the same checks Celery's path makes (``scriptpool.workers._strategy``)."""
+    problem, delivery = _decode(raw, shard)
+    if problem is not None:
+        log.warning("security_message_refused", queue=queue, problem=problem)
+        return None
+    return delivery
+
+
+def _decode(raw: bytes | str, shard: int) -> tuple[str | None, Delivery | None]:
+    try:
+        envelope = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"not a JSON envelope: {str(exc)[:100]}", None
+    if type(envelope) is not dict:
+        return "not a JSON envelope", None
+    headers, properties = envelope.get("headers"), envelope.get("properties")
+    if type(headers) is not dict or type(properties) is not dict:
+        return "no headers or properties", None
+    if envelope.get("content-type") != CONTENT_TYPE:
+        return f"content type {str(envelope.get('content-type'))[:64]!r}", None
+    if headers.get("task") != Keys.TASK or type(headers.get("id")) is not str:
+        return "not an execute task message with an id", None
+    body = envelope.get("body")
+    if properties.get("body_encoding") != BODY_ENCODING or type(body) is not str:
+        return "body is not base64 text", None
+    try:
+        payload = msgpack.unpackb(base64.b64decode(body, validate=True), raw=False)
+    except (binascii.Error, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        return f"body does not decode: {str(exc)[:100]}", None
+    if not (
+        type(payload) is list
+        and len(payload) == 3
+        and type(payload[0]) is list
+        and type(payload[1]) is dict
+        and type(payload[2]) is dict
+    ):
+        return "body is not [args, kwargs, embed]", None
+    reply_to = properties.get("reply_to")
+    announce = payload[1].get("announce", False)
+    return None, Delivery(
+        tuple(payload[0]),
+        reply_to if type(reply_to) is str else None,
+        announce is True,
+        shard,
+    )
