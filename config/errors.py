@@ -41,6 +41,7 @@ __all__ = [
     "OutputTooLarge",
     "PoolError",
     "ProviderNotFound",
+    "QuotaExceeded",
     "RegistryError",
     "RolloutConflict",
     "RunNotFound",
@@ -302,6 +303,14 @@ class CircuitOpen(PoolError):
     """Raised when the (shop, EP) circuit breaker is open, so nothing was enqueued."""
 
     code = "circuit_open"
+    fallback = True
+
+
+class QuotaExceeded(PoolError):
+    """Raised when the shop (or one of its apps) is over its quota or its fair share of a busy shard:
+    the worker refused the call without running it, and the caller got its fallback at once."""
+
+    code = "quota_exceeded"
     fallback = True
 
 
