@@ -125,6 +125,28 @@ class Keys:
         """SCAN pattern matching every app's APP data."""
         return f"{self.prefix}:data-app:*"
 
+    # -- quotas (config/quotas.py) ------------------------------------------------------------
+    def quotas(self, shop_id: str) -> str:
+        """A shop's quotas: a hash of target -> quota JSON, the field "" the shop-wide quota and
+        any other field an app's quota within the shop."""
+        return f"{self.prefix}:quota:{shop_id}"
+
+    def quota_shops(self) -> str:
+        """The set of shops that have a quota (what ``quota show`` and ``status`` list, without
+        SCAN); rebuilt by a shard copy for the shops it moves."""
+        return f"{self.prefix}:quota-shops"
+
+    def quota_in_flight(self, shop_id: str, app: str = "") -> str:
+        """The jobs holding a concurrency slot of a target (the shop: ``app`` "", or one app of
+        it), scored by their deadline. Transient: never moved with the shop. '#' appears in no
+        shop or app name."""
+        return f"{self.prefix}:quota-inflight:{shop_id}" + (f"#{app}" if app else "")
+
+    def quota_bucket(self, shop_id: str, app: str = "") -> str:
+        """A target's instruction bucket: a hash of ``tokens`` and ``at`` (when last refilled).
+        Transient: a shop that changes group starts with a full bucket."""
+        return f"{self.prefix}:quota-bucket:{shop_id}" + (f"#{app}" if app else "")
+
     # -- what belongs to one shop (moves with it when its shard changes group) ---------------
     # Keep these in step with the per-shop keys above: `scriptpool shard move` copies exactly the
     # keys they match, and a per-shop key they miss would be left behind in the old group.
@@ -137,18 +159,23 @@ class Keys:
         "data-shop",
         "data-session",
     )
-    # Kinds named <kind>:<shop>: a shop's data bookkeeping.
-    _SHOP_ONLY_KINDS: ClassVar[tuple[str, ...]] = ("data-bytes", "data-sessions", "data-session-sizes")
+    # Kinds named <kind>:<shop>: a shop's data bookkeeping, and its quotas.
+    _SHOP_ONLY_KINDS: ClassVar[tuple[str, ...]] = (
+        "data-bytes",
+        "data-sessions",
+        "data-session-sizes",
+        "quota",
+    )
     _DATA_KINDS: ClassVar[frozenset[str]] = frozenset(
         {"data-shop", "data-session", "data-bytes", "data-sessions", "data-session-sizes"}
     )
 
     def shop_key_patterns(self, shop_id: str = "*") -> tuple[str, ...]:
         """SCAN patterns matching every key of ``shop_id`` (``*``: of every shop): its bindings,
-        their apps' history, its rollouts' state and samples, and its SHOP and SESSION data with
-        their byte counts. Transient keys (deploy locks), the set of rollouts under way
-        (``rollouts_under_way``, rebuilt by the copy) and APP data (every group's) are not
-        among them."""
+        their apps' history, its rollouts' state and samples, its SHOP and SESSION data with
+        their byte counts, and its quotas. Transient keys (deploy locks, quota slots and
+        buckets), the sets of rollouts under way and of shops with quotas (rebuilt by the copy)
+        and APP data (every group's) are not among them."""
         patterns = [f"{self.prefix}:{kind}:*:{shop_id}" for kind in self._SHOP_KINDS]
         patterns += [f"{self.prefix}:{kind}:{shop_id}" for kind in self._SHOP_ONLY_KINDS]
         return (*patterns, f"{self.prefix}:history:*:{shop_id}#*")
@@ -162,12 +189,19 @@ class Keys:
         """The binding a key matched by :meth:`shop_key_patterns` goes with: its history and its
         rollout's keys change with it, and move with it (None for data, which goes with none)."""
         parsed = self._parse_shop_key(key)
-        return self.binding(parsed[1], parsed[2]) if parsed and parsed[0] not in self._DATA_KINDS else None
+        if parsed is None or parsed[0] in self._DATA_KINDS or parsed[0] == "quota":
+            return None
+        return self.binding(parsed[1], parsed[2])
 
     def is_data(self, key: str) -> bool:
         """Whether ``key`` (one of :meth:`shop_key_patterns`) is a shop's data or its bookkeeping."""
         parsed = self._parse_shop_key(key)
         return parsed is not None and parsed[0] in self._DATA_KINDS
+
+    def is_quota(self, key: str) -> bool:
+        """Whether ``key`` (one of :meth:`shop_key_patterns`) is a shop's quotas."""
+        parsed = self._parse_shop_key(key)
+        return parsed is not None and parsed[0] == "quota"
 
     def is_binding(self, key: str) -> bool:
         """Whether ``key`` (one of :meth:`shop_key_patterns`) is a current binding."""

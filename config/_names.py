@@ -1,4 +1,5 @@
-"""Checks for the names and ids that end up inside Redis keys."""
+"""Checks of what a caller passes: the names and ids that end up inside Redis keys, and
+integers that must lie in a range."""
 
 from __future__ import annotations
 
@@ -49,3 +50,13 @@ def check_export(name: object) -> str:
 def check_provider(name: object) -> str:
     """Return ``name`` if it is a valid provider (import module) name."""
     return _check("provider", name, _PROVIDER, _IDENTIFIER_RULE)
+
+
+def check_integer(owner: str, name: str, value: object, low: int, high: int) -> None:
+    """:class:`InvalidArgument` naming ``owner.name`` and its range unless ``value`` is an
+    integer (not a bool) from ``low`` to ``high``."""
+    if type(value) is not int or not low <= value <= high:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise InvalidArgument(
+            f"{owner}.{name} must be an integer from {low:,} to {high:,}, got {shown}", field=name
+        )

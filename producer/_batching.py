@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from scriptpool.config.errors import InvalidArgument
+from scriptpool.config import check_integer
 from scriptpool.producer._replies import Waiter
 
 # The ranges of BatchPolicy's fields, both ends included. A window is about the workers one shard
@@ -74,16 +74,6 @@ class BatchPolicy:
         check_integer("BatchPolicy", "window", self.window, 0, MAX_WINDOW)
         check_integer("BatchPolicy", "max_jobs", self.max_jobs, 1, MAX_BATCH_JOBS)
         check_integer("BatchPolicy", "max_input_bytes", self.max_input_bytes, 1, MAX_BATCH_INPUT_BYTES)
-
-
-def check_integer(owner: str, name: str, value: object, low: int, high: int) -> None:
-    """:class:`InvalidArgument` naming ``owner.name`` and its range unless ``value`` is an
-    integer (not a bool) from ``low`` to ``high``."""
-    if type(value) is not int or not low <= value <= high:
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        raise InvalidArgument(
-            f"{owner}.{name} must be an integer from {low:,} to {high:,}, got {shown}", field=name
-        )
 
 
 class _JobLike(Protocol):

@@ -139,6 +139,8 @@ PRIVATE_ALLOWED: dict[str, set[str]] = {
     "tests/test_input_query_host.py": {"scriptpool.runtime", "scriptpool.producer"},
     # The worker's data cache, charged per entry as it is built (what its memory bound rests on).
     "tests/test_store_reads.py": {"scriptpool.runtime"},
+    # The quota gate a worker's job loop calls, driven as two workers (and a dead one) would.
+    "tests/test_quotas.py": {"scriptpool.workers"},
     # Settings' internal bounds and the keys the repository publishes (never to be accepted).
     "tests/test_artifact_key.py": {"scriptpool.config"},
     "tests/test_client_robustness.py": {"scriptpool.config"},

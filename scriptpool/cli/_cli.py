@@ -41,6 +41,7 @@ COMMANDS = {
     "rollout": "_rollout_commands",
     "shard": "_shard_commands",
     "data": "_data_commands",
+    "quota": "_quota_commands",
     "runs": "_runs_commands",
     "replay": "_runs_commands",
     "demo": "_tool_commands",

@@ -111,7 +111,8 @@ def cmd_move(args: argparse.Namespace, settings: Settings) -> int:
         f"copied shard {args.shard} ({report.shops} shops) from {report.source} to {report.target}: "
         f"{report.bindings} bindings, {report.histories} histories, {report.modules} modules, "
         f"{report.artifacts} artifacts, {report.extension_points} extension points, "
-        f"{report.providers} providers, {report.data} data keys, {report.app_data} APP data "
+        f"{report.providers} providers, {report.data} data keys, {report.app_data} APP data, "
+        f"{report.quotas} shops' quotas "
         f"({report.unchanged} bindings already there, "
         f"{len(report.kept_newer)} newer there: kept)"
     )

@@ -2,11 +2,12 @@
 and the late copy of its step 4 (``shard drain``); the procedure is in ``_shard_commands``.
 
 A copy takes exactly the keys ``Keys.shop_key_patterns`` matches for each shop of the shard
-(bindings, their apps' history, rollouts with their candidates' state, and the shops' SHOP and
-SESSION data with its byte counts), the modules and artifacts those name, and any extension
-point, provider or app's APP data the target lacks. It uses DUMP and RESTORE, so values, list
-order and expiry (a session's TTL) travel byte for byte. A binding the target already holds in a
-newer version (deployed there after the switch) is kept, not overwritten; copying again is safe.
+(bindings, their apps' history, rollouts with their candidates' state, the shops' SHOP and
+SESSION data with its byte counts, and their quotas), the modules and artifacts those name,
+and any extension point, provider or app's APP data the target lacks. It uses DUMP and RESTORE,
+so values, list order and expiry (a session's TTL) travel byte for byte. A binding the target
+already holds in a newer version (deployed there after the switch) is kept, not overwritten;
+copying again is safe.
 
 Data has no version to compare: ``shard move`` (before the switch, while the old group is the
 one scripts write to) replaces the target's copy of each data key; the late copy of ``shard
@@ -54,6 +55,7 @@ class CopyReport:
     changed_meanwhile: list[str] = field(default_factory=list)  # deployed on the source during the copy
     data: int = 0  # the shops' SHOP and SESSION data keys (and their byte counts)
     app_data: int = 0  # apps' APP data the target lacked
+    quotas: int = 0  # the shops' quotas
     replicas: int = 0
 
 
@@ -165,7 +167,12 @@ def _copy_shard(
         report.shops = len({keys.shop_of_key(name) for name in names})
         bindings = [name for name in names if keys.is_binding(name)]
         data = [name for name in names if keys.is_data(name)]
-        companions = [name for name in names if not keys.is_binding(name) and not keys.is_data(name)]
+        quotas = [name for name in names if keys.is_quota(name)]
+        companions = [
+            name
+            for name in names
+            if not keys.is_binding(name) and not keys.is_data(name) and not keys.is_quota(name)
+        ]
         # Which bindings to (re)write: the target lacks them, or holds an older version.
         source_raw = dict(zip(bindings, _values(source, bindings), strict=True))
         target_raw = dict(zip(bindings, _values(target, bindings), strict=True))
@@ -212,6 +219,10 @@ def _copy_shard(
         # group scripts write to (its copy wins); after it, the target is (its keys are kept).
         report.data = _copy(source, target, data, replace=not late)
         recount_data(target, keys, shard, settings.shards, live=late)
+        # Quotas as data: before the switch the source's win, after it the target's are kept.
+        report.quotas = _copy(source, target, quotas, replace=not late)
+        if quotas:
+            target.sadd(keys.quota_shops(), *sorted({str(keys.shop_of_key(name)) for name in quotas}))
         if eps:
             target.sadd(keys.extension_points(), *eps)
         if providers:

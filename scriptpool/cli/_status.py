@@ -1,5 +1,6 @@
 """``scriptpool status``: every shard group's Redis, shards, live workers and queue depths, the
-script data it holds, and whether every group holds every extension point and provider."""
+script data it holds, the quotas set there, and whether every group holds every extension point
+and provider."""
 
 from __future__ import annotations
 
@@ -15,10 +16,15 @@ from scriptpool.cli._query_text import summary_text
 from scriptpool.config import Settings, ShardGroup
 from scriptpool.config.errors import BrokerUnavailable
 from scriptpool.config.heartbeats import WorkerHeartbeat, live_workers, shard_count_disagreement
+from scriptpool.config.quotas import TargetUsage, all_quotas, usage_now
 from scriptpool.config.redis import describe_redis_url, redis_client, redis_failure
 from scriptpool.config.store import DataSizes, data_sizes
 
 _TRANSPORT = (redis.ConnectionError, redis.TimeoutError, OSError)
+# The shops with quotas whose usage status reads, per group (the rest are counted only), and the
+# busiest targets it names in text.
+_QUOTA_SHOPS_READ = 1000
+_BUSIEST = 5
 
 
 @dataclass
@@ -34,6 +40,8 @@ class GroupView:
     providers: dict[str, str] = field(default_factory=dict)  # name -> module sha256
     rollouts: list[dict[str, Any]] = field(default_factory=list)  # under way
     data: DataSizes | None = None  # script data held (README, Script data and sessions)
+    quota_shops: int = 0  # shops with a quota (README, Quotas)
+    quotas: list[TargetUsage] = field(default_factory=list)  # of the first _QUOTA_SHOPS_READ
 
     @property
     def reachable(self) -> bool:
@@ -64,6 +72,9 @@ def read_group(settings: Settings, group: ShardGroup, *, definitions: bool) -> G
                     view.providers[name] = str(json.loads(raw).get("sha256", ""))
         view.rollouts = _rollouts_under_way(client, settings)
         view.data = data_sizes(client, keys)
+        view.quota_shops = int(client.scard(keys.quota_shops()))
+        if view.quota_shops:
+            view.quotas = usage_now(client, keys, all_quotas(client, keys, most=_QUOTA_SHOPS_READ))
     except _TRANSPORT as exc:
         view.error = str(exc)
         view.failure = redis_failure(f"at {describe_redis_url(group.url)}", exc)
@@ -171,6 +182,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 "registry_gaps": gaps,
                 "workers": [_beat(b) for b in beats],
                 "rollouts": rollouts,
+                "quotas": {
+                    "shops": sum(v.quota_shops for v in views),
+                    "targets": [{"group": v.group.name, **u.as_dict()} for v in views for u in v.quotas],
+                },
                 **({"binding": pair} if pair is not None else {}),
             }
         )
@@ -197,6 +212,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 f"{where}script data: {d.shops:,} shop(s) hold {d.shop_bytes:,} bytes of SHOP and SESSION "
                 f"data; {d.apps:,} app(s) hold {d.app_keys:,} APP key(s){more}"
             )
+    _print_quotas(views)
     for rollout in rollouts:
         print(
             f"rollout at {rollout['ep']}/{rollout['shop']} (app {rollout['app']}): {rollout['state']}, "
@@ -299,6 +315,27 @@ def _print_table(
                 ratio,
                 None if (data := beat.store_hit_ratio()) is None else 100.0 * data,
             )
+
+
+def _print_quotas(views: list[GroupView]) -> None:
+    """A count of the shops with quotas, and the targets nearest their caps."""
+    shops = sum(v.quota_shops for v in views)
+    if not shops:
+        return
+    targets = [u for v in views for u in v.quotas]
+    busiest = sorted(targets, key=lambda u: u.load, reverse=True)[:_BUSIEST]
+    named = "; ".join(_usage_text(u) for u in busiest if u.load > 0)
+    print(f"quotas: {shops:,} shop(s), {len(targets):,} target(s)" + (f"; busiest: {named}" if named else ""))
+
+
+def _usage_text(usage: TargetUsage) -> str:
+    who = usage.shop if not usage.app else f"{usage.shop}/{usage.app}"
+    parts = []
+    if usage.quota.max_concurrent is not None:
+        parts.append(f"{usage.in_flight}/{usage.quota.max_concurrent} in flight")
+    if usage.quota.max_instructions_per_s is not None and usage.tokens is not None:
+        parts.append(f"{usage.tokens:,}/{usage.quota.max_instructions_per_s:,} instructions left")
+    return f"{who} {', '.join(parts)}"
 
 
 def _data(sizes: DataSizes | None) -> dict[str, Any] | None:
