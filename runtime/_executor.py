@@ -188,6 +188,7 @@ class Executor:
         writes: list[AppWrites] | None = None,
     ) -> Execution:
         script: LoadedScript | None = None
+        app = ""  # the single script's app, known before its module loads (or fails to)
         lookup_ms: float | None = None
         input_bytes = 0
         factor = 1.0
@@ -208,7 +209,9 @@ class Executor:
             if runtime.scale:
                 runtime, factor, data = _scaled(runtime, data)
             if runtime.combine == SINGLE:
-                script = self._load(bindings.only(), runtime)
+                single = bindings.only()
+                app = single.app
+                script = self._load(single, runtime)
             lookup_ms = ms(time.perf_counter() - started)
             if script is None:  # each part encodes the input in its own codec
                 # With input queries, the EP's input schema checks only a whole input.
@@ -253,7 +256,7 @@ class Executor:
         except ScriptpoolError as exc:
             if lookup_ms is None:
                 lookup_ms = ms(time.perf_counter() - started)
-            report = script_report(script, lookup_ms, input_bytes, outcome, factor)
+            report = script_report(script, lookup_ms, input_bytes, outcome, factor, app=app)
             if query is not NO_QUERY:
                 report = with_query(report, query)
             if trace is not None and script is not None and runtime.capture:

@@ -53,6 +53,7 @@ class WorkerState:
         from scriptpool.registry import Registry
         from scriptpool.runtime import CaptureWriter, Executor, StoreCache
         from scriptpool.workers._shadow import ShadowRunner
+        from scriptpool.workers._usage import UsageRecorder
         from scriptpool.workers._writes import StoreWriter
 
         self.settings = settings
@@ -80,6 +81,8 @@ class WorkerState:
         self.capture: CaptureWriter | None = (
             CaptureWriter(settings, count=telemetry.record_captured) if settings.capture else None
         )
+        # Per-shop usage, counted on the job's thread and sent by a thread of its own.
+        self.usage = UsageRecorder.of(client, settings, count=telemetry.record_usage).start()
 
     def run_job(
         self, wire: dict[str, Any], replies: ReplySession, request: Any, shard: int, worker: str
@@ -99,6 +102,7 @@ class WorkerState:
         if received > job.deadline:
             self.counters.dropped_stale += 1
             telemetry.record_dropped()
+            self.usage.record_dropped(job)
             log.info(
                 "stale_job_dropped",
                 job=job.id,
@@ -136,6 +140,7 @@ class WorkerState:
             # This process's next job reads them at once, not when its listener hears of them.
             self.executor.store.forget_written(job.shop_id, job.session, writes)
         self.counters.executed += 1
+        self.usage.record(job, execution)
         telemetry.record_execution(
             execution, job=job.id, shop=job.shop_id, ep=job.ep, shard=shard, worker=worker
         )
@@ -180,6 +185,7 @@ class WorkerState:
         if self.capture is not None:
             self.capture.close()
         self.shadows.stop()
+        self.usage.close()  # last: a clean stop loses no counts
 
 
 _state: WorkerState | None = None

@@ -59,6 +59,15 @@ STORE_CACHE_HIT_RATIO = Gauge(
 )
 STORE_CACHE_BYTES = Gauge("scriptpool_store_cache_bytes", "Bytes of script data the worker holds")
 
+# Usage totals of this worker (per shop, app and EP they are `scriptpool usage`'s, in Redis):
+# labels only from fixed sets, so the series stay few however many shops there are.
+INSTRUCTIONS = Counter("scriptpool_instructions", "Wasm instructions scripts executed (the billable unit)")
+EXECUTION_SECONDS = Counter(
+    "scriptpool_execution_seconds", "Worker-side time of script runs: lookup, instantiate, run, decode"
+)
+SCRIPT_BYTES = Counter("scriptpool_script_bytes", "Bytes scripts read (in) and wrote (out)", ["direction"])
+_BYTES_IN, _BYTES_OUT = SCRIPT_BYTES.labels("in"), SCRIPT_BYTES.labels("out")
+
 _STAGES = ("lookup", "instantiate", "run", "decode")
 # Labelled children resolved once: ``labels()`` takes a lock and builds a key on every call.
 _STAGE = {stage: STAGE_SECONDS.labels(stage) for stage in _STAGES}
@@ -92,6 +101,16 @@ def record_execution(execution: Execution, **context: Any) -> None:
         decode_ms=report.decode_ms,
         module_source=report.module_source,
     )
+
+
+def record_usage(costs: tuple[int, int, int, int]) -> None:
+    """Add one job's costs to the usage totals: instructions, µs, bytes in, bytes out (the
+    usage recorder's ``count``)."""
+    instructions, micros, bytes_in, bytes_out = costs
+    INSTRUCTIONS.inc(instructions)
+    EXECUTION_SECONDS.inc(micros / 1e6)
+    _BYTES_IN.inc(bytes_in)
+    _BYTES_OUT.inc(bytes_out)
 
 
 def record_store_writes(result: str, writes: int) -> None:
