@@ -235,6 +235,18 @@ class Keys:
         """Serialises deploys and rollbacks of one (EP, shop)."""
         return f"{self.prefix}:lock:{ep}:{shop_id}"
 
+    # -- usage accounting (config/usage.py, workers/_usage.py) ------------------------------
+    # Not among shop_key_patterns: a worker counts into its own group's Redis, `usage` sums every
+    # group's, so counts left in the old group by a shard move still add up (a copy would double them).
+    def usage(self, shop_id: str, minute: int) -> str:
+        """One shop's usage in one minute (``minute`` = Unix time // 60): a hash of
+        ``app|EP|metric`` -> count (``scriptpool.config.usage``), expiring after the retention."""
+        return f"{self.prefix}:usage:{shop_id}:{minute}"
+
+    def usage_shops(self, minute: int) -> str:
+        """The shops with usage in one minute (a set), so reading every shop needs no SCAN."""
+        return f"{self.prefix}:usage-shops:{minute}"
+
     # -- pool ----------------------------------------------------------------------------------
     def queue(self, shard: int) -> str:
         """The Celery queue (a Redis list) that shard ``shard``'s workers consume."""

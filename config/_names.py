@@ -25,6 +25,17 @@ def _check(kind: str, value: object, pattern: re.Pattern[str], rule: str) -> str
     return value
 
 
+def is_name(text: str) -> bool:
+    """Whether ``text`` is a valid extension point or app name (a check that raises nothing,
+    for names read back from Redis or counted on a hot path)."""
+    return _EP_NAME.fullmatch(text) is not None
+
+
+def is_shop_id(text: str) -> bool:
+    """Whether ``text`` is a valid shop id as a string (see :func:`is_name`)."""
+    return _SHOP_ID.fullmatch(text) is not None
+
+
 def check_ep(name: object) -> str:
     """Return ``name`` if it is a valid extension point name."""
     return _check("extension point", name, _EP_NAME, _EP_RULE)

@@ -228,6 +228,21 @@ VARIABLES: tuple[Variable, ...] = (
         "how long a captured run (input, output and logs) is kept",
         unit="s",
     ),
+    Variable(
+        "SCRIPTPOOL_USAGE_RETENTION_S",
+        "usage_retention_s",
+        int,
+        "how long per-minute usage counts (`scriptpool usage`) are kept, 60 to 31,622,400",
+        unit="s",
+    ),
+    Variable(
+        "SCRIPTPOOL_USAGE_FLUSH_S",
+        "usage_flush_s",
+        float,
+        "how often a worker sends its usage counts to Redis, 0.1 to 60: what a SIGKILLed worker "
+        "loses at most",
+        unit="s",
+    ),
     *(
         Variable(
             f"SCRIPTPOOL_LIMIT_{name.upper()}", f"limits.{name}", int, f"default limit: {doc}", unit=unit

@@ -57,9 +57,13 @@ MAX_JOIN_THREADS = 64
 _INTEGERS = (
     "deploy_wait_ms", "shards", "default_deadline_ms", "module_cache_bytes", "provider_max_bytes",
     "epoch_tick_ms", "join_threads", "metrics_port", "capture_per_shop", "capture_max_bytes",
-    "capture_ttl_s",
+    "capture_ttl_s", "usage_retention_s",
 )  # fmt: skip
-_NUMBERS = ("input_validation_rate", "binding_cache_ttl_s")
+_NUMBERS = ("input_validation_rate", "binding_cache_ttl_s", "usage_flush_s")
+# Usage counts are kept per minute: at least one minute, at most a year of them. A worker sends
+# its counts at most a minute apart (a SIGKILL loses what it had not sent), at most 10 times a second.
+MAX_USAGE_RETENTION_S = 366 * 24 * 3600
+USAGE_FLUSH_RANGE_S = (0.1, 60.0)
 
 # The artifact key signs the native code workers load: whoever has it and can write to Redis runs
 # code on every worker. So a key must be long, look random, and never be one that was published.
@@ -165,6 +169,10 @@ class Settings:
     capture_per_shop: int = 50
     capture_max_bytes: int = 64 * 1024 * 1024
     capture_ttl_s: int = 3 * 24 * 3600
+    # Usage accounting (scriptpool.config.usage): how long per-minute counts are kept, and how
+    # often a worker sends what it counted.
+    usage_retention_s: int = 7 * 24 * 3600
+    usage_flush_s: float = 2.0
     # The parsed shard_groups (or one group on redis_url), derived by __post_init__.
     groups: tuple[ShardGroup, ...] = field(init=False, repr=False, compare=False)
 
@@ -224,6 +232,12 @@ class Settings:
         if not 0 < self.binding_cache_ttl_s < math.inf:  # inf would turn the backstop off
             ttl = self.binding_cache_ttl_s
             _invalid("binding_cache_ttl_s", f"must be a positive number of seconds, got {ttl}")
+        if not 60 <= self.usage_retention_s <= MAX_USAGE_RETENTION_S:
+            retention = self.usage_retention_s
+            _invalid("usage_retention_s", f"must lie in 60..{MAX_USAGE_RETENTION_S} s, got {retention}")
+        low, high = USAGE_FLUSH_RANGE_S
+        if not low <= self.usage_flush_s <= high:  # NaN fails this too
+            _invalid("usage_flush_s", f"must lie in {low}..{high} s, got {self.usage_flush_s}")
         if not 0 <= self.metrics_port <= 65535:
             _invalid("metrics_port", f"must be a TCP port in 0..65535, got {self.metrics_port}")
 

@@ -276,6 +276,9 @@ class ExecutionReport:
     # Writes the script's output listed (``storeWrites``) that the worker applies after the
     # reply: a successful run's, counted (the writes themselves never travel to the host).
     store_writes: int = 0
+    # The app whose script made the report (a part's, or a single script's); empty for a
+    # combined report (its parts carry theirs) and when no app was found (nothing bound).
+    app: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         # Written out: dataclasses.asdict deep-copies recursively (a test holds the two equal).
@@ -299,6 +302,7 @@ class ExecutionReport:
             "input_query": self.input_query,
             "input_query_client": self.input_query_client,
             "store_writes": self.store_writes,
+            "app": self.app,
         }
 
     @classmethod

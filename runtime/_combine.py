@@ -197,18 +197,19 @@ class _Call:
         """Run one app's script (thread-safe: it changes nothing in the call); in a chain,
         ``previous`` is the JSON output it follows."""
         if self.blocked is not None:  # the call's error says which app blocked it
-            return _Attempt(deployment, PART_SKIPPED, None, ExecutionReport())
+            return _Attempt(deployment, PART_SKIPPED, None, ExecutionReport(app=deployment.app))
         limits = self._limits_now()
         if limits is None:
             late = DeadlineExceeded("not run: the call's deadline was too near")
-            return _Attempt(deployment, PART_SKIPPED, late, ExecutionReport())
+            return _Attempt(deployment, PART_SKIPPED, late, ExecutionReport(app=deployment.app))
         script: LoadedScript | None = None
         outcome: ScriptRun | None = None
         query = NO_QUERY
         if usable and self.part_input is not None:
             query, made = self.part_input(deployment)
             if isinstance(made, ScriptpoolError):  # no input this app may see: it does not run
-                return _Attempt(deployment, PART_ERROR, made, with_query(ExecutionReport(), query))
+                unrun = ExecutionReport(app=deployment.app)
+                return _Attempt(deployment, PART_ERROR, made, with_query(unrun, query))
             stdin = made
         if previous is not None:
             stdin = b'{"input":%s,"previous":%s}' % (stdin, previous)
@@ -226,7 +227,8 @@ class _Call:
             if usable and self.ep.reducer is not None:
                 self.ep.reducer.check(outcome.output)
         except ScriptpoolError as exc:
-            report = with_query(script_report(script, 0.0, len(stdin), outcome, self.scale_factor), query)
+            ran = script_report(script, 0.0, len(stdin), outcome, self.scale_factor, app=deployment.app)
+            report = with_query(ran, query)
             if report.store_writes:  # a failed part writes nothing (its output's reducer check failed)
                 report = dataclasses.replace(report, store_writes=0)
             if script is not None:

@@ -188,6 +188,7 @@ class Executor:
         writes: list[AppWrites] | None = None,
     ) -> Execution:
         script: LoadedScript | None = None
+        app = ""  # the single script's app, known before its module loads (or fails to)
         lookup_ms: float | None = None
         input_bytes = 0
         factor = 1.0
@@ -208,7 +209,9 @@ class Executor:
             if runtime.scale:
                 runtime, factor, data = _scaled(runtime, data)
             if runtime.combine == SINGLE:
-                script = self._load(bindings.only(), runtime)
+                single = bindings.only()
+                app = single.app
+                script = self._load(single, runtime)
             lookup_ms = ms(time.perf_counter() - started)
             if script is None:  # each part encodes the input in its own codec
                 # With input queries, the EP's input schema checks only a whole input.
@@ -253,7 +256,7 @@ class Executor:
         except ScriptpoolError as exc:
             if lookup_ms is None:
                 lookup_ms = ms(time.perf_counter() - started)
-            report = script_report(script, lookup_ms, input_bytes, outcome, factor)
+            report = script_report(script, lookup_ms, input_bytes, outcome, factor, app=app)
             if query is not NO_QUERY:
                 report = with_query(report, query)
             if trace is not None and script is not None and runtime.capture:
@@ -300,6 +303,13 @@ class Executor:
                     )
                 store = self._store
         return store
+
+    def apps(self, ep_name: str, shop_id: str) -> tuple[str, ...]:
+        """The apps whose scripts a call at (EP, shop) runs, from the bindings this process holds
+        (read once per TTL): what a call counts against, for quotas. Raises as a call would
+        (an unknown EP, Redis lost)."""
+        _, bindings = self._lookup(ep_name, shop_id)
+        return tuple(deployment.app for deployment in bindings.contributors())
 
     def cache_stats(self) -> CacheStats:
         """Counters of the compiled-module cache."""

@@ -150,10 +150,13 @@ def script_report(
     input_bytes: int,
     outcome: ScriptRun | None,
     scale_factor: float = 1.0,
+    *,
+    app: str = "",
 ) -> ExecutionReport:
-    """The report of whatever stages ran; the fields of stages that did not run keep defaults."""
+    """The report of whatever stages ran; the fields of stages that did not run keep defaults.
+    ``app`` names the app when no script was loaded (a loaded script's deployment says it)."""
     if script is None:
-        return ExecutionReport(lookup_ms=lookup_ms, scale_factor=scale_factor)
+        return ExecutionReport(lookup_ms=lookup_ms, scale_factor=scale_factor, app=app)
     deployment = script.deployment
     run = outcome.run if outcome is not None else None
     if run is None:
@@ -165,6 +168,7 @@ def script_report(
             version=deployment.version,
             codec=deployment.codec,
             scale_factor=scale_factor,
+            app=deployment.app,
         )
     return ExecutionReport(
         instructions=run.instructions,
@@ -182,6 +186,7 @@ def script_report(
         version=deployment.version,
         codec=deployment.codec,
         scale_factor=scale_factor,
+        app=deployment.app,
     )
 
 

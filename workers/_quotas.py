@@ -82,14 +82,18 @@ class QuotaGate:
         self._lock = threading.Lock()
         self._down = False
 
-    def admit(self, job_id: str, shop: str, apps: Sequence[str], deadline: float) -> Refusal | None:
+    def admit(
+        self, job_id: str, shop: str, apps: Sequence[str] | Callable[[], Sequence[str]], deadline: float
+    ) -> Refusal | None:
         """None if ``job_id`` may run now (it then holds a slot of each capped target until
-        :meth:`finish` or its ``deadline``), else why not. Never raises."""
+        :meth:`finish` or its ``deadline``), else why not. ``apps``: the job's apps, or how to
+        find them (called only for a shop that has quotas). Never raises, but for what ``apps``
+        raises."""
         now = self._clock()
         quotas = self._quotas(shop, now)
         if quotas is None:
             return None
-        targets = quotas.targets(apps)
+        targets = quotas.targets(apps() if callable(apps) else apps)
         if not targets:
             return None
         if not math.isfinite(deadline) or deadline > now + MAX_HOLD_S:

@@ -29,14 +29,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import redis
 
 from scriptpool.config import Keys, get_logger
 from scriptpool.config.errors import QuotaExceeded
-from scriptpool.config.wire import BODY_ENCODING, CONTENT_TYPE, ErrorInfo, Job, Reply, Taken
+from scriptpool.config.wire import BODY_ENCODING, CONTENT_TYPE, Job, Taken
 from scriptpool.workers._backend import ReplyPusher, ReplySession, failure_reply
 from scriptpool.workers._fair import FairQueue
 
@@ -70,24 +70,35 @@ class _Queued:
     shard: int
 
 
+# What the worker does with a job: run it and reply (returning the worker time it took, in
+# seconds), or refuse it (reply ``quota_exceeded``, count it).
 RunJob = Callable[[Job, ReplySession, int], float]
 
 
-class Server:
-    """Serves deliveries for one worker process: ``run_job(job, replies, shard)`` runs a job and
-    replies to it, returning the worker time it took (seconds)."""
+class RefuseJob(Protocol):
+    def __call__(
+        self, job: Job, error: QuotaExceeded, replies: ReplySession, shard: int, *, reason: str
+    ) -> None: ...
 
-    def __init__(self, client: redis.Redis, replies: ReplyPusher, run_job: RunJob) -> None:
+
+# The refusal's reason (in its detail, the log and the metric) when fairness refused it.
+FAIR_SHARE = "fair_share"
+
+
+class Server:
+    """Serves deliveries for one worker process, with its ``run_job`` and ``refuse``."""
+
+    def __init__(self, client: redis.Redis, replies: ReplyPusher, run_job: RunJob, refuse: RefuseJob) -> None:
         self._redis = client
         self._replies = replies
         self._run_job = run_job
+        self._refuse_job = refuse
         # Of the delivery being served: the Celery request (its hostname names the worker in
         # failure replies) and the worker's name in every reply.
         self.request: Any = None
         self.worker = ""
         self._fair: FairQueue[_Queued] = FairQueue()
         self._lock = threading.Lock()
-        self.refused = 0  # jobs answered quota_exceeded for being over their shop's fair share
 
     def serve(self, delivery: Delivery, queue: str, request: Any) -> None:
         """Run ``delivery``'s jobs, and what the shard's queue ``queue`` holds meanwhile, fairly."""
@@ -182,19 +193,14 @@ class Server:
 
     def _refuse(self, queued: _Queued, replies: ReplySession) -> None:
         job = queued.job
-        now = time.time()
-        if now > job.deadline:  # its caller has its fallback already: nobody to tell
-            log.info("stale_job_dropped", job=job.id, ep=job.ep, shop=job.shop_id, shard=queued.shard)
-            return
-        self.refused += 1
-        error = ErrorInfo(
-            QuotaExceeded.code,
+        error = QuotaExceeded(
             f"shop {job.shop_id} is over its fair share of shard {queued.shard}: "
             "this call could not have run before its deadline",
-            {"shop": job.shop_id, "shard": queued.shard, "reason": "fair_share"},
+            shop=job.shop_id,
+            shard=queued.shard,
+            reason=FAIR_SHARE,
         )
-        replies.push(Reply(job.id, None, error, queued.shard, self.worker, now, now).to_wire())
-        log.info("fair_share_refused", job=job.id, ep=job.ep, shop=job.shop_id, shard=queued.shard)
+        self._refuse_job(job, error, replies, queued.shard, reason=FAIR_SHARE)
 
     @contextmanager
     def _sessions(self) -> Iterator[Callable[[str | None], ReplySession]]:

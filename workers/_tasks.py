@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 from celery import signals
 
 from scriptpool.config import Keys, Settings, configure_logging, get_logger
-from scriptpool.config.errors import ConfigurationError
+from scriptpool.config.errors import ConfigurationError, QuotaExceeded
 from scriptpool.config.redis import redis_client
-from scriptpool.config.wire import Job, Reply
+from scriptpool.config.wire import ErrorInfo, Execution, Job, Reply
 from scriptpool.workers import _telemetry as telemetry
 from scriptpool.workers._backend import ReplyPusher, ReplySession, failure_reply
 from scriptpool.workers._serve import Delivery, Server
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from scriptpool.config.redis import InvalidationListener
     from scriptpool.runtime import AppWrites, CaptureWriter, Executor, ScriptTrace
+    from scriptpool.workers._quotas import QuotaGate
     from scriptpool.workers._shadow import ShadowRunner
     from scriptpool.workers._writes import StoreWriter
 
@@ -43,6 +44,7 @@ class WorkerCounters:
 
     executed: int = 0
     dropped_stale: int = 0
+    refused: int = 0  # quota_exceeded: over a quota or over the shop's fair share
     by_shard: dict[int, int] = field(default_factory=dict)  # jobs taken, run or dropped
 
 
@@ -54,7 +56,9 @@ class WorkerState:
         from scriptpool.engine import Sandbox
         from scriptpool.registry import Registry
         from scriptpool.runtime import CaptureWriter, Executor, StoreCache
+        from scriptpool.workers._quotas import QuotaGate
         from scriptpool.workers._shadow import ShadowRunner
+        from scriptpool.workers._usage import UsageRecorder
         from scriptpool.workers._writes import StoreWriter
 
         self.settings = settings
@@ -77,33 +81,80 @@ class WorkerState:
         self.heartbeat: telemetry.Heartbeat | None = None
         self.replies = ReplyPusher(settings)
         # Runs each delivery's jobs, and what queues up behind them, fairly between shops.
-        self.server = Server(client, self.replies, self.run_job)
+        self.server = Server(client, self.replies, self.run_job, self.refuse)
         # Scripts' storeWrites, applied on the job's thread right after its reply.
         self.store_writes: StoreWriter = StoreWriter(client, settings)
         # Failed and sampled runs, written by a thread of their own after the replies.
         self.capture: CaptureWriter | None = (
             CaptureWriter(settings, count=telemetry.record_captured) if settings.capture else None
         )
+        # Quotas, on a client that fails at once: a quota's answer is worth nothing after the
+        # job's deadline, and a Redis that does not answer lets jobs run (fail open).
+        quota_client = redis_client(settings.redis_url, timeout=0.25, connect_timeout=0.25, retry=False)
+        self.quotas: QuotaGate = QuotaGate(quota_client, settings.keys)
+        # Per-shop usage, counted on the job's thread and sent by a thread of its own.
+        self.usage = UsageRecorder.of(client, settings, count=telemetry.record_usage).start()
 
     def run_job(self, job: Job, replies: ReplySession, shard: int) -> float:
         """Run one job and push its reply; the log event and metrics come after the reply, so
         the caller does not wait for them. Returns the worker time it took, in seconds."""
         started = time.perf_counter()
         received = time.time()
-        worker = self.server.worker
         self.counters.by_shard[shard] = self.counters.by_shard.get(shard, 0) + 1
         if received > job.deadline:
-            self.counters.dropped_stale += 1
-            telemetry.record_dropped()
-            log.info(
-                "stale_job_dropped",
-                job=job.id,
-                ep=job.ep,
-                shop=job.shop_id,
-                shard=shard,
-                late_ms=round((received - job.deadline) * 1000, 3),
-            )
+            self._dropped(job, shard, received)
             return time.perf_counter() - started
+        try:
+            refusal = self.quotas.admit(
+                job.id, job.shop_id, lambda: self.executor.apps(job.ep, job.shop_id), job.deadline
+            )
+        except Exception as exc:  # the bindings could not be read: the call would fail alike
+            log.warning("job_failed", job=job.id, ep=job.ep, shop=job.shop_id, error=repr(exc))
+            replies.push(failure_reply(job.id, exc, self.server.request, shard))
+            return time.perf_counter() - started
+        if refusal is not None:
+            self.refuse(job, refusal.error(), replies, shard, reason=refusal.limit)
+            return time.perf_counter() - started
+        execution: Execution | None = None
+        try:
+            execution = self._execute(job, replies, shard, received)
+        finally:
+            self.quotas.finish(job.id, job.shop_id, _instructions_by_app(execution))
+        return time.perf_counter() - started
+
+    def refuse(
+        self, job: Job, error: QuotaExceeded, replies: ReplySession, shard: int, *, reason: str
+    ) -> None:
+        """Answer ``job`` with ``quota_exceeded`` without running it (its caller falls back at
+        once), unless its caller has given up already; counted either way."""
+        now = time.time()
+        if now > job.deadline:
+            self._dropped(job, shard, now)
+            return
+        info = ErrorInfo.from_exception(error)
+        replies.push(Reply(job.id, None, info, shard, self.server.worker, now, now).to_wire())
+        self.counters.refused += 1
+        telemetry.record_refused(reason)
+        self.usage.record_refused(job, QuotaExceeded.code)
+        log.info("quota_refused", job=job.id, ep=job.ep, shop=job.shop_id, shard=shard, reason=reason)
+
+    def _dropped(self, job: Job, shard: int, now: float) -> None:
+        self.counters.dropped_stale += 1
+        telemetry.record_dropped()
+        self.usage.record_dropped(job)
+        log.info(
+            "stale_job_dropped",
+            job=job.id,
+            ep=job.ep,
+            shop=job.shop_id,
+            shard=shard,
+            late_ms=round((now - job.deadline) * 1000, 3),
+        )
+
+    def _execute(self, job: Job, replies: ReplySession, shard: int, received: float) -> Execution | None:
+        """Run ``job`` and reply; then its writes, log line, metrics, capture and shadow run.
+        None if the worker failed (the caller hears ``worker_error``)."""
+        worker = self.server.worker
         trace: list[ScriptTrace] | None = [] if self.capture is not None else None
         writes: list[AppWrites] = []
         try:
@@ -120,7 +171,7 @@ class WorkerState:
         except Exception as exc:  # the worker failed (e.g. Redis lost mid-lookup), not the script
             log.warning("job_failed", job=job.id, ep=job.ep, shop=job.shop_id, error=repr(exc))
             replies.push(failure_reply(job.id, exc, self.server.request, shard))
-            return time.perf_counter() - started
+            return None
         finished = time.time()
         # A caller past its deadline has returned its fallback and stopped listening: a reply
         # would only recreate the reply list of a client that may be gone.
@@ -132,6 +183,7 @@ class WorkerState:
             # This process's next job reads them at once, not when its listener hears of them.
             self.executor.store.forget_written(job.shop_id, job.session, writes)
         self.counters.executed += 1
+        self.usage.record(job, execution)
         telemetry.record_execution(
             execution, job=job.id, shop=job.shop_id, ep=job.ep, shard=shard, worker=worker
         )
@@ -139,7 +191,7 @@ class WorkerState:
             self.capture.offer(job, trace, worker)
         # A rollout's, after the reply.
         self.shadows.offer(job.ep, job.shop_id, job.input, execution, job.session)
-        return time.perf_counter() - started
+        return execution
 
     def announce(self, name: str, shards: list[int]) -> None:
         """Claim the worker's name and open its metrics port, or raise ConfigurationError; then
@@ -177,6 +229,16 @@ class WorkerState:
         if self.capture is not None:
             self.capture.close()
         self.shadows.stop()
+        self.usage.close()  # last: a clean stop loses no counts
+
+
+def _instructions_by_app(execution: Execution | None) -> dict[str, int]:
+    """What each app's script of ``execution`` used (nothing, if the worker failed)."""
+    if execution is None:
+        return {}
+    if execution.parts:
+        return {part.app: part.report.instructions for part in execution.parts}
+    return {execution.report.app or "default": execution.report.instructions}
 
 
 _state: WorkerState | None = None

@@ -34,6 +34,13 @@ STAGE_SECONDS = Histogram(
     buckets=(25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25),
 )
 DROPPED_STALE = Counter("scriptpool_dropped_stale_jobs", "Jobs dropped because their caller gave up")
+REFUSED = Counter(
+    "scriptpool_refused_jobs", "Jobs answered quota_exceeded without running, by reason", ["reason"]
+)
+_REFUSED = {
+    reason: REFUSED.labels(reason)
+    for reason in ("fair_share", "concurrency", "instructions_per_second", "other")
+}
 CACHE = Gauge("scriptpool_module_cache", "Compiled-module cache counters", ["counter"])
 CAPTURED = Counter("scriptpool_captured_runs", "Runs captured for replay, by result", ["result"])
 # Every result's child made now, so /metrics shows each at 0 before the first capture.
@@ -58,6 +65,15 @@ STORE_CACHE_HIT_RATIO = Gauge(
     ["scope"],
 )
 STORE_CACHE_BYTES = Gauge("scriptpool_store_cache_bytes", "Bytes of script data the worker holds")
+
+# Usage totals of this worker (per shop, app and EP they are `scriptpool usage`'s, in Redis):
+# labels only from fixed sets, so the series stay few however many shops there are.
+INSTRUCTIONS = Counter("scriptpool_instructions", "Wasm instructions scripts executed (the billable unit)")
+EXECUTION_SECONDS = Counter(
+    "scriptpool_execution_seconds", "Worker-side time of script runs: lookup, instantiate, run, decode"
+)
+SCRIPT_BYTES = Counter("scriptpool_script_bytes", "Bytes scripts read (in) and wrote (out)", ["direction"])
+_BYTES_IN, _BYTES_OUT = SCRIPT_BYTES.labels("in"), SCRIPT_BYTES.labels("out")
 
 _STAGES = ("lookup", "instantiate", "run", "decode")
 # Labelled children resolved once: ``labels()`` takes a lock and builds a key on every call.
@@ -94,6 +110,16 @@ def record_execution(execution: Execution, **context: Any) -> None:
     )
 
 
+def record_usage(costs: tuple[int, int, int, int]) -> None:
+    """Add one job's costs to the usage totals: instructions, µs, bytes in, bytes out (the
+    usage recorder's ``count``)."""
+    instructions, micros, bytes_in, bytes_out = costs
+    INSTRUCTIONS.inc(instructions)
+    EXECUTION_SECONDS.inc(micros / 1e6)
+    _BYTES_IN.inc(bytes_in)
+    _BYTES_OUT.inc(bytes_out)
+
+
 def record_store_writes(result: str, writes: int) -> None:
     """Count ``writes`` script data writes that ended as ``result`` (one of STORE_WRITE_RESULTS)."""
     _STORE_WRITES[result].inc(writes)
@@ -101,6 +127,12 @@ def record_store_writes(result: str, writes: int) -> None:
 
 def record_dropped() -> None:
     DROPPED_STALE.inc()
+
+
+def record_refused(reason: str) -> None:
+    """Count a job answered ``quota_exceeded`` (``reason``: ``fair_share``, ``concurrency`` or
+    ``instructions_per_second``; no shop label: per-shop figures are ``scriptpool usage``'s)."""
+    _REFUSED[reason if reason in _REFUSED else "other"].inc()
 
 
 def record_captured(result: str, runs: int) -> None:

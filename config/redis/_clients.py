@@ -92,7 +92,9 @@ def _sentinel_pool(
     return pool
 
 
-def redis_pool(url: str, *, timeout: float, connect_timeout: float) -> redis.ConnectionPool:
+def redis_pool(
+    url: str, *, timeout: float, connect_timeout: float, retry: bool = True
+) -> redis.ConnectionPool:
     """A connection pool for ``url``: for code that sends packed commands on its own connections.
 
     On a Sentinel pool, take connections with ``pool.get_connection()``, or call
@@ -101,14 +103,22 @@ def redis_pool(url: str, *, timeout: float, connect_timeout: float) -> redis.Con
     address it had before (measured: ``localhost:6379`` for a new one, the old primary after a
     failover).
     """
+    # redis-py retries a failed command with backoff by default (3.7 s measured against a dead
+    # Redis): ``retry=False`` is for callers whose answer is worthless that late.
+    extra: dict[str, Any] = {} if retry else {"retry": Retry(NoBackoff(), 0)}
     if is_sentinel(url):
-        return _sentinel_pool(url, timeout, connect_timeout)
-    return redis.ConnectionPool.from_url(url, socket_timeout=timeout, socket_connect_timeout=connect_timeout)
+        return _sentinel_pool(url, timeout, connect_timeout, **extra)
+    return redis.ConnectionPool.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=connect_timeout, **extra
+    )
 
 
-def redis_client(url: str, *, timeout: float, connect_timeout: float) -> redis.Redis:
-    """A redis-py client for ``url`` with explicit timeouts (never redis-py's unbounded default)."""
-    return redis.Redis(connection_pool=redis_pool(url, timeout=timeout, connect_timeout=connect_timeout))
+def redis_client(url: str, *, timeout: float, connect_timeout: float, retry: bool = True) -> redis.Redis:
+    """A redis-py client for ``url`` with explicit timeouts (never redis-py's unbounded default);
+    ``retry=False``: a failed command fails at once (see :func:`redis_pool`)."""
+    return redis.Redis(
+        connection_pool=redis_pool(url, timeout=timeout, connect_timeout=connect_timeout, retry=retry)
+    )
 
 
 class WriteSession:

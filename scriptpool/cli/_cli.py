@@ -44,6 +44,7 @@ COMMANDS = {
     "quota": "_quota_commands",
     "runs": "_runs_commands",
     "replay": "_runs_commands",
+    "usage": "_usage_commands",
     "demo": "_tool_commands",
     "bench": "_tool_commands",
     "key": "_tool_commands",
