@@ -95,22 +95,42 @@ class ReplySession:
             raise
         self._unread += 2
 
+    def pop(self, queue: str, count: int) -> list[Any]:
+        """``RPOP queue count`` on this session's connection, after the replies sent so far: their
+        acknowledgements and the messages popped come back in one round trip, so a worker that
+        looks at its queue after a reply pays no round trip of its own for it."""
+        if self._connection is None:
+            self._connection = self._pool.get_connection()
+        try:
+            self._connection.send_packed_command(
+                [redis_command(b"RPOP", queue, str(count))], check_health=False
+            )
+            self._read_acknowledgements()
+            popped = self._connection.read_response()
+        except BaseException:
+            self._drop()
+            raise
+        return popped if isinstance(popped, list) else []
+
     def close(self) -> None:
         """Read the acknowledgements and give the connection back."""
         if self._connection is None:
             return
         try:
-            for _ in range(self._unread):
-                try:
-                    self._connection.read_response()
-                except redis.ResponseError as exc:  # e.g. the key is not a list: this reply is lost
-                    log.warning("reply_rejected", key=self._key, error=str(exc))
+            self._read_acknowledgements()
         except BaseException:
             self._drop()
             raise
         self._pool.release(self._connection)
         self._connection = None
-        self._unread = 0
+
+    def _read_acknowledgements(self) -> None:
+        unread, self._unread = self._unread, 0
+        for _ in range(unread):
+            try:
+                self._connection.read_response()
+            except redis.ResponseError as exc:  # e.g. the key is not a list: this reply is lost
+                log.warning("reply_rejected", key=self._key, error=str(exc))
 
     def _drop(self) -> None:
         self._connection.disconnect()  # half-read answers must not reach the next user

@@ -81,7 +81,7 @@ class WorkerState:
         self.heartbeat: telemetry.Heartbeat | None = None
         self.replies = ReplyPusher(settings)
         # Runs each delivery's jobs, and what queues up behind them, fairly between shops.
-        self.server = Server(client, self.replies, self.run_job, self.refuse)
+        self.server = Server(self.replies, self.run_job, self.refuse)
         # Scripts' storeWrites, applied on the job's thread right after its reply.
         self.store_writes: StoreWriter = StoreWriter(client, settings)
         # Failed and sampled runs, written by a thread of their own after the replies.
