@@ -164,17 +164,34 @@ def scenario(settings: Settings, a_script: bytes | None, seconds: float) -> dict
     return out
 
 
-def serial(settings: Settings, calls: int) -> dict[str, Any]:
-    """B alone, one caller in closed loop: the quiet caller's serial path."""
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time ``pid`` has used (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serial(settings: Settings, calls: int, worker_pid: int) -> dict[str, Any]:
+    """B alone, one caller in closed loop: the quiet caller's serial path, and the worker's CPU
+    time per call (less at the mercy of the machine's other load than latency is)."""
     with Client(settings) as client:
         for _ in range(200):
             client.run("bench", B, DISCOUNT_INPUT, timeout=1)
         samples = []
+        cpu_before = cpu_seconds(worker_pid)
+        stages: dict[str, list[float]] = {"enqueue_ms": [], "queue_wait_ms": [], "execute_ms": [], "result_ms": []}
         for _ in range(calls):
             outcome = client.run("bench", B, DISCOUNT_INPUT, timeout=1)
             assert outcome.ok, outcome
             samples.append(outcome.timings.total_ms)
-    return {"p50_ms": pct(samples, 0.5), "p95_ms": pct(samples, 0.95)}
+            for name, values in stages.items():
+                values.append(getattr(outcome.timings, name))
+        cpu = cpu_seconds(worker_pid) - cpu_before
+    return {
+        "p50_ms": pct(samples, 0.5),
+        "p95_ms": pct(samples, 0.95),
+        "worker_cpu_us_per_call": round(cpu / calls * 1e6, 1),
+        **{f"{name}_p50": pct(values, 0.5) for name, values in stages.items()},
+    }
 
 
 def main() -> None:
@@ -209,7 +226,7 @@ def main() -> None:
                     if name in only
                 }
                 if args.serial:
-                    out[label]["serial_quiet"] = serial(settings, args.serial)
+                    out[label]["serial_quiet"] = serial(settings, args.serial, worker.process.pid)
             finally:
                 worker.stop()
     print(json.dumps(out, indent=2))

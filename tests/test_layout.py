@@ -142,6 +142,7 @@ PRIVATE_ALLOWED: dict[str, set[str]] = {
     # The quota gate a worker's job loop calls, driven as two workers (and a dead one) would.
     "tests/test_quotas.py": {"scriptpool.workers"},
     "tests/test_quota_pool.py": {"scriptpool.workers"},
+    "tests/test_serving_loop.py": {"scriptpool.workers"},
     # The worker's usage recorder, driven with failing and hostile Redis directly (a pool cannot
     # be made to lose a flush on cue).
     "tests/test_usage.py": {"scriptpool.workers"},

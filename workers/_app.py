@@ -90,8 +90,11 @@ class ScriptpoolCelery(Celery):  # type: ignore[misc]
 def create_app(settings: Settings | None = None) -> ScriptpoolCelery:
     """Build the app with our task registered (importing the task does not load wasmtime)."""
     app = ScriptpoolCelery(settings)
+    from scriptpool.workers import _transport
     from scriptpool.workers._failover import PrimaryWatch
     from scriptpool.workers._tasks import register
+
+    _transport.install()  # a message kombu cannot parse is refused, not the worker's end
 
     register(app)
     app.steps["consumer"].add(PrimaryWatch)

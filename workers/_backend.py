@@ -44,7 +44,7 @@ class ReplyPusher:
 
     def accepts(self, reply_to: str | None) -> bool:
         """True for one of our reply lists; a foreign ``reply_to`` is never written to."""
-        return bool(reply_to) and reply_to.startswith(self._prefix)  # type: ignore[union-attr]
+        return valid_reply_to(reply_to) and reply_to.startswith(self._prefix)  # type: ignore[union-attr]
 
     @contextmanager
     def session(self, reply_to: str | None) -> Iterator[ReplySession]:
@@ -61,6 +61,21 @@ class ReplyPusher:
         """Push one reply and wait for Redis to take it."""
         with self.session(reply_to) as session:
             session.push(reply)
+
+
+# Ours are the prefix and 32 hex digits; a longer name is not one of ours.
+_MAX_REPLY_TO = 256
+
+
+def valid_reply_to(reply_to: object) -> bool:
+    """Whether ``reply_to`` can name a reply list at all: printable ASCII, 1 to 256 characters
+    (a message's ``reply_to`` is anyone's text; a lone surrogate would fail to encode)."""
+    return (
+        type(reply_to) is str
+        and 0 < len(reply_to) <= _MAX_REPLY_TO
+        and reply_to.isascii()
+        and reply_to.isprintable()
+    )
 
 
 class ReplySession:

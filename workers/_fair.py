@@ -35,8 +35,9 @@ T = TypeVar("T")
 # A job handed out (to run, or refused): the item added, and its shop.
 Handed = tuple[T, str]
 
-# A shop's work per job is its recent mean: each measurement moves it this far.
-SMOOTHING = 0.2
+# A shop's work per job is its recent mean: each measurement moves it this far (half: a few
+# runs make a new shop's estimate, and one slow run, a compile say, is forgotten as fast).
+SMOOTHING = 0.5
 # What a shop never measured is taken to cost until its first job is charged: the mean over all.
 FIRST_GUESS_S = 0.001
 # Cost estimates are clamped here: a job's time cannot be below zero, and one job that blocked
@@ -51,7 +52,6 @@ class _Shop(Generic[T]):
     waiting: deque[tuple[T, float]] = field(default_factory=deque)  # (item, deadline)
     tag: float = 0.0  # virtual start time of the head job
     cost_s: float = FIRST_GUESS_S
-    measured: bool = False
     started: float = 0.0  # estimate charged for the job of this shop now running, if any
 
 
@@ -72,6 +72,18 @@ class FairQueue(Generic[T]):
 
     def __len__(self) -> int:
         return self._waiting
+
+    def backlog_s(self) -> float:
+        """The estimated work of every job waiting (each shop's mean cost per job)."""
+        return sum(shop.cost_s * len(shop.waiting) for shop in self._shops.values() if shop.waiting)
+
+    def clear(self) -> list[Handed[T]]:
+        """Every job still waiting, taken out (for a worker that stops serving them)."""
+        left = [(item, shop_id) for shop_id, shop in self._shops.items() for item, _ in shop.waiting]
+        for shop in self._shops.values():
+            shop.waiting.clear()
+        self._waiting = 0
+        return left
 
     @property
     def active_shops(self) -> int:
@@ -130,10 +142,9 @@ class FairQueue(Generic[T]):
         shop.tag += cost - shop.started
         shop.started = 0.0
         self._latest_tag = max(self._latest_tag, shop.tag)
-        if shop.measured:
-            shop.cost_s += SMOOTHING * (cost - shop.cost_s)
-        else:
-            shop.cost_s, shop.measured = cost, True
+        # Smoothed from the first run on: one run that compiled the module must not become the
+        # shop's whole estimate (its jobs behind it would be refused as if each compiled).
+        shop.cost_s += SMOOTHING * (cost - shop.cost_s)
         self._mean_cost_s += SMOOTHING * (cost - self._mean_cost_s)
 
     def _refuse_late(self, now: float) -> list[Handed[T]]:
@@ -156,6 +167,8 @@ class FairQueue(Generic[T]):
         late: dict[str, set[int]] = {}
         for tag, _, shop_id, position in order:
             shop = self._shops[shop_id]
+            if shop.waiting[position][1] < now:
+                continue  # already late: the worker drops it unrun, so it holds nobody back
             done = finish + shop.cost_s
             if done > shop.waiting[position][1] and tag > front and (len(ahead) > 1 or shop_id not in ahead):
                 late.setdefault(shop_id, set()).add(position)

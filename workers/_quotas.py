@@ -125,6 +125,10 @@ class QuotaGate:
         if quotas is not None:
             for app, quota in quotas.targets(instructions_by_app):
                 rate = quota.max_instructions_per_s
+                if quota.max_concurrent is not None:
+                    # Freed even if admit's answer was lost (a timeout after Redis ran it): a
+                    # slot this job does not hold is not in the set, and removing it is a no-op.
+                    charges.setdefault(app, (None, 0))
                 if rate is not None:
                     used = sum(instructions_by_app.values()) if app == SHOP_WIDE else instructions_by_app[app]
                     charges[app] = (rate, used)

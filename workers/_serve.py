@@ -20,8 +20,8 @@ was pulled by then is still run, and the rest stays in Redis for the next delive
 from __future__ import annotations
 
 import base64
-import binascii
 import json
+import math
 import os
 import socket
 import threading
@@ -37,18 +37,25 @@ import redis
 from scriptpool.config import Keys, get_logger
 from scriptpool.config.errors import QuotaExceeded
 from scriptpool.config.wire import BODY_ENCODING, CONTENT_TYPE, Job, Taken
-from scriptpool.workers._backend import ReplyPusher, ReplySession, failure_reply
+from scriptpool.workers._backend import ReplyPusher, ReplySession, failure_reply, valid_reply_to
 from scriptpool.workers._fair import FairQueue
 
 log = get_logger("worker")
 
-# Jobs a worker holds in its fair queue at most: it pulls only while fewer wait. A client's lane
-# keeps at most its window of messages per shard in the queue, so this covers many clients'
-# windows at once; with several workers on one shard, a busy one holds at most this many jobs
-# that an idle one might have run.
+# What a worker holds in its fair queue at most: it pulls while fewer jobs wait. Enough to see
+# a quiet shop's message behind the flood ahead of it (a client's lane keeps at most its window
+# of messages per shard in the queue; over-share jobs that cannot make their deadline are
+# refused as they come, and hold nothing).
 LOOKAHEAD_JOBS = 256
+# A worker that shares its shard with others (several workers, or a pool of several processes)
+# holds at most this many jobs, and this much estimated work, besides what it runs: what it
+# holds, an idle peer cannot run (measured: with 256 jobs, a busy worker took a burst of forty
+# 3 ms jobs whole while the other worker of the shard sat idle). Both bounds, because a new
+# shop's cost is a guess until it has run here.
+LOOKAHEAD_SHARED_JOBS = 8
+LOOKAHEAD_SHARED_S = 0.010
 # Messages taken by one pull (one RPOP).
-PULL_MESSAGES = 16
+PULL_MESSAGES = 8
 # While jobs wait, the queue is pulled at most this often: a quiet shop's message is seen within
 # this (and the job running), and a flooding client's calls have the time to coalesce into
 # batches instead of arriving as a message each (measured: pulling after every job cut a
@@ -93,7 +100,10 @@ FAIR_SHARE = "fair_share"
 class Server:
     """Serves deliveries for one worker process, with its ``run_job`` and ``refuse``."""
 
-    def __init__(self, replies: ReplyPusher, run_job: RunJob, refuse: RefuseJob) -> None:
+    def __init__(
+        self, replies: ReplyPusher, run_job: RunJob, refuse: RefuseJob, shares_shard: Callable[[int], bool]
+    ) -> None:
+        self._shares_shard = shares_shard
         self._replies = replies
         self._run_job = run_job
         self._refuse_job = refuse
@@ -118,32 +128,66 @@ class Server:
 
     def _serve(self, fair: FairQueue[_Queued], delivery: Delivery, queue: str, request: Any) -> None:
         with self._sessions() as session_for:
-            # Refusing for fairness needs a choice to make: a lone job is run as it came.
-            fresh = self._admit(fair, delivery, request, session_for) > 1
-            # Pulls go on the connection of the last replies, behind them (ReplySession.pop).
-            via = session_for(delivery.reply_to)
+            try:
+                self._loop(fair, delivery, queue, request, session_for)
+            finally:
+                # Only if the loop itself broke (a bug, or the process being stopped): whatever
+                # it still held is answered as the worker's failure, not left to time out.
+                self._abandon(fair, request, session_for)
+
+    def _loop(
+        self,
+        fair: FairQueue[_Queued],
+        delivery: Delivery,
+        queue: str,
+        request: Any,
+        session_for: Callable[[str | None], ReplySession],
+    ) -> None:
+        # Refusing for fairness needs a choice to make: a lone job is run as it came.
+        fresh = self._admit(fair, delivery, request, session_for) > 1
+        # Pulls go on the connection of the last replies, behind them (ReplySession.pop).
+        via = session_for(delivery.reply_to)
+        now = time.monotonic()
+        pulling_until = now + SERVE_BUDGET_S
+        pulled_at = now  # the delivery itself was just taken from the queue
+        while True:
             now = time.monotonic()
-            pulling_until = now + SERVE_BUDGET_S
-            pulled_at = now  # the delivery itself was just taken from the queue
-            while True:
-                now = time.monotonic()
-                if (
-                    len(fair) < LOOKAHEAD_JOBS
-                    and now < pulling_until
-                    and (not len(fair) or now - pulled_at >= PULL_INTERVAL_S)
-                ):
-                    pulled_at = now
-                    fresh = self._pull(fair, queue, delivery.shard, request, session_for, via) > 0 or fresh
-                if not len(fair):
-                    return
-                taken, refused = fair.take(time.time(), check_late=fresh)
-                fresh = False
-                for late, _ in refused:
-                    self._refuse(late, session_for(late.reply_to))
-                if taken is not None:
-                    queued, shop_id = taken
-                    via = session_for(queued.reply_to)
-                    fair.charge(shop_id, self._run_job(queued.job, via, queued.shard))
+            if now < pulling_until and (not len(fair) or now - pulled_at >= PULL_INTERVAL_S):
+                pulled_at = now
+                fresh = self._pull(fair, queue, delivery.shard, request, session_for, via) > 0 or fresh
+            if not len(fair):
+                return
+            taken, refused = fair.take(time.time(), check_late=fresh)
+            fresh = False
+            for late, _ in refused:
+                self._refuse(late, session_for(late.reply_to))
+            if taken is not None:
+                queued, shop_id = taken
+                via = session_for(queued.reply_to)
+                try:
+                    seconds = self._run_job(queued.job, via, queued.shard)
+                except Exception as exc:  # this job's failure (run_job answers its own): not the others'
+                    log.error("job_crashed", job=queued.job.id, shop=shop_id, error=repr(exc)[:300])
+                    via.push(failure_reply(queued.job.id, exc, request, queued.shard))
+                    seconds = 0.0
+                fair.charge(shop_id, seconds)
+
+    def _abandon(
+        self, fair: FairQueue[_Queued], request: Any, session_for: Callable[[str | None], ReplySession]
+    ) -> None:
+        left = fair.clear()
+        if not left:
+            return
+        log.error("jobs_abandoned", jobs=len(left))
+        for queued, _ in left:
+            try:
+                session_for(queued.reply_to).push(
+                    failure_reply(
+                        queued.job.id, RuntimeError("the worker stopped serving"), request, queued.shard
+                    )
+                )
+            except Exception as exc:
+                log.warning("reply_failed", job=queued.job.id, error=repr(exc)[:200])
 
     # -- intake ------------------------------------------------------------------------------------
     def _admit(
@@ -188,7 +232,12 @@ class Server:
         if not queue:
             return 0
         admitted = 0
-        while len(fair) < LOOKAHEAD_JOBS:
+        # Shared with other workers, the shard's queue is theirs too: hold little work.
+        shared = self._shares_shard(shard)
+        most_jobs, most_work = (
+            (LOOKAHEAD_SHARED_JOBS, LOOKAHEAD_SHARED_S) if shared else (LOOKAHEAD_JOBS, math.inf)
+        )
+        while len(fair) < most_jobs and fair.backlog_s() < most_work:
             try:
                 messages = via.pop(queue, PULL_MESSAGES)
             except (redis.RedisError, OSError) as exc:
@@ -253,8 +302,8 @@ def decode_envelope(raw: bytes | str, queue: str, shard: int) -> Delivery | None
 def _decode(raw: bytes | str, shard: int) -> tuple[str | None, Delivery | None]:
     try:
         envelope = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return f"not a JSON envelope: {str(exc)[:100]}", None
+    except Exception as exc:  # RecursionError too: '[' nested 100,000 deep is valid JSON's start
+        return f"not a JSON envelope: {type(exc).__name__}: {str(exc)[:100]}", None
     if type(envelope) is not dict:
         return "not a JSON envelope", None
     headers, properties = envelope.get("headers"), envelope.get("properties")
@@ -269,8 +318,8 @@ def _decode(raw: bytes | str, shard: int) -> tuple[str | None, Delivery | None]:
         return "body is not base64 text", None
     try:
         payload = msgpack.unpackb(base64.b64decode(body, validate=True), raw=False)
-    except (binascii.Error, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        return f"body does not decode: {str(exc)[:100]}", None
+    except Exception as exc:  # binascii, msgpack's, or anything a hostile body finds
+        return f"body does not decode: {type(exc).__name__}: {str(exc)[:100]}", None
     if not (
         type(payload) is list
         and len(payload) == 3
@@ -280,6 +329,8 @@ def _decode(raw: bytes | str, shard: int) -> tuple[str | None, Delivery | None]:
     ):
         return "body is not [args, kwargs, embed]", None
     reply_to = properties.get("reply_to")
+    if reply_to is not None and not valid_reply_to(reply_to):
+        return "reply_to is not a reply list's name", None
     announce = payload[1].get("announce", False)
     return None, Delivery(
         tuple(payload[0]),

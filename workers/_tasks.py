@@ -13,10 +13,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import redis
 from celery import signals
 
 from scriptpool.config import Keys, Settings, configure_logging, get_logger
 from scriptpool.config.errors import ConfigurationError, QuotaExceeded
+from scriptpool.config.heartbeats import WorkerHeartbeat, live_workers
 from scriptpool.config.redis import redis_client
 from scriptpool.config.wire import ErrorInfo, Execution, Job, Reply
 from scriptpool.workers import _telemetry as telemetry
@@ -81,7 +83,10 @@ class WorkerState:
         self.heartbeat: telemetry.Heartbeat | None = None
         self.replies = ReplyPusher(settings)
         # Runs each delivery's jobs, and what queues up behind them, fairly between shops.
-        self.server = Server(self.replies, self.run_job, self.refuse)
+        self.server = Server(self.replies, self.run_job, self.refuse, self.shares_shard)
+        self._client = client
+        # Other live workers per shard, as the last heartbeat read them.
+        self._peers: dict[int, int] = {}
         # Scripts' storeWrites, applied on the job's thread right after its reply.
         self.store_writes: StoreWriter = StoreWriter(client, settings)
         # Failed and sampled runs, written by a thread of their own after the replies.
@@ -105,13 +110,10 @@ class WorkerState:
             self._dropped(job, shard, received)
             return time.perf_counter() - started
         try:
-            refusal = self.quotas.admit(
-                job.id, job.shop_id, lambda: self.executor.apps(job.ep, job.shop_id), job.deadline
-            )
-        except Exception as exc:  # the bindings could not be read: the call would fail alike
-            log.warning("job_failed", job=job.id, ep=job.ep, shop=job.shop_id, error=repr(exc))
-            replies.push(failure_reply(job.id, exc, self.server.request, shard))
-            return time.perf_counter() - started
+            refusal = self.quotas.admit(job.id, job.shop_id, lambda: self._apps(job), job.deadline)
+        except Exception as exc:  # a bug in the gate: the call runs, as when Redis fails (fail open)
+            log.error("quota_gate_failed", job=job.id, shop=job.shop_id, error=repr(exc)[:300])
+            refusal = None
         if refusal is not None:
             self.refuse(job, refusal.error(), replies, shard, reason=refusal.limit)
             return time.perf_counter() - started
@@ -121,6 +123,52 @@ class WorkerState:
         finally:
             self.quotas.finish(job.id, job.shop_id, _instructions_by_app(execution))
         return time.perf_counter() - started
+
+    def _beat(self, name: str, shards: list[int]) -> WorkerHeartbeat:
+        """What the heartbeat says of this worker, every few seconds; and, on the heartbeat's
+        thread (never a job's), who else serves its shards now."""
+        self._read_peers(name)
+        return telemetry.describe_worker(
+            name,
+            shards,
+            self.settings.shards,
+            self.executor.cache_stats(),
+            self.counters.executed,
+            self.counters.dropped_stale,
+            dict(self.counters.by_shard),
+            self.executor.store.stats(),
+        )
+
+    def _read_peers(self, name: str) -> None:
+        try:
+            beats = live_workers(self._client, self.settings.keys)
+        except (redis.RedisError, OSError):
+            return  # what the last reading said stands
+        if not any(beat.name == name for beat in beats):
+            return  # our own beat is missing (Redis flushed, say): this reading is not whole
+        counts: dict[int, int] = {}
+        for beat in beats:
+            if beat.name != name:
+                for n in beat.shards:
+                    counts[n] = counts.get(n, 0) + 1
+        self._peers = counts
+
+    def shares_shard(self, shard: int) -> bool:
+        """Whether other processes take ``shard``'s messages too: this worker's pool runs
+        several, or another live worker's heartbeat names the shard (read with each of this
+        worker's heartbeats, so a peer that starts is seen within HEARTBEAT_S). A worker alone
+        on its shard may look as far ahead in the queue as it likes; one that shares it must
+        leave its peers work (``scriptpool.workers._serve``)."""
+        return _pool_processes > 1 or self._peers.get(shard, 0) > 0
+
+    def _apps(self, job: Job) -> tuple[str, ...]:
+        """The apps a quota check counts ``job`` against; none if they cannot be read (an
+        unknown EP, Redis lost): the run then fails as it would for a shop without quotas, with
+        its own named error."""
+        try:
+            return self.executor.apps(job.ep, job.shop_id)
+        except Exception:
+            return ()
 
     def refuse(
         self, job: Job, error: QuotaExceeded, replies: ReplySession, shard: int, *, reason: str
@@ -170,7 +218,9 @@ class WorkerState:
             )
         except Exception as exc:  # the worker failed (e.g. Redis lost mid-lookup), not the script
             log.warning("job_failed", job=job.id, ep=job.ep, shop=job.shop_id, error=repr(exc))
-            replies.push(failure_reply(job.id, exc, self.server.request, shard))
+            reply = failure_reply(job.id, exc, self.server.request, shard)
+            replies.push(reply)
+            self.usage.record_failed(job, reply["error"]["code"])
             return None
         finished = time.time()
         # A caller past its deadline has returned its fallback and stopped listening: a reply
@@ -201,16 +251,7 @@ class WorkerState:
         heartbeat = telemetry.Heartbeat(
             self.settings.redis_url,
             self.settings.keys.worker(name),
-            lambda: telemetry.describe_worker(
-                name,
-                shards,
-                self.settings.shards,
-                self.executor.cache_stats(),
-                self.counters.executed,
-                self.counters.dropped_stale,
-                dict(self.counters.by_shard),
-                self.executor.store.stats(),
-            ),
+            lambda: self._beat(name, shards),
         )
         heartbeat.claim()
         try:
@@ -243,6 +284,8 @@ def _instructions_by_app(execution: Execution | None) -> dict[str, int]:
 
 _state: WorkerState | None = None
 _state_lock = threading.Lock()
+# Processes (or threads) of this worker that take jobs: a prefork child inherits the count.
+_pool_processes = 1
 
 
 def worker_state(settings: Settings) -> WorkerState:
@@ -326,6 +369,10 @@ def register(app: Celery) -> None:
         consumed = [keys.shard_of_queue(q) for q in app.amqp.queues.consume_from or app.amqp.queues]
         shards = sorted(n for n in consumed if n is not None)
         name = str(sender or getattr(instance, "hostname", None) or f"pid{os.getpid()}")
+        global _pool_processes
+        # The solo pool runs one process whatever -c says; prefork, threads... run -c of them.
+        solo = "solo" in str(getattr(getattr(instance, "pool_cls", None), "__module__", "solo"))
+        _pool_processes = 1 if solo else max(1, int(getattr(instance, "concurrency", 1) or 1))
         try:
             worker_state(app.settings).announce(name, shards)
         except ConfigurationError as exc:

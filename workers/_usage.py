@@ -135,6 +135,11 @@ class UsageRecorder:
         code it answered; its app is unknown (:data:`UNKNOWN_APP`)."""
         self._record_unrun(job, STATUS_REFUSED, code)
 
+    def record_failed(self, job: Job, code: str) -> None:
+        """Count a job the worker itself failed on (not the script: ``worker_error``, say), with
+        the code it answered; its app is unknown."""
+        self._record_unrun(job, "error", code)
+
     def record_dropped(self, job: Job) -> None:
         """Count a job dropped unrun because its caller had given up (its app is unknown)."""
         self._record_unrun(job, STATUS_DROPPED, "")
