@@ -178,7 +178,9 @@ def serial(settings: Settings, calls: int, worker_pid: int) -> dict[str, Any]:
             client.run("bench", B, DISCOUNT_INPUT, timeout=1)
         samples = []
         cpu_before = cpu_seconds(worker_pid)
-        stages: dict[str, list[float]] = {"enqueue_ms": [], "queue_wait_ms": [], "execute_ms": [], "result_ms": []}
+        stages: dict[str, list[float]] = {
+            name: [] for name in ("enqueue_ms", "queue_wait_ms", "execute_ms", "result_ms")
+        }
         for _ in range(calls):
             outcome = client.run("bench", B, DISCOUNT_INPUT, timeout=1)
             assert outcome.ok, outcome

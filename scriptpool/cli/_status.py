@@ -72,9 +72,12 @@ def read_group(settings: Settings, group: ShardGroup, *, definitions: bool) -> G
                     view.providers[name] = str(json.loads(raw).get("sha256", ""))
         view.rollouts = _rollouts_under_way(client, settings)
         view.data = data_sizes(client, keys)
-        view.quota_shops = int(client.scard(keys.quota_shops()))
-        if view.quota_shops:
-            view.quotas = usage_now(client, keys, all_quotas(client, keys, most=_QUOTA_SHOPS_READ))
+        try:
+            view.quota_shops = int(client.scard(keys.quota_shops()))
+            if view.quota_shops:
+                view.quotas = usage_now(client, keys, all_quotas(client, keys, most=_QUOTA_SHOPS_READ))
+        except redis.ResponseError:  # a key of another type where ours go: the rest still shows
+            view.quota_shops, view.quotas = 0, []
     except _TRANSPORT as exc:
         view.error = str(exc)
         view.failure = redis_failure(f"at {describe_redis_url(group.url)}", exc)
