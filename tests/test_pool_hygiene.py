@@ -29,6 +29,8 @@ PERMANENT = [
     r"_kombu\.binding(\.|_deadlines|_permanent\.).*",
 ]  # and no "unacked" hash: kombu's ack emulation is off (scriptpool.workers._app)
 EXPIRING = [r"sp:reply:\w+", r"sp:worker:.+"]  # reply lists (60 s), worker heartbeats (10 s)
+# Usage, per shop and minute, and the shops of each minute: kept for the usage retention.
+RETAINED = [r"sp:usage:\w+:\d+", r"sp:usage-shops:\d+"]
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,8 @@ def test_no_keys_or_channels_leak_after_10000_calls(
         for key in keys:
             if any(re.fullmatch(p, key) for p in EXPIRING):
                 assert 0 < client_redis.ttl(key) <= Keys.REPLY_TTL_S, key
+            elif any(re.fullmatch(p, key) for p in RETAINED):
+                assert 0 < client_redis.ttl(key) <= settings.usage_retention_s + 60, key
             else:
                 assert any(re.fullmatch(p, key) for p in PERMANENT), f"unexpected key {key}"
         assert len(keys) < 30

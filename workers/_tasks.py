@@ -83,7 +83,7 @@ class WorkerState:
         self.heartbeat: telemetry.Heartbeat | None = None
         self.replies = ReplyPusher(settings)
         # Runs each delivery's jobs, and what queues up behind them, fairly between shops.
-        self.server = Server(self.replies, self.run_job, self.refuse, self.shares_shard)
+        self.server = Server(self.replies, self.run_job, self.refuse, self.shares_shard, _stopping)
         self._client = client
         # Other live workers per shard, as the last heartbeat read them.
         self._peers: dict[int, int] = {}
@@ -271,6 +271,13 @@ class WorkerState:
             self.capture.close()
         self.shadows.stop()
         self.usage.close()  # last: a clean stop loses no counts
+
+
+def _stopping() -> bool:
+    """Whether Celery has been asked to stop this worker (its warm or cold shutdown)."""
+    from celery.worker import state
+
+    return bool(state.should_stop) or bool(state.should_terminate)
 
 
 def _instructions_by_app(execution: Execution | None) -> dict[str, int]:

@@ -133,7 +133,10 @@ def run_bench(options: BenchOptions) -> int:
         client_redis = redis_client(settings.redis_url, timeout=10, connect_timeout=2)
         sandbox = Sandbox(settings.epoch_tick_ms)
         scratch = Scratch(
-            Registry(client_redis, settings, sandbox), scratch_prefix("bench") if options.external else ""
+            Registry(client_redis, settings, sandbox),
+            scratch_prefix("bench") if options.external else "",
+            client=client_redis,
+            settings=settings,
         )
         try:
             result = _bench(options, settings, scratch, sandbox)

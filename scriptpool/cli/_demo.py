@@ -78,7 +78,9 @@ def run_demo(*, external: bool = False) -> int:
     ):
         client_redis = redis_client(settings.redis_url, timeout=5, connect_timeout=2)
         registry = Registry(client_redis, settings, Sandbox(settings.epoch_tick_ms))
-        scratch = Scratch(registry, scratch_prefix("demo") if external else "")
+        scratch = Scratch(
+            registry, scratch_prefix("demo") if external else "", client=client_redis, settings=settings
+        )
         try:
             return _demo(settings, scratch, total)
         finally:

@@ -113,7 +113,13 @@ def test_shard_moved_between_groups_under_load(
         # A deploy after the move lands in the new group and is served from there.
         with Registries(new).on_shop(moving[0], what="deploy v1 again", again="again") as registry:
             registry.deploy("test", moving[0], V1)
+        # The worker hears of the deploy on the invalidation channel, on its listener's thread: at
+        # once on a quiet machine, later on a loaded one, and by the bindings' 5 s TTL at most.
+        settle = time.monotonic() + 5.5
         after = new_client.run("test", moving[0], {}, timeout=5)
+        while after.output != {"v": 1} and time.monotonic() < settle:
+            time.sleep(0.05)
+            after = new_client.run("test", moving[0], {}, timeout=5)
         new_client.close()
     finally:
         for worker in [*workers, *([new_worker] if new_worker else [])]:
