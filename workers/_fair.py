@@ -38,7 +38,8 @@ Handed = tuple[T, str]
 # A shop's work per job is its recent mean: each measurement moves it this far (half: a few
 # runs make a new shop's estimate, and one slow run, a compile say, is forgotten as fast).
 SMOOTHING = 0.5
-# What a shop never measured is taken to cost until its first job is charged: the mean over all.
+# What a job costs before anything was measured; a shop new to the worker starts from the mean
+# over all shops' runs, and its own runs move it from there.
 FIRST_GUESS_S = 0.001
 # Cost estimates are clamped here: a job's time cannot be below zero, and one job that blocked
 # on a paused Redis for seconds must not make its shop look that slow for long.
@@ -84,11 +85,6 @@ class FairQueue(Generic[T]):
             shop.waiting.clear()
         self._waiting = 0
         return left
-
-    @property
-    def active_shops(self) -> int:
-        """Shops that have a job waiting."""
-        return sum(1 for shop in self._shops.values() if shop.waiting)
 
     def add(self, item: T, shop_id: str, deadline: float) -> None:
         """Queue ``item`` (a job of ``shop_id`` whose caller gives up at ``deadline``)."""

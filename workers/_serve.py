@@ -95,6 +95,8 @@ RunJob = Callable[[Job, ReplySession, int], float]
 
 
 class RefuseJob(Protocol):
+    """Answer a job ``quota_exceeded`` without running it (``reason``: why, for counting)."""
+
     def __call__(
         self, job: Job, error: QuotaExceeded, replies: ReplySession, shard: int, *, reason: str
     ) -> None: ...
