@@ -3,17 +3,21 @@ whose shard one shop floods while another calls now and then."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import msgpack
 import redis
 
-from scriptpool import Client, Outcome, Registry, Settings
+from scriptpool import BreakerPolicy, Client, Outcome, Registry, Settings
 from scriptpool.producer import BatchPolicy
 from scriptpool.workers._fair import FairQueue
 from tests import guests
@@ -136,13 +140,16 @@ def test_a_late_job_at_the_front_is_not_refused() -> None:
 
 SHARDS = 2
 pool_settings, workers = pool_fixtures(SHARDS, {"f0": [0]})
-deployer = deployer_fixture(after=("workers",))
+# "heavy" allows 60M instructions: forty runs of HEAVY (some 10 ms each) are far more work than
+# a deadline that leaves 100 ms after the pause (for a loaded machine's resume) and ten runs.
+deployer = deployer_fixture({"test": {}, "heavy": {"limits": {"fuel": 60_000_000}}}, after=("workers",))
 A, B = shops_on(0, SHARDS, 2, prefix="fair")
 # About 0.2 ms of guest work on this machine: enough that order matters, not enough to be slow.
 BURN = guests.echo(burn=50_000)
-# About 4M instructions (a third of the default limit; some milliseconds): forty of them are far
-# more work than the time left after the pause in the deadline tests.
-HEAVY = guests.echo(burn=1_000_000)
+# About 55M instructions at "heavy" (some 10 ms here).
+HEAVY = guests.echo(burn=9_000_000)
+# A's breaker off: its timeouts would open it, and its calls would stop reaching the worker.
+UNBROKEN = BreakerPolicy(error_threshold=10**9)
 PAUSE_S = 0.5
 
 
@@ -161,6 +168,23 @@ def _wait_for_queue(client: redis.Redis, queue: str, length: int) -> None:
     while client.llen(queue) < length:
         assert time.monotonic() < deadline, f"{queue} holds {client.llen(queue)} of {length} messages"
         time.sleep(0.01)
+
+
+def _wait_for_shop(client: redis.Redis, queue: str, shop: str) -> None:
+    """Wait until a message of ``queue`` carries a job of ``shop`` (the worker being paused, its
+    message is then queued behind everything before it)."""
+    deadline = time.monotonic() + 10
+    while shop not in _queued_shops(client, queue):
+        assert time.monotonic() < deadline, f"no message of {shop} on {queue}"
+        time.sleep(0.01)
+
+
+def _queued_shops(client: redis.Redis, queue: str) -> set[str]:
+    shops: set[str] = set()
+    for raw in client.lrange(queue, 0, -1):
+        body = msgpack.unpackb(base64.b64decode(json.loads(raw)["body"]), raw=False)
+        shops.update(job["shop_id"] for job in body[0])
+    return shops
 
 
 def _in_threads(calls: list[Any]) -> tuple[list[threading.Thread], list[Outcome]]:
@@ -202,12 +226,13 @@ def test_a_quiet_shop_is_not_delayed_by_a_flood_queued_before_it(
             a_threads, a_outcomes = _in_threads([lambda: flood.run("test", A, {}, timeout=20)] * 30)
             _wait_for_queue(redis_client, queue, 29)  # the paused worker may hold one already
             b_threads, b_outcomes = _in_threads([lambda: quiet.run("test", B, {}, timeout=20)])
-            _wait_for_queue(redis_client, queue, 30)
+            _wait_for_shop(redis_client, queue, B)
         for thread in a_threads + b_threads:
             thread.join()
     assert [o.status for o in a_outcomes + b_outcomes] == ["ok"] * 31
     order = _run_order(worker, {o.job_id for o in a_outcomes + b_outcomes})
     assert len(order) == 31
+    assert b_outcomes[0].job_id is not None
     assert order.index(b_outcomes[0].job_id) <= 2, order
 
 
@@ -217,24 +242,25 @@ def test_over_share_calls_get_quota_exceeded_before_their_deadline(
     """A queues forty calls that cannot all run within their deadline, B one: the ones of A that
     would finish too late behind B get their fallback with ``quota_exceeded`` at once, before
     their deadline; B's runs; every call of A gets exactly one answer."""
-    deployer.deploy("test", A, HEAVY)
+    deployer.deploy("heavy", A, HEAVY)
     deployer.deploy("test", B, guests.ECHO)
     worker = workers["f0"]
     queue = pool_settings.keys.queue(0)
-    with Client(pool_settings, batching=BatchPolicy(window=0)) as flood, Client(pool_settings) as quiet:
-        warm = [flood.run("test", A, {}, timeout=10) for _ in range(5)]
+    unbatched = BatchPolicy(window=0)
+    with Client(pool_settings, batching=unbatched, breaker=UNBROKEN) as flood, Client(pool_settings) as quiet:
+        warm = [flood.run("heavy", A, {}, timeout=10) for _ in range(5)]
         assert all(o.ok for o in warm) and quiet.run("test", B, {}, timeout=10).ok
         per_job_s = min(o.timings.execute_ms for o in warm[1:]) / 1000  # hot: no compile
-        # After the pause, time for about ten of A's forty jobs.
-        timeout = PAUSE_S + 10 * per_job_s
+        # After the pause, 100 ms and time for about ten of A's forty runs.
+        timeout = PAUSE_S + 0.1 + 10 * per_job_s
         with _paused(worker):
             started = time.monotonic()
             a_threads, a_outcomes = _in_threads(
-                [lambda: flood.run("test", A, {}, timeout=timeout, fallback="fb")] * 40
+                [lambda: flood.run("heavy", A, {}, timeout=timeout, fallback="fb")] * 40
             )
             _wait_for_queue(redis_client, queue, 39)
             b_threads, b_outcomes = _in_threads([lambda: quiet.run("test", B, {}, timeout=10)])
-            _wait_for_queue(redis_client, queue, 40)
+            _wait_for_shop(redis_client, queue, B)
             time.sleep(max(0.0, PAUSE_S - (time.monotonic() - started)))
         for thread in a_threads + b_threads:
             thread.join()
@@ -243,7 +269,7 @@ def test_over_share_calls_get_quota_exceeded_before_their_deadline(
     kinds = {(o.status, o.error_code) for o in a_outcomes}
     assert kinds <= {("ok", None), ("fallback", "quota_exceeded"), ("fallback", "timeout")}, kinds
     refused = [o for o in a_outcomes if o.error_code == "quota_exceeded"]
-    assert refused, [o.status for o in a_outcomes]
+    assert refused, Counter((o.status, o.error_code) for o in a_outcomes)
     for outcome in refused:
         assert outcome.output == "fb"
         # Decided by the worker before the deadline (the client's own wake-up comes after).
@@ -257,16 +283,16 @@ def test_a_flooding_shop_alone_is_never_refused(
 ) -> None:
     """Work conservation: the same flood with no other shop waiting is run as far as deadlines
     allow (what is late is dropped as stale), and nothing is refused for fairness."""
-    deployer.deploy("test", A, HEAVY)
+    deployer.deploy("heavy", A, HEAVY)
     worker = workers["f0"]
     queue = pool_settings.keys.queue(0)
-    with Client(pool_settings, batching=BatchPolicy(window=0)) as flood:
-        warm = [flood.run("test", A, {}, timeout=10) for _ in range(5)]
+    with Client(pool_settings, batching=BatchPolicy(window=0), breaker=UNBROKEN) as flood:
+        warm = [flood.run("heavy", A, {}, timeout=10) for _ in range(5)]
         per_job_s = min(o.timings.execute_ms for o in warm[1:]) / 1000  # hot: no compile
-        timeout = PAUSE_S + 10 * per_job_s
+        timeout = PAUSE_S + 0.1 + 10 * per_job_s
         with _paused(worker):
             started = time.monotonic()
-            threads, outcomes = _in_threads([lambda: flood.run("test", A, {}, timeout=timeout)] * 40)
+            threads, outcomes = _in_threads([lambda: flood.run("heavy", A, {}, timeout=timeout)] * 40)
             _wait_for_queue(redis_client, queue, 39)
             time.sleep(max(0.0, PAUSE_S - (time.monotonic() - started)))
         for thread in threads:

@@ -108,7 +108,8 @@ def test_a_concurrency_slot_held_elsewhere_refuses_calls_on_both_workers(
         assert {o.worker.split("@")[0] for o in outcomes if o.worker} <= {"q0a", "q0b"}
         assert client.run("test", OTHER, {}, timeout=5).ok
         holder.finish("held-elsewhere", SHOP, {"default": 0})
-        assert all(client.run("test", SHOP, {}, timeout=5).ok for _ in range(4))  # one at a time
+        after = [client.run("test", SHOP, {}, timeout=5) for _ in range(4)]  # one at a time
+        assert all(o.ok for o in after), [(o.error_code, o.error and o.error.detail) for o in after]
     assert _wait_for_usage(redis_client, pool_settings, SHOP, "refused", 20) == 20
     clear_quota(redis_client, pool_settings.keys, SHOP)
 

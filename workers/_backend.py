@@ -63,6 +63,8 @@ class ReplyPusher:
             session.push(reply)
 
 
+# How long a worker waits for the answer to its pull's RPOP (kombu's own BRPOP waits forever).
+POP_PATIENCE_S = 60.0
 # Ours are the prefix and 32 hex digits; a longer name is not one of ours.
 _MAX_REPLY_TO = 256
 
@@ -120,6 +122,13 @@ class ReplySession:
             self._connection.send_packed_command(
                 [redis_command(b"RPOP", queue, str(count))], check_health=False
             )
+            # Once sent, the RPOP runs whenever Redis gets to it, and what it pops exists only in
+            # its answer: a paused Redis is waited for (up to POP_PATIENCE_S), never given up
+            # on after the socket's 2 s, which would leave those messages popped and unanswered.
+            deadline = time.monotonic() + POP_PATIENCE_S
+            while not self._connection.can_read(timeout=0.5):
+                if time.monotonic() >= deadline:
+                    raise redis.TimeoutError(f"no answer to RPOP {queue} in {POP_PATIENCE_S:.0f} s")
             self._read_acknowledgements()
             popped = self._connection.read_response()
         except BaseException:

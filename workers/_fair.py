@@ -21,13 +21,16 @@ of the virtual time (it has had more than the shop being served), is refused at 
 ``quota_exceeded``, instead of waiting out its caller's deadline. A late job at the front of the
 order is not refused for fairness: no other shop holds it back.
 
-Pure logic on an injected clock: no Redis, no Celery (the worker's loop is
+Pure logic on an injected clock (``time.monotonic`` by default): no Redis, no Celery (the worker's loop is
 ``scriptpool.workers._serve``).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -39,11 +42,16 @@ Handed = tuple[T, str]
 # runs make a new shop's estimate, and one slow run, a compile say, is forgotten as fast).
 SMOOTHING = 0.5
 # What a job costs before anything was measured; a shop new to the worker starts from the mean
-# over all shops' runs, and its own runs move it from there.
+# over all shops' runs, if that is less, and its own runs move it from there.
 FIRST_GUESS_S = 0.001
 # Cost estimates are clamped here: a job's time cannot be below zero, and one job that blocked
 # on a paused Redis for seconds must not make its shop look that slow for long.
 MIN_COST_S, MAX_COST_S = 1e-6, 1.0
+# A run is charged at most this many times its shop's mean (and at least this much may be).
+SURGE_FACTOR, SURGE_FLOOR_S = 4.0, 0.010
+# The worker counts as having been idle (every shop's past forgotten) after this long without a
+# job taken or charged.
+IDLE_RESET_S = 0.1
 # Shops remembered while idle (their mean cost); past this, the longest idle are forgotten.
 MAX_IDLE_SHOPS = 10_000
 
@@ -64,7 +72,9 @@ class FairQueue(Generic[T]):
     Not thread-safe: one worker loop owns it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._busy_at = -math.inf  # when a job was last taken or charged
         self._shops: dict[str, _Shop[T]] = {}
         self._virtual = 0.0
         self._waiting = 0
@@ -74,9 +84,28 @@ class FairQueue(Generic[T]):
     def __len__(self) -> int:
         return self._waiting
 
-    def backlog_s(self) -> float:
-        """The estimated work of every job waiting (each shop's mean cost per job)."""
-        return sum(shop.cost_s * len(shop.waiting) for shop in self._shops.values() if shop.waiting)
+    def backlog_s(self, now: float) -> float:
+        """The estimated work of the jobs waiting that can still be done by their deadlines, in
+        the order they would run (each shop's mean cost per job). What cannot be (it will be
+        refused, or dropped as stale) holds nobody's time and is not counted: a worker pulling
+        its queue looks past a flood that has outrun its deadlines to the shop behind it."""
+        done = 0.0
+        for _, _, shop_id, position in self._order():
+            shop = self._shops[shop_id]
+            if now + done + shop.cost_s <= shop.waiting[position][1]:
+                done += shop.cost_s
+        return done
+
+    def _order(self) -> list[tuple[float, int, str, int]]:
+        """Every waiting job as (tag, shop index, shop id, position), in the order they would run."""
+        order: list[tuple[float, int, str, int]] = []
+        for index, (shop_id, shop) in enumerate(self._shops.items()):
+            tag = shop.tag
+            for position in range(len(shop.waiting)):
+                order.append((tag, index, shop_id, position))
+                tag += shop.cost_s
+        order.sort()
+        return order
 
     def clear(self) -> list[Handed[T]]:
         """Every job still waiting, taken out (for a worker that stops serving them)."""
@@ -92,10 +121,14 @@ class FairQueue(Generic[T]):
         if shop is None:
             if len(self._shops) >= MAX_IDLE_SHOPS:
                 self._forget_idle()
-            shop = self._shops[shop_id] = _Shop(cost_s=self._mean_cost_s)
-        if not self._waiting:
+            # Never above the first guess: under a flood the mean is the flooder's, and a quiet
+            # shop new here must not be refused for what the flooder's runs cost.
+            shop = self._shops[shop_id] = _Shop(cost_s=min(self._mean_cost_s, FIRST_GUESS_S))
+        if not self._waiting and self._clock() - self._busy_at > IDLE_RESET_S:
             # The worker was idle: every shop's past is even. A shop whose last job cost more
-            # than the others' (a compile, say) carries no debt into the next busy period.
+            # than the others' (a compile, say) carries no debt into the next busy period. Not
+            # at every moment nothing waits: a flood of one call at a time leaves the queue
+            # empty between its jobs, and its history must count against it.
             self._virtual = max(self._virtual, self._latest_tag)
         if not shop.waiting:
             # Back from idle: it starts now, in virtual time, whatever it used before.
@@ -122,6 +155,7 @@ class FairQueue(Generic[T]):
             return None, refused
         item, _ = best.waiting.popleft()
         self._waiting -= 1
+        self._busy_at = self._clock()
         self._virtual = best.tag
         best.started = best.cost_s
         best.tag += best.cost_s
@@ -134,7 +168,13 @@ class FairQueue(Generic[T]):
         shop = self._shops.get(shop_id)
         if shop is None:
             return
-        cost = min(max(seconds, MIN_COST_S), MAX_COST_S)
+        self._busy_at = self._clock()
+        # One run far over the shop's mean is charged at most a few means: a worker paused, a
+        # Redis stalled or a collector run must not put the shop it happened to behind for long
+        # (seen: a run charged 0.5 s for a pause put a quiet shop behind thirty of a flood's).
+        # A shop whose runs really grew gets there in a few runs.
+        ceiling = min(MAX_COST_S, max(SURGE_FACTOR * shop.cost_s, SURGE_FLOOR_S))
+        cost = min(max(seconds, MIN_COST_S), ceiling)
         shop.tag += cost - shop.started
         shop.started = 0.0
         self._latest_tag = max(self._latest_tag, shop.tag)
@@ -143,20 +183,23 @@ class FairQueue(Generic[T]):
         shop.cost_s += SMOOTHING * (cost - shop.cost_s)
         self._mean_cost_s += SMOOTHING * (cost - self._mean_cost_s)
 
+    def refund(self, shop_id: str) -> None:
+        """The job of ``shop_id`` last taken did not run (it was stale, or refused by a quota):
+        its shop gets back the estimate it was charged, and its mean cost is left as it was
+        (a flood of dropped jobs must not make its shop look cheap)."""
+        shop = self._shops.get(shop_id)
+        if shop is not None:
+            shop.tag -= shop.started
+            shop.started = 0.0
+
     def _refuse_late(self, now: float) -> list[Handed[T]]:
         """Walk the waiting jobs in the order they would run (by tag), adding up estimated work:
         a job that would finish after its deadline, of a shop whose tag is ahead of the front,
         behind some other shop's job, is refused (and adds nothing to the time the walk adds
         up). A shop alone is never refused: nobody else holds its jobs back."""
-        order: list[tuple[float, int, str, int]] = []
-        for index, (shop_id, shop) in enumerate(self._shops.items()):
-            tag = shop.tag
-            for position in range(len(shop.waiting)):
-                order.append((tag, index, shop_id, position))
-                tag += shop.cost_s
+        order = self._order()
         if not order:
             return []
-        order.sort()
         front = order[0][0]
         finish = now
         ahead: set[str] = set()  # shops with a job before this one in the order

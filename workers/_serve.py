@@ -89,9 +89,9 @@ class _Queued:
     shard: int
 
 
-# What the worker does with a job: run it and reply (returning the worker time it took, in
-# seconds), or refuse it (reply ``quota_exceeded``, count it).
-RunJob = Callable[[Job, ReplySession, int], float]
+# What the worker does with a job: run it and reply (returning the worker time it cost its shop,
+# in seconds, None if it did not run), or refuse it (reply ``quota_exceeded``, count it).
+RunJob = Callable[[Job, ReplySession, int], float | None]
 
 
 class RefuseJob(Protocol):
@@ -188,8 +188,11 @@ class Server:
                 except Exception as exc:  # this job's failure (run_job answers its own): not the others'
                     log.error("job_crashed", job=queued.job.id, shop=shop_id, error=repr(exc)[:300])
                     via.push(failure_reply(queued.job.id, exc, request, queued.shard))
-                    seconds = 0.0
-                fair.charge(shop_id, seconds)
+                    seconds = None
+                if seconds is None:
+                    fair.refund(shop_id)
+                else:
+                    fair.charge(shop_id, seconds)
 
     def _abandon(
         self, fair: FairQueue[_Queued], request: Any, session_for: Callable[[str | None], ReplySession]
@@ -256,7 +259,7 @@ class Server:
         most_jobs, most_work = (
             (LOOKAHEAD_SHARED_JOBS, LOOKAHEAD_SHARED_S) if shared else (LOOKAHEAD_JOBS, LOOKAHEAD_S)
         )
-        while len(fair) < most_jobs and fair.backlog_s() < most_work:
+        while len(fair) < most_jobs and fair.backlog_s(time.time()) < most_work:
             try:
                 messages = via.pop(queue, PULL_MESSAGES)
             except (redis.RedisError, OSError) as exc:
