@@ -12,10 +12,12 @@ Messages pulled here are the same kombu envelopes Celery would have delivered
 (``scriptpool.producer._publisher`` writes them), checked as strictly as
 ``scriptpool.workers._strategy`` checks Celery's: a malformed one is logged and dropped.
 
-The loop ends when nothing waits. It stops pulling when the worker is asked to stop (a warm
-shutdown runs what it holds and no more), or after :data:`SERVE_BUDGET_S`, so that Celery's
-consumer (remote control commands) gets the process back now and then under a flood; what was
-pulled by then is still run, and the rest stays in Redis for the next delivery.
+After its last job the worker looks at the queue once more (the ``RPOP`` sent behind that
+job's reply, so it costs no round trip of its own), and the loop ends when nothing waits. It
+stops pulling when the worker is asked to stop (a warm shutdown runs what it holds and no
+more), or after :data:`SERVE_BUDGET_S`, so that Celery's consumer (remote control commands) gets
+the process back now and then under a flood; what was pulled by then is still run, and the rest
+stays in Redis for the next delivery.
 """
 
 from __future__ import annotations
