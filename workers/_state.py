@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -112,11 +113,21 @@ class WorkerState:
         if refusal is not None:
             self.refuse(job, refusal.error(), replies, shard, reason=refusal.limit)
             return None
+        released = False
+
+        def release(execution: Execution | None) -> None:
+            # Before the reply: a caller that calls again the moment it has its answer must find
+            # its slot free (a shop without quotas: no Redis call).
+            nonlocal released
+            if not released:
+                released = True
+                self.quotas.finish(job.id, job.shop_id, _instructions_by_app(execution))
+
         execution: Execution | None = None
         try:
-            execution = self._execute(job, replies, shard, received)
+            execution = self._execute(job, replies, shard, received, release)
         finally:
-            self.quotas.finish(job.id, job.shop_id, _instructions_by_app(execution))
+            release(execution)
         spent = time.perf_counter() - started
         if execution is None or execution.report.module_source in ("hot", ""):
             return spent
@@ -202,7 +213,14 @@ class WorkerState:
             late_ms=round((now - job.deadline) * 1000, 3),
         )
 
-    def _execute(self, job: Job, replies: ReplySession, shard: int, received: float) -> Execution | None:
+    def _execute(
+        self,
+        job: Job,
+        replies: ReplySession,
+        shard: int,
+        received: float,
+        release: Callable[[Execution | None], None],
+    ) -> Execution | None:
         """Run ``job`` and reply; then its writes, log line, metrics, capture and shadow run.
         None if the worker failed (the caller hears ``worker_error``)."""
         worker = self.server.worker
@@ -222,6 +240,7 @@ class WorkerState:
         except Exception as exc:  # the worker failed (e.g. Redis lost mid-lookup), not the script
             log.warning("job_failed", job=job.id, ep=job.ep, shop=job.shop_id, error=repr(exc))
             reply = failure_reply(job.id, exc, self.server.request, shard)
+            release(None)
             replies.push(reply)
             self.usage.record_failed(job, reply["error"]["code"])
             return None
@@ -229,6 +248,7 @@ class WorkerState:
         # A caller past its deadline has returned its fallback and stopped listening: a reply
         # would only recreate the reply list of a client that may be gone.
         replied = finished <= job.deadline
+        release(execution)
         if replied:
             replies.push(Reply(job.id, execution, None, shard, worker, received, finished).to_wire())
         if writes:  # a successful call's (the executor hands over none of a failed one)
