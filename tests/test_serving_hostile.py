@@ -188,14 +188,14 @@ def test_a_warm_shutdown_stops_the_pulls(
     the five stay queued for the next worker (Celery sets ``state.should_stop`` to the exit code,
     0 for a warm shutdown: "set" is tested by identity)."""
     keys = pool_settings.keys
-    deployer.define_extension_point("slow", limits={"fuel": 2_000_000_000, "wall_ms": 10_000})
-    deployer.deploy("slow", SHOP, guests.echo(burn=250_000_000))
+    deployer.define_extension_point("slow", limits={"fuel": 9_000_000_000, "wall_ms": 10_000})
+    deployer.deploy("slow", SHOP, guests.echo(burn=1_200_000_000))
     deployer.deploy("test", SHOP, guests.ECHO)
     assert _served(redis_client, keys)
     reply_to = keys.replies(uuid.uuid4().hex)
     slow_id, message = _job_message(keys, 0, SHOP, reply_to, ep="slow", deadline_s=60)
     redis_client.lpush(keys.queue(0), message)
-    time.sleep(0.3)  # taken, and compiling or running
+    time.sleep(0.3)  # taken, and compiling or running (about 1.5 s of guest work here)
     for _ in range(5):
         redis_client.lpush(keys.queue(0), _job_message(keys, 0, SHOP, reply_to, deadline_s=60)[1])
     worker.process.send_signal(signal.SIGTERM)
