@@ -15,6 +15,7 @@ result backend for what escapes the task: an exception raised outside any job is
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -48,9 +49,10 @@ class ReplyPusher:
 
     @contextmanager
     def session(self, reply_to: str | None) -> Iterator[ReplySession]:
-        """Replies to one message's caller: each :meth:`ReplySession.push` is sent at once, and
-        Redis's acknowledgements are read when the session ends, so a batch never waits for a
-        round trip between its jobs. Nothing is written for a foreign or missing ``reply_to``."""
+        """Replies to one message's caller, sent when :meth:`ReplySession.send` says (or when the
+        session ends); Redis's acknowledgements are read when the session ends, so a batch never
+        waits for a round trip between its jobs. Nothing is written for a foreign or missing
+        ``reply_to``."""
         session = ReplySession(self._pool, reply_to if self.accepts(reply_to) else None)
         try:
             yield session
@@ -65,6 +67,8 @@ class ReplyPusher:
 
 # How long a worker waits for the answer to its pull's RPOP (kombu's own BRPOP waits forever).
 POP_PATIENCE_S = 60.0
+# Whether Redis knows BLMPOP (7.0 and later), until it says it does not.
+_blmpop = True
 # Ours are the prefix and 32 hex digits; a longer name is not one of ours.
 _MAX_REPLY_TO = 256
 
@@ -81,7 +85,12 @@ def valid_reply_to(reply_to: object) -> bool:
 
 
 class ReplySession:
-    """One pooled connection, held while a message's replies go out (see ReplyPusher.session)."""
+    """One pooled connection, held while a message's replies go out (see ReplyPusher.session).
+
+    Replies are held until :meth:`send` (or a :meth:`pop`, or the end of the session), then go
+    out together: one ``RPUSH`` of all of them and one ``EXPIRE``, in one write. A write is a
+    system call that also wakes Redis: sent one by one, a batch's replies cost the worker more
+    than running its jobs (``scriptpool.workers._serve`` decides when held replies must go)."""
 
     def __init__(self, pool: redis.ConnectionPool, reply_to: str | None) -> None:
         self._pool = pool
@@ -89,9 +98,14 @@ class ReplySession:
         self._expire = redis_command(b"EXPIRE", self._key, str(Keys.REPLY_TTL_S)) if self._key else b""
         self._connection: Any = None  # redis-py types its connections partly
         self._unread = 0
+        self._held: list[bytes] = []
+        # When the oldest reply held was pushed (time.monotonic), inf while none is.
+        self.held_since = math.inf
+        # Send each reply as it is pushed (the worker has nothing else to run meanwhile).
+        self.eager = False
 
     def push(self, reply: dict[str, Any]) -> None:
-        """Send RPUSH + EXPIRE for ``reply`` without waiting for the answer."""
+        """Hold ``reply`` until the next :meth:`send` (no I/O), or send it now if :attr:`eager`."""
         if self._key is None:
             return
         try:
@@ -102,33 +116,58 @@ class ReplySession:
             log.error("reply_unpackable", job=reply.get("job_id"), error=repr(exc))
             failure = failure_reply(str(reply.get("job_id")), exc, None, reply.get("shard", -1))
             body = msgpack.packb(failure, use_bin_type=True)
-        packed = redis_command(b"RPUSH", self._key, body) + self._expire
-        if self._connection is None:
-            self._connection = self._pool.get_connection()
+        if not self._held:
+            self.held_since = time.monotonic()
+        self._held.append(body)
+        if self.eager:
+            self.send()
+
+    def send(self) -> None:
+        """Send the replies held (``RPUSH`` + ``EXPIRE``) without waiting for Redis's answer. If
+        Redis cannot take them now, they stay held (logged), for the next write or the end of
+        the session: a job's reply is never lost to the moment it was ready."""
+        if not self._held:
+            return
         try:
-            self._connection.send_packed_command([packed], check_health=False)
-        except BaseException:
-            self._drop()
-            raise
-        self._unread += 2
+            self._write([])
+        except (redis.RedisError, OSError) as exc:
+            log.warning("reply_delayed", key=self._key, replies=len(self._held), error=repr(exc)[:200])
 
     def pop(self, queue: str, count: int) -> list[Any]:
-        """``RPOP queue count`` on this session's connection, after the replies sent so far: their
-        acknowledgements and the messages popped come back in one round trip, so a worker that
-        looks at its queue after a reply pays no round trip of its own for it."""
-        if self._connection is None:
-            self._connection = self._pool.get_connection()
+        """``RPOP queue count`` on this session's connection, after the replies held: they, their
+        acknowledgements and the messages popped cost one round trip, so a worker that looks at
+        its queue after a reply pays no round trip of its own for it."""
+        return self._pop_with(redis_command(b"RPOP", queue, str(count)))
+
+    def wait_pop(self, queue: str, count: int, timeout_s: float) -> list[Any]:
+        """After the replies held, up to ``count`` messages of ``queue``, waiting up to
+        ``timeout_s`` for the first: ``BLMPOP`` (Redis 7), or ``BRPOP`` (one message) where
+        the server does not know it."""
+        global _blmpop
+        timeout = f"{timeout_s:.3f}"
+        if _blmpop:
+            try:
+                popped = self._pop_with(
+                    redis_command(b"BLMPOP", timeout, b"1", queue, b"RIGHT", b"COUNT", str(count))
+                )
+                return popped[1] if len(popped) == 2 and isinstance(popped[1], list) else []
+            except redis.ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                _blmpop = False
+        popped = self._pop_with(redis_command(b"BRPOP", queue, timeout))
+        return popped[1:2]
+
+    def _pop_with(self, command: bytes) -> list[Any]:
         try:
-            self._connection.send_packed_command(
-                [redis_command(b"RPOP", queue, str(count))], check_health=False
-            )
-            # Once sent, the RPOP runs whenever Redis gets to it, and what it pops exists only in
+            self._write([command])
+            # Once sent, the pop runs whenever Redis gets to it, and what it pops exists only in
             # its answer: a paused Redis is waited for (up to POP_PATIENCE_S), never given up
             # on after the socket's 2 s, which would leave those messages popped and unanswered.
             deadline = time.monotonic() + POP_PATIENCE_S
             while not self._connection.can_read(timeout=0.5):
                 if time.monotonic() >= deadline:
-                    raise redis.TimeoutError(f"no answer to RPOP {queue} in {POP_PATIENCE_S:.0f} s")
+                    raise redis.TimeoutError(f"no answer to a pop in {POP_PATIENCE_S:.0f} s")
             self._read_acknowledgements()
             popped = self._connection.read_response()
         except BaseException:
@@ -137,7 +176,9 @@ class ReplySession:
         return popped if isinstance(popped, list) else []
 
     def close(self) -> None:
-        """Read the acknowledgements and give the connection back."""
+        """Send what is held, read the acknowledgements and give the connection back."""
+        if self._held:
+            self._write([])
         if self._connection is None:
             return
         try:
@@ -148,17 +189,39 @@ class ReplySession:
         self._pool.release(self._connection)
         self._connection = None
 
+    def _write(self, after: list[bytes]) -> None:
+        """Send the held replies, then ``after`` (packed commands), in one write. The replies
+        stay held unless it was sent."""
+        commands = after
+        if self._held:
+            assert self._key is not None  # nothing is held for a session that writes nowhere
+            commands = [redis_command(b"RPUSH", self._key, *self._held) + self._expire, *after]
+        try:
+            if self._connection is None:
+                self._connection = self._pool.get_connection()
+            # One bytes object: redis-py makes a system call per item of a list.
+            self._connection.send_packed_command([b"".join(commands)], check_health=False)
+        except BaseException:
+            self._drop()
+            raise
+        if len(commands) > len(after):
+            self._held = []
+            self.held_since = math.inf
+            self._unread += 2
+
     def _read_acknowledgements(self) -> None:
         unread, self._unread = self._unread, 0
         for _ in range(unread):
             try:
                 self._connection.read_response()
-            except redis.ResponseError as exc:  # e.g. the key is not a list: this reply is lost
+            except redis.ResponseError as exc:  # e.g. the key is not a list: these replies are lost
                 log.warning("reply_rejected", key=self._key, error=str(exc))
 
     def _drop(self) -> None:
-        self._connection.disconnect()  # half-read answers must not reach the next user
-        self._pool.release(self._connection)
+        """Give the connection up (its unread answers with it); what is held stays held."""
+        if self._connection is not None:
+            self._connection.disconnect()  # half-read answers must not reach the next user
+            self._pool.release(self._connection)
         self._connection = None
         self._unread = 0
 

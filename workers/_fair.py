@@ -162,6 +162,12 @@ class FairQueue(Generic[T]):
         self._latest_tag = max(self._latest_tag, best.tag)
         return (item, best_id), refused
 
+    def estimate_s(self, shop_id: str) -> float:
+        """What a job of ``shop_id`` is expected to cost (its recent mean; the first guess for a
+        shop not seen)."""
+        shop = self._shops.get(shop_id)
+        return FIRST_GUESS_S if shop is None else shop.cost_s
+
     def charge(self, shop_id: str, seconds: float) -> None:
         """The job of ``shop_id`` last taken cost ``seconds`` of the worker's time: its shop's tag
         is corrected from the estimate to that, and its mean cost moves towards it."""

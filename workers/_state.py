@@ -252,6 +252,7 @@ class WorkerState:
         if replied:
             replies.push(Reply(job.id, execution, None, shard, worker, received, finished).to_wire())
         if writes:  # a successful call's (the executor hands over none of a failed one)
+            replies.send()  # the caller does not wait for the writes
             self.store_writes.apply(job, writes, replied=replied)
             # This process's next job reads them at once, not when its listener hears of them.
             self.executor.store.forget_written(job.shop_id, job.session, writes)

@@ -19,7 +19,7 @@ from scriptpool.cli._table import LiveTable
 from scriptpool.config import Settings, shard_for
 from scriptpool.config.redis import describe_redis_url, redis_client
 from scriptpool.producer import Client, Outcome
-from scriptpool.testing import TRIVIAL_WAT, local_pool, percentiles
+from scriptpool.testing import TRIVIAL_WAT, CpuMeter, local_pool, percentiles
 
 if TYPE_CHECKING:
     from scriptpool.engine import Sandbox
@@ -190,6 +190,7 @@ def _bench(options: BenchOptions, settings: Settings, scratch: Scratch, sandbox:
                 client.run(ep, shop, PAYLOAD, timeout=5)
         serial = _serial(client, ep, shops, options.serial)
         before = client.batching_stats()
+        meter = CpuMeter().start()
         started = time.perf_counter()
         concurrent, per_second = _load(
             client,
@@ -201,6 +202,7 @@ def _bench(options: BenchOptions, settings: Settings, scratch: Scratch, sandbox:
             use_asyncio=options.use_asyncio,
         )
         elapsed = time.perf_counter() - started
+        cpu = meter.stop()
         after = client.batching_stats()
     messages = sum(after[s][0] - before[s][0] for s in after)
     jobs = sum(after[s][1] - before[s][1] for s in after)
@@ -218,6 +220,7 @@ def _bench(options: BenchOptions, settings: Settings, scratch: Scratch, sandbox:
     result["ours_serial"] = _stage_table(serial)
     result["ours_concurrent"] = _stage_table(concurrent)
     result["throughput_per_s"] = round(len(concurrent) / elapsed, 1)
+    result["cpu_per_execution_us"] = _cpu_per_execution(cpu, len(concurrent), elapsed, options.external)
     result["failures"] = sum(not o.ok for o in serial + concurrent)
     ours_p50 = result["ours_serial"]["total"]["p50"]
     naive = result["naive_celery"]
@@ -227,6 +230,30 @@ def _bench(options: BenchOptions, settings: Settings, scratch: Scratch, sandbox:
         "ours_over_naive_p50": round(ours_p50 / naive["p50"], 2) if naive else None,
     }
     return result
+
+
+def _cpu_per_execution(
+    cpu: dict[str, float], executions: int, elapsed: float, external: bool
+) -> dict[str, Any]:
+    """CPU microseconds per execution of the concurrent phase, by part (the bench process, its
+    callers included; the private pool's workers and Redis, unless ``external``), their sum, and
+    what that sum allows on this machine's cores: the physical limit of the design here."""
+    if not executions:
+        return {}
+    parts = {"clients": cpu.get("this process", 0.0)}
+    if not external:
+        parts["workers"] = cpu.get("workers", 0.0)
+        parts["redis"] = cpu.get("redis", 0.0)
+    per = {name: round(seconds / executions * 1e6, 1) for name, seconds in parts.items()}
+    total = sum(parts.values()) / executions
+    cores = os.cpu_count() or 1
+    return {
+        **per,
+        "total": round(total * 1e6, 1),
+        "cores_busy": round(sum(parts.values()) / elapsed, 2),
+        "cores": cores,
+        "limit_per_s": None if external else round(cores / total) if total else None,
+    }
 
 
 def _naive(settings: Settings, sha256: str, count: int) -> dict[str, float]:
@@ -357,6 +384,18 @@ def _print(result: dict[str, Any]) -> None:
             f"sustained for {sustained['duration_s']} s: slowest second {sustained['per_second_min']}"
             f" executions, median second {sustained['per_second_p50']}"
         )
+    cpu = result.get("cpu_per_execution_us") or {}
+    if cpu:
+        parts = ", ".join(f"{name} {cpu[name]}" for name in ("clients", "workers", "redis") if name in cpu)
+        print(
+            f"cpu per execution, us: {parts}; total {cpu['total']}"
+            f" ({cpu['cores_busy']} of {cpu['cores']} cores busy)"
+        )
+        if cpu.get("limit_per_s"):
+            print(
+                f"physical limit at that cost: {cpu['limit_per_s']} executions/s on {cpu['cores']} cores"
+                f" (this run reached {round(100 * result['throughput_per_s'] / cpu['limit_per_s'])}%)"
+            )
     print("\nreference points (serial, same script and input), ms")
     refs = LiveTable([("design", 22), ("p50", 8), ("p95", 8), ("p99", 8)])
     for name in ("floor", "in_process", "naive_celery"):

@@ -8,7 +8,8 @@ set up in one call, and measuring helpers. None of it is needed to run scriptpoo
 - :func:`local_pool`: a private Redis and one worker per shard (or the user's, ``external``).
 - :func:`worker_argv`: the Celery command line of a shard worker (from ``scriptpool.workers``).
 - :func:`make_registry`: a registry with extension points defined and scripts deployed.
-- :func:`percentiles`, :func:`rss_mb`, :data:`TRIVIAL_WAT`: what the benchmarks measure with.
+- :func:`percentiles`, :func:`rss_mb`, :class:`CpuMeter`, :data:`TRIVIAL_WAT`: what the
+  benchmarks measure with.
 
 Each name is imported on first use: ``scriptpool demo`` and ``bench`` import the embedded Redis
 from here, and should not pay for the registry or wasmtime to do so.
@@ -25,13 +26,14 @@ if TYPE_CHECKING:
     from scriptpool.testing._embedded_redis import EmbeddedRedis, find_redis_server, free_port
     from scriptpool.testing._embedded_sentinel import EmbeddedSentinelSet
     from scriptpool.testing._local_pool import local_pool
-    from scriptpool.testing._measure import TRIVIAL_WAT, percentiles, rss_mb
+    from scriptpool.testing._measure import TRIVIAL_WAT, CpuMeter, percentiles, rss_mb
     from scriptpool.testing._registry import make_registry
     from scriptpool.workers import worker_argv
 
 # Where each public name lives.
 _HOMES = {
     "TRIVIAL_WAT": "scriptpool.testing._measure",
+    "CpuMeter": "scriptpool.testing._measure",
     "EmbeddedRedis": "scriptpool.testing._embedded_redis",
     "EmbeddedSentinelSet": "scriptpool.testing._embedded_sentinel",
     "find_redis_server": "scriptpool.testing._embedded_redis",
@@ -45,6 +47,7 @@ _HOMES = {
 
 __all__ = [
     "TRIVIAL_WAT",
+    "CpuMeter",
     "EmbeddedRedis",
     "EmbeddedSentinelSet",
     "find_redis_server",
