@@ -27,6 +27,14 @@ from functools import lru_cache
 from typing import Any, TextIO
 
 ROOT = "scriptpool"
+# The level names structlog's add_log_level gives a record of each standard level.
+_LEVELS = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warning",
+    logging.ERROR: "error",
+    logging.CRITICAL: "critical",
+}
 logging.getLogger(ROOT).addHandler(logging.NullHandler())
 
 # Field names a LogRecord keeps for itself; an event field of that name gets a trailing "_".
@@ -79,6 +87,11 @@ class _Fields(Mapping[str, str]):
 
     def __len__(self) -> int:
         return len(self._fields)
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The fields as given (values unformatted)."""
+        return self._fields
 
 
 def event_name(record: logging.LogRecord) -> str:
@@ -133,6 +146,11 @@ def formatter(*, json: bool) -> logging.Formatter:
     other libraries' records with their message."""
     import structlog
 
+    stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+
     class EventFormatter(structlog.stdlib.ProcessorFormatter):
         """Renders our events by their bare name, their fields beside it (not in the message)."""
 
@@ -140,6 +158,20 @@ def formatter(*, json: bool) -> logging.Formatter:
             msg, args = record.msg, record.args
             if not isinstance(msg, _Template):
                 return super().format(record)
+            if json and not record.exc_info and not record.stack_info:
+                # The same object the chain below makes (a test compares them), with the same
+                # stamper and renderer, without copying the record through four processors:
+                # 7 us instead of 29, on a worker's line per execution.
+                # (A LogRecord whose one argument is a mapping keeps the mapping as ``args``.)
+                fields = args[0] if isinstance(args, tuple) and args else args
+                event: dict[str, Any] = {
+                    "event": msg.event,
+                    "level": _LEVELS.get(record.levelno) or record.levelname.lower(),
+                    "logger": record.name,
+                }
+                if isinstance(fields, _Fields):
+                    event.update(fields.raw)
+                return str(renderer(None, "", stamper(None, "", event)))
             # Swapped for this format only (it copies the record; a record is handled in one
             # thread), so other handlers of the record still get the message with the fields.
             message = record.__dict__.pop("message", None)  # another formatter's, with the fields
@@ -151,15 +183,12 @@ def formatter(*, json: bool) -> logging.Formatter:
                 if message is not None:
                     record.message = message
 
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
-    )
     return EventFormatter(
         foreign_pre_chain=[
             structlog.stdlib.add_log_level,
             structlog.stdlib.add_logger_name,
             structlog.stdlib.ExtraAdder(),
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamper,
         ],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )

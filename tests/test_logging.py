@@ -75,6 +75,52 @@ def test_the_json_renderer_keeps_the_bare_event_and_the_fields_as_keys(plain_log
     assert plain_logging.getvalue().strip().endswith('reply_invalid job=j1 problem="not msgpack"')
 
 
+def test_an_event_renders_as_structlogs_processor_chain_renders_it() -> None:
+    """The JSON formatter's short path for our events (no traceback) gives the object
+    structlog's chain of processors gives the same record: the same keys in the same order
+    (event, level, logger, the fields, timestamp) and the same values, odd ones included."""
+    import structlog
+
+    stream = io.StringIO()
+    handler = configure_logging(json=True, stream=stream)
+    formatter = handler.formatter
+    assert formatter is not None
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    keep = Keep()
+    logging.getLogger().addHandler(keep)
+    try:
+        log = get_logger("worker")
+        log.info("execution", job="j1", shard=0, ms=0.0097, error_code=None, name="clash", text='ünï "q"')
+        log.warning("odd", value=object(), nested={"a": [1, None]}, **{"not an identifier": 1})
+        log.error("no_fields")
+    finally:
+        logging.getLogger().removeHandler(keep)
+    assert len(seen) == 3
+    for record in seen:
+        fast = json.loads(formatter.format(record))
+        # What the formatter's long path hands the chain: the bare event, no message formatted
+        # by another handler (pytest's, here).
+        msg, args = record.msg, record.args
+        message = record.__dict__.pop("message", None)
+        record.msg, record.args = event_name(record), ()
+        try:
+            chain = json.loads(structlog.stdlib.ProcessorFormatter.format(formatter, record))  # type: ignore[arg-type]
+        finally:
+            record.msg, record.args = msg, args
+            if message is not None:
+                record.message = message
+        assert list(fast) == list(chain) and list(fast)[:3] == ["event", "level", "logger"]
+        assert list(fast)[-1] == "timestamp"
+        fast.pop("timestamp"), chain.pop("timestamp")
+        assert fast == chain
+    assert json.loads(formatter.format(seen[0]))["name_"] == "clash"  # a LogRecord attribute's name
+
+
 def test_event_name_of_any_record() -> None:
     """``event_name`` is our event's bare name, and any other record's message."""
     seen: list[logging.LogRecord] = []
