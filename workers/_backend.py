@@ -103,6 +103,8 @@ class ReplySession:
         self.held_since = math.inf
         # Send each reply as it is pushed (the worker has nothing else to run meanwhile).
         self.eager = False
+        self._popping: str | None = None  # the queue of a pop begun and not yet ended
+        self._unread_before_pop = 0  # the acknowledgements that come before its answer
 
     def push(self, reply: dict[str, Any]) -> None:
         """Hold ``reply`` until the next :meth:`send` (no I/O), or send it now if :attr:`eager`."""
@@ -133,6 +135,29 @@ class ReplySession:
         except (redis.RedisError, OSError) as exc:
             log.warning("reply_delayed", key=self._key, replies=len(self._held), error=repr(exc)[:200])
 
+    def pop_begin(self, queue: str, count: int) -> None:
+        """Send ``RPOP queue count`` after the replies held, and go on: :meth:`pop_end` reads its
+        answer (replies pushed meanwhile are written behind it). A worker runs a job while the
+        round trip is under way, instead of waiting it out."""
+        assert self._popping is None, "one pop at a time"
+        self._write([redis_command(b"RPOP", queue, str(count))])
+        self._popping, self._unread_before_pop, self._unread = queue, self._unread, 0
+
+    @property
+    def popping(self) -> bool:
+        """Whether a pop begun is still to be ended."""
+        return self._popping is not None
+
+    def pop_end(self) -> list[Any]:
+        """The messages the pop begun took (waiting for its answer, as :meth:`pop` does)."""
+        assert self._popping is not None, "no pop begun"
+        try:
+            popped = self._answer(self._unread_before_pop)
+        finally:
+            self._popping = None
+            self._unread_before_pop = 0
+        return popped
+
     def pop(self, queue: str, count: int) -> list[Any]:
         """``RPOP queue count`` on this session's connection, after the replies held: they, their
         acknowledgements and the messages popped cost one round trip, so a worker that looks at
@@ -159,16 +184,22 @@ class ReplySession:
         return popped[1:2]
 
     def _pop_with(self, command: bytes) -> list[Any]:
+        assert self._popping is None, "a pop begun is ended first"
+        self._write([command])
+        unread, self._unread = self._unread, 0
+        return self._answer(unread)
+
+    def _answer(self, acknowledgements: int) -> list[Any]:
+        """Read ``acknowledgements`` answers, then a pop's. Once sent, the pop runs whenever
+        Redis gets to it, and what it pops exists only in its answer: a paused Redis is waited
+        for (up to POP_PATIENCE_S), never given up on after the socket's 2 s, which would leave
+        those messages popped and unanswered."""
         try:
-            self._write([command])
-            # Once sent, the pop runs whenever Redis gets to it, and what it pops exists only in
-            # its answer: a paused Redis is waited for (up to POP_PATIENCE_S), never given up
-            # on after the socket's 2 s, which would leave those messages popped and unanswered.
             deadline = time.monotonic() + POP_PATIENCE_S
             while not self._connection.can_read(timeout=0.5):
                 if time.monotonic() >= deadline:
                     raise redis.TimeoutError(f"no answer to a pop in {POP_PATIENCE_S:.0f} s")
-            self._read_acknowledgements()
+            self._read(acknowledgements)
             popped = self._connection.read_response()
         except BaseException:
             self._drop()
@@ -176,7 +207,11 @@ class ReplySession:
         return popped if isinstance(popped, list) else []
 
     def close(self) -> None:
-        """Send what is held, read the acknowledgements and give the connection back."""
+        """Send what is held, read the acknowledgements and give the connection back. A pop
+        begun is ended first by whoever began it: what it took would be lost here."""
+        if self._popping is not None:
+            log.error("pop_unfinished", queue=self._popping)
+            self._drop()  # its answer is lost with the connection, and not read as an ack
         if self._held:
             self._write([])
         if self._connection is None:
@@ -211,7 +246,10 @@ class ReplySession:
 
     def _read_acknowledgements(self) -> None:
         unread, self._unread = self._unread, 0
-        for _ in range(unread):
+        self._read(unread)
+
+    def _read(self, acknowledgements: int) -> None:
+        for _ in range(acknowledgements):
             try:
                 self._connection.read_response()
             except redis.ResponseError as exc:  # e.g. the key is not a list: these replies are lost
@@ -224,6 +262,8 @@ class ReplySession:
             self._pool.release(self._connection)
         self._connection = None
         self._unread = 0
+        self._popping = None
+        self._unread_before_pop = 0
 
 
 class ReplyListBackend(BaseBackend):  # type: ignore[misc]

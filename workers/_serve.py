@@ -170,49 +170,70 @@ class Server:
     ) -> None:
         # Refusing for fairness needs a choice to make: a lone job is run as it came.
         fresh = self._admit(fair, delivery, request, session_for) > 1
-        # Pulls go on the connection of the last replies, behind them (ReplySession.pop).
+        # Pulls go on the connection of the last replies, behind them (ReplySession.pop_begin).
         via = session_for(delivery.reply_to)
         now = time.monotonic()
         pulling_until = now + SERVE_BUDGET_S
         pulled_at = now  # the delivery itself was just taken from the queue
-        while True:
-            now = time.monotonic()
-            if (
-                now < pulling_until
-                and (not len(fair) or now - pulled_at >= PULL_INTERVAL_S)
-                and not self._stopping()
-            ):
-                pulled_at = now
-                session_for.send(but=via)  # what the pull's round trip does not carry
-                if len(fair):
-                    fresh = self._pull(fair, queue, delivery.shard, request, session_for, via) > 0 or fresh
-                else:
-                    if self._linger(fair, queue, delivery.shard, request, session_for, via) == PULL_MESSAGES:
-                        # The rest of a burst is seen now, not a pull later.
-                        self._pull(fair, queue, delivery.shard, request, session_for, via)
-                    fresh = True
-            if not len(fair):
-                return
-            taken, refused = fair.take(time.time(), check_late=fresh)
-            fresh = False
-            for late, _ in refused:
-                self._refuse(late, session_for(late.reply_to))
-            if taken is not None:
-                queued, shop_id = taken
-                if now - session_for.held_since() >= REPLY_HOLD_S or fair.estimate_s(shop_id) >= REPLY_HOLD_S:
-                    session_for.send()
-                via = session_for(queued.reply_to)
-                via.eager = not len(fair)  # nothing else to run: its reply goes at once
-                try:
-                    seconds = self._run_job(queued.job, via, queued.shard)
-                except Exception as exc:  # this job's failure (run_job answers its own): not the others'
-                    log.error("job_crashed", job=queued.job.id, shop=shop_id, error=repr(exc)[:300])
-                    via.push(failure_reply(queued.job.id, exc, request, queued.shard))
-                    seconds = None
-                if seconds is None:
-                    fair.refund(shop_id)
-                else:
-                    fair.charge(shop_id, seconds)
+        pulling: ReplySession | None = None  # whose RPOP is under way while a job runs
+        shard = delivery.shard
+        try:
+            while True:
+                if pulling is not None:
+                    # Its answer came while the last job ran (or, with nothing to run, is waited for).
+                    fresh = self._end_pull(fair, queue, shard, request, session_for, pulling) > 0 or fresh
+                    pulling = None
+                now = time.monotonic()
+                if (
+                    now < pulling_until
+                    and (not len(fair) or now - pulled_at >= PULL_INTERVAL_S)
+                    and not self._stopping()
+                ):
+                    pulled_at = now
+                    session_for.send(but=via)  # what the pull's round trip does not carry
+                    if not len(fair):
+                        if self._linger(fair, queue, shard, request, session_for, via) == PULL_MESSAGES:
+                            # The rest of a burst is seen now, not a pull later.
+                            self._pull(fair, queue, shard, request, session_for, via)
+                        fresh = True
+                    elif self._has_room(fair, shard) and self._begin_pull(queue, via):
+                        pulling = via
+                if not len(fair):  # (a pull is begun only while jobs wait)
+                    return
+                via = self._run_next(fair, fresh, now, request, session_for) or via
+                fresh = False
+        finally:
+            if pulling is not None:  # the loop broke (a bug, the process stopping) mid-pull
+                # What it took is queued, to be answered as the worker's failure (_abandon).
+                self._end_pull(fair, queue, shard, request, session_for, pulling, more=False)
+
+    def _run_next(
+        self, fair: FairQueue[_Queued], fresh: bool, now: float, request: Any, session_for: _Sessions
+    ) -> ReplySession | None:
+        """Refuse what is late for fair share (``fresh``: jobs came in since the last look), then
+        run the next job and charge its shop; the session its reply went to, None if none ran."""
+        taken, refused = fair.take(time.time(), check_late=fresh)
+        for late, _ in refused:
+            self._refuse(late, session_for(late.reply_to))
+        if taken is None:
+            return None
+        queued, shop_id = taken
+        # Held replies go before a job that would keep them long, or once they are old.
+        if fair.estimate_s(shop_id) >= REPLY_HOLD_S or now - session_for.held_since() >= REPLY_HOLD_S:
+            session_for.send()
+        via = session_for(queued.reply_to)
+        via.eager = not len(fair)  # nothing else to run: its reply goes at once
+        try:
+            seconds = self._run_job(queued.job, via, queued.shard)
+        except Exception as exc:  # this job's failure (run_job answers its own): not the others'
+            log.error("job_crashed", job=queued.job.id, shop=shop_id, error=repr(exc)[:300])
+            via.push(failure_reply(queued.job.id, exc, request, queued.shard))
+            seconds = None
+        if seconds is None:
+            fair.refund(shop_id)
+        else:
+            fair.charge(shop_id, seconds)
+        return via
 
     def _abandon(
         self, fair: FairQueue[_Queued], request: Any, session_for: Callable[[str | None], ReplySession]
@@ -261,6 +282,57 @@ class Server:
             admitted += 1
         return admitted
 
+    def _has_room(self, fair: FairQueue[_Queued], shard: int) -> bool:
+        """Whether the worker may hold more of the shard's jobs: under :data:`LOOKAHEAD_JOBS` and
+        :data:`LOOKAHEAD_S` of work, or the shared bounds if it shares the shard with others."""
+        # Shared with other workers, the shard's queue is theirs too: hold little work.
+        most_jobs, most_work = (
+            (LOOKAHEAD_SHARED_JOBS, LOOKAHEAD_SHARED_S)
+            if self._shares_shard(shard)
+            else (LOOKAHEAD_JOBS, LOOKAHEAD_S)
+        )
+        return len(fair) < most_jobs and fair.backlog_s(time.time()) < most_work
+
+    def _begin_pull(self, queue: str, via: ReplySession) -> bool:
+        """Send ``RPOP queue`` on ``via``'s connection and go on; False if it could not be sent
+        (a Redis error leaves the queue to Celery's consumer)."""
+        if not queue:
+            return False
+        try:
+            via.pop_begin(queue, PULL_MESSAGES)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("pull_failed", queue=queue, error=repr(exc))
+            return False
+        return True
+
+    def _end_pull(
+        self,
+        fair: FairQueue[_Queued],
+        queue: str,
+        shard: int,
+        request: Any,
+        session_for: Callable[[str | None], ReplySession],
+        via: ReplySession,
+        *,
+        more: bool = True,
+    ) -> int:
+        """Queue the jobs of the messages the pull begun on ``via`` took; if it took all it asked
+        for (a backlog) and ``more``, go on pulling at once (:meth:`_pull`). How many jobs they
+        brought."""
+        try:
+            messages = via.pop_end()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("pull_failed", queue=queue, error=repr(exc))
+            return 0
+        admitted = 0
+        for envelope in messages:
+            delivery = decode_envelope(envelope, queue, shard)
+            if delivery is not None:
+                admitted += self._admit(fair, delivery, request, session_for)
+        if more and len(messages) == PULL_MESSAGES:
+            admitted += self._pull(fair, queue, shard, request, session_for, via)
+        return admitted
+
     def _pull(
         self,
         fair: FairQueue[_Queued],
@@ -276,12 +348,7 @@ class Server:
         if not queue:
             return 0
         admitted = 0
-        # Shared with other workers, the shard's queue is theirs too: hold little work.
-        shared = self._shares_shard(shard)
-        most_jobs, most_work = (
-            (LOOKAHEAD_SHARED_JOBS, LOOKAHEAD_SHARED_S) if shared else (LOOKAHEAD_JOBS, LOOKAHEAD_S)
-        )
-        while len(fair) < most_jobs and fair.backlog_s(time.time()) < most_work:
+        while self._has_room(fair, shard):
             try:
                 messages = via.pop(queue, PULL_MESSAGES)
             except (redis.RedisError, OSError) as exc:
