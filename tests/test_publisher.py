@@ -210,11 +210,18 @@ def test_wire_forms_carry_every_field() -> None:
     from scriptpool.config.wire import ErrorInfo, Execution, ExecutionReport, Reply, Taken
 
     job = Job("id", "ep", "shop", b"{}", deadline=2.0, enqueued_at=1.0)
-    # A job without input queries or a session carries neither key (what a 0.1 worker reads).
-    optional = ("queries", "session")
+    # A job without input queries, a session or a trace context carries none of those keys
+    # (what a 0.1 worker reads).
+    optional = ("queries", "session", "trace")
     assert job.to_wire() == {k: v for k, v in dataclasses.asdict(job).items() if k not in optional}
     assert Job.from_wire(job.to_wire()) == job
-    full = dataclasses.replace(job, queries={"default": "ab" * 32, "other": ""}, session="buyer-1")
+    traceparent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    full = dataclasses.replace(
+        job,
+        queries={"default": "ab" * 32, "other": ""},
+        session="buyer-1",
+        trace={"traceparent": traceparent},
+    )
     assert full.to_wire() == dataclasses.asdict(full)
     assert Job.from_wire(full.to_wire()) == full
     execution = Execution(True, {"x": [1]}, None, ExecutionReport(instructions=7, logs="l", sha256="s"))

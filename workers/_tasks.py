@@ -15,6 +15,7 @@ from celery import signals
 
 from scriptpool.config import Keys, configure_logging, get_logger
 from scriptpool.config.errors import ConfigurationError
+from scriptpool.workers import _tracing as tracing
 from scriptpool.workers._serve import Delivery
 from scriptpool.workers._state import inherited_state, set_pool_processes, worker_state
 
@@ -117,6 +118,7 @@ def register(app: Celery) -> None:
         state = inherited_state()
         if state is not None:
             state.shutdown()
+        tracing.shutdown()  # flush the spans this process still holds (if it traces)
 
     signals.celeryd_init.connect(choose_group, weak=False)
     signals.setup_logging.connect(setup_logging, weak=False)
@@ -124,3 +126,5 @@ def register(app: Celery) -> None:
     # Prefork children start here; solo and threads pools run in the main process.
     signals.worker_process_init.connect(fresh_state_after_fork, weak=False)
     signals.worker_shutdown.connect(shutdown, weak=False)
+    # A prefork child's own stop: its spans are flushed too (the solo pool has no children).
+    signals.worker_process_shutdown.connect(lambda **_: tracing.shutdown(), weak=False)
