@@ -54,6 +54,7 @@ class SPAN:
     APP = "scriptpool.app"  # one app's script of a join or chain
     REDUCER = "scriptpool.reducer"  # a join's Wasm reducer
     REPLY = "scriptpool.reply"  # the push of the reply onto the caller's list
+    SHADOW = "scriptpool.shadow"  # a rollout's shadow run, in a trace of its own linked to the job
 
 
 class ATTR:
@@ -85,6 +86,7 @@ class ATTR:
     QUEUE_WAIT_MS = "scriptpool.queue_wait_ms"
     TOTAL_MS = "scriptpool.total_ms"
     REPLIED = "scriptpool.replied"  # false: the caller had given up, no reply was pushed
+    SHADOW_RESULT = "scriptpool.shadow.result"  # match, mismatch, candidate_error, or not_judged
     # Set on a failed job's span by a worker with SCRIPTPOOL_TRACE_FAILURES=1: its sampler then
     # records the span (and the job's other spans) even when the caller's decision was not to.
     FORCED = "scriptpool.trace.forced"

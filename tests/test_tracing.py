@@ -15,13 +15,16 @@ import gzip
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -39,14 +42,18 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, TraceFlags
 
 from scriptpool import Client, Registry, Settings
-from scriptpool.config.tracing import ATTR, SPAN
+from scriptpool.config.tracing import ATTR, SPAN, context_of
+from scriptpool.config.wire import Job
+from scriptpool.registry import RolloutRules
+from scriptpool.testing import worker_argv
 from tests import guests
 from tests.conftest import ROOT, TEST_ARTIFACT_KEY, deployer_fixture
-from tests.pool import WorkerProcess, shop_on, worker_env
+from tests.pool import WorkerProcess, pid_of, shop_on, worker_env
 
 # Shard 0: a worker that traces (and forces failed runs into the trace); shard 1: one that does
-# not; shard 2: no worker (its calls time out, their messages stay in the queue to look at).
-SHARDS = 3
+# not; shard 2: no worker (its calls time out, their messages stay in the queue to look at);
+# shard 3: a prefork pool that traces, started by its test.
+SHARDS = 4
 
 
 class Receiver:
@@ -99,6 +106,7 @@ class Receiver:
                             "end": span.end_time_unix_nano,
                             "attributes": {a.key: _value(a.value) for a in span.attributes},
                             "error": span.status.code == 2,  # STATUS_CODE_ERROR
+                            "links": [link.span_id.hex() for link in span.links],
                             "service": service,
                         }
                     )
@@ -440,3 +448,98 @@ def test_off_nothing_is_imported_carried_or_made(
     assert '"tracing_configured"' not in log and "opentelemetry" not in log
     assert '"tracing_configured"' in workers["traced"].log()
     assert os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") is None
+
+
+def test_a_shadow_run_is_linked_to_the_job_not_its_child(
+    deployer: Registry, client: Client, host_spans: InMemorySpanExporter, receiver: Receiver
+) -> None:
+    """During a rollout, the candidate's shadow run (in the worker's shadow process, which sets
+    the SDK up from the same variables) is a span of a trace of its own, linked to the live
+    job's span: the caller's trace holds the job, not the shadow run."""
+    deployer.define_extension_point("shadowed")
+    shop = shop_on(0, SHARDS, skip=6)
+    deployer.deploy("shadowed", shop, guests.ECHO)
+    deployer.start_rollout("shadowed", shop, guests.echo(burn=10), RolloutRules(promote_after=1000))
+    outcome = client.run("shadowed", shop, {"n": 4}, timeout=5)
+    assert outcome.ok and outcome.report is not None and outcome.report.rollout
+    trace_id, _ = _ids(_call_span(host_spans, outcome.job_id))
+    job = next(s for s in receiver.trace(trace_id) if s["name"] == SPAN.JOB)
+    deadline = time.monotonic() + 20
+    shadows: list[dict[str, Any]] = []
+    while not shadows and time.monotonic() < deadline:
+        time.sleep(0.05)
+        with receiver.lock:
+            shadows = [s for s in receiver.spans if s["name"] == SPAN.SHADOW and job["span_id"] in s["links"]]
+    assert len(shadows) == 1, receiver.spans[-5:]
+    shadow = shadows[0]
+    assert shadow["trace_id"] != trace_id and shadow["parent_id"] == ""
+    assert shadow["attributes"][ATTR.EP] == "shadowed" and shadow["attributes"][ATTR.SHADOW_RESULT] == "match"
+
+
+def test_a_jobs_trace_context_is_checked_as_the_rest_of_it() -> None:
+    """A job's ``trace`` is a small map of names to strings, or the job is refused; what the
+    strings say is the propagator's business (a malformed ``traceparent`` is no parent)."""
+    base = Job("id", "ep", "shop", b"{}", deadline=2.0, enqueued_at=1.0).to_wire()
+    assert Job.from_wire({**base, "trace": {"traceparent": "garbage"}}).trace == {"traceparent": "garbage"}
+    for bad in ("00-ab", ["traceparent"], {"traceparent": 5}, {str(n): "x" for n in range(9)}, {"": "x"}):
+        with pytest.raises(ValueError, match="trace context"):
+            Job.from_wire({**base, "trace": bad})
+    assert context_of({"traceparent": "garbage"}) is not None
+    assert not trace.get_current_span(context_of({"traceparent": "garbage"})).get_span_context().is_valid
+    assert context_of(None) is None and context_of({}) is None
+
+
+def test_a_prefork_pool_traces_in_its_children_each_set_up_after_its_fork(
+    deployer: Registry,
+    client: Client,
+    host_spans: InMemorySpanExporter,
+    pool_settings: Settings,
+    receiver: Receiver,
+) -> None:
+    """With Celery's prefork pool, the parent (which runs no job) sets no tracing up; each child
+    sets the SDK up after its fork, and its jobs' spans reach the collector under the callers'
+    traces."""
+    deployer.define_extension_point("forked")
+    shop = shop_on(3, SHARDS)
+    deployer.deploy("forked", shop, guests.ECHO)
+    logfile = Path(tempfile.mkdtemp(prefix="scriptpool-worker-")) / "prefork.log"
+    argv = worker_argv(pool_settings, [3], name="prefork@test", pool="prefork")
+    env = {
+        **worker_env(pool_settings),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    process = subprocess.Popen(
+        [*argv, "--concurrency", "2", "--logfile", str(logfile)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while " ready." not in (logfile.read_text() if logfile.exists() else ""):
+            assert process.poll() is None and time.monotonic() < deadline, logfile.read_text()[-3000:]
+            time.sleep(0.05)
+        outcomes = [client.run("forked", shop, {"n": n}, timeout=5) for n in range(6)]
+        assert all(o.ok for o in outcomes), outcomes
+        children = {pid_of(o.worker) for o in outcomes}
+        assert process.pid not in children
+        for outcome in outcomes:
+            trace_id, call_id = _ids(_call_span(host_spans, outcome.job_id))
+            job = next(s for s in receiver.trace(trace_id) if s["name"] == SPAN.JOB)
+            assert job["parent_id"] == call_id and job["attributes"][ATTR.WORKER] == outcome.worker
+        configured = [
+            json.loads(line[line.index("{") :])["pid"]
+            for line in logfile.read_text().splitlines()
+            if '"tracing_configured"' in line
+        ]
+        assert children <= set(configured) and process.pid not in configured, (configured, process.pid)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)

@@ -273,13 +273,14 @@ class WorkerState:
         )
         if trace and self.capture is not None:
             self.capture.offer(job, trace, worker)
-        # A rollout's, after the reply.
-        self.shadows.offer(job.ep, job.shop_id, job.input, execution, job.session)
-        if traced is not None:  # the job's spans, last: nobody waits for them
-            traced.executed(
+        linked = None
+        if traced is not None:  # the job's spans (nobody waits for them); its context for a shadow run
+            linked = traced.executed(
                 job, execution, shard, worker, received=received, begun=begun, finished=finished,
                 pushed=pushed, replied=replied,
             )  # fmt: skip
+        # A rollout's, after the reply.
+        self.shadows.offer(job.ep, job.shop_id, job.input, execution, job.session, linked)
         return execution
 
     def announce(self, name: str, shards: list[int]) -> None:

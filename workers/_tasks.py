@@ -100,7 +100,10 @@ def register(app: Celery) -> None:
         shards = sorted(n for n in consumed if n is not None)
         name = str(sender or getattr(instance, "hostname", None) or f"pid{os.getpid()}")
         # The solo pool runs one process whatever -c says; prefork, threads... run -c of them.
-        solo = "solo" in str(getattr(getattr(instance, "pool_cls", None), "__module__", "solo"))
+        pool = str(getattr(getattr(instance, "pool_cls", None), "__module__", "solo"))
+        solo = "solo" in pool
+        if "prefork" in pool:
+            tracing.not_in_this_process()  # the children trace, each set up after its fork
         set_pool_processes(1 if solo else int(getattr(instance, "concurrency", 1) or 1))
         try:
             worker_state(app.settings).announce(name, shards)

@@ -25,7 +25,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from scriptpool.config import Settings, get_logger
-from scriptpool.config.tracing import ATTR, INSTRUMENTATION, SPAN, Stage, context_of, host_tracer, job_stages
+from scriptpool.config.tracing import (
+    ATTR,
+    INSTRUMENTATION,
+    SPAN,
+    Stage,
+    carrier_of,
+    context_of,
+    host_tracer,
+    job_stages,
+)
 from scriptpool.config.wire import Execution, Job
 
 if TYPE_CHECKING:
@@ -42,6 +51,14 @@ _provider: TracerProvider | None = None  # the one this module set up, to flush 
 _provider_pid = 0
 _tracing: JobTracing | None = None
 _tracing_pid = 0
+_untraced_pid = 0  # a prefork pool's parent: it runs no job, and must not set the SDK up before forking
+
+
+def not_in_this_process() -> None:
+    """This process runs no job (a prefork pool's parent): it sets no tracing up, so that each
+    child sets up its own after its fork, with no exporter thread or connection inherited."""
+    global _untraced_pid
+    _untraced_pid = os.getpid()
 
 
 def exporter_wanted(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
@@ -62,6 +79,8 @@ def exporter_wanted(environ: dict[str, str] | os._Environ[str] = os.environ) -> 
 def for_process(settings: Settings) -> JobTracing | None:
     """This process's job tracing, set up on first use (after any fork); None when off."""
     global _tracing, _tracing_pid
+    if _untraced_pid == os.getpid():
+        return None
     if _tracing_pid == os.getpid():
         return _tracing
     _tracing, _tracing_pid = None, os.getpid()
@@ -99,7 +118,12 @@ def _configure() -> Tracer | None:
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     _provider, _provider_pid = provider, os.getpid()
-    log.info("tracing_configured", exporter="otlp/http", sampler=provider.sampler.get_description())
+    log.info(
+        "tracing_configured",
+        pid=os.getpid(),
+        exporter="otlp/http",
+        sampler=provider.sampler.get_description(),
+    )
     return provider.get_tracer(INSTRUMENTATION)
 
 
@@ -143,8 +167,9 @@ class JobTracing:
         finished: float,
         pushed: float,
         replied: bool,
-    ) -> None:
-        """The spans of a job that ran (its script succeeded or failed)."""
+    ) -> dict[str, str] | None:
+        """The spans of a job that ran (its script succeeded or failed); the job span's context
+        if it was recorded and a rollout's shadow run may follow (which links to it)."""
         report = execution.report
         code = execution.error.code if execution.error else None
         attributes = self._job_attributes(job, shard, worker)
@@ -172,7 +197,8 @@ class JobTracing:
             finished=finished,
             pushed=pushed,
         )
-        self._emit(job, attributes, code, stages, end=max(pushed, finished))
+        span = self._emit(job, attributes, code, stages, end=max(pushed, finished))
+        return carrier_of(span) if span is not None and report.rollout else None
 
     def failed(
         self,
@@ -211,7 +237,7 @@ class JobTracing:
 
     def _emit(
         self, job: Job, attributes: dict[str, Any], code: str | None, stages: Sequence[Stage], *, end: float
-    ) -> None:
+    ) -> Span | None:
         if code:
             attributes[ATTR.ERROR_CODE] = code
             if self.force_failures:
@@ -222,10 +248,29 @@ class JobTracing:
             SPAN.JOB, context=parent, kind=self._consumer, attributes=attributes, start_time=_ns(start)
         )
         if not span.is_recording():
-            return  # not sampled: its children would not be either
+            return None  # not sampled: its children would not be either
         if code:
             span.set_status(self._status(self._error, code))
         self._children(span, stages)
+        span.end(end_time=_ns(end))
+        return span
+
+    def shadow(
+        self, linked: dict[str, str], ep: str, shop: str, start: float, end: float, result: str
+    ) -> None:
+        """The span of a rollout's shadow run (``scriptpool.shadow``, in the shadow process): a
+        trace of its own, linked to the live job's span, not its child (the caller never waits
+        for it)."""
+        from opentelemetry.context import Context
+        from opentelemetry.trace import Link
+
+        job = self._trace.get_current_span(context_of(linked)).get_span_context()
+        links = [Link(job)] if job.is_valid else []
+        attributes = {ATTR.EP: ep, ATTR.SHOP: shop, ATTR.SHADOW_RESULT: result}
+        span = self._tracer.start_span(
+            SPAN.SHADOW, context=Context(), kind=self._internal, attributes=attributes, links=links,
+            start_time=_ns(start),
+        )  # fmt: skip
         span.end(end_time=_ns(end))
 
     def _children(self, parent: Span, stages: Sequence[Stage]) -> None:
