@@ -115,6 +115,31 @@ def test_template_matches_json_dumps_with_awkward_strings(redis_client: redis.Re
     assert encoded == json.dumps(message)
 
 
+def test_trace_headers_join_the_celery_headers_and_change_nothing_else(redis_client: redis.Redis) -> None:
+    """A traced call's ``traceparent`` and ``tracestate`` are top-level message headers, where
+    Celery's OpenTelemetry instrumentation reads them (``getattr(request, "traceparent")``);
+    the rest of the envelope is the template's, and our own headers are never replaced."""
+    publisher = TaskPublisher(redis_client, Keys.TASK, origin="gen1@host")
+    args = [{"id": "x", "input": b"{}"}]
+    fields = {"queue": "q", "reply_to": "r", "argsrepr": "[job ep/1]"}
+    traced = {
+        "traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01",
+        "tracestate": "k=v",
+        "id": "not ours",
+    }
+    plain, with_trace = (
+        json.loads(publisher.encode("tid", args, {}, **fields, headers=headers)) for headers in (None, traced)
+    )
+    assert with_trace["headers"] == {
+        **plain["headers"],
+        **{k: traced[k] for k in ("traceparent", "tracestate")},
+    }
+    with_trace["properties"]["delivery_tag"] = plain["properties"]["delivery_tag"]
+    assert {k: v for k, v in with_trace.items() if k != "headers"} == {
+        k: v for k, v in plain.items() if k != "headers"
+    }
+
+
 # -- a real worker consumes what we publish ----------------------------------------------------
 
 

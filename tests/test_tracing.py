@@ -405,6 +405,28 @@ def test_run_trace_prints_the_tree(
     assert names == ["call", "job", "queue_wait", "lookup", "instantiate", "guest", "decode", "reply"]
     assert "instructions" in lines[head + 2 + 5]
     assert any(s["name"] == SPAN.JOB for s in receiver.trace(trace_id))
+    as_json = subprocess.run(
+        [sys.executable, "-m", "scriptpool", "run", "cli", shop, "--trace", "--json", "--timeout-ms", "5000"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    tree = json.loads(as_json.stdout)["trace"]
+    assert len(tree["trace_id"]) == 32 and tree["root"]["name"] == SPAN.CALL
+    (job,) = tree["root"]["children"]
+    assert job["children"][0]["name"] == SPAN.QUEUE_WAIT
+    local = subprocess.run(
+        [sys.executable, "-m", "scriptpool", "run", "--local", "x.wasm", "--trace"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert local.returncode == 2 and "--trace goes with a run through the pool" in local.stderr
 
 
 def test_off_nothing_is_imported_carried_or_made(
