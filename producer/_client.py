@@ -53,6 +53,7 @@ from scriptpool.producer._links import Links, ShardOutlet
 from scriptpool.producer._outcome import Outcome
 from scriptpool.producer._queries import BoundQueries, prepare, prepare_async
 from scriptpool.producer._replies import Waiter
+from scriptpool.producer._tracing import call_tracing
 
 log = get_logger("client")
 
@@ -151,6 +152,8 @@ class Client:
         self._shards: dict[str, int] = {}  # shop -> shard, a cache: hashing costs 2 us a call
         # EPs last read with an input schema: a call's input waits for their queries, unencoded.
         self._queried: set[str] = set()
+        # Traces (README "Traces"): None unless the host configured a tracer provider before.
+        self._tracing = call_tracing()
         self._publisher.submit(self._links.warm)
 
     # -- public --------------------------------------------------------------------------------
@@ -457,6 +460,8 @@ class Client:
         )
         call = Call(job, self._shard_of(shop), self._breakers.get(shop, ep), fallback, started)
         call.validated, call.serialized = validated, serialized
+        if self._tracing is not None:
+            self._tracing.start(call, self._link_of_shard[call.shard].group.name)
         return call, payload, timeout
 
     def _known_limits(self, call: Call) -> EpLimits | Outcome | Future[EpLimits]:

@@ -130,6 +130,9 @@ class ShardOutlet:
                 reply_to=link.replies.reply_key,
                 argsrepr=argsrepr,
                 timeout=min(_PUBLISH_TIMEOUT_S, max(remaining, _PUBLISH_MIN_S)),
+                # A traced call's context, in the headers as Celery's instrumentation puts it
+                # (each job carries its own; a batch's headers carry its first call's).
+                headers=first.trace,
             )
         except TRANSPORT_ERRORS:
             link.failing = True

@@ -121,8 +121,13 @@ class TaskPublisher:
         queue: str,
         reply_to: str,
         argsrepr: str,
+        headers: dict[str, str] | None = None,
     ) -> str:
-        """``json.dumps(self.message(...))``, from a template: 18 us instead of 29."""
+        """``json.dumps(self.message(...))``, from a template: 18 us instead of 29. ``headers``:
+        more message headers (a traced call's ``traceparent``, ``tracestate``), which the
+        template has no place for: such a message is built whole."""
+        if headers:
+            return _with_headers(self, task_id, args, kwargs, queue, reply_to, argsrepr, headers)
         return self._template.fill(
             id=task_id,
             body=_body(args, kwargs),
@@ -143,14 +148,17 @@ class TaskPublisher:
         reply_to: str,
         argsrepr: str,
         timeout: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Build the message and LPUSH it: one Redis round trip, no retry (the caller's deadline
         decides), raising ``redis.RedisError`` or ``OSError`` when Redis cannot take it.
 
         ``timeout``: wait at most this long for Redis to acknowledge (the caller's remaining time),
         so a Redis that froze with the connection open costs the caller its deadline, not the
-        socket timeout; the connection is then dropped."""
-        envelope = self.encode(task_id, args, kwargs, queue=queue, reply_to=reply_to, argsrepr=argsrepr)
+        socket timeout; the connection is then dropped. ``headers``: see :meth:`encode`."""
+        envelope = self.encode(
+            task_id, args, kwargs, queue=queue, reply_to=reply_to, argsrepr=argsrepr, headers=headers
+        )
         packed = redis_command(b"LPUSH", queue, envelope)
         # A pooled connection and a packed command: a third of redis-py's per-command CPU.
         pool = self._redis.connection_pool
@@ -166,6 +174,24 @@ class TaskPublisher:
             raise
         finally:
             pool.release(connection)
+
+
+def _with_headers(
+    publisher: TaskPublisher,
+    task_id: str,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    queue: str,
+    reply_to: str,
+    argsrepr: str,
+    headers: dict[str, str],
+) -> str:
+    """The envelope with ``headers`` added to its Celery headers (ours are never replaced)."""
+    message = publisher._message(
+        task_id, _body(args, kwargs), queue, reply_to, argsrepr, _kwargsrepr(kwargs), _tag()
+    )
+    message["headers"] = {**headers, **message["headers"]}
+    return json.dumps(message)
 
 
 def anonymous_nodename() -> str:

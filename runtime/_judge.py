@@ -39,19 +39,25 @@ class Sample:
     live: Execution
     # The call's session token: the candidate reads the same session's data as the live script.
     session: str | None = None
+    # The trace context of the live job's span when the worker traces it (README "Traces"): the
+    # shadow run's span links to it.
+    trace: dict[str, str] | None = None
 
     def pack(self) -> bytes:
         """The sample as one MessagePack message (the reply's own wire form of the outcome)."""
         wire: tuple[Any, ...] = (self.ep, self.shop, self.payload, self.live.to_wire())
-        if self.session is not None:
+        if self.session is not None or self.trace is not None:
             wire += (self.session,)
+        if self.trace is not None:
+            wire += (self.trace,)
         return bytes(msgpack.packb(wire, use_bin_type=True))
 
     @classmethod
     def unpack(cls, message: bytes) -> Sample:
         ep, shop, payload, live, *rest = msgpack.unpackb(message, raw=False)
         session = rest[0] if rest and type(rest[0]) is str else None
-        return cls(ep, shop, payload, Execution.from_wire(live), session)
+        trace = rest[1] if len(rest) > 1 and type(rest[1]) is dict else None
+        return cls(ep, shop, payload, Execution.from_wire(live), session, trace)
 
 
 def compare(live: Execution, candidate: Execution) -> tuple[str, str]:

@@ -112,6 +112,8 @@ PRIVATE_ALLOWED: dict[str, set[str]] = {
     "tests/test_named_failures.py": {"scriptpool.workers", "scriptpool.runtime", "scriptpool.cli"},
     "scripts/bench_abi.py": {"scriptpool.engine", "scriptpool.registry"},
     "scripts/bench_engine.py": {"scriptpool.workers", "scriptpool.runtime"},  # telemetry's cost
+    # The tracing work per call, in process: the client's and the worker's span makers.
+    "scripts/bench_tracing.py": {"scriptpool.producer", "scriptpool.workers"},
     # The bounded compile (a subprocess with limits) and the module structure reader, driven with
     # hostile modules directly.
     "tests/test_compile_bombs.py": {"scriptpool.registry"},

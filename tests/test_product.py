@@ -38,11 +38,16 @@ def test_compose_workers_cover_every_shard_once_with_valid_cli_commands() -> Non
     assert demo.command == "demo" and demo.external
 
 
+# The standard OpenTelemetry variables compose gives the workers (README "Traces").
+OTEL_VARIABLES = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME"}
+
+
 def test_compose_environment_names_exist_and_build_valid_settings() -> None:
-    """Every SCRIPTPOOL_* name in compose is one Settings reads, and together they are valid."""
+    """Every SCRIPTPOOL_* name in compose is one Settings reads, and together they are valid;
+    the others are OpenTelemetry's standard variables."""
     for svc in COMPOSE["services"].values():
         for name, value in (svc.get("environment") or {}).items():
-            assert name in ENVIRONMENT, f"compose sets unknown {name}"
+            assert name in ENVIRONMENT or name in OTEL_VARIABLES, f"compose sets unknown {name}"
             assert isinstance(value, str)
         if svc.get("environment"):
             settings = Settings.from_env(svc["environment"])

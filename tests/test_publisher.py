@@ -115,6 +115,31 @@ def test_template_matches_json_dumps_with_awkward_strings(redis_client: redis.Re
     assert encoded == json.dumps(message)
 
 
+def test_trace_headers_join_the_celery_headers_and_change_nothing_else(redis_client: redis.Redis) -> None:
+    """A traced call's ``traceparent`` and ``tracestate`` are top-level message headers, where
+    Celery's OpenTelemetry instrumentation reads them (``getattr(request, "traceparent")``);
+    the rest of the envelope is the template's, and our own headers are never replaced."""
+    publisher = TaskPublisher(redis_client, Keys.TASK, origin="gen1@host")
+    args = [{"id": "x", "input": b"{}"}]
+    fields = {"queue": "q", "reply_to": "r", "argsrepr": "[job ep/1]"}
+    traced = {
+        "traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01",
+        "tracestate": "k=v",
+        "id": "not ours",
+    }
+    plain, with_trace = (
+        json.loads(publisher.encode("tid", args, {}, **fields, headers=headers)) for headers in (None, traced)
+    )
+    assert with_trace["headers"] == {
+        **plain["headers"],
+        **{k: traced[k] for k in ("traceparent", "tracestate")},
+    }
+    with_trace["properties"]["delivery_tag"] = plain["properties"]["delivery_tag"]
+    assert {k: v for k, v in with_trace.items() if k != "headers"} == {
+        k: v for k, v in plain.items() if k != "headers"
+    }
+
+
 # -- a real worker consumes what we publish ----------------------------------------------------
 
 
@@ -210,11 +235,18 @@ def test_wire_forms_carry_every_field() -> None:
     from scriptpool.config.wire import ErrorInfo, Execution, ExecutionReport, Reply, Taken
 
     job = Job("id", "ep", "shop", b"{}", deadline=2.0, enqueued_at=1.0)
-    # A job without input queries or a session carries neither key (what a 0.1 worker reads).
-    optional = ("queries", "session")
+    # A job without input queries, a session or a trace context carries none of those keys
+    # (what a 0.1 worker reads).
+    optional = ("queries", "session", "trace")
     assert job.to_wire() == {k: v for k, v in dataclasses.asdict(job).items() if k not in optional}
     assert Job.from_wire(job.to_wire()) == job
-    full = dataclasses.replace(job, queries={"default": "ab" * 32, "other": ""}, session="buyer-1")
+    traceparent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    full = dataclasses.replace(
+        job,
+        queries={"default": "ab" * 32, "other": ""},
+        session="buyer-1",
+        trace={"traceparent": traceparent},
+    )
     assert full.to_wire() == dataclasses.asdict(full)
     assert Job.from_wire(full.to_wire()) == full
     execution = Execution(True, {"x": [1]}, None, ExecutionReport(instructions=7, logs="l", sha256="s"))

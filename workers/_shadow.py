@@ -58,8 +58,17 @@ class ShadowRunner:
         self._started_at = -RESTART_AFTER_S
         self._stopped = False
 
-    def offer(self, ep: str, shop: str, payload: bytes, live: Execution, session: str | None = None) -> None:
-        """Hand over a call just answered. Costs nothing when no rollout is under way there."""
+    def offer(
+        self,
+        ep: str,
+        shop: str,
+        payload: bytes,
+        live: Execution,
+        session: str | None = None,
+        trace: dict[str, str] | None = None,
+    ) -> None:
+        """Hand over a call just answered. Costs nothing when no rollout is under way there.
+        ``trace``: the live job's span context, which the shadow run's span links to."""
         if live.report.rollout not in JUDGED or self._stopped:
             return
         channel = self._socket or self._start()
@@ -67,7 +76,7 @@ class ShadowRunner:
             _RESULTS["dropped"].inc()
             return
         try:
-            message = Sample(ep, shop, payload, live, session).pack()
+            message = Sample(ep, shop, payload, live, session, trace).pack()
         except (TypeError, ValueError, OverflowError):  # as the reply: what the wire cannot carry
             _RESULTS["dropped"].inc()
             return

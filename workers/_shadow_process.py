@@ -94,6 +94,10 @@ def main(argv: list[str]) -> int:
     store.coherent = lambda: listener.subscribed
     listener.start().wait_subscribed(5)
     judge = ShadowJudge(executor, registry.rollouts)
+    # Traces: this process's own SDK, as the worker's (the same variables); spans flushed at exit.
+    from scriptpool.workers._tracing import for_process
+
+    traced = for_process(settings)
     log.info("shadow_process_ready", pid=os.getpid(), priority=priority)
 
     counts: Counter[str] = Counter()
@@ -106,11 +110,16 @@ def main(argv: list[str]) -> int:
             if not message:
                 break
             sample = Sample.unpack(message)  # whole: the worker sends none larger
+            started = time.time()
             try:
                 result = judge.judge(sample)
             except Exception:  # a bug or Redis lost: this sample is dropped, the next one runs
                 log.exception("shadow_run_failed", ep=sample.ep, shop=sample.shop)
                 continue
+            if traced is not None and sample.trace:
+                traced.shadow(
+                    sample.trace, sample.ep, sample.shop, started, time.time(), result or "not_judged"
+                )
             if result is not None:
                 counts[result] += 1
         else:

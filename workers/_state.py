@@ -20,6 +20,7 @@ from scriptpool.config.heartbeats import WorkerHeartbeat, live_workers
 from scriptpool.config.redis import redis_client
 from scriptpool.config.wire import ErrorInfo, Execution, Job, Reply
 from scriptpool.workers import _telemetry as telemetry
+from scriptpool.workers import _tracing as tracing
 from scriptpool.workers._backend import ReplyPusher, ReplySession, failure_reply
 from scriptpool.workers._serve import Server
 
@@ -94,6 +95,8 @@ class WorkerState:
         self.quotas: QuotaGate = QuotaGate(quota_client, settings.keys)
         # Per-shop usage, counted on the job's thread and sent by a thread of its own.
         self.usage = UsageRecorder.of(client, settings, count=telemetry.record_usage).start()
+        # Traces (scriptpool.workers._tracing): None unless configured; made after the reply.
+        self.tracing: tracing.JobTracing | None = tracing.for_process(settings)
 
     def run_job(self, job: Job, replies: ReplySession, shard: int) -> float | None:
         """Run one job and push its reply; the log event and metrics come after the reply, so
@@ -224,6 +227,8 @@ class WorkerState:
         """Run ``job`` and reply; then its writes, log line, metrics, capture and shadow run.
         None if the worker failed (the caller hears ``worker_error``)."""
         worker = self.server.worker
+        traced = self.tracing
+        begun = time.time() if traced is not None else 0.0
         trace: list[ScriptTrace] | None = [] if self.capture is not None else None
         writes: list[AppWrites] = []
         try:
@@ -243,6 +248,11 @@ class WorkerState:
             release(None)
             replies.push(reply)
             self.usage.record_failed(job, reply["error"]["code"])
+            if traced is not None:
+                now = time.time()
+                traced.failed(
+                    job, reply["error"]["code"], shard, worker, received=received, finished=now, pushed=now
+                )
             return None
         finished = time.time()
         # A caller past its deadline has returned its fallback and stopped listening: a reply
@@ -251,6 +261,7 @@ class WorkerState:
         release(execution)
         if replied:
             replies.push(Reply(job.id, execution, None, shard, worker, received, finished).to_wire())
+        pushed = time.time() if traced is not None else finished
         if writes:  # a successful call's (the executor hands over none of a failed one)
             replies.send()  # the caller does not wait for the writes
             self.store_writes.apply(job, writes, replied=replied)
@@ -263,8 +274,14 @@ class WorkerState:
         )
         if trace and self.capture is not None:
             self.capture.offer(job, trace, worker)
+        linked = None
+        if traced is not None:  # the job's spans (nobody waits for them); its context for a shadow run
+            linked = traced.executed(
+                job, execution, shard, worker, received=received, begun=begun, finished=finished,
+                pushed=pushed, replied=replied,
+            )  # fmt: skip
         # A rollout's, after the reply.
-        self.shadows.offer(job.ep, job.shop_id, job.input, execution, job.session)
+        self.shadows.offer(job.ep, job.shop_id, job.input, execution, job.session, linked)
         return execution
 
     def announce(self, name: str, shards: list[int]) -> None:

@@ -15,6 +15,7 @@ from celery import signals
 
 from scriptpool.config import Keys, configure_logging, get_logger
 from scriptpool.config.errors import ConfigurationError
+from scriptpool.workers import _tracing as tracing
 from scriptpool.workers._serve import Delivery
 from scriptpool.workers._state import inherited_state, set_pool_processes, worker_state
 
@@ -99,7 +100,10 @@ def register(app: Celery) -> None:
         shards = sorted(n for n in consumed if n is not None)
         name = str(sender or getattr(instance, "hostname", None) or f"pid{os.getpid()}")
         # The solo pool runs one process whatever -c says; prefork, threads... run -c of them.
-        solo = "solo" in str(getattr(getattr(instance, "pool_cls", None), "__module__", "solo"))
+        pool = str(getattr(getattr(instance, "pool_cls", None), "__module__", "solo"))
+        solo = "solo" in pool
+        if "prefork" in pool:
+            tracing.not_in_this_process()  # the children trace, each set up after its fork
         set_pool_processes(1 if solo else int(getattr(instance, "concurrency", 1) or 1))
         try:
             worker_state(app.settings).announce(name, shards)
@@ -117,6 +121,7 @@ def register(app: Celery) -> None:
         state = inherited_state()
         if state is not None:
             state.shutdown()
+        tracing.shutdown()  # flush the spans this process still holds (if it traces)
 
     signals.celeryd_init.connect(choose_group, weak=False)
     signals.setup_logging.connect(setup_logging, weak=False)
@@ -124,3 +129,5 @@ def register(app: Celery) -> None:
     # Prefork children start here; solo and threads pools run in the main process.
     signals.worker_process_init.connect(fresh_state_after_fork, weak=False)
     signals.worker_shutdown.connect(shutdown, weak=False)
+    # A prefork child's own stop: its spans are flushed too (the solo pool has no children).
+    signals.worker_process_shutdown.connect(lambda **_: tracing.shutdown(), weak=False)

@@ -52,6 +52,12 @@ def add_parsers(sub: Any) -> None:
         help="the buyer's session token (1 to 256 printable characters): scripts read and write "
         "its SESSION data within the shop",
     )
+    run.add_argument(
+        "--trace",
+        action="store_true",
+        help="also print the call's OpenTelemetry trace as a tree of stages and durations "
+        "(needs scriptpool[otel])",
+    )
     _local_commands.add_arguments(run)
     add_json_flag(run)
     run.set_defaults(func=cmd_run)
@@ -82,6 +88,8 @@ def add_parsers(sub: Any) -> None:
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if args.local is not None:
+        if args.trace:
+            raise InvalidArgument("--trace goes with a run through the pool, not with --local")
         return _local_commands.cmd_run_local(args, settings)
     import redis
 
@@ -100,6 +108,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
             f"--timeout-ms must be a number of milliseconds in (0, {MAX_TIMEOUT_MS}], got {timeout_ms}"
         )
     deadline_s = timeout_ms / 1000
+    spans = None
+    if args.trace:  # before the client: it looks for a tracer provider when it is made
+        from scriptpool.cli._trace_tree import start_tracing
+
+        spans = start_tracing()
     with Client(settings) as client:
         # Reading the EP's limits (how much input to read) waits at most the deadline; if Redis
         # did not answer by then, the run gets only what is left of it, so on a Redis that does
@@ -118,8 +131,18 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
             payload = read_json(args.input, limit, InputTooLarge, "input") if args.input else {}
         outcome = client.run(args.ep, args.shop, payload, timeout=run_timeout, session=args.session)
     exit_code = exit_code_for(outcome.error_code)
+    tree = None
+    if spans is not None:
+        from scriptpool.cli._trace_tree import call_tree
+
+        tree = call_tree(spans, outcome)
     if args.json:
-        print_json(outcome.to_dict())
+        shown = outcome.to_dict()
+        if tree is not None:
+            from scriptpool.cli._trace_tree import as_json
+
+            shown["trace"] = as_json(*tree)
+        print_json(shown)
     elif exit_code == ExitCode.UNREACHABLE:
         from scriptpool.config.errors import BrokerUnavailable
 
@@ -132,6 +155,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         )
     else:
         _print_outcome(outcome)
+        if tree is not None:
+            from scriptpool.cli._trace_tree import render
+
+            print("\n".join(render(*tree)))
     return exit_code
 
 
