@@ -16,9 +16,9 @@ tree it prints is the one the worker exports.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -33,9 +33,12 @@ __all__ = [
     "Stage",
     "carrier_of",
     "context_of",
+    "guarded",
     "host_tracer",
     "job_stages",
 ]
+
+T = TypeVar("T")
 
 #: The instrumentation scope our spans are made under.
 INSTRUMENTATION = "scriptpool"
@@ -233,3 +236,21 @@ def _part(part: Part, at: float) -> Stage:
         attributes[ATTR.ERROR_CODE] = code
     name = SPAN.REDUCER if part.app == REDUCER_APP else SPAN.APP
     return Stage(name, at, end, attributes, error=code, children=children)
+
+
+_failed_once: set[str] = set()
+
+
+def guarded(where: str, work: Callable[[], T]) -> T | None:
+    """``work()``, or None if it raised: tracing is never a reason for a call or a job to fail
+    (a misconfigured propagator, an exporter's bug). The first failure of each ``where`` is
+    logged (``trace_failed``), the rest are not, so a broken setup does not flood the log."""
+    try:
+        return work()
+    except Exception as exc:
+        if where not in _failed_once:
+            _failed_once.add(where)
+            from scriptpool.config._logging import get_logger
+
+            get_logger("tracing").warning("trace_failed", where=where, error=repr(exc)[:300])
+        return None

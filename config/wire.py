@@ -172,6 +172,8 @@ class Job:
             and type(job.enqueued_at) is float
         ):
             raise ValueError("a job's fields have the wrong types")
+        if not (math.isfinite(job.enqueued_at) and job.enqueued_at >= 0):
+            raise ValueError("a job's enqueued_at is a time (finite, not before 1970)")
         session = job.session
         if session is not None and not (type(session) is str and valid_session(session)):
             raise ValueError(f"a job's session is a string of 1 to {MAX_SESSION_CHARS} printable characters")

@@ -15,7 +15,7 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from scriptpool.config.tracing import ATTR, SPAN, carrier_of, host_tracer
+from scriptpool.config.tracing import ATTR, SPAN, carrier_of, guarded, host_tracer
 from scriptpool.config.wire import Job
 
 if TYPE_CHECKING:
@@ -45,7 +45,11 @@ class CallTracing:
         self._kind = SpanKind.CLIENT
 
     def start(self, call: Call, group: str) -> None:
-        """Open ``call``'s span, back-dated to the call's start, and carry its context in the job."""
+        """Open ``call``'s span, back-dated to the call's start, and carry its context in the job
+        (a failure here costs the call its span, never the call)."""
+        guarded("call_start", lambda: self._start(call, group))
+
+    def _start(self, call: Call, group: str) -> None:
         job = call.job
         started_ns = time.time_ns() - int((time.perf_counter() - call.started) * 1e9)
         attributes: dict[str, Any] = {
@@ -79,6 +83,10 @@ def end_call(call: Call, outcome: Outcome) -> None:
     if span is None:
         return
     call.span = None
+    guarded("call_end", lambda: _end(span, outcome))
+
+
+def _end(span: Span, outcome: Outcome) -> None:
     from opentelemetry.trace import Status, StatusCode
 
     timings = outcome.timings

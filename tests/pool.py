@@ -129,19 +129,26 @@ def start_workers(settings: Settings, layout: dict[str, list[int]]) -> list[Work
 
 
 def pool_fixtures(
-    shards: int, layout: dict[str, list[int]], *, redis: str = "redis_url", settings: str = "pool_settings"
+    shards: int,
+    layout: dict[str, list[int]],
+    *,
+    redis: str = "redis_url",
+    settings: str = "pool_settings",
+    key_prefix: str = "sp",
 ) -> tuple[Callable[..., Settings], Callable[..., Iterator[dict[str, WorkerProcess]]]]:
     """A test module's pool, as two module-scoped fixtures: settings with ``shards`` shards on the
     Redis fixture named ``redis`` (a URL or an :class:`EmbeddedRedis`), as the fixture named
     ``settings``; and ``workers``, the workers of ``layout`` (name -> shards) started in parallel,
     as a dict by name, stopped after the module. In a module:
-    ``pool_settings, workers = pool_fixtures(2, {"w0": [0], "w1": [1]})``."""
+    ``pool_settings, workers = pool_fixtures(2, {"w0": [0], "w1": [1]})``. A ``key_prefix`` of
+    its own keeps the module's queues and heartbeats apart from an earlier module's workers (one
+    still stopping, or its heartbeat not yet expired, would count as a peer on the shard)."""
 
     @pytest.fixture(scope="module", name=settings)
     def settings_fixture(request: pytest.FixtureRequest) -> Settings:
         server: Any = request.getfixturevalue(redis)
         url = server if isinstance(server, str) else server.url
-        return Settings(redis_url=url, artifact_key=TEST_ARTIFACT_KEY, shards=shards)
+        return Settings(redis_url=url, artifact_key=TEST_ARTIFACT_KEY, shards=shards, key_prefix=key_prefix)
 
     @pytest.fixture(scope="module")
     def workers(request: pytest.FixtureRequest) -> Iterator[dict[str, WorkerProcess]]:

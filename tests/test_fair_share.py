@@ -139,7 +139,9 @@ def test_a_late_job_at_the_front_is_not_refused() -> None:
 # -- a real worker ---------------------------------------------------------------------------------
 
 SHARDS = 2
-pool_settings, workers = pool_fixtures(SHARDS, {"f0": [0]})
+# Under a prefix of its own: the worker must know it is alone on its shard (no earlier module's
+# worker, or its heartbeat, on the same queue), for the bounds a lone worker has.
+pool_settings, workers = pool_fixtures(SHARDS, {"f0": [0]}, key_prefix="fair")
 # "heavy" allows 60M instructions: forty runs of HEAVY (some 10 ms each) are far more work than
 # a deadline that leaves 100 ms after the pause (for a loaded machine's resume) and ten runs.
 deployer = deployer_fixture({"test": {}, "heavy": {"limits": {"fuel": 60_000_000}}}, after=("workers",))

@@ -114,8 +114,9 @@ def test_a_key_package_runs_at_its_locked_version(name: str) -> None:
 
 def test_the_image_requirements_are_the_locks_runtime_part() -> None:
     """The Dockerfile installs deploy/requirements.txt with --require-hashes: it must be what
-    `make lock` exports from uv.lock now (the runtime dependencies, no extras, with hashes)."""
-    result = _uv("export", "--frozen", "--no-dev", "--no-emit-project")
+    `make lock` exports from uv.lock now (the runtime dependencies and the otel extra, with
+    hashes)."""
+    result = _uv("export", "--frozen", "--no-dev", "--no-emit-project", "--extra", "otel")
     assert result.returncode == 0, result.stderr
     exported = _requirements(result.stdout)
     pins = [line for line in exported if line and not line[0].isspace()]

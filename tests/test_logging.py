@@ -78,7 +78,8 @@ def test_the_json_renderer_keeps_the_bare_event_and_the_fields_as_keys(plain_log
 def test_an_event_renders_as_structlogs_processor_chain_renders_it() -> None:
     """The JSON formatter's short path for our events (no traceback) gives the object
     structlog's chain of processors gives the same record: the same keys in the same order
-    (event, level, logger, the fields, timestamp) and the same values, odd ones included."""
+    (event, level, logger, the fields, timestamp) and the same values, odd ones included, and
+    what a record factory adds (a log correlation's trace id)."""
     import structlog
 
     stream = io.StringIO()
@@ -93,12 +94,21 @@ def test_an_event_renders_as_structlogs_processor_chain_renders_it() -> None:
 
     keep = Keep()
     logging.getLogger().addHandler(keep)
+    make_record = logging.getLogRecordFactory()
+
+    def with_trace_ids(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        record.otelTraceID = "0af7651916cd43dd8448eb211c80319c"  # as a log correlation adds it
+        return record
+
+    logging.setLogRecordFactory(with_trace_ids)
     try:
         log = get_logger("worker")
         log.info("execution", job="j1", shard=0, ms=0.0097, error_code=None, name="clash", text='ünï "q"')
         log.warning("odd", value=object(), nested={"a": [1, None]}, **{"not an identifier": 1})
         log.error("no_fields")
     finally:
+        logging.setLogRecordFactory(make_record)
         logging.getLogger().removeHandler(keep)
     assert len(seen) == 3
     for record in seen:
@@ -118,7 +128,9 @@ def test_an_event_renders_as_structlogs_processor_chain_renders_it() -> None:
         assert list(fast)[-1] == "timestamp"
         fast.pop("timestamp"), chain.pop("timestamp")
         assert fast == chain
-    assert json.loads(formatter.format(seen[0]))["name_"] == "clash"  # a LogRecord attribute's name
+    first = json.loads(formatter.format(seen[0]))
+    assert first["name_"] == "clash"  # a LogRecord attribute's name
+    assert first["otelTraceID"] == "0af7651916cd43dd8448eb211c80319c"
 
 
 def test_event_name_of_any_record() -> None:

@@ -67,6 +67,12 @@ class ReplyPusher:
 
 # How long a worker waits for the answer to its pull's RPOP (kombu's own BRPOP waits forever).
 POP_PATIENCE_S = 60.0
+
+
+def _queue_name(key: Any) -> str | None:
+    return key.decode("utf-8", "replace") if isinstance(key, bytes) else key if isinstance(key, str) else None
+
+
 # Whether Redis knows BLMPOP (7.0 and later), until it says it does not.
 _blmpop = True
 # Ours are the prefix and 32 hex digits; a longer name is not one of ours.
@@ -103,8 +109,8 @@ class ReplySession:
         self.held_since = math.inf
         # Send each reply as it is pushed (the worker has nothing else to run meanwhile).
         self.eager = False
-        self._popping: str | None = None  # the queue of a pop begun and not yet ended
-        self._unread_before_pop = 0  # the acknowledgements that come before its answer
+        self._popping: str | None = None  # the queue of a pop begun whose answer is unread
+        self._popped: list[Any] | None = None  # its answer, read before a write, for pop_end
 
     def push(self, reply: dict[str, Any]) -> None:
         """Hold ``reply`` until the next :meth:`send` (no I/O), or send it now if :attr:`eager`."""
@@ -136,26 +142,29 @@ class ReplySession:
             log.warning("reply_delayed", key=self._key, replies=len(self._held), error=repr(exc)[:200])
 
     def pop_begin(self, queue: str, count: int) -> None:
-        """Send ``RPOP queue count`` after the replies held, and go on: :meth:`pop_end` reads its
-        answer (replies pushed meanwhile are written behind it). A worker runs a job while the
-        round trip is under way, instead of waiting it out."""
-        assert self._popping is None, "one pop at a time"
+        """Send ``RPOP queue count`` after the replies held, and go on: :meth:`pop_end` gives what
+        it took. A worker runs a job while the round trip is under way, instead of waiting it
+        out. A write on this session before then reads the pop's answer first (kept for
+        :meth:`pop_end`), so that a write that fails cannot drop the answer with the connection."""
+        if self._popping is not None or self._popped is not None:
+            raise RuntimeError("a pop begun is ended before the next")
         self._write([redis_command(b"RPOP", queue, str(count))])
-        self._popping, self._unread_before_pop, self._unread = queue, self._unread, 0
-
-    @property
-    def popping(self) -> bool:
-        """Whether a pop begun is still to be ended."""
-        return self._popping is not None
+        self._popping = queue
 
     def pop_end(self) -> list[Any]:
-        """The messages the pop begun took (waiting for its answer, as :meth:`pop` does)."""
-        assert self._popping is not None, "no pop begun"
-        try:
-            popped = self._answer(self._unread_before_pop)
-        finally:
-            self._popping = None
-            self._unread_before_pop = 0
+        """The messages the pop begun took (waiting for its answer, as :meth:`pop` does). Raises
+        ``redis.ConnectionError`` if the connection was lost before its answer was read."""
+        if self._popped is not None:
+            popped, self._popped = self._popped, None
+            return popped
+        if self._popping is None:
+            raise redis.ConnectionError("the pull's connection was lost before its answer was read")
+        return self._finish_pop()
+
+    def _finish_pop(self) -> list[Any]:
+        unread, self._unread = self._unread, 0
+        popped = self._answer(unread)  # failing, it drops the connection and logs the loss
+        self._popping = None
         return popped
 
     def pop(self, queue: str, count: int) -> list[Any]:
@@ -164,27 +173,33 @@ class ReplySession:
         its queue after a reply pays no round trip of its own for it."""
         return self._pop_with(redis_command(b"RPOP", queue, str(count)))
 
-    def wait_pop(self, queue: str, count: int, timeout_s: float) -> list[Any]:
-        """After the replies held, up to ``count`` messages of ``queue``, waiting up to
-        ``timeout_s`` for the first: ``BLMPOP`` (Redis 7), or ``BRPOP`` (one message) where
-        the server does not know it."""
+    def wait_pop(self, queues: list[str], count: int, timeout_s: float) -> tuple[str | None, list[Any]]:
+        """After the replies held, up to ``count`` messages of the first of ``queues`` that has
+        any, waiting up to ``timeout_s`` for one: (that queue, its messages), (None, []) if none
+        came. ``BLMPOP`` (Redis 7), or ``BRPOP`` (one message) where the server does not know it."""
         global _blmpop
         timeout = f"{timeout_s:.3f}"
         if _blmpop:
             try:
                 popped = self._pop_with(
-                    redis_command(b"BLMPOP", timeout, b"1", queue, b"RIGHT", b"COUNT", str(count))
+                    redis_command(
+                        b"BLMPOP", timeout, str(len(queues)), *queues, b"RIGHT", b"COUNT", str(count)
+                    )
                 )
-                return popped[1] if len(popped) == 2 and isinstance(popped[1], list) else []
             except redis.ResponseError as exc:
                 if "unknown command" not in str(exc).lower():
                     raise
                 _blmpop = False
-        popped = self._pop_with(redis_command(b"BRPOP", queue, timeout))
-        return popped[1:2]
+            else:
+                if len(popped) == 2 and isinstance(popped[1], list):
+                    return _queue_name(popped[0]), popped[1]
+                return None, []
+        popped = self._pop_with(redis_command(b"BRPOP", *queues, timeout))
+        return (_queue_name(popped[0]), popped[1:2]) if len(popped) == 2 else (None, [])
 
     def _pop_with(self, command: bytes) -> list[Any]:
-        assert self._popping is None, "a pop begun is ended first"
+        if self._popping is not None or self._popped is not None:
+            raise RuntimeError("a pop begun is ended before the next")
         self._write([command])
         unread, self._unread = self._unread, 0
         return self._answer(unread)
@@ -209,9 +224,10 @@ class ReplySession:
     def close(self) -> None:
         """Send what is held, read the acknowledgements and give the connection back. A pop
         begun is ended first by whoever began it: what it took would be lost here."""
-        if self._popping is not None:
-            log.error("pop_unfinished", queue=self._popping)
-            self._drop()  # its answer is lost with the connection, and not read as an ack
+        if self._popping is not None or self._popped is not None:
+            log.error("pull_lost", queue=self._popping, messages=len(self._popped or ()))
+            self._popped = None
+            self._drop()  # an unread answer is not to be read as an acknowledgement
         if self._held:
             self._write([])
         if self._connection is None:
@@ -227,6 +243,8 @@ class ReplySession:
     def _write(self, after: list[bytes]) -> None:
         """Send the held replies, then ``after`` (packed commands), in one write. The replies
         stay held unless it was sent."""
+        if self._popping is not None:
+            self._popped = self._finish_pop()
         commands = after
         if self._held:
             assert self._key is not None  # nothing is held for a session that writes nowhere
@@ -260,10 +278,11 @@ class ReplySession:
         if self._connection is not None:
             self._connection.disconnect()  # half-read answers must not reach the next user
             self._pool.release(self._connection)
+        if self._popping is not None:
+            log.error("pull_lost", queue=self._popping, messages="unknown")
         self._connection = None
         self._unread = 0
         self._popping = None
-        self._unread_before_pop = 0
 
 
 class ReplyListBackend(BaseBackend):  # type: ignore[misc]

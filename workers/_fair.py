@@ -62,6 +62,7 @@ class _Shop(Generic[T]):
     tag: float = 0.0  # virtual start time of the head job
     cost_s: float = FIRST_GUESS_S
     started: float = 0.0  # estimate charged for the job of this shop now running, if any
+    measured: bool = False  # a run of it was charged: cost_s is its own, not a guess
 
 
 class FairQueue(Generic[T]):
@@ -163,10 +164,12 @@ class FairQueue(Generic[T]):
         return (item, best_id), refused
 
     def estimate_s(self, shop_id: str) -> float:
-        """What a job of ``shop_id`` is expected to cost (its recent mean; the first guess for a
-        shop not seen)."""
+        """What a job of ``shop_id`` is expected to cost: its recent mean, or, for a shop none of
+        whose runs was measured yet, at least the first guess (its start is only a guess)."""
         shop = self._shops.get(shop_id)
-        return FIRST_GUESS_S if shop is None else shop.cost_s
+        if shop is None or not shop.measured:
+            return max(FIRST_GUESS_S, shop.cost_s if shop is not None else 0.0)
+        return shop.cost_s
 
     def charge(self, shop_id: str, seconds: float) -> None:
         """The job of ``shop_id`` last taken cost ``seconds`` of the worker's time: its shop's tag
@@ -187,6 +190,7 @@ class FairQueue(Generic[T]):
         # Smoothed from the first run on: one run that compiled the module must not become the
         # shop's whole estimate (its jobs behind it would be refused as if each compiled).
         shop.cost_s += SMOOTHING * (cost - shop.cost_s)
+        shop.measured = True
         self._mean_cost_s += SMOOTHING * (cost - self._mean_cost_s)
 
     def refund(self, shop_id: str) -> None:

@@ -126,7 +126,13 @@ class Server:
         refuse: RefuseJob,
         shares_shard: Callable[[int], bool],
         stopping: Callable[[], bool] = lambda: False,
+        lingers_on: Callable[[], dict[str, int] | None] = lambda: None,
     ) -> None:
+        """``lingers_on``: the queues (and their shards) the worker consumes, for it to wait on
+        itself once nothing waits (:data:`LINGER_S`); None where Celery's consumer must have the
+        queue back at once (a pool other than solo: its consumer holds the next message for a
+        process that would be lingering)."""
+        self._lingers_on = lingers_on
         self._shares_shard = shares_shard
         self._stopping = stopping
         self._replies = replies
@@ -192,15 +198,18 @@ class Server:
                     pulled_at = now
                     session_for.send(but=via)  # what the pull's round trip does not carry
                     if not len(fair):
-                        if self._linger(fair, queue, shard, request, session_for, via) == PULL_MESSAGES:
-                            # The rest of a burst is seen now, not a pull later.
-                            self._pull(fair, queue, shard, request, session_for, via)
+                        lingered = self._linger(fair, queue, shard, request, session_for, via)
+                        if lingered is not None:
+                            queue, shard, taken = lingered  # pulls follow the shard that had work
+                            if taken == PULL_MESSAGES:
+                                # The rest of a burst is seen now, not a pull later.
+                                self._pull(fair, queue, shard, request, session_for, via)
                         fresh = True
                     elif self._has_room(fair, shard) and self._begin_pull(queue, via):
                         pulling = via
                 if not len(fair):  # (a pull is begun only while jobs wait)
                     return
-                via = self._run_next(fair, fresh, now, request, session_for) or via
+                via = self._run_next(fair, fresh, request, session_for) or via
                 fresh = False
         finally:
             if pulling is not None:  # the loop broke (a bug, the process stopping) mid-pull
@@ -208,7 +217,7 @@ class Server:
                 self._end_pull(fair, queue, shard, request, session_for, pulling, more=False)
 
     def _run_next(
-        self, fair: FairQueue[_Queued], fresh: bool, now: float, request: Any, session_for: _Sessions
+        self, fair: FairQueue[_Queued], fresh: bool, request: Any, session_for: _Sessions
     ) -> ReplySession | None:
         """Refuse what is late for fair share (``fresh``: jobs came in since the last look), then
         run the next job and charge its shop; the session its reply went to, None if none ran."""
@@ -218,8 +227,10 @@ class Server:
         if taken is None:
             return None
         queued, shop_id = taken
-        # Held replies go before a job that would keep them long, or once they are old.
-        if fair.estimate_s(shop_id) >= REPLY_HOLD_S or now - session_for.held_since() >= REPLY_HOLD_S:
+        # Held replies go before a job that may keep them long (one of a shop not measured yet
+        # counts as one: a first run may compile), or once they are old.
+        held_for = time.monotonic() - session_for.held_since()
+        if held_for >= REPLY_HOLD_S or fair.estimate_s(shop_id) >= REPLY_HOLD_S:
             session_for.send()
         via = session_for(queued.reply_to)
         via.eager = not len(fair)  # nothing else to run: its reply goes at once
@@ -370,22 +381,29 @@ class Server:
         request: Any,
         session_for: Callable[[str | None], ReplySession],
         via: ReplySession,
-    ) -> int:
-        """Wait up to :data:`LINGER_S` for the shard's next messages (up to :data:`PULL_MESSAGES`,
-        behind the replies held), and queue their jobs; how many messages it took. A Redis error
-        leaves the queue to Celery's consumer."""
-        if not queue:
-            return 0
+    ) -> tuple[str, int, int] | None:
+        """Wait up to :data:`LINGER_S` for the next messages (up to :data:`PULL_MESSAGES`, behind
+        the replies held) on any queue the worker consumes, ``queue`` last (another shard's
+        waiting callers first), and queue their jobs: (the queue, its shard, how many messages),
+        or None if none came (or the worker does not linger). A Redis error leaves the queues to
+        Celery's consumer."""
+        queues = self._lingers_on()
+        if not queue or queues is None:
+            return None
+        order = [other for other in queues if other != queue] + [queue]
         try:
-            messages = via.wait_pop(queue, PULL_MESSAGES, LINGER_S)
+            popped_from, messages = via.wait_pop(order, PULL_MESSAGES, LINGER_S)
         except (redis.RedisError, OSError) as exc:
             log.warning("pull_failed", queue=queue, error=repr(exc))
-            return 0
+            return None
+        if popped_from is None or not messages:
+            return None
+        shard = queues.get(popped_from, shard if popped_from == queue else -1)
         for envelope in messages:
-            delivery = decode_envelope(envelope, queue, shard)
+            delivery = decode_envelope(envelope, popped_from, shard)
             if delivery is not None:
                 self._admit(fair, delivery, request, session_for)
-        return len(messages)
+        return popped_from, shard, len(messages)
 
     def _refuse(self, queued: _Queued, replies: ReplySession) -> None:
         job = queued.job

@@ -77,7 +77,9 @@ class WorkerState:
         self.heartbeat: telemetry.Heartbeat | None = None
         self.replies = ReplyPusher(settings)
         # Runs each delivery's jobs, and what queues up behind them, fairly between shops.
-        self.server = Server(self.replies, self.run_job, self.refuse, self.shares_shard, _stopping)
+        self.server = Server(
+            self.replies, self.run_job, self.refuse, self.shares_shard, _stopping, _lingers_on
+        )
         self._client = client
         # Other live workers per shard, as the last heartbeat read them.
         self._peers: dict[int, int] = {}
@@ -336,6 +338,8 @@ _state: WorkerState | None = None
 _state_lock = threading.Lock()
 # Processes (or threads) of this worker that take jobs: a prefork child inherits the count.
 _pool_processes = 1
+# The queues a solo worker waits on itself (set before it consumes; None: it does not).
+_linger_queues: dict[str, int] | None = None
 
 
 def worker_state(settings: Settings) -> WorkerState:
@@ -361,3 +365,14 @@ def set_pool_processes(count: int) -> None:
     """How many processes (or threads) of this worker take jobs (its pool's, 1 for solo)."""
     global _pool_processes
     _pool_processes = max(1, count)
+
+
+def set_lingering(queues: dict[str, int] | None) -> None:
+    """The queues this worker consumes (name to shard), which its loop waits on itself once
+    nothing waits; None where it must not (a pool other than solo: ``scriptpool.workers._serve``)."""
+    global _linger_queues
+    _linger_queues = dict(queues) if queues is not None else None
+
+
+def _lingers_on() -> dict[str, int] | None:
+    return _linger_queues

@@ -17,7 +17,7 @@ from scriptpool.config import Keys, configure_logging, get_logger
 from scriptpool.config.errors import ConfigurationError
 from scriptpool.workers import _tracing as tracing
 from scriptpool.workers._serve import Delivery
-from scriptpool.workers._state import inherited_state, set_pool_processes, worker_state
+from scriptpool.workers._state import inherited_state, set_lingering, set_pool_processes, worker_state
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -105,6 +105,9 @@ def register(app: Celery) -> None:
         if "prefork" in pool:
             tracing.not_in_this_process()  # the children trace, each set up after its fork
         set_pool_processes(1 if solo else int(getattr(instance, "concurrency", 1) or 1))
+        # Only the solo pool's process has no BRPOP of Celery's pending while it runs a job, and
+        # no consumer holding the next message for it meanwhile.
+        set_lingering({keys.queue(n): n for n in shards} if solo else None)
         try:
             worker_state(app.settings).announce(name, shards)
         except ConfigurationError as exc:

@@ -32,6 +32,7 @@ from scriptpool.config.tracing import (
     Stage,
     carrier_of,
     context_of,
+    guarded,
     host_tracer,
     job_stages,
 )
@@ -169,7 +170,23 @@ class JobTracing:
         replied: bool,
     ) -> dict[str, str] | None:
         """The spans of a job that ran (its script succeeded or failed); the job span's context
-        if it was recorded and a rollout's shadow run may follow (which links to it)."""
+        if it was recorded and a rollout's shadow run may follow (which links to it). A failure
+        here costs the job its spans, never its run."""
+        times = {"received": received, "begun": begun, "finished": finished, "pushed": pushed}
+        return guarded("job", lambda: self._executed(job, execution, shard, worker, replied, times))
+
+    def _executed(
+        self,
+        job: Job,
+        execution: Execution,
+        shard: int,
+        worker: str,
+        replied: bool,
+        times: dict[str, float],
+    ) -> dict[str, str] | None:
+        received, begun, finished, pushed = (
+            times["received"], times["begun"], times["finished"], times["pushed"]
+        )  # fmt: skip
         report = execution.report
         code = execution.error.code if execution.error else None
         attributes = self._job_attributes(job, shard, worker)
@@ -201,6 +218,26 @@ class JobTracing:
         return carrier_of(span) if span is not None and report.rollout else None
 
     def failed(
+        self,
+        job: Job,
+        error_code: str,
+        shard: int,
+        worker: str,
+        *,
+        received: float,
+        finished: float,
+        pushed: float,
+    ) -> None:
+        """The spans of a job the worker failed to run (``worker_error`` and the like); a failure
+        here costs the job its spans, nothing else."""
+        guarded(
+            "job",
+            lambda: self._failed(
+                job, error_code, shard, worker, received=received, finished=finished, pushed=pushed
+            ),
+        )
+
+    def _failed(
         self,
         job: Job,
         error_code: str,
@@ -258,6 +295,12 @@ class JobTracing:
     def shadow(
         self, linked: dict[str, str], ep: str, shop: str, start: float, end: float, result: str
     ) -> None:
+        """See :meth:`_shadow` (a failure costs the shadow run its span, never the run)."""
+        guarded("shadow", lambda: self._shadow(linked, ep, shop, start, end, result))
+
+    def _shadow(
+        self, linked: dict[str, str], ep: str, shop: str, start: float, end: float, result: str
+    ) -> None:
         """The span of a rollout's shadow run (``scriptpool.shadow``, in the shadow process): a
         trace of its own, linked to the live job's span, not its child (the caller never waits
         for it)."""
@@ -291,7 +334,8 @@ class JobTracing:
 
 
 def _ns(seconds: float) -> int:
-    return int(seconds * 1e9)
+    # Never before the epoch: an exporter refuses a negative time, and with it the whole batch.
+    return max(0, int(seconds * 1e9)) if seconds == seconds else 0
 
 
 def _force_failed_sampler() -> Sampler:
