@@ -145,7 +145,10 @@ PRIVATE_ALLOWED: dict[str, set[str]] = {
     "tests/test_quotas.py": {"scriptpool.workers"},
     "tests/test_quota_pool.py": {"scriptpool.workers"},
     "tests/test_serving_loop.py": {"scriptpool.workers"},
-    "tests/test_linger.py": {"scriptpool.workers"},  # LINGER_S, what the prefork test compares with
+    "tests/test_linger.py": {"scriptpool.workers"},
+    "tests/test_reply_session.py": {
+        "scriptpool.workers"
+    },  # the worker's reply session, alone  # LINGER_S, what the prefork test compares with
     "tests/test_serving_hostile.py": {"scriptpool.workers"},  # the fair queue, alone
     # The worker's usage recorder, driven with failing and hostile Redis directly (a pool cannot
     # be made to lose a flush on cue).
