@@ -285,6 +285,47 @@ class ReplySession:
         self._popping = None
 
 
+class ReplySessions:
+    """A loop's reply sessions, one per caller's list, all closed (what they hold sent) at its
+    end. Called with a ``reply_to``, it gives that list's session."""
+
+    def __init__(self, pusher: ReplyPusher) -> None:
+        self._pusher = pusher
+        self._sessions: dict[str | None, ReplySession] = {}
+        self._managers: list[Any] = []
+
+    def __call__(self, reply_to: str | None) -> ReplySession:
+        session = self._sessions.get(reply_to)
+        if session is None:
+            manager = self._pusher.session(reply_to)
+            session = self._sessions[reply_to] = manager.__enter__()
+            self._managers.append(manager)
+        return session
+
+    def held_since(self) -> float:
+        """When the oldest reply held now was pushed (``time.monotonic``), inf if none is."""
+        return min((s.held_since for s in self._sessions.values()), default=math.inf)
+
+    def send(self, but: ReplySession | None = None) -> None:
+        """Send every session's held replies (but ``but``'s)."""
+        for session in self._sessions.values():
+            if session is not but:
+                session.send()
+
+    def __enter__(self) -> ReplySessions:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        error: BaseException | None = None
+        for manager in self._managers:
+            try:
+                manager.__exit__(None, None, None)
+            except BaseException as exc:  # one caller's lost acknowledgement, not the others'
+                error = error or exc
+        if error is not None:
+            raise error
+
+
 class ReplyListBackend(BaseBackend):  # type: ignore[misc]
     """Celery's result backend: pushes a failed task's error to ``request.reply_to``; nothing
     else is stored (the execute task replies by itself and ignores its result)."""

@@ -3,28 +3,27 @@
 Celery hands the execute task one message. When that message holds one job and nothing else
 waits, the job runs at once, as before. Otherwise its jobs go into a :class:`FairQueue`, and
 between jobs the worker pulls the messages that have queued up on the same shard meanwhile
-(``RPOP`` with a count, never blocking) into it as well, so that a shop that floods the shard
-is seen next to the quiet shop whose one message arrived behind its flood. The queue runs them
-by start-time fair queuing on measured work and refuses, with ``quota_exceeded``, what a shop
-over its share cannot have done by its deadline (``scriptpool.workers._fair``).
+(``RPOP`` with a count, sent behind the replies and read after the next job) into it as well,
+so that a shop that floods the shard is seen next to the quiet shop whose one message arrived
+behind its flood. The queue runs them by start-time fair queuing on measured work and refuses,
+with ``quota_exceeded``, what a shop over its share cannot have done by its deadline
+(``scriptpool.workers._fair``).
 
-Messages pulled here are the same kombu envelopes Celery would have delivered
-(``scriptpool.producer._publisher`` writes them), checked as strictly as
-``scriptpool.workers._strategy`` checks Celery's: a malformed one is logged and dropped.
+Messages pulled here are the same kombu envelopes Celery would have delivered, checked as
+strictly (``scriptpool.workers._envelope``): a malformed one is logged and dropped.
 
-After its last job the worker looks at the queue once more (the ``RPOP`` sent behind that
-job's reply, so it costs no round trip of its own), and the loop ends when nothing waits. It
-stops pulling when the worker is asked to stop (a warm shutdown runs what it holds and no
-more), or after :data:`SERVE_BUDGET_S`, so that Celery's consumer (remote control commands) gets
-the process back now and then under a flood; what was pulled by then is still run, and the rest
-stays in Redis for the next delivery.
+Replies are held and sent together (:class:`~scriptpool.workers._backend.ReplySession`): at
+once when nothing else waits, else before a job that may run long or once the oldest is
+:data:`REPLY_HOLD_S` old. When nothing waits, a solo worker waits up to :data:`LINGER_S` for
+the next message on any of its queues itself (``BLMPOP``, behind the replies) and goes on
+serving; then the loop ends. It stops pulling when the worker is asked to stop (a warm shutdown
+runs what it holds and no more), or after :data:`SERVE_BUDGET_S`, so that Celery's consumer
+(remote control commands) gets the process back now and then under a flood; what was pulled by
+then is still run, and the rest stays in Redis for the next delivery.
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import math
 import os
 import socket
 import threading
@@ -33,13 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import msgpack
 import redis
 
-from scriptpool.config import Keys, get_logger
+from scriptpool.config import get_logger
 from scriptpool.config.errors import QuotaExceeded
-from scriptpool.config.wire import BODY_ENCODING, CONTENT_TYPE, Job, Taken
-from scriptpool.workers._backend import ReplyPusher, ReplySession, failure_reply, valid_reply_to
+from scriptpool.config.wire import Job, Taken
+from scriptpool.workers._backend import ReplyPusher, ReplySession, ReplySessions, failure_reply
+from scriptpool.workers._envelope import Delivery, decode_envelope
 from scriptpool.workers._fair import FairQueue
 
 log = get_logger("worker")
@@ -80,16 +79,6 @@ LINGER_S = 0.1
 # (measured: with 0.5 s, the drain at each return cost a quiet shop one call in ten beside a
 # flood of 10 ms scripts).
 SERVE_BUDGET_S = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One task message's jobs and where their replies go."""
-
-    jobs: tuple[Any, ...]
-    reply_to: str | None
-    announce: bool
-    shard: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +147,7 @@ class Server:
                 self._lock.release()
 
     def _serve(self, fair: FairQueue[_Queued], delivery: Delivery, queue: str, request: Any) -> None:
-        with _Sessions(self._replies) as session_for:
+        with ReplySessions(self._replies) as session_for:
             try:
                 self._loop(fair, delivery, queue, request, session_for)
             finally:
@@ -172,7 +161,7 @@ class Server:
         delivery: Delivery,
         queue: str,
         request: Any,
-        session_for: _Sessions,
+        session_for: ReplySessions,
     ) -> None:
         # Refusing for fairness needs a choice to make: a lone job is run as it came.
         fresh = self._admit(fair, delivery, request, session_for) > 1
@@ -217,7 +206,7 @@ class Server:
                 self._end_pull(fair, queue, shard, request, session_for, pulling, more=False)
 
     def _run_next(
-        self, fair: FairQueue[_Queued], fresh: bool, request: Any, session_for: _Sessions
+        self, fair: FairQueue[_Queued], fresh: bool, request: Any, session_for: ReplySessions
     ) -> ReplySession | None:
         """Refuse what is late for fair share (``fresh``: jobs came in since the last look), then
         run the next job and charge its shop; the session its reply went to, None if none ran."""
@@ -293,6 +282,24 @@ class Server:
             admitted += 1
         return admitted
 
+    def _admit_messages(
+        self,
+        fair: FairQueue[_Queued],
+        messages: list[Any],
+        queue: str,
+        shard: int,
+        request: Any,
+        session_for: Callable[[str | None], ReplySession],
+    ) -> int:
+        """Queue the jobs of raw ``messages`` taken from ``queue`` (a malformed one is logged and
+        dropped); how many."""
+        admitted = 0
+        for envelope in messages:
+            delivery = decode_envelope(envelope, queue, shard)
+            if delivery is not None:
+                admitted += self._admit(fair, delivery, request, session_for)
+        return admitted
+
     def _has_room(self, fair: FairQueue[_Queued], shard: int) -> bool:
         """Whether the worker may hold more of the shard's jobs: under :data:`LOOKAHEAD_JOBS` and
         :data:`LOOKAHEAD_S` of work, or the shared bounds if it shares the shard with others."""
@@ -335,11 +342,7 @@ class Server:
         except (redis.RedisError, OSError) as exc:
             log.warning("pull_failed", queue=queue, error=repr(exc))
             return 0
-        admitted = 0
-        for envelope in messages:
-            delivery = decode_envelope(envelope, queue, shard)
-            if delivery is not None:
-                admitted += self._admit(fair, delivery, request, session_for)
+        admitted = self._admit_messages(fair, messages, queue, shard, request, session_for)
         if more and len(messages) == PULL_MESSAGES:
             admitted += self._pull(fair, queue, shard, request, session_for, via)
         return admitted
@@ -365,10 +368,7 @@ class Server:
             except (redis.RedisError, OSError) as exc:
                 log.warning("pull_failed", queue=queue, error=repr(exc))
                 return admitted
-            for envelope in messages:
-                delivery = decode_envelope(envelope, queue, shard)
-                if delivery is not None:
-                    admitted += self._admit(fair, delivery, request, session_for)
+            admitted += self._admit_messages(fair, messages, queue, shard, request, session_for)
             if len(messages) < PULL_MESSAGES:
                 return admitted
         return admitted
@@ -399,10 +399,7 @@ class Server:
         if popped_from is None or not messages:
             return None
         shard = queues.get(popped_from, shard if popped_from == queue else -1)
-        for envelope in messages:
-            delivery = decode_envelope(envelope, popped_from, shard)
-            if delivery is not None:
-                self._admit(fair, delivery, request, session_for)
+        self._admit_messages(fair, messages, popped_from, shard, request, session_for)
         return popped_from, shard, len(messages)
 
     def _refuse(self, queued: _Queued, replies: ReplySession) -> None:
@@ -415,95 +412,3 @@ class Server:
             reason=FAIR_SHARE,
         )
         self._refuse_job(job, error, replies, queued.shard, reason=FAIR_SHARE)
-
-
-class _Sessions:
-    """A loop's reply sessions, one per caller's list, all closed (what they hold sent) at its
-    end. Called with a ``reply_to``, it gives that list's session."""
-
-    def __init__(self, pusher: ReplyPusher) -> None:
-        self._pusher = pusher
-        self._sessions: dict[str | None, ReplySession] = {}
-        self._managers: list[Any] = []
-
-    def __call__(self, reply_to: str | None) -> ReplySession:
-        session = self._sessions.get(reply_to)
-        if session is None:
-            manager = self._pusher.session(reply_to)
-            session = self._sessions[reply_to] = manager.__enter__()
-            self._managers.append(manager)
-        return session
-
-    def held_since(self) -> float:
-        """When the oldest reply held now was pushed (``time.monotonic``), inf if none is."""
-        return min((s.held_since for s in self._sessions.values()), default=math.inf)
-
-    def send(self, but: ReplySession | None = None) -> None:
-        """Send every session's held replies (but ``but``'s)."""
-        for session in self._sessions.values():
-            if session is not but:
-                session.send()
-
-    def __enter__(self) -> _Sessions:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        error: BaseException | None = None
-        for manager in self._managers:
-            try:
-                manager.__exit__(None, None, None)
-            except BaseException as exc:  # one caller's lost acknowledgement, not the others'
-                error = error or exc
-        if error is not None:
-            raise error
-
-
-def decode_envelope(raw: bytes | str, queue: str, shard: int) -> Delivery | None:
-    """The delivery a raw message of ``queue`` holds, or None (logged) if it is not one of our
-    task messages: the same checks Celery's path makes (``scriptpool.workers._strategy``)."""
-    problem, delivery = _decode(raw, shard)
-    if problem is not None:
-        log.warning("security_message_refused", queue=queue, problem=problem)
-        return None
-    return delivery
-
-
-def _decode(raw: bytes | str, shard: int) -> tuple[str | None, Delivery | None]:
-    try:
-        envelope = json.loads(raw)
-    except Exception as exc:  # RecursionError too: '[' nested 100,000 deep is valid JSON's start
-        return f"not a JSON envelope: {type(exc).__name__}: {str(exc)[:100]}", None
-    if type(envelope) is not dict:
-        return "not a JSON envelope", None
-    headers, properties = envelope.get("headers"), envelope.get("properties")
-    if type(headers) is not dict or type(properties) is not dict:
-        return "no headers or properties", None
-    if envelope.get("content-type") != CONTENT_TYPE:
-        return f"content type {str(envelope.get('content-type'))[:64]!r}", None
-    if headers.get("task") != Keys.TASK or type(headers.get("id")) is not str:
-        return "not an execute task message with an id", None
-    body = envelope.get("body")
-    if properties.get("body_encoding") != BODY_ENCODING or type(body) is not str:
-        return "body is not base64 text", None
-    try:
-        payload = msgpack.unpackb(base64.b64decode(body, validate=True), raw=False)
-    except Exception as exc:  # binascii, msgpack's, or anything a hostile body finds
-        return f"body does not decode: {type(exc).__name__}: {str(exc)[:100]}", None
-    if not (
-        type(payload) is list
-        and len(payload) == 3
-        and type(payload[0]) is list
-        and type(payload[1]) is dict
-        and type(payload[2]) is dict
-    ):
-        return "body is not [args, kwargs, embed]", None
-    reply_to = properties.get("reply_to")
-    if reply_to is not None and not valid_reply_to(reply_to):
-        return "reply_to is not a reply list's name", None
-    announce = payload[1].get("announce", False)
-    return None, Delivery(
-        tuple(payload[0]),
-        reply_to if type(reply_to) is str else None,
-        announce is True,
-        shard,
-    )

@@ -16,7 +16,7 @@ from celery import signals
 from scriptpool.config import Keys, configure_logging, get_logger
 from scriptpool.config.errors import ConfigurationError
 from scriptpool.workers import _tracing as tracing
-from scriptpool.workers._serve import Delivery
+from scriptpool.workers._envelope import Delivery
 from scriptpool.workers._state import inherited_state, set_lingering, set_pool_processes, worker_state
 
 if TYPE_CHECKING:
