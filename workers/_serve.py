@@ -71,9 +71,10 @@ PULL_INTERVAL_S = 0.002
 # ended, and never behind a job expected to run this long: with every reply sent at once, the
 # writes cost a flooded worker more than the jobs (measured: 38 % of its time in py-spy).
 REPLY_HOLD_S = 0.0005
-# Once nothing waits, the worker waits this long for the shard's next message itself (a BRPOP,
-# as Celery's consumer would), and keeps serving when one comes; then it goes back to Celery.
-# A caller calling again and again is then served without Celery's dispatch of each message.
+# Once nothing waits, a solo worker waits this long for its queues' next message itself (a
+# BLMPOP, as Celery's consumer would BRPOP), and keeps serving when one comes; then it goes back
+# to Celery. A caller calling again and again is served without Celery's dispatch of each
+# message (measured: a serial call's queue_wait 0.19 ms before, 0.04 ms after).
 LINGER_S = 0.1
 # How long one delivery keeps pulling before the process goes back to Celery's consumer
 # (measured: with 0.5 s, the drain at each return cost a quiet shop one call in ten beside a
