@@ -53,7 +53,7 @@ from scriptpool.producer._links import Links, ShardOutlet
 from scriptpool.producer._outcome import Outcome
 from scriptpool.producer._queries import BoundQueries, prepare, prepare_async
 from scriptpool.producer._replies import Waiter
-from scriptpool.producer._tracing import call_tracing
+from scriptpool.producer._tracing import abandon_call, call_tracing
 
 log = get_logger("client")
 
@@ -306,50 +306,55 @@ class Client:
         checks and plans the call, yields each wait with the call's deadline (``_Wait``) and
         returns the outcome. Mistakes in the call raise, as ``strict`` outcomes do."""
         call, payload, timeout = self._start(ep, shop_id, input, timeout, fallback, session)
-        limits = self._known_limits(call)
-        if isinstance(limits, Future):
-            if not limits.done():
-                yield limits, call.job.deadline  # another thread's read of the EP from Redis
-            limits = read_outcome(call, limits, self._link_of_shard[call.shard].group.name)
-        if not isinstance(limits, Outcome) and (limits.input_graphql is not None or payload is None):
-            # An EP with an input schema (or one this client took for one): its input goes
-            # through the queries bound at (EP, shop).
-            bound = yield from self._bound_queries(call, limits, payload)
-            if isinstance(bound, Outcome):
-                return self._finish(bound, strict)
-            if bound is not None:
-                projecting = _Projecting(bound, input)
-                yield projecting, call.job.deadline  # the host's loaders, in the caller's style
-                input, payload = projecting.value, projecting.payload
-                call.job = dataclasses.replace(call.job, input=payload, queries=bound.digests)
-                call.serialized = time.perf_counter()
-            elif payload is None:  # the EP has no schema (any more): its input as it came
-                payload = encode_input(input)
-                call.job = dataclasses.replace(call.job, input=payload)
-                call.serialized = time.perf_counter()
-        if isinstance(limits, Outcome):
-            decided: Outcome | None = limits
-        else:
-            assert payload is not None  # encoded above, or by _start
-            decided = admit(call, limits, input, payload, timeout)
-        if decided is not None:
-            return self._finish(decided, strict)
-        link = self._link_of_shard[call.shard]
-        call.waiter = link.replies.expect(call.job.id, loop)
-        lane = self._lanes[call.shard]
-        if loop is None and not link.failing:
-            lane.submit(call)  # publishes now, or joins the shard's next message
-        elif not lane.try_queue(call):
-            # Publishing is a Redis round trip: never on an event loop, nor in a thread whose
-            # group's Redis is failing (that caller waits only on its deadline). Whatever happens
-            # to it reaches the waiter. Joining a busy lane's next message needs no I/O.
-            self._background(functools.partial(self._submit, call))
         try:
-            reply = yield call.waiter, call.job.deadline
-        except BaseException:  # interrupted or cancelled: the call must not hold its lane
-            self._give_up(call)
+            limits = self._known_limits(call)
+            if isinstance(limits, Future):
+                if not limits.done():
+                    yield limits, call.job.deadline  # another thread's read of the EP from Redis
+                limits = read_outcome(call, limits, self._link_of_shard[call.shard].group.name)
+            if not isinstance(limits, Outcome) and (limits.input_graphql is not None or payload is None):
+                # An EP with an input schema (or one this client took for one): its input goes
+                # through the queries bound at (EP, shop).
+                bound = yield from self._bound_queries(call, limits, payload)
+                if isinstance(bound, Outcome):
+                    return self._finish(bound, strict)
+                if bound is not None:
+                    projecting = _Projecting(bound, input)
+                    yield projecting, call.job.deadline  # the host's loaders, in the caller's style
+                    input, payload = projecting.value, projecting.payload
+                    call.job = dataclasses.replace(call.job, input=payload, queries=bound.digests)
+                    call.serialized = time.perf_counter()
+                elif payload is None:  # the EP has no schema (any more): its input as it came
+                    payload = encode_input(input)
+                    call.job = dataclasses.replace(call.job, input=payload)
+                    call.serialized = time.perf_counter()
+            if isinstance(limits, Outcome):
+                decided: Outcome | None = limits
+            else:
+                assert payload is not None  # encoded above, or by _start
+                decided = admit(call, limits, input, payload, timeout)
+            if decided is not None:
+                return self._finish(decided, strict)
+            link = self._link_of_shard[call.shard]
+            call.waiter = link.replies.expect(call.job.id, loop)
+            lane = self._lanes[call.shard]
+            if loop is None and not link.failing:
+                lane.submit(call)  # publishes now, or joins the shard's next message
+            elif not lane.try_queue(call):
+                # Publishing is a Redis round trip: never on an event loop, nor in a thread whose
+                # group's Redis is failing (that caller waits only on its deadline). Whatever happens
+                # to it reaches the waiter. Joining a busy lane's next message needs no I/O.
+                self._background(functools.partial(self._submit, call))
+            try:
+                reply = yield call.waiter, call.job.deadline
+            except BaseException:  # interrupted or cancelled: the call must not hold its lane
+                self._give_up(call)
+                raise
+            return self._finish(self._conclude(call, reply), strict)
+        except BaseException as exc:
+            if call.span is not None:  # a traced call that raised instead of ending in an outcome
+                abandon_call(call, exc)
             raise
-        return self._finish(self._conclude(call, reply), strict)
 
     def _bound_queries(
         self, call: Call, limits: EpLimits, payload: bytes | None

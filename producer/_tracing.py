@@ -105,3 +105,24 @@ def _end(span: Span, outcome: Outcome) -> None:
     if outcome.status != "ok":
         span.set_status(Status(StatusCode.ERROR, outcome.error_code or outcome.status))
     span.end()
+
+
+def abandon_call(call: Call, exc: BaseException) -> None:
+    """Close ``call``'s span (once) for a call that raised instead of ending in an outcome (a
+    mistake in the call, Redis's error on a strict call, an interruption): error status, the
+    error's code (or its type's name)."""
+    span: Span | None = call.span
+    if span is None:
+        return
+    call.span = None
+    guarded("call_end", lambda: _abandoned(span, exc))
+
+
+def _abandoned(span: Span, exc: BaseException) -> None:
+    from opentelemetry.trace import Status, StatusCode
+
+    code = getattr(exc, "code", None)
+    described = code if isinstance(code, str) else type(exc).__name__
+    span.set_attributes({ATTR.STATUS: "raised", ATTR.ERROR_CODE: described})
+    span.set_status(Status(StatusCode.ERROR, described))
+    span.end()

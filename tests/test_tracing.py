@@ -42,6 +42,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, TraceFlags
 
 from scriptpool import Client, Registry, Settings
+from scriptpool.config.errors import UnknownExtensionPoint
 from scriptpool.config.tracing import ATTR, SPAN, context_of
 from scriptpool.config.wire import Job
 from scriptpool.registry import RolloutRules
@@ -320,6 +321,20 @@ def test_a_fallback_is_said_and_the_message_headers_carry_the_context(
     assert mine[0]["headers"]["task"] and mine[0]["headers"]["root_id"] == outcome.job_id
     queues.delete(pool_settings.keys.queue(2))
     queues.close()
+
+
+def test_a_call_that_raises_still_ends_its_span(
+    deployer: Registry, client: Client, host_spans: InMemorySpanExporter
+) -> None:
+    """A call that raises instead of ending in an outcome (here: an EP nobody defined) still
+    closes its span, as an error with the error's code, so the trace shows the failed call."""
+    host_spans.clear()
+    with pytest.raises(UnknownExtensionPoint):
+        client.run("never-defined", shop_on(0, SHARDS), {}, timeout=2)
+    (span,) = [s for s in host_spans.get_finished_spans() if s.name == SPAN.CALL]
+    attributes = dict(span.attributes or {})
+    assert (attributes[ATTR.STATUS], attributes[ATTR.ERROR_CODE]) == ("raised", UnknownExtensionPoint.code)
+    assert span.status.status_code == StatusCode.ERROR
 
 
 def test_a_join_has_a_span_per_app(
