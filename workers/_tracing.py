@@ -87,9 +87,11 @@ def for_process(settings: Settings) -> JobTracing | None:
     _tracing, _tracing_pid = None, os.getpid()
     tracer = host_tracer()
     if tracer is None and exporter_wanted():
-        tracer = _configure()
+        # A setting the SDK cannot use (a malformed OTEL_* value) costs the worker its traces,
+        # logged, never its start.
+        tracer = guarded("setup", _configure)
     if tracer is not None:
-        _tracing = JobTracing(tracer, force_failures=settings.trace_failures)
+        _tracing = guarded("setup", lambda: JobTracing(tracer, force_failures=settings.trace_failures))
     return _tracing
 
 
