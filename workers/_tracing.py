@@ -374,4 +374,8 @@ def _force_failed_sampler() -> Sampler:
         def get_description(self) -> str:
             return f"ForceFailed{{{self._delegate.get_description()}}}"
 
-    return ForceFailed(sampling._get_from_env_or_default())
+    # The sampler the standard variables choose, as the SDK itself chooses it: a provider made
+    # for nothing else (no processors, no exit hook) gives it through its public ``sampler``.
+    from opentelemetry.sdk.trace import TracerProvider
+
+    return ForceFailed(TracerProvider(shutdown_on_exit=False).sampler)
