@@ -256,10 +256,12 @@ def test_one_call_is_one_trace_across_client_and_worker(
     reported_ms = outcome.timings.queue_wait_ms + outcome.timings.enqueue_ms
     # Both from the job's enqueued_at and the worker's receipt; rounded to 0.1 us and 1 ns.
     assert abs(waited_ms - reported_ms) < 0.01, (waited_ms, reported_ms)
-    # The job's span ends after its reply, and lies within the call (one machine, one clock).
+    # The job's span ends after its reply. What the worker did before the reply went lies within
+    # the call (one machine, one clock); the reply's own end is stamped after the write, which
+    # a busy machine may delay past the moment the caller had its answer.
     assert job["end"] >= by_name[SPAN.REPLY]["end"]
     assert call.start_time is not None and call.end_time is not None
-    assert call.start_time <= job["start"] and job["end"] <= call.end_time + 1_000_000
+    assert call.start_time <= job["start"] and by_name[SPAN.DECODE]["end"] <= call.end_time
 
 
 def test_a_failed_run_carries_its_error_and_trap_code(
