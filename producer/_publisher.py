@@ -126,8 +126,10 @@ class TaskPublisher:
         """``json.dumps(self.message(...))``, from a template: 18 us instead of 29. ``headers``:
         more message headers (a traced call's ``traceparent``, ``tracestate``), which the
         template has no place for: such a message is built whole."""
-        if headers:
-            return _with_headers(self, task_id, args, kwargs, queue, reply_to, argsrepr, headers)
+        if headers:  # (ours are never replaced)
+            message = self.message(task_id, args, kwargs, queue=queue, reply_to=reply_to, argsrepr=argsrepr)
+            message["headers"] = {**headers, **message["headers"]}
+            return json.dumps(message)
         return self._template.fill(
             id=task_id,
             body=_body(args, kwargs),
@@ -174,24 +176,6 @@ class TaskPublisher:
             raise
         finally:
             pool.release(connection)
-
-
-def _with_headers(
-    publisher: TaskPublisher,
-    task_id: str,
-    args: list[Any],
-    kwargs: dict[str, Any],
-    queue: str,
-    reply_to: str,
-    argsrepr: str,
-    headers: dict[str, str],
-) -> str:
-    """The envelope with ``headers`` added to its Celery headers (ours are never replaced)."""
-    message = publisher._message(
-        task_id, _body(args, kwargs), queue, reply_to, argsrepr, _kwargsrepr(kwargs), _tag()
-    )
-    message["headers"] = {**headers, **message["headers"]}
-    return json.dumps(message)
 
 
 def anonymous_nodename() -> str:

@@ -517,7 +517,8 @@ def test_a_shadow_run_is_linked_to_the_job_not_its_child(
 
 def test_a_jobs_trace_context_is_checked_as_the_rest_of_it() -> None:
     """A job's ``trace`` is a small map of names to strings, or the job is refused; what the
-    strings say is the propagator's business (a malformed ``traceparent`` is no parent)."""
+    strings say is the propagator's business (a malformed ``traceparent`` is no parent). Its
+    ``enqueued_at`` is a finite time, not before 1970."""
     base = Job("id", "ep", "shop", b"{}", deadline=2.0, enqueued_at=1.0).to_wire()
     assert Job.from_wire({**base, "trace": {"traceparent": "garbage"}}).trace == {"traceparent": "garbage"}
     for bad in ("00-ab", ["traceparent"], {"traceparent": 5}, {str(n): "x" for n in range(9)}, {"": "x"}):
@@ -526,6 +527,11 @@ def test_a_jobs_trace_context_is_checked_as_the_rest_of_it() -> None:
     assert context_of({"traceparent": "garbage"}) is not None
     assert not trace.get_current_span(context_of({"traceparent": "garbage"})).get_span_context().is_valid
     assert context_of(None) is None and context_of({}) is None
+    # The enqueue time the queue-wait span starts from is a real time, or the job is refused
+    # (a negative start made the exporter refuse a whole batch of every shop's spans).
+    for when in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="enqueued_at"):
+            Job.from_wire({**base, "enqueued_at": when})
 
 
 def test_a_prefork_pool_traces_in_its_children_each_set_up_after_its_fork(
